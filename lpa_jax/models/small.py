@@ -1,0 +1,67 @@
+"""Small networks for quick CPU runs: a 3-stage CNN and an MLP."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lpa_jax.models.staged import GlobalPool, linear_head, run_stages
+
+
+class ConvStage(nn.Module):
+  """conv3x3-BN-ReLU, then 2x2 max-pool when ``pool``."""
+  features: int
+  pool: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
+
+
+class SmallCNN(nn.Module):
+  """Three conv stages (widths ``widths``), global pooling, linear head.
+
+  Points: ``stage1, stage2, stage3, features, logits``.
+  """
+  num_classes: int = 10
+  widths: Sequence[int] = (32, 64, 128)
+
+  @property
+  def points(self) -> tuple[str, ...]:
+    return tuple(f"stage{i + 1}" for i in range(len(self.widths))) + ("features", "logits")
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
+    last = len(self.widths) - 1
+    layers = [(f"stage{i + 1}", ConvStage(w, pool=i < last, name=f"stage{i + 1}_layer"))
+              for i, w in enumerate(self.widths)]
+    layers += [("features", GlobalPool(name="features_layer")),
+               ("logits", linear_head(self.num_classes))]
+    return run_stages(self, layers, x, train, start, stop)
+
+
+class MLP(nn.Module):
+  """Flatten, ``len(widths)`` ReLU layers, linear head.
+
+  Points: ``hidden1, ..., hiddenK, logits``.
+  """
+  num_classes: int = 10
+  widths: Sequence[int] = (256, 256)
+
+  @property
+  def points(self) -> tuple[str, ...]:
+    return tuple(f"hidden{i + 1}" for i in range(len(self.widths))) + ("logits",)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
+    def dense_relu(i, w):
+      def fn(h, train):
+        h = h.reshape(h.shape[0], -1) if i == 0 else h
+        return nn.relu(nn.Dense(w, name=f"hidden{i + 1}_layer")(h))
+      return fn
+    layers = [(f"hidden{i + 1}", dense_relu(i, w)) for i, w in enumerate(self.widths)]
+    layers += [("logits", linear_head(self.num_classes))]
+    return run_stages(self, layers, x, train, start, stop)
