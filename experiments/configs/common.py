@@ -1,0 +1,68 @@
+"""Shared config blocks.  Every task config starts from :func:`base_config`.
+
+Perturbation methods each own a block under ``config.perturb.<name>``; the switches
+``perturb.activation``, ``perturb.logit`` and ``perturb.gradient`` pick one method per level.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from lpa_jax.perturb import defaults
+
+
+def base_config(split: str = "balanced") -> mlc.ConfigDict:
+  """The shared skeleton; ``split`` is the task's class-split rule for class-level methods."""
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.data = mlc.ConfigDict(dict(
+      name="fashion_mnist", data_dir=mlc.FieldReference(None, field_type=str),
+      cache_dir=mlc.FieldReference(None, field_type=str), download=True,
+      imbalance_ratio=1.0, n_max=mlc.FieldReference(None, field_type=int),
+      test_subset=mlc.FieldReference(None, field_type=int), noise_type="none", noise_rate=0.0,
+      test_domain=0, holdout_fraction=0.2, seed=0))
+  c.model = mlc.ConfigDict(dict(name="cnn", kwargs=mlc.ConfigDict()))
+  c.optim = mlc.ConfigDict(dict(
+      batch_size=128, num_epochs=10, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+      schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factors=()))
+  c.train = mlc.ConfigDict(dict(augment="none", eval_every=1, checkpoint_every=1))
+  c.perturb = mlc.ConfigDict(dict(activation="none", logit="none", gradient="none"))
+  for name, block in defaults.method_blocks(split).items():
+    c.perturb[name] = block
+  return c
+
+
+AUGMENTS = ("none", "crop_flip")
+
+
+def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Rejects invalid values with a message naming the field."""
+  from lpa_jax.models import MODELS
+  from lpa_jax.perturb import registry
+  checks = [
+      (c.optim.batch_size > 0, "optim.batch_size", "must be positive"),
+      (c.optim.num_epochs > 0, "optim.num_epochs", "must be positive"),
+      (c.optim.lr > 0, "optim.lr", "must be positive"),
+      (0 <= c.optim.momentum < 1, "optim.momentum", "must lie in [0, 1)"),
+      (c.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+      (c.train.augment in AUGMENTS, "train.augment", f"must be one of {AUGMENTS}"),
+      (c.train.eval_every > 0, "train.eval_every", "must be positive"),
+      (c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive"),
+      (c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}"),
+      (c.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1 (1 = balanced)"),
+      (0 <= c.data.noise_rate < 1, "data.noise_rate", "must lie in [0, 1)"),
+  ]
+  for name, table in (("activation", registry.ACTIVATION), ("logit", registry.LOGIT),
+                      ("gradient", registry.GRADIENT)):
+    val = c.perturb[name]
+    checks.append((val in table, f"perturb.{name}",
+                   f"unknown method {val!r}; registered: {', '.join(table)}"))
+  for ok, field, why in checks:
+    if not ok:
+      raise ValueError(f"Invalid config value config.{field}={_get(c, field)!r}: {why}")
+  return c
+
+
+def _get(c, dotted):
+  for part in dotted.split("."):
+    c = c[part]
+  return c

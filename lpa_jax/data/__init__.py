@@ -1,0 +1,27 @@
+"""Data: TFDS loading (offline via manual dirs, cached as .npz), long-tail subsampling,
+label noise, DomainBed-style domain splits, on-device batching and augmentation.
+
+Importing this package never imports TensorFlow; only building a missing cache does.
+
+Example:
+  >>> from lpa_jax.data import load_task_data                        # doctest: +SKIP
+  >>> import ml_collections
+  >>> data = load_task_data(ml_collections.ConfigDict(dict(name="fashion_mnist")))
+  >>> data.name, data.x_train.shape
+  ('Fashion-MNIST', (60000, 28, 28, 1))
+"""
+
+from lpa_jax.data.domains import colored_mnist, leave_one_domain_out, rotate_images, rotated_mnist
+from lpa_jax.data.longtail import longtail_counts, make_longtail, stratified_subset
+from lpa_jax.data.noise import asymmetric_noise_cifar10, symmetric_noise
+from lpa_jax.data.pipeline import augment_batch, dataset_stats, epoch_permutation, normalize
+from lpa_jax.data.sources import RawData, load_raw, resolve_cache_dir, resolve_data_dir
+from lpa_jax.data.task import NAMES, TaskData, load_task_data
+
+__all__ = [
+    "NAMES", "RawData", "TaskData", "asymmetric_noise_cifar10", "augment_batch",
+    "colored_mnist", "dataset_stats", "epoch_permutation", "leave_one_domain_out",
+    "load_raw", "load_task_data", "longtail_counts", "make_longtail", "normalize",
+    "resolve_cache_dir", "resolve_data_dir", "rotate_images", "rotated_mnist",
+    "stratified_subset", "symmetric_noise",
+]

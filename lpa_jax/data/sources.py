@@ -1,0 +1,232 @@
+"""Where raw datasets come from: local offline copies, TFDS, and an on-disk ``.npz`` cache.
+
+Every dataset is reduced once to four uint8/int32 arrays (``x_train, y_train, x_test,
+y_test``) and cached as ``<cache_dir>/arrays/<dataset>__<source>.npz``. Later loads read only
+that file, so they never import TensorFlow — which is how machines without TF (e.g. GPU
+boxes) get data: copy a prepared cache dir there and point ``LPA_CACHE_DIR`` at it.
+
+TensorFlow / TFDS are imported lazily, inside the functions that build a cache.
+
+Example:
+  >>> raw = load_raw("mnist", data_dir=None, cache_dir=None)   # doctest: +SKIP
+  >>> raw.x_train.shape, raw.source
+  ((60000, 28, 28, 1), 'official')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tarfile
+from typing import Callable
+
+import numpy as np
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+MNIST_CLASSES = [str(d) for d in range(10)]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+MNIST_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+CIFAR10_JPEG_TARBALL = "cifar10_jpeg75/cifar10_jpeg75.tar.gz"
+
+# The repo root is the parent of the `lpa_jax` package; the offline copies live beside it.
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
+
+
+@dataclasses.dataclass
+class RawData:
+  """Full train/test arrays of one dataset, exactly as cached."""
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  class_names: list[str]
+  source: str  # "official" or "jpeg75" (lossy: results must say "CIFAR-10 (JPEG-75)")
+
+
+def resolve_cache_dir(cache_dir: str | None = None) -> pathlib.Path:
+  """``cache_dir``, else ``$LPA_CACHE_DIR``, else ``~/.cache/lpa_jax``.
+
+  >>> str(resolve_cache_dir("/tmp/c"))
+  '/tmp/c'
+  """
+  path = cache_dir or os.environ.get("LPA_CACHE_DIR") or "~/.cache/lpa_jax"
+  return pathlib.Path(path).expanduser()
+
+
+def resolve_data_dir(data_dir: str | None = None) -> tuple[pathlib.Path | None, str]:
+  """The offline data root and how it was chosen.
+
+  The first one *set* wins (config, then ``$LPA_DATA_DIR``, then ``../shared/data`` beside
+  the repo): an explicit choice is never silently overridden by another copy.
+
+  >>> resolve_data_dir("/tmp/d")
+  (PosixPath('/tmp/d'), 'config data_dir')
+  """
+  if data_dir:
+    return pathlib.Path(data_dir).expanduser(), "config data_dir"
+  if os.environ.get("LPA_DATA_DIR"):
+    return pathlib.Path(os.environ["LPA_DATA_DIR"]).expanduser(), "$LPA_DATA_DIR"
+  if DEFAULT_SHARED_DATA.is_dir():
+    return DEFAULT_SHARED_DATA, "../shared/data beside the repo"
+  return None, "none set (no config data_dir, no $LPA_DATA_DIR, no ../shared/data)"
+
+
+def cache_path(cache_dir: pathlib.Path, name: str, source: str) -> pathlib.Path:
+  """``<cache_dir>/arrays/<name>__<source>.npz``."""
+  return cache_dir / "arrays" / f"{name}__{source}.npz"
+
+
+def _save_npz(path: pathlib.Path, raw: RawData) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+  # Compressed: MNIST-sized caches stay small enough to ship to a machine without TF.
+  np.savez_compressed(tmp, x_train=raw.x_train, y_train=raw.y_train, x_test=raw.x_test,
+                      y_test=raw.y_test, class_names=np.array(raw.class_names))
+  os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+
+
+def _load_npz(path: pathlib.Path, source: str) -> RawData:
+  with np.load(path) as z:
+    return RawData(x_train=z["x_train"], y_train=z["y_train"].astype(np.int32),
+                   x_test=z["x_test"], y_test=z["y_test"].astype(np.int32),
+                   class_names=[str(c) for c in z["class_names"]], source=source)
+
+
+# ----------------------------------------------------------------------------- builders
+# Each builder returns RawData; all of them import TF lazily.
+
+def _tfds_arrays(builder) -> tuple[np.ndarray, ...]:
+  import tensorflow_datasets as tfds
+  out = []
+  for split in ("train", "test"):
+    d = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+    out += [np.asarray(d[0], np.uint8), np.asarray(d[1], np.int32)]
+  return tuple(out)
+
+
+def _stock_builder(name: str, cache_dir: pathlib.Path, manual_dir: pathlib.Path | None):
+  """Prepare a stock TFDS builder; with ``manual_dir`` it uses those files, no network."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=str(cache_dir / "tfds"))
+  config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+  # One download_dir per dataset: TFDS caches extracted files by file name, and MNIST and
+  # Fashion-MNIST share file names.
+  builder.download_and_prepare(download_dir=str(cache_dir / "downloads" / name),
+                               download_config=config)
+  return builder
+
+
+def _build_stock(name: str, class_names: list[str] | None):
+  def build(cache_dir: pathlib.Path, manual_dir: pathlib.Path | None) -> RawData:
+    builder = _stock_builder(name, cache_dir, manual_dir)
+    names = class_names or list(builder.info.features["label"].names)
+    return RawData(*_tfds_arrays(builder), class_names=names, source="official")
+  return build
+
+
+def _extract_once(tarball: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+  marker = dest / ".extracted"
+  if not marker.exists():
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball) as tar:
+      tar.extractall(dest, filter="data")
+    marker.touch()
+  return dest
+
+
+def _build_cifar10_jpeg(cache_dir: pathlib.Path, tarball: pathlib.Path) -> RawData:
+  import tensorflow_datasets as tfds
+  root = _extract_once(tarball, cache_dir / "extracted" / "cifar10_jpeg75")
+  builder = tfds.folder_dataset.ImageFolder(str(root))
+  folders = list(builder.info.features["label"].names)
+  unknown = sorted(set(folders) - set(CIFAR10_CLASSES))
+  if unknown or len(folders) != 10:
+    raise ValueError(f"{root}: expected the 10 CIFAR-10 class folders {CIFAR10_CLASSES}, "
+                     f"found {folders}")
+  # ImageFolder numbers folders alphabetically; map explicitly to the official label order
+  # rather than relying on the two orders happening to coincide.
+  to_official = np.array([CIFAR10_CLASSES.index(f) for f in folders], np.int32)
+  x_tr, y_tr, x_te, y_te = _tfds_arrays(builder)
+  return RawData(x_tr, to_official[y_tr], x_te, to_official[y_te],
+                 class_names=list(CIFAR10_CLASSES), source="jpeg75")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  key: str                          # cache key suffix
+  local: str | None                 # file under the data root needed offline; None = online
+  build: Callable[..., RawData]
+
+
+def _sources(name: str) -> list[_Source]:
+  """Sources in order of preference for reading a cache (exact before lossy)."""
+  if name in ("mnist", "fashion_mnist"):
+    classes = MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
+    # The manual idx files are byte-identical to what TFDS downloads: one cache key.
+    build = _build_stock(name, classes)
+    return [_Source("official", f"{name}/{MNIST_FILES[0]}",
+                    lambda c, root: build(c, root / name)),
+            _Source("official", None, lambda c, root: build(c, None))]
+  if name == "cifar10":
+    return [_Source("official", None, lambda c, root: _build_stock(
+                "cifar10", CIFAR10_CLASSES)(c, None)),
+            _Source("jpeg75", CIFAR10_JPEG_TARBALL,
+                    lambda c, root: _build_cifar10_jpeg(c, root / CIFAR10_JPEG_TARBALL))]
+  if name == "cifar100":
+    return [_Source("official", None,
+                    lambda c, root: _build_stock("cifar100", None)(c, None))]
+  raise ValueError(f"no raw source for dataset {name!r}")
+
+
+def _not_found(name, data_root, how, cache_dir, download, errors) -> FileNotFoundError:
+  needs = [s.local for s in _sources(name) if s.local]
+  lines = [f"Could not load dataset {name!r}. Looked in:",
+           f"  * cache: {cache_dir / 'arrays'}/{name}__*.npz (none found)",
+           f"  * data dir ({how}): {data_root}"
+           + (f" — expected {', '.join(needs)} there" if needs else
+              " — no offline copy of this dataset is supported")]
+  lines.append("  * TFDS download: " + ("failed" if download else "disabled (download=False)"))
+  lines += [f"    {e}" for e in errors]
+  lines += ["Fix: set LPA_DATA_DIR (or --config.data.data_dir) to a folder holding the "
+            "offline copies (see shared/data/README.md), point LPA_CACHE_DIR at a prepared "
+            "cache, or run once on a machine with internet access."]
+  return FileNotFoundError("\n".join(lines))
+
+
+def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = None,
+             download: bool = True) -> RawData:
+  """Full arrays of ``name``: from cache, else built from a local copy, else downloaded.
+
+  >>> raw = load_raw("cifar10")                      # doctest: +SKIP
+  >>> raw.source                                     # offline copy: lossy JPEG re-encoding
+  'jpeg75'
+  """
+  cache = resolve_cache_dir(cache_dir)
+  sources = _sources(name)
+  for s in sources:  # any existing cache, best source first; TF never imported here
+    if cache_path(cache, name, s.key).exists():
+      return _load_npz(cache_path(cache, name, s.key), s.key)
+  root, how = resolve_data_dir(data_dir)
+  errors = []
+  # Build from a local copy before trying the network (the offline order of the spec).
+  for s in sorted(sources, key=lambda s: s.local is None):
+    if s.local is not None:
+      if root is None or not (root / s.local).exists():
+        continue
+    elif not download:
+      continue
+    try:
+      raw = s.build(cache, root)
+    except Exception as e:  # noqa: BLE001 — collected into the not-found message
+      if s.local is not None:
+        raise  # a local copy exists but is broken: show the real error
+      errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      continue
+    _save_npz(cache_path(cache, name, s.key), raw)
+    return raw
+  raise _not_found(name, root, how, cache, download, errors)

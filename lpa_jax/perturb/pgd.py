@@ -1,0 +1,86 @@
+"""Projected gradient descent on class-level perturbation tables, as one ``lax.fori_loop``.
+
+A table ``δ`` has one row per class, shaped like one sample's activation.  The gradient of the
+*summed* per-example loss with respect to ``δ_c`` (added to every class-``c`` sample through
+``one_hot(y) @ δ``) is ``Σ_{i∈S_c} ∂ℓ_i/∂a_i``; dividing by ``N_c`` gives the class-averaged
+activation gradient of the SPEC.  Only the layers above the point are differentiated.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+EPS = 1e-12
+
+
+def _rowwise(v_C, like_CxD):
+  return v_C.reshape(v_C.shape + (1,) * (like_CxD.ndim - 1))
+
+
+def row_norms(table_CxD: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(table_CxD.reshape(table_CxD.shape[0], -1) ** 2, -1))
+
+
+def project_rows(table_CxD: jax.Array, radius_C: jax.Array) -> jax.Array:
+  """Per-class ℓ2-ball projection: optax's projection vmapped over the class axis."""
+  return jax.vmap(optax.projections.projection_l2_ball)(table_CxD, radius_C)
+
+
+def lowrank_rows(g_CxHxWxD: jax.Array, frac: float = 0.25) -> jax.Array:
+  """Keeps each class gradient's top-k singular directions (``k = frac·min(HW, D)``).
+
+  A conv activation's gradient is viewed as an ``HW x D`` matrix; vectors are returned as-is.
+  """
+  if g_CxHxWxD.ndim < 4:
+    return g_CxHxWxD
+  c, h, w, d = g_CxHxWxD.shape
+  k = max(1, int(frac * min(h * w, d)))
+  u, s, vt = jnp.linalg.svd(g_CxHxWxD.reshape(c, h * w, d), full_matrices=False)
+  low = jnp.einsum("cik,ck,ckj->cij", u[..., :k], s[..., :k], vt[:, :k, :])
+  return low.reshape(g_CxHxWxD.shape)
+
+
+def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.Array,
+              radius: dict, steps: int, normalize: bool = True, lowrank: float | None = None):
+  """Runs ``steps`` PGD steps on a dict of class tables; returns ``(tables, aux_at_zero)``.
+
+  Args:
+    loss_fn: ``tables -> (summed loss, aux)``; ``aux`` of the first (δ = 0) call is returned,
+      so a caller gets the clean forward's outputs for free.
+    tables0: ``{point: δ_CxD...}`` starting values (zeros).
+    count_C: samples per class in the (global) batch; absent classes keep δ_c = 0.
+    sign_C: +1 ascends the loss (expansive), -1 descends it (contractive), 0 leaves δ_c = 0.
+    radius: ``{point: ε_C}`` ℓ2 bounds; step size ``κ_c = 2 ε_c / T``.
+    normalize: normalised step ``κ g/‖g‖`` (ours) or the paper's raw ``κ g``.
+    lowrank: if set, project each class gradient on its top ``lowrank·min(HW,D)`` directions.
+
+  >>> tables, clean = class_pgd(loss_fn, {"stage3": zeros_CxHxWxD}, n_C, s_C, {"stage3": e_C}, 3)
+  """
+  present_C = count_C > 0
+  inv_n_C = 1.0 / jnp.maximum(count_C, 1.0)
+
+  def grads(tables):
+    (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(tables)
+    return aux, g
+
+  def update(tables, g):
+    out = {}
+    for p, t in tables.items():
+      g_p = g[p] * _rowwise(inv_n_C, g[p])
+      if lowrank:
+        g_p = lowrank_rows(g_p, lowrank)
+      if normalize:
+        g_p = g_p / _rowwise(row_norms(g_p) + EPS, g_p)
+      kappa_C = 2.0 * radius[p] / steps
+      t = t + _rowwise(sign_C * kappa_C, t) * g_p
+      t = project_rows(t, radius[p])
+      out[p] = jnp.where(_rowwise(present_C & (sign_C != 0), t), t, 0.0)
+    return out
+
+  aux0, g0 = grads(tables0)
+  tables = update(tables0, g0)
+  tables = jax.lax.fori_loop(1, steps, lambda i, t: update(t, grads(t)[1]), tables)
+  return jax.lax.stop_gradient(tables), aux0

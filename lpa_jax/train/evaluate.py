@@ -1,0 +1,36 @@
+"""Host-side evaluation metrics: overall, per-class, long-tail shots, per-domain, noisy labels."""
+from __future__ import annotations
+
+import numpy as np
+
+SHOT_BOUNDS = (100, 20)  # many: > 100 training images, medium: 20-100, few: < 20
+
+
+def accuracy(pred, labels) -> float:
+  return float(np.mean(np.asarray(pred) == np.asarray(labels))) if len(labels) else float("nan")
+
+
+def per_class_accuracy(pred, labels, num_classes: int) -> list[float]:
+  pred, labels = np.asarray(pred), np.asarray(labels)
+  return [accuracy(pred[labels == c], labels[labels == c]) for c in range(num_classes)]
+
+
+def shot_accuracy(per_class, train_counts) -> dict[str, float]:
+  """Mean per-class accuracy over many- / medium- / few-shot classes (balanced test set)."""
+  acc, counts = np.asarray(per_class, float), np.asarray(train_counts)
+  groups = {"many": counts > SHOT_BOUNDS[0],
+            "medium": (counts <= SHOT_BOUNDS[0]) & (counts >= SHOT_BOUNDS[1]),
+            "few": counts < SHOT_BOUNDS[1]}
+  return {k: float(np.nanmean(acc[m])) if m.any() else float("nan") for k, m in groups.items()}
+
+
+def noisy_label_metrics(pred_train, y_noisy, y_clean, noise_mask) -> dict[str, float]:
+  """How the model treats its own (noisy) training set."""
+  pred, mask = np.asarray(pred_train), np.asarray(noise_mask, bool)
+  return {
+      "train_clean_label_accuracy": accuracy(pred, y_clean),
+      "train_noisy_subset_clean_accuracy": accuracy(pred[mask], np.asarray(y_clean)[mask]),
+      "train_noisy_subset_memorised": accuracy(pred[mask], np.asarray(y_noisy)[mask]),
+      "train_clean_subset_accuracy": accuracy(pred[~mask], np.asarray(y_clean)[~mask]),
+      "observed_noise_rate": float(mask.mean()),
+  }

@@ -1,0 +1,107 @@
+"""The pure train step ``(state, batch) -> (state, metrics)`` and the evaluation step.
+
+Both are jitted once over a ``('data',)`` mesh: the batch is sharded over devices, the state
+(parameters, optimiser state, class tables) is replicated.  Because the step is jitted over the
+*global* batch, class-level quantities (``δ_c``, class gradient means, statistics) are
+computed from the whole batch, exactly as on one device.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lpa_jax.data.pipeline import augment_batch, normalize
+from lpa_jax.perturb.base import ActivationMethod, Batch, LogitMethod
+from lpa_jax.perturb.classes import ClassStats
+from lpa_jax.perturb.hooks import Cut, full_apply
+from lpa_jax.train.state import TrainState
+
+
+class StepConfig(NamedTuple):
+  steps_per_epoch: int
+  num_classes: int
+  augment: str              # 'none' | 'crop_flip'
+  mean: tuple
+  std: tuple
+  loss_grad_fn: bool = False  # optimiser wants grad_fn= (optax.contrib.sam opaque mode)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D ``('data',)`` mesh over all (or the given) devices, with Auto axes."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _refresh(state: TrainState, act: ActivationMethod, logit: LogitMethod, spe: int):
+  new_epoch = (state.step > 0) & (state.step % spe == 0)
+  epoch = state.step // spe
+  act_state = jax.lax.cond(new_epoch, lambda: act.refresh(state.act_state, state.class_stats, epoch),
+                           lambda: state.act_state)
+  logit_state = jax.lax.cond(new_epoch,
+                             lambda: logit.refresh(state.logit_state, state.class_stats, epoch),
+                             lambda: state.logit_state)
+  stats = jax.tree.map(lambda s: jnp.where(new_epoch, jnp.zeros_like(s), s), state.class_stats)
+  return act_state, logit_state, stats
+
+
+def make_train_step(act: ActivationMethod, logit: LogitMethod, tx: optax.GradientTransformation,
+                    cfg: StepConfig) -> Callable:
+  """Builds the (unjitted) train step; see :func:`jit_train_step`."""
+
+  def step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    r_aug, r_act = jax.random.split(rng)
+    act_state, logit_state, stats = _refresh(state, act, logit, cfg.steps_per_epoch)
+    x = normalize(augment_batch(r_aug, batch["image"], cfg.augment), cfg.mean, cfg.std)
+    labels_B = batch["label"]
+    inputs = Batch(x, labels_B, jax.nn.one_hot(labels_B, cfg.num_classes))
+
+    def loss_fn(params):
+      variables = {"params": params, **state.model_state}
+      fwd = act.forward(act_state, variables, inputs, r_act, True)
+      logits, w_B, laux = logit.apply(logit_state, fwd.logits_BxC,
+                                      inputs._replace(targets_BxC=fwd.targets_BxC), state.step)
+      loss_B = optax.softmax_cross_entropy(logits, fwd.targets_BxC)
+      return jnp.mean(w_B * loss_B), (fwd, loss_B, laux)
+
+    (loss, (fwd, loss_B, laux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    extra = {}
+    if cfg.loss_grad_fn:
+      extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    params = optax.apply_updates(state.params, updates)
+    aux = dict(fwd.aux)
+    clean_BxC = jax.lax.stop_gradient(aux.pop("clean_logits", fwd.logits_BxC))
+    stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
+               "grad_norm": optax.global_norm(grads), **aux, **laux}
+    new_state = state.replace(step=state.step + 1, params=params,
+                              model_state={**state.model_state, **fwd.model_state},
+                              opt_state=opt_state, act_state=act_state, logit_state=logit_state,
+                              class_stats=stats)
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """Jits the step once: state replicated and donated, batch sharded over ``'data'``."""
+  rep = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+  return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_eval_step(cut: Cut, logit: LogitMethod, cfg: StepConfig, mesh: Mesh) -> Callable:
+  """``(state, images_uint8) -> logits`` in inference mode (running BN statistics)."""
+  def eval_step(state: TrainState, images):
+    x = normalize(images, cfg.mean, cfg.std)
+    logits, _ = full_apply(cut, {"params": state.params, **state.model_state}, x, False)
+    return logit.predict(state.logit_state, logits)
+  rep = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+  return jax.jit(eval_step, in_shardings=(rep, data), out_shardings=data)
