@@ -245,17 +245,13 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
     (dict(name="mnist", test_subset=2.5), "test_subset"),
     (dict(name="rotated_mnist", holdout_fraction=1.0), "holdout_fraction"),
     (dict(name="rotated_mnist", imbalance_ratio=10), "imbalance_ratio"),
+    (dict(name="rotated_mnist", test_domain=6), "test_domain"),
+    (dict(name="colored_mnist", test_domain=-1), "test_domain"),
 ])
 def test_bad_config_raises_value_error(overrides, field, tmp_path):
   c = SimpleNamespace(cache_dir=str(tmp_path), download=False, **overrides)
   with pytest.raises(ValueError, match=field):
     D.load_task_data(c)
-
-
-@needs_shared
-def test_bad_test_domain(mnist, cache_dir):
-  with pytest.raises(ValueError, match="test_domain"):
-    D.load_task_data(cfg(cache_dir, name="rotated_mnist", test_domain=6))
 
 
 # ------------------------------------------------------------------------- no TensorFlow
@@ -291,13 +287,15 @@ def test_cifar10_jpeg_labels_match_official_pixels(cache_dir):
   assert d.class_counts().tolist() == [5000] * 10 and d.class_names[9] == "truck"
   lt = D.load_task_data(cfg(cache_dir, name="cifar10", imbalance_ratio=100, n_max=5000))
   assert lt.num_train == 12406 and lt.name == "CIFAR-10-LT (IR=100, JPEG-75)"
-  # Each exact official test image must have a JPEG twin (PSNR > 25 dB) *with the same label*:
-  # this checks the folder -> label mapping against the official label order.
+  # The nearest JPEG test image of each exact official test image must carry the official
+  # label (and be a near copy): this checks the folder -> label mapping end to end.
   with np.load(SHARED / "cifar10_official_prefix_subset/cifar10_official_prefix_subset.npz") as z:
     x_off = z["test_batch_data_prefix"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     y_off = z["test_batch_labels"][: len(x_off)]
-  for c in range(10):
-    a = x_off[y_off == c].reshape(-1, 1, 3072).astype(np.float32)
-    b = d.x_test[d.y_test == c].reshape(1, -1, 3072).astype(np.float32)
-    mse = np.stack([((a_i - b) ** 2).mean(-1).min() for a_i in a])
-    assert (10 * np.log10(255 ** 2 / mse)).min() > 25, c
+  a = x_off.reshape(len(x_off), -1).astype(np.float32)
+  b = d.x_test.reshape(len(d.x_test), -1).astype(np.float32)
+  sq_dist = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
+  nearest = sq_dist.argmin(1)
+  np.testing.assert_array_equal(d.y_test[nearest], y_off)
+  psnr = 10 * np.log10(255 ** 2 * 3072 / np.maximum(sq_dist.min(1), 1e-3))
+  assert np.median(psnr) > 28 and psnr.min() > 20

@@ -35,6 +35,8 @@ STANDARD = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 DOMAIN = ("rotated_mnist", "colored_mnist")
 NAMES = STANDARD + DOMAIN
 NOISE_TYPES = ("none", "symmetric", "asymmetric")
+DOMAIN_NAMES = {"rotated_mnist": [f"{a}°" for a in domains.ROTATED_MNIST_ANGLES],
+                "colored_mnist": list(domains.COLORED_MNIST_NAMES)}
 _DISPLAY = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
             "cifar100": "CIFAR-100", "rotated_mnist": "Rotated MNIST",
             "colored_mnist": "Colored MNIST"}
@@ -111,6 +113,10 @@ def _options(cfg) -> _Options:
   holdout = float(get("holdout_fraction", 0.2))
   if not 0.0 < holdout < 1.0:
     raise ValueError(f"data.holdout_fraction must be in (0, 1), got {holdout}")
+  test_domain = get("test_domain", 0) or 0
+  if name in DOMAIN and test_domain not in range(len(DOMAIN_NAMES[name])):
+    raise ValueError(f"data.test_domain={test_domain!r} out of range for {name!r}: valid "
+                     f"0..{len(DOMAIN_NAMES[name]) - 1} ({DOMAIN_NAMES[name]})")
   seed = get("seed", 0)
   if int(seed) != seed:
     raise ValueError(f"data.seed must be an integer, got {seed!r}")
@@ -119,7 +125,7 @@ def _options(cfg) -> _Options:
                   n_max=_positive_int_or_none("n_max", get("n_max", None)),
                   test_subset=_positive_int_or_none("test_subset", get("test_subset", None)),
                   noise_type=noise_type, noise_rate=rate,
-                  test_domain=int(get("test_domain", 0) or 0), holdout_fraction=holdout,
+                  test_domain=int(test_domain), holdout_fraction=holdout,
                   seed=int(seed))
 
 
@@ -184,9 +190,6 @@ def _domain_task(opts: _Options) -> TaskData:
   else:
     doms, domain_names = domains.colored_mnist(x_all, y_all)
     class_names = list(domains.COLORED_MNIST_CLASSES)
-  if not 0 <= opts.test_domain < len(doms):
-    raise ValueError(f"data.test_domain={opts.test_domain} out of range for {opts.name!r}: "
-                     f"valid 0..{len(doms) - 1} ({domain_names})")
   s = domains.leave_one_domain_out(doms, opts.test_domain, opts.holdout_fraction,
                                    _subseed(opts.seed, "domains"), opts.n_max)
   x_test, y_test = s["x_test"], s["y_test"]

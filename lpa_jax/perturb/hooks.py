@@ -47,7 +47,8 @@ class Cut(NamedTuple):
 
 
 def _mutable(variables: Variables, train: bool, names: Sequence[str]):
-  return [n for n in names if n in variables] if train else False
+  present = [n for n in names if n in variables] if train else []
+  return present or False  # Flax returns (out, state) for any non-False ``mutable``
 
 
 def cut_staged(model: nn.Module, point: str) -> Cut:

@@ -187,9 +187,13 @@ def _writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
-def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
+def train_and_evaluate(config, workdir: str, progress: bool = True,
+                       max_steps: int | None = None) -> dict | None:
   """Trains from ``config`` in ``workdir`` (resuming if a checkpoint is there) and writes
   ``results.json``; returns the results dict.
+
+  ``max_steps`` stops this invocation after that many steps with a checkpoint (for jobs under
+  a time limit); it returns ``None`` then, and the same call later continues the run.
 
   >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")
   """
@@ -207,10 +211,14 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
   bar = tqdm(total=exp.num_steps, initial=start, disable=not progress or tqdm is None,
              desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
   log, pending, best = MetricLog(), None, _best_from_history(history_path)
+  stop_at = exp.num_steps if max_steps is None else min(exp.num_steps, start + max_steps)
   try:
     for epoch in range(start // spe, n_epochs):
       perm = exp.epoch_perm(epoch)
       for i in range(start % spe if epoch == start // spe else 0, spe):
+        if epoch * spe + i >= stop_at:
+          checkpoint.save(mgr, state, force=True)
+          return None
         state, metrics = exp.train_step(state, exp.batch(epoch, i, perm))
         if pending is not None:
           host = jax.device_get(pending[1])

@@ -1,0 +1,388 @@
+"""Step-time benchmark: plain training vs LPA at every point, and every registered method.
+
+    python -m lpa_jax.bench --out experiments/results/bench_cpu.json [--check]
+    python -m lpa_jax.bench --quick --points stem,logits --T 1 --only plain,lpa --out /tmp/b.json
+
+Every configuration is built exactly as :class:`lpa_jax.train.loop.Experiment` builds it (same
+registry, optimiser, :func:`make_train_step` and :func:`jit_train_step` over :func:`make_mesh`),
+but from a hand-made :class:`Context` instead of a loaded dataset.  All steps are compiled
+first; then the configurations are timed in *rounds*, round-robin, each round running
+``--steps`` consecutive steps of every configuration.  A row's ratio is the median over rounds
+of its time divided by plain training's time *in the same round*, so machine drift (thermal,
+other processes) cancels instead of favouring whichever row happened to run in a quiet moment.
+
+For LPA rows the cost model of SPEC §1 is printed beside the measurement:
+``1 + T·2F_up/(3F)``, with ``F`` the forward FLOPs of the whole network and ``F_up`` those of
+the layers above the point, both read from XLA's ``cost_analysis`` of the train-mode forward.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lpa_jax.data.longtail import longtail_counts
+from lpa_jax.data.pipeline import dataset_stats
+from lpa_jax.models import get_model
+from lpa_jax.perturb import defaults, registry
+from lpa_jax.perturb.base import Context
+from lpa_jax.perturb.classes import ClassStats
+from lpa_jax.perturb.hooks import cut_staged, full_apply
+from lpa_jax.train.schedules import make_optimizer, make_schedule
+from lpa_jax.train.state import TrainState
+from lpa_jax.train.step import StepConfig, jit_train_step, make_mesh, make_train_step
+
+NUM_CLASSES = 10
+SPLIT = "longtail"  # signs are mixed (+/-) from step 0, so every PGD update is live
+TARGET_LAST_STAGE = 1.10
+TARGET_MODEL_TOL = 0.15
+
+
+class Config(NamedTuple):
+  """One benchmarked configuration (one table row)."""
+  method: str          # row name: plain, lpa, lpa_lowrank, or a registered method name
+  level: str           # none / activation / logit / gradient
+  point: str | None
+  T: int | None
+  pcfg: Any            # the config.perturb block handed to the registry
+
+
+# ----------------------------------------------------------------------------- building
+
+def make_context(model, batch_size: int) -> Context:
+  """A run context without a dataset: CIFAR-10-LT (IR 100) class counts, 200 epochs."""
+  counts = longtail_counts(5000, NUM_CLASSES, 100)
+  return Context(NUM_CLASSES, counts, max(int(counts.sum()) // batch_size, 1), 200,
+                 functools.partial(cut_staged, model), tuple(model.points))
+
+
+def fixed_batch(batch_size: int, seed: int = 0) -> tuple[dict, str]:
+  """``({'image': uint8 BxHxWx3, 'label': int32 B}, description)``.
+
+  Real CIFAR-10 images when the npz cache already exists (reading it is cheap; building it is
+  not, so it is never built here); otherwise a deterministic synthetic batch.
+  """
+  from lpa_jax.data.sources import cache_path, load_raw, resolve_cache_dir
+  cache = resolve_cache_dir()
+  if any(cache_path(cache, "cifar10", k).exists() for k in ("official", "jpeg75")):
+    raw = load_raw("cifar10", download=False)
+    idx = np.random.default_rng(seed).permutation(len(raw.y_train))[:batch_size]
+    return ({"image": raw.x_train[idx], "label": raw.y_train[idx].astype(np.int32)},
+            f"CIFAR-10 ({raw.source}) training images from the npz cache")
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+  labels = rng.permutation(np.arange(batch_size) % NUM_CLASSES).astype(np.int32)
+  return ({"image": images, "label": labels},
+          "synthetic uint8 images (no CIFAR-10 cache found; step time does not depend on "
+          "pixel values)")
+
+
+def optim_config() -> mlc.ConfigDict:
+  """The SPEC's CIFAR protocol: SGD momentum 0.9, weight decay 5e-4, lr 0.1."""
+  return mlc.ConfigDict(dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                             schedule="constant", warmup_epochs=0.0, decay_epochs=(),
+                             decay_factors=()))
+
+
+def build(model, ctx: Context, pcfg, mesh, seed: int = 0):
+  """``(jitted_step, state)`` for one perturbation config, as ``Experiment`` builds them."""
+  act = registry.make_activation(pcfg, ctx)
+  logit = registry.make_logit(pcfg, ctx)
+  pre, post, needs_grad_fn, wrap = registry.make_gradient(pcfg, ctx)
+  schedule = make_schedule(optim_config(), ctx.steps_per_epoch, ctx.num_epochs)
+  tx = make_optimizer(optim_config(), schedule, pre, post)
+  tx = wrap(tx) if wrap is not None else tx
+  mean, std = dataset_stats("cifar10")
+  cfg = StepConfig(ctx.steps_per_epoch, NUM_CLASSES, "crop_flip", tuple(mean), tuple(std),
+                   needs_grad_fn)
+  step = jit_train_step(make_train_step(act, logit, tx, cfg), mesh)
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  variables = model.init(k_init, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+  params = variables.pop("params")
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
+                     opt_state=tx.init(params), act_state=act.init(), logit_state=logit.init(),
+                     class_stats=ClassStats.zeros(NUM_CLASSES), rng=k_run)
+  return step, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def configurations(points, Ts, default_point: str) -> list[Config]:
+  """Plain, the LPA grid (points x T), the low-rank variant, then every other registered method.
+
+  The registries are read now, not at import, so methods added since still appear.
+  """
+  blocks = defaults.method_blocks(SPLIT)
+  def pcfg(activation="none", logit="none", gradient="none", **over):
+    c = mlc.ConfigDict(dict(activation=activation, logit=logit, gradient=gradient))
+    for name, block in blocks.items():
+      c[name] = copy.deepcopy(block)
+    for name, fields in over.items():
+      c[name].update(fields)
+    return c
+  out = [Config("plain", "none", None, None, pcfg())]
+  for p in points:
+    for t in Ts:
+      out.append(Config("lpa", "activation", p, t, pcfg("lpa", lpa=dict(point=p, steps=t))))
+  out.append(Config("lpa_lowrank", "activation", default_point, 3,
+                    pcfg("lpa", lpa=dict(point=default_point, steps=3, lowrank=0.25))))
+  for level, table in (("activation", registry.ACTIVATION), ("logit", registry.LOGIT),
+                       ("gradient", registry.GRADIENT)):
+    for name in table:
+      if name in ("none", "lpa"):
+        continue
+      block = blocks.get(name)
+      point = getattr(block, "point", None) if block is not None else None
+      if point in ("auto", "default"):
+        point = default_point
+      out.append(Config(name, level, point, None, pcfg(**{level: name})))
+  return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _flops(fn, *args) -> float:
+  """Forward FLOPs of ``fn(*args)`` from XLA (``cost_analysis`` is a dict or a list of dicts)."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    return float(sum(c.get("flops", 0.0) for c in cost if c))
+  return float((cost or {}).get("flops", 0.0))
+
+
+def flop_fractions(model, points, batch_size: int) -> tuple[float, dict[str, float]]:
+  """``(F, {point: F_up / F})`` for the train-mode forward (BN on batch statistics), the mode
+  the train step runs in; ``upper`` is timed from an activation of the right shape."""
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  x = jnp.zeros((batch_size, 32, 32, 3), jnp.float32)
+  full = _flops(lambda v, x: full_apply(cut_staged(model, model.points[-1]), v, x, True),
+                variables, x)
+  frac = {}
+  for p in points:
+    cut = cut_staged(model, p)
+    act = jax.eval_shape(lambda v, x: cut.lower(v, x, True)[0], variables, x)
+    act = jnp.zeros(act.shape, act.dtype)
+    frac[p] = _flops(lambda v, a: cut.upper(v, a, True), variables, act) / full
+  return full, frac
+
+
+def cost_model(T: int, frac: float) -> float:
+  """SPEC §1: each PGD step re-runs the upper part forward + backward to the activation
+  (≈ 2 F_up) on top of a plain step (forward + backward ≈ 3 F)."""
+  return 1.0 + T * 2.0 * frac / 3.0
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _time_steps(step, state, batch, n: int):
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, metrics = step(state, batch)  # the old state was donated: never touch it again
+  jax.block_until_ready((state, metrics))
+  return state, (time.perf_counter() - t0) / n
+
+
+def _error(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def time_all(configs, model, ctx, mesh, batch, steps: int, repeats: int, log=print):
+  """Compiles every config (one warm-up step each), then times them round-robin.
+
+  Returns one dict per config with ``times_ms`` (per round), ``compile_s`` and ``error``.
+  """
+  live = {}
+  res = [dict(compile_s=None, times_ms=[], error=None) for _ in configs]
+  for i, c in enumerate(configs):
+    try:
+      t0 = time.perf_counter()
+      step, state = build(model, ctx, c.pcfg, mesh)
+      state, _ = _time_steps(step, state, batch, 1)  # compiles
+      res[i]["compile_s"] = time.perf_counter() - t0
+      live[i] = (step, state)
+      log(f"  built {_label(c)} in {res[i]['compile_s']:.1f}s")
+    except Exception as e:  # noqa: BLE001 — a broken method becomes a row with a note
+      res[i]["error"] = _error(e)
+      log(f"  FAILED {_label(c)}: {res[i]['error']}")
+      if os.environ.get("LPA_BENCH_DEBUG"):
+        traceback.print_exc()
+  for r in range(repeats):
+    for i in list(live):
+      step, state = live[i]
+      try:
+        state, dt = _time_steps(step, state, batch, steps)
+      except Exception as e:  # noqa: BLE001
+        res[i]["error"], _ = _error(e), live.pop(i)
+        continue
+      live[i] = (step, state)
+      res[i]["times_ms"].append(1e3 * dt)
+    log(f"  round {r + 1}/{repeats} done")
+  return res
+
+
+def _label(c: Config) -> str:
+  return c.method + (f"@{c.point}" if c.point else "") + (f" T={c.T}" if c.T else "")
+
+
+# ----------------------------------------------------------------------------- report
+
+def make_rows(configs, timed, frac) -> list[dict]:
+  """Table rows; ``ratio`` is the median over rounds of (row time / plain time that round)."""
+  plain = timed[0]["times_ms"]
+  rows = []
+  for c, t in zip(configs, timed):
+    ms = t["times_ms"]
+    ratios = [a / b for a, b in zip(ms, plain)] if ms and plain else []
+    f_up = frac.get(c.point) if c.method == "lpa" else None
+    rows.append(dict(
+        method=c.method, level=c.level, point=c.point, T=c.T,
+        ms=statistics.median(ms) if ms else None,
+        ratio=statistics.median(ratios) if ratios else None,
+        model_ratio=cost_model(c.T, f_up) if f_up is not None else None,
+        flop_fraction_above=f_up, times_ms=ms, compile_s=t["compile_s"], error=t["error"]))
+  return rows
+
+
+def markdown(rows) -> str:
+  f = lambda v, fmt: "" if v is None else format(v, fmt)
+  out = ["| method | level | point | T | ms/step | ratio | cost model | F_up/F | note |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['method']} | {r['level']} | {r['point'] or ''} | {r['T'] or ''} | "
+               f"{f(r['ms'], '.1f')} | {f(r['ratio'], '.3f')} | {f(r['model_ratio'], '.3f')} | "
+               f"{f(r['flop_fraction_above'], '.4f')} | {r['error'] or ''} |")
+  return "\n".join(out)
+
+
+def check(rows, last_stage: str) -> list[dict]:
+  """The targets of the benchmark issue, as ``[{target, ok, detail}]`` (``ok`` None: not run)."""
+  lpa = [r for r in rows if r["method"] == "lpa" and r["ratio"] is not None]
+  last = [r for r in lpa if r["point"] == last_stage and r["T"] == 3]
+  out = [dict(target=f"LPA T=3 at {last_stage} <= {TARGET_LAST_STAGE:.2f}x plain",
+              ok=bool(last and last[0]["ratio"] <= TARGET_LAST_STAGE),
+              detail=f"{last[0]['ratio']:.3f}x" if last else "row not run")]
+  if not last:
+    out[0]["ok"] = None
+  bad = [r for r in lpa if abs(r["ratio"] / r["model_ratio"] - 1) > TARGET_MODEL_TOL]
+  out.append(dict(
+      target=f"every LPA row within {TARGET_MODEL_TOL:.0%} of the cost model",
+      ok=(not bad) if lpa else None,
+      detail="; ".join(f"{r['point']} T={r['T']}: {r['ratio']:.2f} vs {r['model_ratio']:.2f}"
+                       for r in bad) or f"{len(lpa)} rows"))
+  return out
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def machine_info(mesh) -> dict:
+  import flax
+  import optax
+  return dict(platform=platform.platform(), processor=_cpu_name(),
+              python=platform.python_version(), cpu_count=os.cpu_count(),
+              cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else None, backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()],
+              device_kind=jax.devices()[0].device_kind, mesh_devices=int(mesh.devices.size),
+              jax=jax.__version__, flax=flax.__version__, optax=optax.__version__)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m lpa_jax.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--out", help="write the JSON results here")
+  p.add_argument("--model", default=None, help="model name (default resnet32; quick: resnet20)")
+  p.add_argument("--batch", type=int, default=None, help="batch size (default 128; quick: 32)")
+  p.add_argument("--points", default=None, help="comma list of points (default: all)")
+  p.add_argument("--T", default=None, help="comma list of LPA PGD steps (default 1,3,5)")
+  p.add_argument("--steps", type=int, default=None, help="steps per round (default 2)")
+  p.add_argument("--repeats", type=int, default=None, help="rounds (default 5)")
+  p.add_argument("--only", default=None,
+                 help="comma list of methods to run (plain always runs), e.g. lpa,dropout")
+  p.add_argument("--devices", type=int, default=None,
+                 help="use only the first N devices for the mesh (default: all)")
+  p.add_argument("--quick", action="store_true", help="tiny sizes, for tests and smoke runs")
+  p.add_argument("--check", action="store_true", help="print whether the targets are met")
+  a = p.parse_args(argv)
+  quick = dict(model="resnet20", batch=32, T="1,3", steps=1, repeats=2)
+  full = dict(model="resnet32", batch=128, T="1,3,5", steps=2, repeats=5)
+  for k, v in (quick if a.quick else full).items():
+    if getattr(a, k) is None:
+      setattr(a, k, v)
+  return a
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+  """Runs the benchmark described by ``args`` (see :func:`parse_args`); returns the results."""
+  model = get_model(args.model, NUM_CLASSES)
+  points = tuple(model.points)
+  if args.points:
+    wanted = [p.strip() for p in args.points.split(",") if p.strip()]
+    for p in wanted:
+      if p not in points:
+        raise ValueError(f"Unknown point {p!r} for {args.model}; valid points: {', '.join(points)}")
+    points = tuple(p for p in model.points if p in wanted)  # keep bottom-to-top order
+  Ts = tuple(int(t) for t in args.T.split(","))
+  mesh = make_mesh(jax.devices()[:args.devices] if args.devices else None)
+  if args.batch % mesh.devices.size:
+    raise ValueError(f"--batch {args.batch} must be divisible by the {mesh.devices.size} devices")
+  ctx = make_context(model, args.batch)
+  last_stage = registry.default_point(model.points)
+  configs = configurations(points, Ts, last_stage)
+  if args.only:
+    keep = {m.strip() for m in args.only.split(",")}
+    configs = [c for c in configs if c.method == "plain" or c.method in keep]
+  host_batch, data_note = fixed_batch(args.batch)
+  batch = jax.device_put(host_batch, NamedSharding(mesh, P("data")))
+  log(f"lpa_jax.bench: {args.model}, batch {args.batch}, {len(configs)} configurations on "
+      f"{jax.devices()}; data: {data_note}")
+  flops, frac = flop_fractions(model, points, args.batch)
+  timed = time_all(configs, model, ctx, mesh, batch, args.steps, args.repeats, log)
+  rows = make_rows(configs, timed, frac)
+  result = dict(
+      settings=dict(model=args.model, batch=args.batch, points=list(points), T=list(Ts),
+                    steps=args.steps, repeats=args.repeats, split=SPLIT, augment="crop_flip",
+                    data=data_note, flops_forward=flops, flop_mode="train (batch-stat BN)",
+                    ratio="median over rounds of row time / plain time in the same round"),
+      machine=machine_info(mesh), rows=rows, checks=check(rows, last_stage))
+  return result
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  result = run(args)
+  print(markdown(result["rows"]))
+  if args.check:
+    for c in result["checks"]:
+      state = {True: "MET", False: "NOT MET", None: "NOT RUN"}[c["ok"]]
+      print(f"[{state}] {c['target']}: {c['detail']}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
