@@ -5,9 +5,9 @@ Importing this package never imports TensorFlow; only building a missing cache d
 
 Example:
   >>> from lpa_jax.data import load_task_data                        # doctest: +SKIP
-  >>> import ml_collections
-  >>> data = load_task_data(ml_collections.ConfigDict(dict(name="fashion_mnist")))
-  >>> data.name, data.x_train.shape
+  >>> import ml_collections                                          # doctest: +SKIP
+  >>> data = load_task_data(ml_collections.ConfigDict(dict(name="fashion_mnist")))  # doctest: +SKIP
+  >>> data.name, data.x_train.shape                                  # doctest: +SKIP
   ('Fashion-MNIST', (60000, 28, 28, 1))
 """
 

@@ -9,7 +9,7 @@ TensorFlow / TFDS are imported lazily, inside the functions that build a cache.
 
 Example:
   >>> raw = load_raw("mnist", data_dir=None, cache_dir=None)   # doctest: +SKIP
-  >>> raw.x_train.shape, raw.source
+  >>> raw.x_train.shape, raw.source                             # doctest: +SKIP
   ((60000, 28, 28, 1), 'official')
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import socket
 import tarfile
 from typing import Callable
 
@@ -161,6 +162,7 @@ class _Source:
   key: str                          # cache key suffix
   local: str | None                 # file under the data root needed offline; None = online
   build: Callable[..., RawData]
+  host: str | None = None           # download host, probed before TFDS's slow retry loop
 
 
 def _sources(name: str) -> list[_Source]:
@@ -171,16 +173,27 @@ def _sources(name: str) -> list[_Source]:
     build = _build_stock(name, classes)
     return [_Source("official", f"{name}/{MNIST_FILES[0]}",
                     lambda c, root: build(c, root / name)),
-            _Source("official", None, lambda c, root: build(c, None))]
+            _Source("official", None, lambda c, root: build(c, None),
+                    host="storage.googleapis.com" if name == "mnist" else
+                    "fashion-mnist.s3-website.eu-central-1.amazonaws.com")]
   if name == "cifar10":
     return [_Source("official", None, lambda c, root: _build_stock(
-                "cifar10", CIFAR10_CLASSES)(c, None)),
+                "cifar10", CIFAR10_CLASSES)(c, None), host="www.cs.toronto.edu"),
             _Source("jpeg75", CIFAR10_JPEG_TARBALL,
                     lambda c, root: _build_cifar10_jpeg(c, root / CIFAR10_JPEG_TARBALL))]
   if name == "cifar100":
     return [_Source("official", None,
-                    lambda c, root: _build_stock("cifar100", None)(c, None))]
+                    lambda c, root: _build_stock("cifar100", None)(c, None),
+                    host="www.cs.toronto.edu")]
   raise ValueError(f"no raw source for dataset {name!r}")
+
+
+def _reachable(host: str, timeout: float = 5.0) -> bool:
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
 
 
 def _not_found(name, data_root, how, cache_dir, download, errors) -> FileNotFoundError:
@@ -203,7 +216,7 @@ def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = Non
   """Full arrays of ``name``: from cache, else built from a local copy, else downloaded.
 
   >>> raw = load_raw("cifar10")                      # doctest: +SKIP
-  >>> raw.source                                     # offline copy: lossy JPEG re-encoding
+  >>> raw.source  # offline copy: lossy JPEG re-encoding          # doctest: +SKIP
   'jpeg75'
   """
   cache = resolve_cache_dir(cache_dir)
@@ -219,6 +232,10 @@ def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = Non
       if root is None or not (root / s.local).exists():
         continue
     elif not download:
+      continue
+    if s.local is None and s.host and not _reachable(s.host):
+      # TFDS would retry for minutes on an offline machine; fail in seconds instead.
+      errors.append(f"no network: cannot reach {s.host}")
       continue
     try:
       raw = s.build(cache, root)

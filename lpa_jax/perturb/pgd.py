@@ -25,8 +25,13 @@ def row_norms(table_CxD: jax.Array) -> jax.Array:
 
 
 def project_rows(table_CxD: jax.Array, radius_C: jax.Array) -> jax.Array:
-  """Per-class ℓ2-ball projection: optax's projection vmapped over the class axis."""
-  return jax.vmap(optax.projections.projection_l2_ball)(table_CxD, radius_C)
+  """Per-class ℓ2-ball projection: optax's projection vmapped over the class axis.
+
+  optax divides by the norm, which is 0/0 for a zero row at radius 0: those rows stay 0.
+  """
+  safe_C = jnp.where(radius_C > 0, radius_C, 1.0)
+  projected = jax.vmap(optax.projections.projection_l2_ball)(table_CxD, safe_C)
+  return jnp.where(_rowwise(radius_C > 0, table_CxD), projected, 0.0)
 
 
 def lowrank_rows(g_CxHxWxD: jax.Array, frac: float = 0.25) -> jax.Array:

@@ -22,7 +22,7 @@ from lpa_jax import data as lpa_data
 from lpa_jax.data.pipeline import dataset_stats, epoch_permutation
 from lpa_jax.models import get_model
 from lpa_jax.perturb import registry
-from lpa_jax.perturb.base import Context
+from lpa_jax.perturb.base import Context, chain_logits
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.train import checkpoint, evaluate
@@ -64,14 +64,16 @@ class Experiment:
                        self.cut_fn, points)
     pc = config.perturb
     self.act = registry.make_activation(pc, self.ctx)
+    grad = registry.make_gradient(pc, self.ctx)
     self.logit = registry.make_logit(pc, self.ctx)
-    pre, post, needs_grad_fn, wrap = registry.make_gradient(pc, self.ctx)
+    if grad.logit is not None:  # LPG: its custom backward sits on the logit method's output
+      self.logit = chain_logits(self.logit, grad.logit)
     self.schedule = make_schedule(oc, self.steps_per_epoch, oc.num_epochs)
-    tx = make_optimizer(oc, self.schedule, pre, post)
-    self.tx = wrap(tx) if wrap is not None else tx
+    tx = make_optimizer(oc, self.schedule, grad.pre, grad.post)
+    self.tx = grad.wrap(tx) if grad.wrap is not None else tx
     mean, std = dataset_stats(config.data.name)
     self.step_cfg = StepConfig(self.steps_per_epoch, d.num_classes, config.train.augment,
-                               tuple(mean), tuple(std), needs_grad_fn)
+                               tuple(mean), tuple(std), grad.needs_grad_fn)
     self.train_step = jit_train_step(
         make_train_step(self.act, self.logit, self.tx, self.step_cfg), self.mesh)
     self.eval_step = make_eval_step(self.cut_fn(points[-1]), self.logit, self.step_cfg, self.mesh)

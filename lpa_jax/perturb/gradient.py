@@ -1,0 +1,145 @@
+"""The gradient-level family (SPEC §3): LPG, GAF, and optax's SAM, clipping and noise.
+
+Each factory returns a :class:`~lpa_jax.perturb.base.GradientMethod`: optax transforms placed
+on the raw gradients (``pre``), on the momentum output (``post``) or around the optimiser
+(``wrap``), and, for LPG, a logit method whose custom backward edits the logit gradients.
+
+>>> gm = sam(rho=0.05)
+>>> tx = gm.wrap(make_optimizer(cfg, schedule, gm.pre, gm.post))
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lpa_jax.perturb import classes
+from lpa_jax.perturb.base import Context, GradientMethod, LogitMethod
+from lpa_jax.perturb.logit import default_num_head
+from lpa_jax.perturb.pgd import EPS, row_norms
+
+GAF_FORMS = ("atan", "tanh", "log")
+GAF_WHERE = ("raw", "momentum")
+
+
+@jax.custom_vjp
+def perturb_logit_grad(logits_BxC, onehot_BxC, sign_C, radius_C):
+  """Identity on the logits; the backward adds ``δ_{y_i}`` to each sample's logit gradient.
+
+  ``δ_c = s_c·ε_c·ĝ_c/‖ĝ_c‖`` with ``ĝ_c`` the class-mean per-example gradient.  For ``N``
+  classes ``ε_c`` is capped at ``‖ĝ_c‖`` so dampening never reverses the gradient **(ours)**.
+  """
+  return logits_BxC
+
+
+def _lpg_fwd(logits_BxC, onehot_BxC, sign_C, radius_C):
+  return logits_BxC, (onehot_BxC, sign_C, radius_C)
+
+
+def _lpg_bwd(res, ct_BxC):
+  onehot_BxC, sign_C, radius_C = res
+  # The incoming cotangent is ∂(mean_i w_i ℓ_i)/∂z_i = w_i g_i / B: undo the 1/B so that ε_c is
+  # measured in per-example gradient units, as in the SPEC, then restore it.
+  b = ct_BxC.shape[0]
+  g_BxC = b * ct_BxC
+  count_C = onehot_BxC.sum(0)
+  mean_CxC = (onehot_BxC.T @ g_BxC) / jnp.maximum(count_C, 1.0)[:, None]
+  norm_C = row_norms(mean_CxC)
+  mag_C = jnp.where(sign_C > 0, radius_C, jnp.minimum(radius_C, norm_C))
+  delta_CxC = (sign_C * mag_C / (norm_C + EPS))[:, None] * mean_CxC
+  delta_CxC = jnp.where((count_C > 0)[:, None], delta_CxC, 0.0)
+  out = (g_BxC + onehot_BxC @ delta_CxC) / b
+  return out, jnp.zeros_like(onehot_BxC), jnp.zeros_like(sign_C), jnp.zeros_like(radius_C)
+
+
+perturb_logit_grad.defvjp(_lpg_fwd, _lpg_bwd)
+
+
+def lpg_logits(ctx: Context, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
+               varied: bool = True, num_head: int | None = None, signs=None) -> LogitMethod:
+  """LPG as a logit method: forward unchanged, class-mean logit gradients of ``P`` classes
+  grow by ``ε_c`` in norm and those of ``N`` classes shrink by up to ``ε_c``.
+
+  ``ε_c = ε + Δε·|τ − q_c|`` (varied) or ``ε``; splits as in LPL.
+
+  >>> m = lpg_logits(ctx, split="longtail", eps=0.1)
+  """
+  if eps < 0 or delta_eps < 0:
+    raise ValueError(f"lpg needs eps >= 0 and delta_eps >= 0, got {eps}, {delta_eps}")
+  head = default_num_head(ctx.num_classes, num_head) if split == "longtail" else num_head
+  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, head)
+
+  def apply(state, logits_BxC, batch, step):
+    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=logits_BxC.dtype)
+    radius_C = classes.class_radii(state, eps, delta_eps, 1.0, 0, varied)
+    out = perturb_logit_grad(logits_BxC, onehot_BxC, state.sign_C, radius_C)
+    return out, jnp.ones_like(logits_BxC[:, 0]), {"lpg_radius_C": radius_C * (state.sign_C != 0)}
+
+  def refresh(state, stats, epoch):
+    return classes.refresh_split(split, state, stats)
+
+  return LogitMethod(lambda: init_split, apply, refresh)
+
+
+def lpg(ctx: Context, **kwargs) -> GradientMethod:
+  """LPG (SPEC §3, rule ours) as a gradient method; ``kwargs`` go to :func:`lpg_logits`."""
+  return GradientMethod(logit=lpg_logits(ctx, **kwargs))
+
+
+def gaf_fn(alpha: float = 0.1, beta: float = 20.0, form: str = "atan"):
+  """The element-wise activation ``g ↦ α·atan(βg)`` (or ``α·tanh(βg)``,
+  ``sign(g)·α·log(1+β|g|)``): slope ``αβ`` at 0; atan bounded by ``απ/2``, tanh by ``α``."""
+  if form not in GAF_FORMS:
+    raise ValueError(f"gaf.form must be one of {GAF_FORMS}, got {form!r}")
+  return {"atan": lambda g: alpha * jnp.arctan(beta * g),
+          "tanh": lambda g: alpha * jnp.tanh(beta * g),
+          "log": lambda g: jnp.sign(g) * alpha * jnp.log1p(beta * jnp.abs(g))}[form]
+
+
+def gradient_activation(alpha: float = 0.1, beta: float = 20.0,
+                        form: str = "atan") -> optax.GradientTransformation:
+  """GAF (Chen, Jin et al. 2021) as a stateless optax transform.
+
+  >>> tx = optax.chain(gradient_activation(0.1, 20.0), optax.sgd(0.1))
+  """
+  fn = gaf_fn(alpha, beta, form)
+  return optax.stateless(lambda updates, params=None: jax.tree.map(fn, updates))
+
+
+def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan",
+        where: str = "raw") -> GradientMethod:
+  """GAF on the raw gradients (``where='raw'``) or on the momentum output (``'momentum'``)."""
+  if where not in GAF_WHERE:
+    raise ValueError(f"gaf.where must be one of {GAF_WHERE}, got {where!r}")
+  tx = gradient_activation(alpha, beta, form)
+  return GradientMethod(pre=tx) if where == "raw" else GradientMethod(post=tx)
+
+
+def sam_wrapper(rho: float = 0.05):
+  """``tx -> SAM(tx)``: one adversarial step ``w + ρ g/‖g‖`` then ``tx`` on the gradient there.
+
+  ``optax.contrib.sam`` in opaque mode with ``sync_period=2`` makes one ``update`` call one
+  full SAM update (BatchNorm statistics are only updated by the outer pass); its
+  ``adv_optimizer`` is normalise-then-SGD(ρ), whose sign SAM flips into an ascent step.
+  """
+  adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+  return functools.partial(optax.contrib.sam, adv_optimizer=adv, sync_period=2, opaque_mode=True)
+
+
+def sam(rho: float = 0.05) -> GradientMethod:
+  """SAM (Foret et al. 2021) wrapping the whole SGD optimiser; the step passes ``grad_fn``."""
+  if rho <= 0:
+    raise ValueError(f"sam.rho must be > 0, got {rho}")
+  return GradientMethod(needs_grad_fn=True, wrap=sam_wrapper(rho))
+
+
+def clip(max_norm: float = 1.0) -> GradientMethod:
+  """Global-norm clipping of the raw gradients (``max_norm`` 1.0 is ours)."""
+  return GradientMethod(pre=optax.clip_by_global_norm(max_norm))
+
+
+def grad_noise(eta: float = 0.01, gamma: float = 0.55, seed: int = 0) -> GradientMethod:
+  """Annealed Gaussian gradient noise (Neelakantan et al.): variance ``η/(1+t)^γ``."""
+  return GradientMethod(pre=optax.add_noise(eta, gamma, key=seed))
