@@ -3,9 +3,10 @@
     python -m lpa_jax.bench --out experiments/results/bench_cpu.json [--check]
     python -m lpa_jax.bench --quick --points stem,logits --T 1 --only plain,lpa --out /tmp/b.json
 
-Every configuration is built exactly as :class:`lpa_jax.train.loop.Experiment` builds it (same
-registry, optimiser, :func:`make_train_step` and :func:`jit_train_step` over :func:`make_mesh`),
-but from a hand-made :class:`Context` instead of a loaded dataset.  All steps are compiled
+Every configuration is built by :class:`lpa_jax.train.loop.Experiment` itself (registry,
+optimiser, ``make_train_step`` + ``jit_train_step`` over ``make_mesh``, ``init_state``), handed
+a stand-in dataset (:class:`BenchData`: one fixed batch, CIFAR-10-LT class counts) instead of a
+loaded one.  All steps are compiled
 first; then the configurations are timed in *rounds*, round-robin, each round running
 ``--steps`` consecutive steps of every configuration.  A row's ratio is the median over rounds
 of its time divided by plain training's time *in the same round*, so machine drift (thermal,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -36,15 +38,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lpa_jax.data.longtail import longtail_counts
-from lpa_jax.data.pipeline import dataset_stats
+from lpa_jax.data.sources import CIFAR10_CLASSES
+from lpa_jax.data.task import TaskData
 from lpa_jax.models import get_model
 from lpa_jax.perturb import defaults, registry
-from lpa_jax.perturb.base import Context
-from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import cut_staged, full_apply
-from lpa_jax.train.schedules import make_optimizer, make_schedule
-from lpa_jax.train.state import TrainState
-from lpa_jax.train.step import StepConfig, jit_train_step, make_mesh, make_train_step
+from lpa_jax.train.loop import Experiment
+from lpa_jax.train.step import make_mesh
 
 NUM_CLASSES = 10
 SPLIT = "longtail"  # signs are mixed (+/-) from step 0, so every PGD update is live
@@ -63,11 +63,18 @@ class Config(NamedTuple):
 
 # ----------------------------------------------------------------------------- building
 
-def make_context(model, batch_size: int) -> Context:
-  """A run context without a dataset: CIFAR-10-LT (IR 100) class counts, 200 epochs."""
-  counts = longtail_counts(5000, NUM_CLASSES, 100)
-  return Context(NUM_CLASSES, counts, max(int(counts.sum()) // batch_size, 1), 200,
-                 functools.partial(cut_staged, model), tuple(model.points))
+@dataclasses.dataclass
+class BenchData(TaskData):
+  """A dataset stand-in: only the fixed batch, but the class counts (and so the split, the
+  radii and steps per epoch) of CIFAR-10-LT at IR 100, so no dataset is ever loaded."""
+  counts: np.ndarray | None = None
+
+  @property
+  def num_train(self) -> int:
+    return int(self.counts.sum())
+
+  def class_counts(self) -> np.ndarray:
+    return self.counts
 
 
 def fixed_batch(batch_size: int, seed: int = 0) -> tuple[dict, str]:
@@ -91,32 +98,23 @@ def fixed_batch(batch_size: int, seed: int = 0) -> tuple[dict, str]:
           "pixel values)")
 
 
-def optim_config() -> mlc.ConfigDict:
-  """The SPEC's CIFAR protocol: SGD momentum 0.9, weight decay 5e-4, lr 0.1."""
-  return mlc.ConfigDict(dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                             schedule="constant", warmup_epochs=0.0, decay_epochs=(),
-                             decay_factors=()))
+def experiment_config(model: str, batch_size: int, pcfg) -> mlc.ConfigDict:
+  """The fields :class:`Experiment` reads, set to the SPEC's CIFAR protocol (SGD momentum 0.9,
+  weight decay 5e-4, lr 0.1, pad-4 crop + flip), 200 epochs."""
+  return mlc.ConfigDict(dict(
+      seed=0, data=dict(name="cifar10"), model=dict(name=model, kwargs={}),
+      optim=dict(batch_size=batch_size, num_epochs=200, lr=0.1, momentum=0.9, nesterov=False,
+                 weight_decay=5e-4, schedule="constant", warmup_epochs=0.0, decay_epochs=(),
+                 decay_factors=()),
+      train=dict(augment="crop_flip", eval_every=1, checkpoint_every=1), perturb=pcfg))
 
 
-def build(model, ctx: Context, pcfg, mesh, seed: int = 0):
-  """``(jitted_step, state)`` for one perturbation config, as ``Experiment`` builds them."""
-  act = registry.make_activation(pcfg, ctx)
-  logit = registry.make_logit(pcfg, ctx)
-  pre, post, needs_grad_fn, wrap = registry.make_gradient(pcfg, ctx)
-  schedule = make_schedule(optim_config(), ctx.steps_per_epoch, ctx.num_epochs)
-  tx = make_optimizer(optim_config(), schedule, pre, post)
-  tx = wrap(tx) if wrap is not None else tx
-  mean, std = dataset_stats("cifar10")
-  cfg = StepConfig(ctx.steps_per_epoch, NUM_CLASSES, "crop_flip", tuple(mean), tuple(std),
-                   needs_grad_fn)
-  step = jit_train_step(make_train_step(act, logit, tx, cfg), mesh)
-  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
-  variables = model.init(k_init, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
-  params = variables.pop("params")
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
-                     opt_state=tx.init(params), act_state=act.init(), logit_state=logit.init(),
-                     class_stats=ClassStats.zeros(NUM_CLASSES), rng=k_run)
-  return step, jax.device_put(state, NamedSharding(mesh, P()))
+def build(config, data: BenchData, mesh):
+  """``(jitted_step, state)`` built by :class:`Experiment` itself (registry, optimiser,
+  ``make_train_step``, ``jit_train_step``, ``init_state``), so the bench times what training
+  runs, even as the library's wiring changes."""
+  exp = Experiment(config, mesh=mesh, data=data)
+  return exp.train_step, exp.init_state()
 
 
 def configurations(points, Ts, default_point: str) -> list[Config]:
@@ -197,7 +195,7 @@ def _error(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def time_all(configs, model, ctx, mesh, batch, steps: int, repeats: int, log=print):
+def time_all(configs, make_config, data, mesh, batch, steps: int, repeats: int, log=print):
   """Compiles every config (one warm-up step each), then times them round-robin.
 
   Returns one dict per config with ``times_ms`` (per round), ``compile_s`` and ``error``.
@@ -207,7 +205,7 @@ def time_all(configs, model, ctx, mesh, batch, steps: int, repeats: int, log=pri
   for i, c in enumerate(configs):
     try:
       t0 = time.perf_counter()
-      step, state = build(model, ctx, c.pcfg, mesh)
+      step, state = build(make_config(c.pcfg), data, mesh)
       state, _ = _time_steps(step, state, batch, 1)  # compiles
       res[i]["compile_s"] = time.perf_counter() - t0
       live[i] = (step, state)
@@ -346,18 +344,21 @@ def run(args: argparse.Namespace, log=print) -> dict:
   mesh = make_mesh(jax.devices()[:args.devices] if args.devices else None)
   if args.batch % mesh.devices.size:
     raise ValueError(f"--batch {args.batch} must be divisible by the {mesh.devices.size} devices")
-  ctx = make_context(model, args.batch)
   last_stage = registry.default_point(model.points)
   configs = configurations(points, Ts, last_stage)
   if args.only:
     keep = {m.strip() for m in args.only.split(",")}
     configs = [c for c in configs if c.method == "plain" or c.method in keep]
   host_batch, data_note = fixed_batch(args.batch)
+  data = BenchData("cifar10", host_batch["image"], host_batch["label"], host_batch["image"][:0],
+                   host_batch["label"][:0], NUM_CLASSES, list(CIFAR10_CLASSES),
+                   counts=longtail_counts(5000, NUM_CLASSES, 100))
   batch = jax.device_put(host_batch, NamedSharding(mesh, P("data")))
   log(f"lpa_jax.bench: {args.model}, batch {args.batch}, {len(configs)} configurations on "
       f"{jax.devices()}; data: {data_note}")
   flops, frac = flop_fractions(model, points, args.batch)
-  timed = time_all(configs, model, ctx, mesh, batch, args.steps, args.repeats, log)
+  make_config = functools.partial(experiment_config, args.model, args.batch)
+  timed = time_all(configs, make_config, data, mesh, batch, args.steps, args.repeats, log)
   rows = make_rows(configs, timed, frac)
   result = dict(
       settings=dict(model=args.model, batch=args.batch, points=list(points), T=list(Ts),

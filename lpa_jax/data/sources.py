@@ -162,7 +162,7 @@ class _Source:
   key: str                          # cache key suffix
   local: str | None                 # file under the data root needed offline; None = online
   build: Callable[..., RawData]
-  host: str | None = None           # download host, probed before TFDS's slow retry loop
+  host: tuple[str, int] | None = None  # download server, probed before TFDS's slow retries
 
 
 def _sources(name: str) -> list[_Source]:
@@ -174,23 +174,23 @@ def _sources(name: str) -> list[_Source]:
     return [_Source("official", f"{name}/{MNIST_FILES[0]}",
                     lambda c, root: build(c, root / name)),
             _Source("official", None, lambda c, root: build(c, None),
-                    host="storage.googleapis.com" if name == "mnist" else
-                    "fashion-mnist.s3-website.eu-central-1.amazonaws.com")]
+                    host=("storage.googleapis.com", 443) if name == "mnist" else
+                    ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80))]
   if name == "cifar10":
     return [_Source("official", None, lambda c, root: _build_stock(
-                "cifar10", CIFAR10_CLASSES)(c, None), host="www.cs.toronto.edu"),
+                "cifar10", CIFAR10_CLASSES)(c, None), host=("www.cs.toronto.edu", 443)),
             _Source("jpeg75", CIFAR10_JPEG_TARBALL,
                     lambda c, root: _build_cifar10_jpeg(c, root / CIFAR10_JPEG_TARBALL))]
   if name == "cifar100":
     return [_Source("official", None,
                     lambda c, root: _build_stock("cifar100", None)(c, None),
-                    host="www.cs.toronto.edu")]
+                    host=("www.cs.toronto.edu", 443))]
   raise ValueError(f"no raw source for dataset {name!r}")
 
 
-def _reachable(host: str, timeout: float = 5.0) -> bool:
+def _reachable(host: tuple[str, int], timeout: float = 5.0) -> bool:
   try:
-    socket.create_connection((host, 443), timeout=timeout).close()
+    socket.create_connection(host, timeout=timeout).close()
     return True
   except OSError:
     return False
@@ -235,7 +235,7 @@ def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = Non
       continue
     if s.local is None and s.host and not _reachable(s.host):
       # TFDS would retry for minutes on an offline machine; fail in seconds instead.
-      errors.append(f"no network: cannot reach {s.host}")
+      errors.append(f"no network: cannot reach {s.host[0]}:{s.host[1]}")
       continue
     try:
       raw = s.build(cache, root)

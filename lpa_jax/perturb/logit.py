@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Context, LogitMethod, keep_state, per_class_mean
+from lpa_jax.perturb.base import Context, LogitMethod, keep_state
 from lpa_jax.perturb.pgd import EPS, row_norms
 
 LA_MODES = ("loss", "posthoc")
@@ -166,9 +166,3 @@ def ldam(ctx: Context, max_margin: float = 0.5, scale: float = 30.0, drw: bool =
 
   return LogitMethod(lambda: (), apply, keep_state)
 
-
-def class_mean_logit_grad(logits_BxC, labels_B, targets_BxC) -> jax.Array:
-  """``mean_{i∈S_c}(p_i − t_i)`` for every class (zero rows for absent classes)."""
-  onehot_BxC = jax.nn.one_hot(labels_B, logits_BxC.shape[-1], dtype=logits_BxC.dtype)
-  g_BxC = jax.nn.softmax(logits_BxC) - targets_BxC
-  return jax.vmap(lambda col: per_class_mean(onehot_BxC, col), 1, 1)(g_BxC)

@@ -1,0 +1,110 @@
+"""Train step and loop: data parallelism, one compile, resume, NaN stop, configs, results."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_config
+from lpa_jax.train import loop
+from lpa_jax.train.schedules import make_schedule
+from lpa_jax.train.step import make_mesh
+
+
+def _steps(exp, n):
+  state = exp.init_state()
+  metrics = None
+  for i in range(n):
+    state, metrics = exp.train_step(state, exp.batch(0, i))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("activation", ["none", "lpa"])
+def test_eight_devices_match_one(fmnist_lt, activation):
+  assert jax.device_count() == 8
+  cfg = small_config(**{"perturb.activation": activation, "perturb.lpa.eps": 1.0,
+                        "perturb.lpa.split": "longtail"})
+  one = loop.Experiment(cfg, mesh=make_mesh(jax.devices()[:1]), data=fmnist_lt)
+  eight = loop.Experiment(cfg, mesh=make_mesh(), data=fmnist_lt)
+  s1, m1 = _steps(one, 3)
+  s8, m8 = _steps(eight, 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               s1.params, s8.params)
+  if activation == "lpa":  # δ comes from the global batch on both
+    np.testing.assert_allclose(m1["delta_norm_C"], m8["delta_norm_C"], rtol=1e-4, atol=1e-6)
+    assert np.max(m1["delta_norm_C"]) > 0
+
+
+def test_step_compiles_once_across_epochs(fmnist_lt):
+  cfg = small_config(**{"perturb.activation": "lpa"})
+  exp = loop.Experiment(cfg, data=fmnist_lt)
+  state = exp.init_state()
+  for step in range(exp.steps_per_epoch + 2):  # crosses an epoch boundary (split refresh)
+    state, _ = exp.train_step(state, exp.batch(step // exp.steps_per_epoch,
+                                               step % exp.steps_per_epoch))
+  assert exp.train_step._cache_size() == 1
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+  cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.eps": 0.5,
+                        "optim.batch_size": 32})
+  full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), progress=False)
+  part = str(tmp_path / "part")
+  total = full["steps"]
+  assert total >= 8
+  # Stop twice mid-epoch (and once across an epoch boundary), then finish.
+  assert loop.train_and_evaluate(cfg, part, progress=False, max_steps=3) is None
+  assert loop.train_and_evaluate(cfg, part, progress=False, max_steps=total - 5) is None
+  resumed = loop.train_and_evaluate(cfg, part, progress=False)
+  assert resumed["steps"] == full["steps"]
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+  assert resumed["per_class_accuracy"] == full["per_class_accuracy"]
+
+
+def test_results_json_has_the_promised_fields(tmp_path):
+  cfg = small_config(**{"perturb.activation": "lpa", "optim.num_epochs": 1})
+  loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
+  with open(tmp_path / "results.json") as f:
+    res = json.load(f)
+  for key in ("test_accuracy", "per_class_accuracy", "shot_accuracy", "dataset", "num_train",
+              "config", "devices", "wall_time_s"):
+    assert key in res, key
+  assert res["dataset"] == "Fashion-MNIST-LT (IR=100)"
+  assert len(res["per_class_accuracy"]) == 10
+  lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+  assert len(lines) == 1 and "delta_norm_C" in json.loads(lines[0])
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, fmnist_lt):
+  cfg = small_config(**{"optim.lr": 1e30})
+  with pytest.raises(FloatingPointError, match="loss became"):
+    loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("optim.lr", -1.0, "optim.lr"),
+    ("train.augment", "rotate", "train.augment"),
+    ("perturb.activation", "magic", "registered"),
+    ("data.noise_rate", 1.5, "data.noise_rate"),
+])
+def test_bad_config_values_name_the_field(field, value, match):
+  from experiments.configs.common import validate
+  with pytest.raises(ValueError, match=match):
+    validate(small_config(**{field: value}))
+
+
+def test_unknown_lpa_point_lists_valid_points(fmnist_lt):
+  cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.point": "stage3"})
+  with pytest.raises(ValueError, match="hidden1, hidden2, logits"):
+    loop.Experiment(cfg, data=fmnist_lt)
+
+
+def test_step_schedule_matches_the_longtail_protocol():
+  from experiments.configs import longtail
+  cfg = longtail.get_config("paper_cifar10").optim
+  sched = make_schedule(cfg, steps_per_epoch=10, num_epochs=200)
+  np.testing.assert_allclose(float(sched(0)), 0.1 / 50, rtol=1e-5)         # linear warm-up, 5 epochs
+  np.testing.assert_allclose(float(sched(100)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(1600)), 0.1 * 0.01, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(1800)), 0.1 * 1e-4, rtol=1e-6)

@@ -1,0 +1,167 @@
+"""LPA variants (SPEC §1): low-rank gradient, multi-layer, adaptive layer."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lpa_jax.models import get_model
+from lpa_jax.perturb.adaptive import AdaptiveState, carry_act_state, lpa_adaptive
+from lpa_jax.perturb.base import Batch, Context, identity_logits
+from lpa_jax.perturb.classes import ClassStats, class_radii, constant_split
+from lpa_jax.perturb.hooks import Cut, cut_staged
+from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.pgd import class_pgd, lowrank_rows, row_norms
+from lpa_jax.train.state import TrainState
+from lpa_jax.train.step import StepConfig, make_train_step
+
+C, B = 4, 8
+X = jax.random.normal(jax.random.PRNGKey(1), (B, 8, 8, 3))
+Y = jnp.arange(B) % C
+BATCH = Batch(X, Y, jax.nn.one_hot(Y, C))
+MODEL = get_model("cnn", C, widths=(4, 8, 8))
+VARS = dict(MODEL.init(jax.random.PRNGKey(0), X[:1]))
+
+
+def _ranks(t_CxHxWxD):
+  c, h, w, d = t_CxHxWxD.shape
+  return [np.linalg.matrix_rank(np.asarray(m), tol=1e-5 * float(jnp.abs(m).max()))
+          for m in t_CxHxWxD.reshape(c, h * w, d)]
+
+
+def _recording(cut: Cut, log: list) -> Cut:
+  """The same cut, logging the concrete inputs of ``upper`` (the final, post-PGD pass)."""
+  def upper(variables, act, train, extra=None):
+    if not isinstance(act, jax.core.Tracer):
+      log.append((act, extra))
+    return cut.upper(variables, act, train, extra)
+  return cut._replace(upper=upper)
+
+
+def _ctx(log=None, spe=1):
+  cut_fn = (lambda p: _recording(cut_staged(MODEL, p), log)) if log is not None else \
+      (lambda p: cut_staged(MODEL, p))
+  return Context(C, np.full(C, 10), spe, 4, cut_fn, tuple(MODEL.points))
+
+
+# --------------------------------------------------------------------------------- low-rank
+def test_lowrank_rows_rank_at_most_k():
+  g = jax.random.normal(jax.random.PRNGKey(0), (C, 4, 4, 16))  # HW = 16, D = 16 -> k = 4
+  assert max(_ranks(lowrank_rows(g, 0.25))) <= 4
+  assert min(_ranks(g)) == 16
+  low = lowrank_rows(g, 0.25)
+  np.testing.assert_allclose(lowrank_rows(low, 0.25), low, atol=1e-4)  # already rank k
+  v = jax.random.normal(jax.random.PRNGKey(0), (C, 7))
+  np.testing.assert_array_equal(lowrank_rows(v, 0.25), v)  # vectors: nothing to project
+
+
+def test_lowrank_pgd_step_has_rank_k_per_class():
+  target = jax.random.normal(jax.random.PRNGKey(2), (C, 4, 4, 16))
+  loss_fn = lambda t: (jnp.sum((t["p"] - target) ** 2), None)
+  zeros = {"p": jnp.zeros_like(target)}
+  tables, _ = class_pgd(loss_fn, zeros, jnp.ones(C), jnp.ones(C), {"p": jnp.ones(C)}, 1,
+                        lowrank=0.25)
+  assert max(_ranks(tables["p"])) <= 4
+  np.testing.assert_allclose(row_norms(tables["p"]), 1.0, rtol=1e-5)  # step 2ε/T, projected
+  full, _ = class_pgd(loss_fn, zeros, jnp.ones(C), jnp.ones(C), {"p": jnp.ones(C)}, 1)
+  assert min(_ranks(full["p"])) > 4
+
+
+def test_lowrank_lpa_delta_has_rank_k():
+  log = []
+  m = lpa(_ctx(log), point="stage2", split="all_positive", eps=1.0, steps=1, lowrank=0.25)
+  m.forward(m.init(), VARS, BATCH, None, True)
+  act = cut_staged(MODEL, "stage2").lower(VARS, X, True)[0]
+  delta_BxHxWxD = log[-1][0] - act
+  k = max(1, int(0.25 * min(4 * 4, 8)))  # stage2: 4x4x8
+  assert max(_ranks(delta_BxHxWxD[:C])) <= k  # samples 0..C-1 cover every class once
+  assert float(jnp.abs(delta_BxHxWxD).max()) > 0
+
+
+# ------------------------------------------------------------------------------ multi-layer
+def test_multilayer_each_point_within_its_own_radius():
+  log = []
+  eps, beta = 1.0, 0.5
+  points = ("stage2", "stage3", "features")
+  m = lpa(_ctx(log), point=points[0], extra_points=points[1:], split="all_positive", eps=eps,
+          beta=beta, steps=3, varied=False)
+  m.forward(m.init(), VARS, BATCH, None, True)
+  act = cut_staged(MODEL, points[0]).lower(VARS, X, True)[0]
+  final_act, extra = log[-1]
+  per_point = {points[0]: final_act - act, **extra}
+  assert set(per_point) == set(points)
+  split = constant_split(np.ones(C))
+  seen = []
+  for p in points:
+    depth = cut_staged(MODEL, p).depth
+    radius = float(class_radii(split, eps, 0.0, beta, depth, False)[0])
+    assert radius == pytest.approx(beta ** depth * eps)
+    norms = np.asarray(row_norms(per_point[p]))  # per sample = ‖δ_{y_i}‖ at that point
+    assert np.all(norms <= radius * (1 + 1e-5)), (p, norms, radius)
+    assert np.all(norms > 0.5 * radius), (p, norms, radius)
+    seen.append(radius)
+  assert len(set(seen)) == len(points)  # β^(L−l) differs point by point
+
+
+# --------------------------------------------------------------------------------- adaptive
+def _train(method, steps, spe, counter=None):
+  tx = optax.sgd(0.05)
+  params = VARS["params"]
+  state = TrainState(jnp.zeros((), jnp.int32), params, {"batch_stats": VARS["batch_stats"]},
+                     tx.init(params), method.init(), (), ClassStats.zeros(C),
+                     jax.random.PRNGKey(3))
+  inner = carry_act_state(make_train_step(method, identity_logits(), tx,
+                                          StepConfig(spe, C, "none", (0.5,) * 3, (0.25,) * 3)))
+
+  def counted(s, b):
+    if counter is not None:
+      counter.append(1)  # runs once per trace
+    return inner(s, b)
+
+  step = jax.jit(counted)
+  img = jax.random.randint(jax.random.PRNGKey(4), X.shape, 0, 255).astype(jnp.uint8)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, {"image": img, "label": Y})
+    history.append(jax.device_get(metrics))
+  return state, history, step
+
+
+@pytest.mark.parametrize("candidates", [("stage1", "logits"), ("logits", "stage1")])
+def test_adaptive_switches_to_dominant_candidate(candidates):
+  # At the logits (depth 0) the radius is 2.0; at stage1 (depth 4) it is 2·0.05⁴: the logit
+  # perturbation changes the loss far more, so the selection must land on it.
+  method = lpa_adaptive(_ctx(spe=2), candidates, every=1, split="all_positive", eps=2.0,
+                        beta=0.05, steps=2)
+  state, hist, _ = _train(method, 3, spe=2)
+  want = candidates.index("logits")
+  score = hist[1]["layer_score_K"]
+  assert score[want] > 10 * score[1 - want] > 0
+  assert [int(h["layer_index"]) for h in hist] == [0, 0, want]
+  assert int(state.act_state.index) == want
+
+
+def test_adaptive_compiles_once():
+  counter = []
+  method = lpa_adaptive(_ctx(spe=2), ("stage2", "stage3"), every=2, split="balanced", eps=0.5)
+  state, hist, step = _train(method, 6, spe=2, counter=counter)  # crosses 2 epoch boundaries
+  assert len(counter) == 1 and step._cache_size() == 1
+  assert [bool(h["layer_score_K"].any()) for h in hist] == [False] * 2 + [True] * 2 + [False] * 2
+  assert int(state.step) == 6
+
+
+def test_adaptive_refresh_selects_every_m_epochs():
+  method = lpa_adaptive(_ctx(), ("stage1", "stage2", "stage3"), every=3, split="balanced")
+  s = method.init()._replace(score_sum_K=jnp.array([1.0, 5.0, 2.0]), score_n=jnp.array(2.0))
+  stats = ClassStats.zeros(C)
+  kept = method.refresh(s, stats, jnp.int32(4))
+  assert int(kept.index) == 0 and float(kept.score_n) == 2.0 and not bool(kept.measure)
+  assert bool(method.refresh(s, stats, jnp.int32(5)).measure)  # epoch 5 feeds the pick at 6
+  picked = method.refresh(s, stats, jnp.int32(6))
+  assert int(picked.index) == 1 and float(picked.score_n) == 0.0
+  assert isinstance(picked, AdaptiveState)
+
+
+def test_adaptive_rejects_unknown_candidate():
+  with pytest.raises(ValueError, match="stage3"):
+    lpa_adaptive(_ctx(), ("stage9",), every=1)
