@@ -190,18 +190,19 @@ def _writer(workdir: str):
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
-                       max_steps: int | None = None) -> dict | None:
+                       max_steps: int | None = None, data=None) -> dict | None:
   """Trains from ``config`` in ``workdir`` (resuming if a checkpoint is there) and writes
   ``results.json``; returns the results dict.
 
   ``max_steps`` stops this invocation after that many steps with a checkpoint (for jobs under
   a time limit); it returns ``None`` then, and the same call later continues the run.
+  ``data`` (a :class:`~lpa_jax.data.TaskData`) skips loading, e.g. when a sweep shares one.
 
   >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")
   """
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
-  exp = Experiment(config)
+  exp = Experiment(config, data=data)
   mgr = checkpoint.manager(workdir)
   state = checkpoint.restore_latest(mgr, exp.init_state())
   start = int(jax.device_get(state.step))
