@@ -30,12 +30,17 @@ def _ranks(t_CxHxWxD):
 
 
 def _recording(cut: Cut, log: list) -> Cut:
-  """The same cut, logging the concrete inputs of ``upper`` (the final, post-PGD pass)."""
+  """The same cut, logging the inputs of every ``upper`` call in program order: the last one
+  is the final, post-PGD pass."""
   def upper(variables, act, train, extra=None):
-    if not isinstance(act, jax.core.Tracer):
-      log.append((act, extra))
+    jax.debug.callback(lambda a, e: log.append((a, e)), act, extra, ordered=True)
     return cut.upper(variables, act, train, extra)
   return cut._replace(upper=upper)
+
+
+def _run_lpa(method):
+  jax.jit(lambda v: method.forward(method.init(), v, BATCH, None, True))(VARS)
+  jax.effects_barrier()
 
 
 def _ctx(log=None, spe=1):
@@ -69,8 +74,7 @@ def test_lowrank_pgd_step_has_rank_k_per_class():
 
 def test_lowrank_lpa_delta_has_rank_k():
   log = []
-  m = lpa(_ctx(log), point="stage2", split="all_positive", eps=1.0, steps=1, lowrank=0.25)
-  m.forward(m.init(), VARS, BATCH, None, True)
+  _run_lpa(lpa(_ctx(log), point="stage2", split="all_positive", eps=1.0, steps=1, lowrank=0.25))
   act = cut_staged(MODEL, "stage2").lower(VARS, X, True)[0]
   delta_BxHxWxD = log[-1][0] - act
   k = max(1, int(0.25 * min(4 * 4, 8)))  # stage2: 4x4x8
@@ -83,9 +87,8 @@ def test_multilayer_each_point_within_its_own_radius():
   log = []
   eps, beta = 1.0, 0.5
   points = ("stage2", "stage3", "features")
-  m = lpa(_ctx(log), point=points[0], extra_points=points[1:], split="all_positive", eps=eps,
-          beta=beta, steps=3, varied=False)
-  m.forward(m.init(), VARS, BATCH, None, True)
+  _run_lpa(lpa(_ctx(log), point=points[0], extra_points=points[1:], split="all_positive",
+               eps=eps, beta=beta, steps=3, varied=False))
   act = cut_staged(MODEL, points[0]).lower(VARS, X, True)[0]
   final_act, extra = log[-1]
   per_point = {points[0]: final_act - act, **extra}
@@ -127,27 +130,20 @@ def _train(method, steps, spe, counter=None):
   return state, history, step
 
 
-@pytest.mark.parametrize("candidates", [("stage1", "logits"), ("logits", "stage1")])
-def test_adaptive_switches_to_dominant_candidate(candidates):
+def test_adaptive_switches_to_dominant_candidate_compiling_once():
   # At the logits (depth 0) the radius is 2.0; at stage1 (depth 4) it is 2·0.05⁴: the logit
-  # perturbation changes the loss far more, so the selection must land on it.
-  method = lpa_adaptive(_ctx(spe=2), candidates, every=1, split="all_positive", eps=2.0,
-                        beta=0.05, steps=2)
-  state, hist, _ = _train(method, 3, spe=2)
-  want = candidates.index("logits")
-  score = hist[1]["layer_score_K"]
-  assert score[want] > 10 * score[1 - want] > 0
-  assert [int(h["layer_index"]) for h in hist] == [0, 0, want]
-  assert int(state.act_state.index) == want
-
-
-def test_adaptive_compiles_once():
+  # perturbation changes the loss far more, so the selection must land on it.  every=2 with 2
+  # steps an epoch: epoch 0 trains, epoch 1 measures, epoch 2 (step 4) selects.
   counter = []
-  method = lpa_adaptive(_ctx(spe=2), ("stage2", "stage3"), every=2, split="balanced", eps=0.5)
-  state, hist, step = _train(method, 6, spe=2, counter=counter)  # crosses 2 epoch boundaries
-  assert len(counter) == 1 and step._cache_size() == 1
-  assert [bool(h["layer_score_K"].any()) for h in hist] == [False] * 2 + [True] * 2 + [False] * 2
-  assert int(state.step) == 6
+  method = lpa_adaptive(_ctx(spe=2), ("stage1", "logits"), every=2, split="all_positive",
+                        eps=2.0, beta=0.05, steps=2)
+  state, hist, step = _train(method, 5, spe=2, counter=counter)
+  assert len(counter) == 1 and step._cache_size() == 1  # no retrace across epoch boundaries
+  assert [int(h["layer_index"]) for h in hist] == [0, 0, 0, 0, 1]
+  assert [bool(h["layer_score_K"].any()) for h in hist] == [False, False, True, True, False]
+  score = hist[3]["layer_score_K"]
+  assert score[1] > 10 * score[0] > 0
+  assert int(state.act_state.index) == 1 and int(state.step) == 5
 
 
 def test_adaptive_refresh_selects_every_m_epochs():

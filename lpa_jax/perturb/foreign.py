@@ -10,10 +10,13 @@ work on these models unchanged::
 How the layers below the point are kept out of ``upper``: ``upper`` runs the whole model on a
 zero placeholder input, and the target submodule returns ``act`` without running.  Everything
 that only fed the target is then dead code, which jit removes (``jax.jit(...).lower().compile()
-.cost_analysis()`` shows it; see ``tests/test_compose.py``).  Outside jit it would run, so jit
-the step (the library always does).  The point must *separate* input from output: if a skip
-connection bypasses the target, ``upper`` would see the placeholder there; lower+upper then
-differs from the model's own forward, which :func:`check_cut`-style tests catch.
+.cost_analysis()`` shows it; see ``tests/test_compose.py``).  Likewise ``lower`` runs the
+model to the end and the layers above the point are dead.  Outside jit they would run, so jit
+the step (the library always does); what remains is trace/compile time, as every half traces
+the whole model.  The point must *separate* input from output: if a skip connection bypasses
+the target, ``upper`` would see the placeholder there, and lower+upper would differ from the
+model's own forward: compare the two once when adopting a new model (as
+``tests/test_compose.py`` does).
 
 Train-mode BatchNorm state (the dead-code subtlety): a BatchNorm below the point also runs on
 the placeholder in ``upper`` and would return statistics of zeros, which are *not* dead if
@@ -31,7 +34,7 @@ The placeholder's shape is the per-example input shape of the last ``lower`` cal
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -93,9 +96,10 @@ def _no_extra(extra, point):
 # --------------------------------------------------------------------------------------- Linen
 
 
-def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, method: Callable | str | None = None,
-              train_kw: str | None = "train", input_shape: Sequence[int] | None = None,
-              target_method: str = "__call__", mutable: Sequence[str] = ("batch_stats",)) -> Cut:
+def cut_linen(model: nn.Module, path: PathLike, depth: int = 1,
+              method: Callable | str | None = None, train_kw: str | None = "train",
+              input_shape: Sequence[int] | None = None, target_method: str = "__call__",
+              mutable: Sequence[str] = ("batch_stats",)) -> Cut:
   """Cuts any Linen model at the output of the submodule at ``path``, without editing it.
 
   Args:

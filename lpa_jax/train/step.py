@@ -76,6 +76,8 @@ def make_train_step(act: ActivationMethod, logit: LogitMethod, tx: optax.Gradien
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     aux = dict(fwd.aux)
+    # Methods that learn from the batch itself (adaptive layer choice) hand back their state.
+    act_state = aux.pop("act_state", act_state)
     clean_BxC = jax.lax.stop_gradient(aux.pop("clean_logits", fwd.logits_BxC))
     stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
