@@ -1,5 +1,22 @@
-"""Results tables (Markdown) from ``results.json`` dicts."""
+"""Results tables and the suite report writer.
+
+  python -m experiments.report --root=experiments/results/longtail_fmnist
+
+reads ``<root>/runs/<method>/seed<k>/{method.json,results.json,metrics.jsonl}`` (written by
+:mod:`experiments.sweep`) and writes ``<root>/report.md``, ``<root>/results.csv`` and PNG
+figures: accuracy per method, learning curves, per-class ``‖δ_c‖`` and expansive share for the
+activation-level methods, and accuracy vs perturbation point when the suite sweeps points.
+Every number comes from the run files; nothing is typed in.
+"""
 from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import platform
+
+import numpy as np
 
 
 def method_name(config: dict) -> str:
@@ -31,3 +48,186 @@ def results_table(results: list[dict]) -> str:
                 f"{r.get('num_train', '?')} | {_pct(r.get('test_accuracy'))} | "
                 f"{'; '.join(extra) or '—'} | {r.get('wall_time_s', 0):.0f} |")
   return "\n".join(rows)
+
+
+# ---- suite reports ----------------------------------------------------------------------
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def load_runs(root: str) -> list[dict]:
+  """Finished runs under ``root``, in the suite's method order, then by seed: dicts with
+  ``name, slug, seed, point, results, history``."""
+  runs = []
+  for path in glob.glob(os.path.join(root, "runs", "*", "seed*", "results.json")):
+    workdir = os.path.dirname(path)
+    with open(path) as f:
+      results = json.load(f)
+    meta = {}
+    if os.path.exists(os.path.join(workdir, "method.json")):
+      with open(os.path.join(workdir, "method.json")) as f:
+        meta = json.load(f)
+    runs.append({"name": meta.get("name") or method_name(results.get("config", {})),
+                 "slug": os.path.basename(os.path.dirname(workdir)),
+                 "seed": meta.get("seed", results.get("config", {}).get("seed")),
+                 "point": meta.get("point"), "results": results,
+                 "history": _read_jsonl(os.path.join(workdir, "metrics.jsonl"))})
+  order = [m["name"] for m in _suite_meta(root).get("methods", [])]
+  rank = lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["name"],  # noqa: E731
+                    r["seed"] if r["seed"] is not None else 0)
+  return sorted(runs, key=rank)
+
+
+def _suite_meta(root: str) -> dict:
+  path = os.path.join(root, "suite.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def metric_columns(runs: list[dict]) -> list[tuple[str, tuple]]:
+  """(column label, key path into results.json) for the metrics these runs report."""
+  cols = [("test acc", ("test_accuracy",))]
+  first = runs[0]["results"] if runs else {}
+  if "shot_accuracy" in first:
+    cols += [(f"{k}-shot", ("shot_accuracy", k)) for k in ("many", "medium", "few")]
+  if "val_accuracy" in first:
+    cols.append(("val acc", ("val_accuracy",)))
+  if "selected_by_val" in first:
+    cols.append(("test @ best val", ("selected_by_val", "test_accuracy")))
+  for dom in first.get("val_domain_accuracy", {}):
+    cols.append((f"val {dom}", ("val_domain_accuracy", dom)))
+  if "train_clean_label_accuracy" in first:
+    cols += [("train clean-label acc", ("train_clean_label_accuracy",)),
+             ("noisy memorised", ("train_noisy_subset_memorised",))]
+  return cols
+
+
+def _get(d: dict, path: tuple):
+  for k in path:
+    if not isinstance(d, dict) or k not in d:
+      return float("nan")
+    d = d[k]
+  return float(d) if d is not None else float("nan")
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample std (ddof 1; NaN for a single seed) over the finite values."""
+  v = np.asarray([x for x in values if x == x], float)
+  if not len(v):
+    return float("nan"), float("nan")
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+  """One row per method: ``name, n, wall_s, point`` and ``(mean, std)`` per metric column."""
+  cols = metric_columns(runs)
+  rows = []
+  for name in dict.fromkeys(r["name"] for r in runs):
+    mine = [r for r in runs if r["name"] == name]
+    row = {"name": name, "n": len(mine), "point": mine[0]["point"],
+           "wall_s": float(np.mean([r["results"].get("wall_time_s", np.nan) for r in mine]))}
+    for label, path in cols:
+      row[label] = mean_std([_get(r["results"], path) for r in mine])
+    rows.append(row)
+  return rows
+
+
+def _fmt(ms) -> str:
+  m, s = ms
+  if m != m:
+    return "—"
+  return f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if s == s else "")
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+  """Mean ± std (%) per method, plus the difference of mean test accuracy to the first
+  method (the suite's baseline)."""
+  base = rows[0]["test acc"][0] if rows else float("nan")
+  head = ["method", "seeds"] + [f"{c} %" for c in cols] + ["Δ test vs " + rows[0]["name"],
+                                                           "wall s / run"]
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    delta = 100 * (r["test acc"][0] - base)
+    cells = [r["name"], str(r["n"])] + [_fmt(r[c]) for c in cols] + [
+        f"{delta:+.2f}" if delta == delta else "—", f"{r['wall_s']:.0f}"]
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def write_csv(rows: list[dict], cols: list[str], path: str) -> None:
+  """Percentages, mean and std per metric; std empty for a single seed."""
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["method", "seeds", "wall_s_per_run"] +
+               [f"{c} {s}" for c in cols for s in ("mean", "std")])
+    for r in rows:
+      vals = [("" if x != x else f"{100 * x:.4f}") for c in cols for x in r[c]]
+      w.writerow([r["name"], r["n"], f"{r['wall_s']:.1f}"] + vals)
+
+
+def _machine(root: str) -> str:
+  m = _suite_meta(root).get("machine")
+  if m is None:  # reports on runs not made by the sweep: describe this machine instead
+    m = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "devices": ["?"]}
+  return (f"{m['platform']}, {m['cpu_count']} CPU cores, devices {', '.join(m['devices'])}"
+          + (f", jax {m['jax']}" if "jax" in m else ""))
+
+
+def write_report(root: str) -> dict[str, str]:
+  """Writes ``report.md``, ``results.csv`` and the figures under ``root``; returns their paths.
+
+  >>> paths = write_report("experiments/results/longtail_fmnist")   # doctest: +SKIP
+  >>> sorted(paths)                                                  # doctest: +SKIP
+  ['accuracy', 'csv', 'curves', 'markdown', 'per_class']
+  """
+  from experiments import report_figures as figs
+  runs = load_runs(root)
+  if not runs:
+    raise FileNotFoundError(f"No finished runs (runs/*/seed*/results.json) under {root!r}; "
+                            "run experiments.sweep first.")
+  cols = [c for c, _ in metric_columns(runs)]
+  rows = summarise(runs)
+  paths = {"csv": os.path.join(root, "results.csv"), "markdown": os.path.join(root, "report.md")}
+  write_csv(rows, cols, paths["csv"])
+  paths.update(figs.write_figures(root, runs, rows))
+  meta, r0 = _suite_meta(root), runs[0]["results"]
+  suite = meta.get("suite", os.path.basename(os.path.normpath(root)))
+  total = sum(r["results"].get("wall_time_s", 0.0) for r in runs)
+  seeds = sorted({r["seed"] for r in runs})
+  lines = [f"# {suite}", "", meta.get("description", ""), "",
+           f"* Data: {r0.get('dataset', '?')}, {r0.get('num_train', '?')} training images, "
+           f"{r0.get('num_classes', '?')} classes.",
+           f"* Train class counts: {r0.get('train_class_counts', '?')}",
+           f"* Seeds: {seeds} ({len(runs)} runs); mean ± sample std over seeds.",
+           f"* Machine: {_machine(root)}.",
+           f"* Total measured wall time of the runs: {total:.0f} s ({total / 60:.1f} min).",
+           f"* Regenerate: `python -m experiments.sweep "
+           f"--config=experiments/configs/suites.py:{suite}`; report only: "
+           f"`python -m experiments.report --root={root}`.", "",
+           "## Accuracy (%)", "", markdown_table(rows, cols), ""]
+  lines += [f"![{k}]({os.path.basename(v)})" for k, v in paths.items()
+            if v.endswith(".png")]
+  lines += ["", figs.per_class_table(runs)]
+  with open(paths["markdown"], "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return paths
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  paths = write_report(flags.FLAGS.root)
+  print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("root", None, "Suite root, e.g. experiments/results/longtail_fmnist.")
+  flags.mark_flag_as_required("root")
+  app.run(main)

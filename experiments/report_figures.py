@@ -1,0 +1,146 @@
+"""Figures for :mod:`experiments.report` (matplotlib, Agg backend: no display needed).
+
+  >>> from experiments.report import load_runs, summarise              # doctest: +SKIP
+  >>> runs = load_runs("experiments/results/ablation_fmnist")          # doctest: +SKIP
+  >>> write_figures("experiments/results/ablation_fmnist", runs, summarise(runs))  # doctest: +SKIP
+  {'accuracy': '.../accuracy.png', 'curves': '.../curves.png', ...}
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PER_CLASS = ("delta_norm_C", "expansive_share_C")
+
+
+def _save(fig, root: str, name: str) -> str:
+  path = os.path.join(root, f"{name}.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def accuracy_bars(root: str, rows: list[dict]) -> str:
+  """Mean test accuracy per method with ± std error bars (none for a single seed)."""
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.6))
+  means = [100 * r["test acc"][0] for r in rows]
+  stds = [100 * r["test acc"][1] if r["test acc"][1] == r["test acc"][1] else 0 for r in rows]
+  ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
+  ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=40, ha="right")
+  ax.set_ylabel("test accuracy %")
+  lo = min(m - s for m, s in zip(means, stds))
+  ax.set_ylim(max(0, lo - 5), min(100, max(m + s for m, s in zip(means, stds)) + 2))
+  ax.set_title(f"Test accuracy (mean ± std over {max(r['n'] for r in rows)} seed(s))")
+  return _save(fig, root, "accuracy")
+
+
+def learning_curves(root: str, runs: list[dict]) -> str:
+  """Test accuracy per epoch, mean over seeds, one line per method."""
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for name in dict.fromkeys(r["name"] for r in runs):
+    curves = [[(h["epoch"], h["test_accuracy"]) for h in r["history"] if "test_accuracy" in h]
+              for r in runs if r["name"] == name]
+    n = min(len(c) for c in curves)
+    if n == 0:
+      continue
+    ep = [e for e, _ in curves[0][:n]]
+    acc = np.mean([[a for _, a in c[:n]] for c in curves], axis=0)
+    ax.plot(ep, 100 * acc, marker="o", ms=3, label=name)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("test accuracy %")
+  ax.set_title("Learning curves (mean over seeds)")
+  ax.legend(fontsize=7, ncol=2)
+  return _save(fig, root, "curves")
+
+
+def last_row_per_class(runs: list[dict], name: str) -> dict[str, np.ndarray]:
+  """Seed-mean of each per-class diagnostic in the last epoch row of ``metrics.jsonl``."""
+  out = {}
+  for key in PER_CLASS + ("sign_C",):
+    vals = [r["history"][-1][key] for r in runs
+            if r["name"] == name and r["history"] and key in r["history"][-1]]
+    if vals:
+      out[key] = np.mean(np.asarray(vals, float), axis=0)
+  return out
+
+
+def per_class_methods(runs: list[dict]) -> list[str]:
+  """Methods whose last epoch logged per-class perturbation diagnostics."""
+  return [n for n in dict.fromkeys(r["name"] for r in runs)
+          if set(PER_CLASS) <= set(last_row_per_class(runs, n))]
+
+
+def per_class_plot(root: str, runs: list[dict]) -> str | None:
+  """‖δ_c‖ (log scale) and the expansive share per class, last epoch, for each
+  activation-level method; classes in training-count order (0 = head for long tail)."""
+  names = per_class_methods(runs)
+  if not names:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for name in names:
+    d = last_row_per_class(runs, name)
+    cls = np.arange(len(d["delta_norm_C"]))
+    axes[0].plot(cls, np.maximum(d["delta_norm_C"], 1e-8), marker="o", ms=3, label=name)
+    axes[1].plot(cls, d["expansive_share_C"], marker="o", ms=3, label=name)
+  axes[0].set_yscale("log")
+  axes[0].set_title("‖δ_c‖ per class (last epoch)")
+  axes[1].set_title("share of samples with ‖a+δ‖ > ‖a‖")
+  axes[1].set_ylim(-0.05, 1.05)
+  for ax in axes:
+    ax.set_xlabel("class")
+    ax.set_xticks(cls)
+  axes[1].legend(fontsize=7)
+  return _save(fig, root, "per_class")
+
+
+def point_plot(root: str, rows: list[dict]) -> str | None:
+  """Test accuracy vs perturbation point for the methods that carry a ``point``."""
+  pts = [r for r in rows if r.get("point")]
+  if not pts:
+    return None
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  means = [100 * r["test acc"][0] for r in pts]
+  stds = [100 * r["test acc"][1] if r["test acc"][1] == r["test acc"][1] else 0 for r in pts]
+  ax.errorbar(range(len(pts)), means, yerr=stds, marker="o", capsize=3)
+  ax.set_xticks(range(len(pts)), [r["point"] for r in pts])
+  ax.set_xlabel("perturbation point (shallow → deep)")
+  ax.set_ylabel("test accuracy %")
+  ax.set_title("Accuracy vs perturbation point")
+  return _save(fig, root, "points")
+
+
+def write_figures(root: str, runs: list[dict], rows: list[dict]) -> dict[str, str]:
+  paths = {"accuracy": accuracy_bars(root, rows), "curves": learning_curves(root, runs)}
+  for key, path in (("per_class", per_class_plot(root, runs)), ("points", point_plot(root, rows))):
+    if path is not None:
+      paths[key] = path
+  return paths
+
+
+def per_class_table(runs: list[dict]) -> str:
+  """Markdown: per class, training count, then sign / ‖δ_c‖ / expansive share of each
+  activation-level method (last epoch, seed mean)."""
+  names = per_class_methods(runs)
+  if not names:
+    return ""
+  counts = runs[0]["results"].get("train_class_counts", [])
+  head = ["class", "train n"] + [f"{n}: sign / ‖δ‖ / exp." for n in names]
+  out = ["## Per-class perturbation (last epoch, mean over seeds)", "",
+         "Sign +1 = expansive target (positive set), −1 = contractive, 0 = class-agnostic; "
+         "‖δ‖ = mean per-sample norm; exp. = share of samples with ‖a+δ‖ > ‖a‖.", "",
+         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  data = {n: last_row_per_class(runs, n) for n in names}
+  for c in range(len(data[names[0]]["delta_norm_C"])):
+    cells = [str(c), str(counts[c]) if c < len(counts) else "?"]
+    for n in names:
+      d = data[n]
+      sign = f"{d['sign_C'][c]:+.1f}" if "sign_C" in d else "—"
+      cells.append(f"{sign} / {d['delta_norm_C'][c]:.3g} / {d['expansive_share_C'][c]:.2f}")
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)

@@ -1,0 +1,38 @@
+"""Every notebook runs top to bottom in its small setting (``LPA_NOTEBOOK_SMALL=1``), and is
+committed without outputs."""
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "notebooks")
+NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
+
+
+def test_notebooks_exist():
+  names = [os.path.basename(p) for p in NOTEBOOKS]
+  assert names == ["01_quickstart.ipynb", "02_anatomy.ipynb", "03_bring_your_own_model.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_stripped(path):
+  nb = nbformat.read(path, as_version=4)
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert not cell.outputs and cell.execution_count is None, "clear outputs before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_small(path, monkeypatch):
+  # The kernel inherits this environment: small data, and one CPU device rather than the
+  # eight fake ones conftest.py sets up for the data-parallel tests.
+  monkeypatch.setenv("LPA_NOTEBOOK_SMALL", "1")
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  nb = nbformat.read(path, as_version=4)
+  NotebookClient(nb, timeout=180, kernel_name="python3",
+                 resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == "error"]
+  assert not errors

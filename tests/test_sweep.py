@@ -1,0 +1,97 @@
+"""Sweep runner and report writer: the smoke suite end to end, skip/resume, and the tables'
+numbers against the run files."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import report, sweep
+from experiments.configs import suites
+
+
+def test_every_suite_plans_valid_configs():
+  # Building every run's config validates every method name and override, without data.
+  total = 0
+  for name in ("smoke",) + suites.SUITES:
+    suite = suites.get_config(name)
+    runs = sweep.plan(suite)
+    assert len(runs) == len(suite.methods) * len(suite.seeds)
+    assert {r["config"].seed for r in runs} == set(suite.seeds)
+    # The data seed is fixed: every method and seed trains on the same subset / noise.
+    assert {r["config"].data.seed for r in runs} == {0}
+    total += len(runs) if name != "smoke" else 0
+  assert total == 135
+  assert suites.get_config("all").suites == suites.SUITES
+
+
+def test_methods_override_the_right_fields():
+  runs = {r["name"]: r["config"] for r in sweep.plan(suites.get_config("ablation_fmnist"), [0])}
+  assert runs["LPA contractive only"].perturb.lpa.split == "all_negative"
+  assert runs["LPA @ stage1"].perturb.lpa.point == "stage1"
+  lt = {r["name"]: r["config"] for r in sweep.plan(suites.get_config("longtail_fmnist"), [0])}
+  assert lt["LPA+LPL"].perturb.activation == "lpa" and lt["LPA+LPL"].perturb.logit == "lpl"
+  assert lt["LPA fixed"].perturb.lpa.varied is False
+  assert lt["CE"].model.kwargs.widths == (8, 16, 32)
+
+
+def test_errors_name_the_valid_choices():
+  with pytest.raises(ValueError, match="longtail_fmnist"):
+    suites.get_config("longtail")
+  config = sweep.task_config("longtail.py:quick")
+  with pytest.raises(KeyError, match="activation"):
+    sweep.apply_overrides(config, {"perturb.activaton": "lpa"})
+  assert sweep.slug("LPA @ stage1") == "lpa-stage1" and sweep.slug("LPA+LPL") == "lpa-lpl"
+
+
+def test_mean_std():
+  assert report.mean_std([0.5, 0.7]) == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1)))
+  m, s = report.mean_std([0.4])
+  assert m == 0.4 and math.isnan(s)
+
+
+def _run_files(root):
+  out = {}
+  for slug in os.listdir(os.path.join(root, "runs")):
+    with open(os.path.join(root, "runs", slug, "seed0", "results.json")) as f:
+      out[slug] = json.load(f)
+  return out
+
+
+def test_smoke_suite_end_to_end(tmp_path):
+  root = str(tmp_path / "smoke")
+  suite = suites.get_config("smoke")
+  assert sweep.run_suite(suite, root, progress=False) == {"ran": 2, "skipped": 0}
+  for name in ("report.md", "results.csv", "accuracy.png", "curves.png", "per_class.png",
+               "suite.json"):
+    assert os.path.getsize(os.path.join(root, name)) > 0, name
+  files = _run_files(root)
+  assert set(files) == {"ce", "lpa"}
+  for slug in files:
+    run = os.path.join(root, "runs", slug, "seed0")
+    assert not os.path.exists(os.path.join(run, "checkpoints"))  # cleaned after finishing
+    assert os.path.exists(os.path.join(run, "metrics.jsonl"))
+
+  # The tables' numbers are those of the run files.
+  with open(os.path.join(root, "results.csv")) as f:
+    rows = {r["method"]: r for r in csv.DictReader(f)}
+  md = open(os.path.join(root, "report.md")).read()
+  for name, slug in (("CE", "ce"), ("LPA", "lpa")):
+    r = files[slug]
+    assert float(rows[name]["test acc mean"]) == pytest.approx(100 * r["test_accuracy"], abs=1e-3)
+    assert float(rows[name]["few-shot mean"]) == pytest.approx(
+        100 * r["shot_accuracy"]["few"], abs=1e-3)
+    assert f"| {name} | 1 | {100 * r['test_accuracy']:.2f} |" in md
+  total = sum(r["wall_time_s"] for r in files.values())
+  assert f"{total:.0f} s" in md
+
+  # Rerunning skips the finished runs and leaves their files alone.
+  mtime = os.path.getmtime(os.path.join(root, "runs", "ce", "seed0", "results.json"))
+  assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 0, "skipped": 2}
+  assert os.path.getmtime(os.path.join(root, "runs", "ce", "seed0", "results.json")) == mtime
+
+  # A run without results.json (interrupted) is run again; the other is still skipped.
+  os.remove(os.path.join(root, "runs", "lpa", "seed0", "results.json"))
+  assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
