@@ -7,8 +7,8 @@ from lpa_jax import bench
 from lpa_jax.models import get_model
 from lpa_jax.perturb import registry
 
-ROW_KEYS = {"method", "level", "point", "T", "ms", "ratio", "model_ratio",
-            "flop_fraction_above", "times_ms", "compile_s", "error"}
+ROW_KEYS = {"method", "level", "point", "T", "ms", "ratio", "model_ratio", "step_gflops",
+            "flop_fraction_above", "times_ms", "compile_s", "note"}
 
 
 def _broken(cfg, ctx):
@@ -33,14 +33,20 @@ def test_quick_bench_writes_rows_and_survives_a_broken_method(tmp_path, monkeypa
       ("broken_for_test", None, None)]
   plain, stem, logits, broken = rows
   assert plain["ratio"] == 1.0 and plain["ms"] > 0 and plain["model_ratio"] is None
-  assert "deliberately broken" in broken["error"] and broken["ms"] is None
+  assert "deliberately broken" in broken["note"] and broken["ms"] is None
   for r in (stem, logits):
-    assert r["error"] is None and r["ms"] > 0 and r["ratio"] > 0
+    assert r["note"] is None and r["ms"] > 0 and r["ratio"] > 0
   # More FLOPs above the point -> a dearer step, in the model.
   assert stem["model_ratio"] > logits["model_ratio"] >= 1.0
   assert stem["flop_fraction_above"] > 0.95
   assert logits["flop_fraction_above"] < 1e-3
   assert [c["ok"] for c in res["checks"]][0] is None  # stage3 T=3 was not run
+  # The compiled LPA step does exactly the cost model's extra work: T=1 adds one forward and
+  # one activation-backward of the upper part (2 F_up), so `lower` is not recomputed.
+  f_dev = res["settings"]["flops_forward"] / res["machine"]["mesh_devices"] / 1e9
+  extra = stem["step_gflops"] - plain["step_gflops"]
+  assert extra == pytest.approx(2 * stem["flop_fraction_above"] * f_dev, rel=0.1)
+  assert abs(logits["step_gflops"] - plain["step_gflops"]) < 0.02 * plain["step_gflops"]
 
 
 def test_flop_fractions_fall_towards_the_logits():

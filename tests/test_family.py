@@ -61,9 +61,10 @@ def test_noise_has_the_right_std(mode):
   assert abs(float(n.std()) - 0.3) < 0.02 and abs(float(n.mean())) < 0.03
 
 
-def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda():
+@pytest.mark.parametrize("select", ["switch", "mask"])
+def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda(select):
   ctx, v, batch, _ = setup(b=4)           # labels 0..3: the class index names the sample
-  m = activation.manifold_mixup(ctx, ("hidden1", "logits"), alpha=1.0)
+  m = activation.manifold_mixup(ctx, ("hidden1", "logits"), alpha=1.0, select=select)
   fwd_fn = jax.jit(lambda r: m.forward((), v, batch, r, True))
   cut = ctx.cut_fn("hidden1")
   h = cut.lower(v, batch.x, True)[0]
@@ -288,7 +289,7 @@ def test_lpa_lpl_sam_compose_in_one_train_step():
   from experiments.configs import longtail
   from lpa_jax.train.loop import Experiment
   c = longtail.get_config("quick")
-  c.model.kwargs.widths = (4, 8, 8)
+  c.model.update(dict(name="mlp", kwargs=mlc.ConfigDict(dict(widths=(16, 8)))))
   c.optim.update(dict(batch_size=16, num_epochs=1))
   c.perturb.update(dict(activation="lpa", logit="lpl", gradient="sam"))
   counts = np.array([16, 8, 4, 4, 2, 2, 1, 1, 1, 1]) * 2

@@ -23,6 +23,7 @@ from lpa_jax.perturb.hooks import Cut, full_apply
 NOISE_MODES = ("additive", "multiplicative")
 DEEP_AUG_MODES = ("dropout", "pca")
 ADVERSARIAL_METHODS = ("fgsm", "pgd")
+MIXUP_SELECT = ("auto", "switch", "mask")
 
 
 def _bshape(v_B, like):
@@ -101,13 +102,16 @@ def input_cut(ctx: Context) -> Cut:
              "input", len(ctx.points))
 
 
-def manifold_mixup(ctx: Context, points: Sequence[str], alpha: float = 2.0) -> ActivationMethod:
+def manifold_mixup(ctx: Context, points: Sequence[str], alpha: float = 2.0,
+                   select: str = "auto") -> ActivationMethod:
   """Manifold Mixup: per step a layer drawn uniformly from ``points`` ("input" allowed),
   ``a ← λ a + (1−λ) a_π``, targets ``t ← λ t + (1−λ) t_π``, ``λ ~ Beta(α, α)``.
 
-  The layer is a ``lax.switch`` over one branch per point; each branch runs the whole net, so
-  all return the same logits, targets and model-state structure.  ``aux['mix_point']`` is the
-  index of the drawn point.
+  ``select='switch'``: a ``lax.switch`` over one branch per point (each branch runs the whole
+  net, so all return the same structure) — one pass per step.  ``'mask'``: run every branch and
+  keep the drawn one — ``len(points)`` passes, but XLA:CPU runs convolution *gradients* inside a
+  conditional ~7x slower than outside, so on CPU this is the faster choice.  ``'auto'``: mask on
+  CPU, switch elsewhere.  ``aux['mix_point']`` is the index of the drawn point.
 
   >>> m = manifold_mixup(ctx, ("input", "stage1", "stage2"), alpha=2.0)
   """
@@ -115,12 +119,16 @@ def manifold_mixup(ctx: Context, points: Sequence[str], alpha: float = 2.0) -> A
     raise ValueError("manifold_mixup.points must name at least one point")
   if alpha <= 0:
     raise ValueError(f"manifold_mixup.alpha must be > 0, got {alpha}")
+  if select not in MIXUP_SELECT:
+    raise ValueError(f"manifold_mixup.select must be one of {MIXUP_SELECT}, got {select!r}")
+  if select == "auto":
+    select = "mask" if jax.default_backend() == "cpu" else "switch"
   cuts = [input_cut(ctx) if p == "input" else ctx.cut_fn(p) for p in points]
 
-  def perturb_with(lam, perm):
+  def perturb_with(lam, perm, clean):
     def perturb(act, act_sg, frozen, batch, rng):
       mixed = lam * act + (1.0 - lam) * act[perm]
-      return mixed, lam * batch.targets_BxC + (1.0 - lam) * batch.targets_BxC[perm], None
+      return mixed, lam * batch.targets_BxC + (1.0 - lam) * batch.targets_BxC[perm], clean
     return perturb
 
   def forward(state, variables, batch, rng, train):
@@ -130,9 +138,14 @@ def manifold_mixup(ctx: Context, points: Sequence[str], alpha: float = 2.0) -> A
     lam = jax.random.beta(r_lam, alpha, alpha)
     perm = jax.random.permutation(r_perm, batch.labels_B.shape[0])
     index = jax.random.randint(r_layer, (), 0, len(cuts))
-    branches = [lambda c=c: _point_forward(c, ctx.num_classes, perturb_with(lam, perm))(
+    # The clean logits do not depend on the branch: one no-gradient pass serves them all.
+    clean = jax.lax.stop_gradient(full_apply(cuts[-1], variables, batch.x, True)[0])
+    branches = [lambda c=c: _point_forward(c, ctx.num_classes, perturb_with(lam, perm, clean))(
         state, variables, batch, rng, True) for c in cuts]
-    fwd = jax.lax.switch(index, branches)
+    if select == "switch":
+      fwd = jax.lax.switch(index, branches)
+    else:
+      fwd = jax.tree.map(lambda *xs: jnp.stack(xs)[index], *[b() for b in branches])
     return fwd._replace(aux={**fwd.aux, "mix_point": index.astype(jnp.float32), "mix_lambda": lam})
   return _method(forward)
 

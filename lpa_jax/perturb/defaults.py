@@ -27,7 +27,7 @@ def activation_blocks() -> dict[str, mlc.ConfigDict]:
   return {
       "dropout": B(point="auto", rate=0.1),
       "noise": B(point="auto", sigma=0.1, mode="additive"),
-      "manifold_mixup": B(points=(), alpha=2.0),
+      "manifold_mixup": B(points=(), alpha=2.0, select="auto"),
       "adversarial": B(point="auto", eps=0.1, beta=0.7, method="fgsm", steps=3),
       "deep_augmentation": B(point="auto", mode="dropout", rate=0.2, pca_frac=0.25),
   }

@@ -52,7 +52,7 @@ def _at_point(factory, *fields):
 
 def _mixup(cfg, ctx: Context) -> ActivationMethod:
   points = tuple(cfg.points) or default_mixup_points(ctx.points)
-  return activation.manifold_mixup(ctx, points, alpha=cfg.alpha)
+  return activation.manifold_mixup(ctx, points, alpha=cfg.alpha, select=cfg.select)
 
 
 def _class_level(factory, *fields):
