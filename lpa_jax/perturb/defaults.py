@@ -62,5 +62,8 @@ def gradient_blocks(split: str = "balanced") -> dict[str, mlc.ConfigDict]:
 
 def method_blocks(split: str = "balanced") -> dict[str, mlc.ConfigDict]:
   """One default block per registered method; ``split`` is the task's class-split rule."""
-  return {"lpa": lpa_block(split), **activation_blocks(), **logit_blocks(split),
-          **gradient_blocks(split)}
+  adaptive = lpa_block(split)
+  del adaptive["point"], adaptive["extra_points"]
+  adaptive.update(dict(candidates=(), every=10))
+  return {"lpa": lpa_block(split), "lpa_adaptive": adaptive, **activation_blocks(),
+          **logit_blocks(split), **gradient_blocks(split)}

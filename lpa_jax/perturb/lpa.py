@@ -17,14 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import ActivationMethod, Context, Forward, gather_rows, per_class_mean
-from lpa_jax.perturb.pgd import class_pgd, row_norms
+from lpa_jax.perturb.base import (ActivationMethod, Context, Forward, gather_rows, per_class_mean,
+                                  perturbation_diagnostics, sample_norms)
+from lpa_jax.perturb.pgd import class_pgd
 
 RADIUS_MODES = ("absolute", "relative")
-
-
-def _sample_norms(a):
-  return jnp.sqrt(jnp.sum(a.reshape(a.shape[0], -1) ** 2, -1))
 
 
 def lpa(ctx: Context, point: str, split: str = "balanced", eps: float = 0.1,
@@ -84,7 +81,7 @@ def lpa(ctx: Context, point: str, split: str = "balanced", eps: float = 0.1,
       logits, _ = upper_logits(frozen, act_sg, tables)
       return optax.softmax_cross_entropy(logits, batch.targets_BxC).sum(), logits
 
-    act_norm_B = _sample_norms(act_sg)
+    act_norm_B = sample_norms(act_sg)
     tables0 = {point: jnp.zeros((ctx.num_classes,) + act.shape[1:], act.dtype)}
     if len(points) > 1:
       # Shapes of the higher points come from one abstract evaluation (no FLOPs at run time).
@@ -95,27 +92,12 @@ def lpa(ctx: Context, point: str, split: str = "balanced", eps: float = 0.1,
     tables, clean_logits = class_pgd(loss_fn, tables0, count_C, state.sign_C, radius, steps,
                                      normalize, lowrank)
     logits, st2 = upper_logits(up_vars, act, tables)
+    delta_B = gather_rows(onehot_BxC, tables[point])
     return Forward(logits, batch.targets_BxC, {**st, **st2},
-                   _diagnostics(tables[point], act_sg, onehot_BxC, clean_logits, logits,
-                                batch.targets_BxC, state.sign_C))
+                   perturbation_diagnostics(delta_B, act_sg, onehot_BxC, clean_logits, logits,
+                                            batch.targets_BxC, state.sign_C))
 
   def refresh(state, stats, epoch):
     return classes.refresh_split(split, state, stats)
 
   return ActivationMethod(lambda: init_split, forward, refresh)
-
-
-def _diagnostics(table_CxD, act_BxD, onehot_BxC, clean_logits, logits, targets_BxC, sign_C):
-  """Per-class ‖δ_c‖, sign, share of samples made larger (‖a+δ‖ > ‖a‖) and loss change."""
-  pert_B = _sample_norms(act_BxD + gather_rows(onehot_BxC, table_CxD))
-  expansive_B = (pert_B > _sample_norms(act_BxD)).astype(jnp.float32)
-  dloss_B = (optax.softmax_cross_entropy(jax.lax.stop_gradient(logits), targets_BxC)
-             - optax.softmax_cross_entropy(clean_logits, targets_BxC))
-  return {
-      "clean_logits": clean_logits,
-      "delta_norm_C": row_norms(table_CxD),
-      "sign_C": sign_C,
-      "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
-      "loss_change_C": per_class_mean(onehot_BxC, dloss_B),
-      "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),
-  }

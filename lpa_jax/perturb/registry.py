@@ -13,6 +13,7 @@ import optax
 from lpa_jax.perturb import activation, gradient, logit
 from lpa_jax.perturb.base import (ActivationMethod, Context, GradientMethod, LogitMethod,
                                   identity_logits, plain_forward)
+from lpa_jax.perturb.adaptive import lpa_adaptive
 from lpa_jax.perturb.lpa import lpa
 
 
@@ -35,12 +36,22 @@ def default_mixup_points(points) -> tuple[str, ...]:
   return ("input",) + tuple(p for p in below if p != "stem")[:2]
 
 
+def _lpa_kwargs(cfg) -> dict:
+  return dict(split=cfg.split, eps=cfg.eps, delta_eps=cfg.delta_eps, beta=cfg.beta,
+              steps=cfg.steps, varied=cfg.varied, normalize=cfg.normalize,
+              lowrank=cfg.lowrank or None, radius_mode=cfg.radius_mode, num_head=cfg.num_head,
+              signs=cfg.signs)
+
+
 def _lpa(cfg, ctx: Context) -> ActivationMethod:
-  return lpa(ctx, point=resolve_point(cfg.point, ctx), split=cfg.split, eps=cfg.eps,
-             delta_eps=cfg.delta_eps, beta=cfg.beta, steps=cfg.steps, varied=cfg.varied,
-             normalize=cfg.normalize, lowrank=cfg.lowrank or None,
-             extra_points=tuple(cfg.extra_points), radius_mode=cfg.radius_mode,
-             num_head=cfg.num_head, signs=cfg.signs)
+  return lpa(ctx, point=resolve_point(cfg.point, ctx), extra_points=tuple(cfg.extra_points),
+             **_lpa_kwargs(cfg))
+
+
+def _lpa_adaptive(cfg, ctx: Context) -> ActivationMethod:
+  """Adaptive-layer LPA; its candidates default to every point below the logits."""
+  candidates = tuple(cfg.candidates) or tuple(ctx.points[:-1])
+  return lpa_adaptive(ctx, candidates, cfg.every, **_lpa_kwargs(cfg))
 
 
 def _at_point(factory, *fields):
@@ -69,6 +80,7 @@ def _fields(factory, *fields):
 ACTIVATION: dict[str, Callable[..., ActivationMethod]] = {
     "none": lambda cfg, ctx: plain_forward(ctx.cut_fn(ctx.points[-1])),
     "lpa": _lpa,
+    "lpa_adaptive": _lpa_adaptive,
     "dropout": _at_point(activation.dropout, "rate"),
     "noise": _at_point(activation.noise, "sigma", "mode"),
     "manifold_mixup": _mixup,
