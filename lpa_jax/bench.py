@@ -7,9 +7,10 @@ Every configuration is built by :class:`lpa_jax.train.loop.Experiment` itself (r
 optimiser, ``make_train_step`` + ``jit_train_step`` over ``make_mesh``, ``init_state``), handed
 a stand-in dataset (:class:`BenchData`: one fixed batch, CIFAR-10-LT class counts) instead of a
 loaded one.  All steps are compiled first; then the configurations are timed in *rounds*,
-round-robin, each round running ``--steps`` consecutive steps of every configuration.  A row's ratio is the median over rounds
-of its time divided by plain training's time *in the same round*, so machine drift (thermal,
-other processes) cancels instead of favouring whichever row happened to run in a quiet moment.
+round-robin, each round running ``--steps`` consecutive steps of every configuration.  A row's
+ratio is the median over rounds of its time divided by plain training's time *in the same
+round*, so machine drift (thermal, other processes) cancels instead of favouring whichever row
+happened to run in a quiet moment.  Rows over ``SLOW``x plain are timed in the first round only.
 
 For LPA rows the cost model of SPEC §1 is printed beside the measurement:
 ``1 + T·2F_up/(3F)``, with ``F`` the forward FLOPs of the whole network and ``F_up`` those of

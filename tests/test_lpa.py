@@ -169,3 +169,21 @@ def test_bad_split_and_layer_raise_readable_errors(setup):
     lpa(ctx, point="hidden1", split="sideways")
   with pytest.raises(ValueError, match="hidden1, hidden2, logits"):
     lpa(ctx, point="stage3")
+
+
+def test_unrolled_pgd_equals_the_rolled_loop(setup):
+  from lpa_jax.perturb.pgd import class_pgd
+  model, variables, batch, ctx = setup
+  cut = ctx.cut_fn("hidden1")
+  act = cut.lower(variables, batch.x, True)[0]
+  onehot = jax.nn.one_hot(batch.labels_B, C)
+
+  def loss_fn(t):
+    logits = cut.upper(variables, act + onehot @ t["h"], True)[0]
+    return optax.softmax_cross_entropy(logits, batch.targets_BxC).sum(), logits
+
+  args = (loss_fn, {"h": jnp.zeros((C, act.shape[1]))}, onehot.sum(0), jnp.asarray(SIGNS, float),
+          {"h": jnp.full((C,), 0.7)}, 4)
+  rolled = jax.jit(lambda: class_pgd(*args, unroll=False)[0])()
+  unrolled = jax.jit(lambda: class_pgd(*args, unroll=True)[0])()
+  np.testing.assert_allclose(rolled["h"], unrolled["h"], rtol=1e-5, atol=1e-6)
