@@ -74,6 +74,7 @@ def test_flax_perturbations_collection_adds_at_a_point():
   model = get_model("mlp", 3, widths=(5,))
   x = jnp.ones((2, 4))
   variables = _init(model, x)
+  assert set(variables) == {"params"}  # init leaves no batch-shaped perturbation zeros behind
   delta = jnp.arange(10.0).reshape(2, 5)
   act = model.apply(variables, x, stop="hidden1")
   out = model.apply({**variables, "perturbations": {"hidden1": delta}}, x)

@@ -32,9 +32,13 @@ def check_point(name: str | None, points: Sequence[str], what: str = "point") ->
 def intervene(module: nn.Module, name: str, act: jnp.ndarray) -> jnp.ndarray:
   """Named intervention point: sow the activation and add any Flax perturbation given for it.
 
-  Unlike a bare ``Module.perturb``, a ``perturbations`` collection may name only some points.
+  Unlike a bare ``Module.perturb``, a ``perturbations`` collection may name only some points,
+  and ``init`` creates none (so variables hold no batch-shaped zeros); get a zero template with
+  ``model.apply(variables, x, mutable=["perturbations"])[1]``.
   """
   module.sow("intermediates", name, act)
+  if module.is_initializing():
+    return act
   if module.is_mutable_collection("perturbations") or module.has_variable("perturbations", name):
     act = module.perturb(name, act)
   return act
