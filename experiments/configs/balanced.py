@@ -9,7 +9,7 @@ Variants:
   paper_r110_cifar10  ResNet-110 on CIFAR-10, same schedule
   paper_wrn_cifar100, paper_r110_cifar100   the same on CIFAR-100
 """
-from experiments.configs.common import base_config, validate
+from experiments.configs.common import base_config, paper_protocol, validate
 
 PAPER = {"wrn": "wrn28_10", "r110": "resnet110"}
 
@@ -30,11 +30,7 @@ def get_config(arg: str = "quick"):
     if dataset not in ("cifar10", "cifar100"):
       raise ValueError(f"Unknown dataset in variant {arg!r}")
     c.data.name = dataset
-    c.model.name = PAPER[net]
-    c.train.augment = "crop_flip"
-    c.train.eval_every = 10
-    c.optim.update(dict(num_epochs=200, lr=0.1, schedule="step", decay_epochs=(100, 150),
-                        decay_factors=(0.1, 0.01)))
+    paper_protocol(c, PAPER[net])
   else:
     raise ValueError(f"Unknown balanced variant {arg!r}; choose quick, quick_fmnist or "
                      "paper_{wrn,r110}_{cifar10,cifar100}")

@@ -31,6 +31,17 @@ def base_config(split: str = "balanced") -> mlc.ConfigDict:
   return c
 
 
+def paper_protocol(c: mlc.ConfigDict, model: str) -> mlc.ConfigDict:
+  """SPEC §4's balanced CIFAR protocol: ``model``, pad-4 crop + flip, batch 128, SGD momentum
+  0.9, 200 epochs, lr 0.1 ÷10 at epochs 100 and 150 (weight decay stays the task's)."""
+  c.model.name = model
+  c.train.augment = "crop_flip"
+  c.train.eval_every = 10
+  c.optim.update(dict(batch_size=128, num_epochs=200, lr=0.1, schedule="step",
+                      decay_epochs=(100, 150), decay_factors=(0.1, 0.01)))
+  return c
+
+
 AUGMENTS = ("none", "crop_flip")
 
 

@@ -10,7 +10,7 @@ Variants:
   paper_cifar10_asym  CIFAR-10, 40 % asymmetric noise (truck→automobile, bird→airplane,
                       deer→horse, cat↔dog)
 """
-from experiments.configs.common import base_config, validate
+from experiments.configs.common import base_config, paper_protocol, validate
 
 
 def get_config(arg: str = "quick"):
@@ -24,11 +24,7 @@ def get_config(arg: str = "quick"):
     c.data.name = "cifar10"
     if arg.endswith("asym"):
       c.data.noise_type = "asymmetric"
-    c.model.name = "resnet32"
-    c.train.augment = "crop_flip"
-    c.train.eval_every = 10
-    c.optim.update(dict(num_epochs=200, lr=0.1, schedule="step", decay_epochs=(100, 150),
-                        decay_factors=(0.1, 0.01)))
+    paper_protocol(c, "resnet32")
   else:
     raise ValueError(f"Unknown noisy variant {arg!r}; choose quick, paper_cifar10 or "
                      "paper_cifar10_asym")
