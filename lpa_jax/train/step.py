@@ -81,7 +81,7 @@ def make_train_step(act: ActivationMethod, logit: LogitMethod, tx: optax.Gradien
     clean_BxC = jax.lax.stop_gradient(aux.pop("clean_logits", fwd.logits_BxC))
     stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
-               "grad_norm": optax.global_norm(grads), **aux, **laux}
+               "grad_norm": optax.tree.norm(grads), **aux, **laux}
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state={**state.model_state, **fwd.model_state},
                               opt_state=opt_state, act_state=act_state, logit_state=logit_state,
