@@ -113,9 +113,8 @@ def test_training_loss_sees_delta_as_a_constant(setup):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_lpa, g_ref)
 
 
-def _tables(method, variables, batch, ctx):
-  """Runs LPA's PGD directly (class_pgd) to obtain the table for the 'hidden1' point."""
-  from lpa_jax.perturb.pgd import class_pgd
+def _hidden1_loss(variables, batch, ctx):
+  """``(loss_fn, act)`` for PGD at 'hidden1' written by hand: tables -> summed CE, logits."""
   cut = ctx.cut_fn("hidden1")
   act = cut.lower(variables, batch.x, True)[0]
   onehot = jax.nn.one_hot(batch.labels_B, C)
@@ -123,10 +122,17 @@ def _tables(method, variables, batch, ctx):
   def loss_fn(t):
     logits = cut.upper(variables, act + onehot @ t["hidden1"], True)[0]
     return optax.softmax_cross_entropy(logits, batch.targets_BxC).sum(), logits
+  return loss_fn, act, onehot.sum(0)
 
+
+def _tables(method, variables, batch, ctx):
+  """Runs LPA's PGD directly (class_pgd) to obtain the table for the 'hidden1' point."""
+  from lpa_jax.perturb.pgd import class_pgd
+  loss_fn, act, count_C = _hidden1_loss(variables, batch, ctx)
+  cut = ctx.cut_fn("hidden1")
   split = method.init()
   radius = classes.class_radii(split, 1.0, 0.1, 1.0, cut.depth, True)
-  tables, _ = class_pgd(loss_fn, {"hidden1": jnp.zeros((C, act.shape[1]))}, onehot.sum(0),
+  tables, _ = class_pgd(loss_fn, {"hidden1": jnp.zeros((C, act.shape[1]))}, count_C,
                         split.sign_C, {"hidden1": radius}, 3)
   return tables["hidden1"]
 
@@ -173,17 +179,10 @@ def test_bad_split_and_layer_raise_readable_errors(setup):
 
 def test_unrolled_pgd_equals_the_rolled_loop(setup):
   from lpa_jax.perturb.pgd import class_pgd
-  model, variables, batch, ctx = setup
-  cut = ctx.cut_fn("hidden1")
-  act = cut.lower(variables, batch.x, True)[0]
-  onehot = jax.nn.one_hot(batch.labels_B, C)
-
-  def loss_fn(t):
-    logits = cut.upper(variables, act + onehot @ t["h"], True)[0]
-    return optax.softmax_cross_entropy(logits, batch.targets_BxC).sum(), logits
-
-  args = (loss_fn, {"h": jnp.zeros((C, act.shape[1]))}, onehot.sum(0), jnp.asarray(SIGNS, float),
-          {"h": jnp.full((C,), 0.7)}, 4)
+  _, variables, batch, ctx = setup
+  loss_fn, act, count_C = _hidden1_loss(variables, batch, ctx)
+  args = (loss_fn, {"hidden1": jnp.zeros((C, act.shape[1]))}, count_C,
+          jnp.asarray(SIGNS, float), {"hidden1": jnp.full((C,), 0.7)}, 4)
   rolled = jax.jit(lambda: class_pgd(*args, unroll=False)[0])()
   unrolled = jax.jit(lambda: class_pgd(*args, unroll=True)[0])()
-  np.testing.assert_allclose(rolled["h"], unrolled["h"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rolled["hidden1"], unrolled["hidden1"], rtol=1e-5, atol=1e-6)
