@@ -1,0 +1,82 @@
+"""Fills generated blocks in Markdown files, so every number in them comes from a command.
+
+A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced by:
+
+* ``suite:<name>`` — the accuracy table of ``experiments/results/<name>`` (mean ± std over
+  seeds, from the runs' ``results.json``; the same table as that suite's ``report.md``);
+* ``suites-time`` — the summed wall time of every run of every suite;
+* ``bench:<path.json>`` — the table and target checks of a ``python -m lpa_jax.bench`` run.
+
+    python -m experiments.fill README.md experiments/results/README.md
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from experiments import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+BLOCK = re.compile(r"(<!-- BEGIN (\S+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
+
+
+def suite_table(name: str) -> str:
+  runs = report.load_runs(os.path.join(RESULTS, name))
+  if not runs:
+    raise FileNotFoundError(f"no finished runs for suite {name!r} under {RESULTS}")
+  cols = [c for c, _ in report.metric_columns(runs)]
+  return report.markdown_table(report.summarise(runs), cols)
+
+
+def suites_time() -> str:
+  total, n = 0.0, 0
+  for name in sorted(os.listdir(RESULTS)):
+    if os.path.isdir(os.path.join(RESULTS, name, "runs")):
+      runs = report.load_runs(os.path.join(RESULTS, name))
+      total += sum(r["results"].get("wall_time_s", 0.0) for r in runs)
+      n += len(runs)
+  return f"{n} runs, summed wall time {total:.0f} s ({total / 60:.0f} min)"
+
+
+def bench_table(path: str) -> str:
+  from lpa_jax import bench
+  with open(os.path.join(ROOT, path)) as f:
+    run = json.load(f)
+  m = run["machine"]
+  lines = [f"Machine: {m.get('processor', '?')} ({m['platform']}), {m['cpu_count']} cores, "
+           f"backend {m['backend']}, devices {', '.join(m['devices'])}, jax {m['jax']}; "
+           f"{run['settings']['model']}, batch {run['settings']['batch']}; "
+           f"data: {run['settings']['data']}.", "", bench.markdown(run["rows"]), ""]
+  lines += [f"* {'met' if c['ok'] else 'NOT met'}: {c['target']} ({c['detail']})"
+            for c in run.get("checks", [])]
+  return "\n".join(lines)
+
+
+def render(key: str) -> str:
+  kind, _, arg = key.partition(":")
+  if kind == "suite":
+    return suite_table(arg)
+  if kind == "suites-time":
+    return suites_time()
+  if kind == "bench":
+    return bench_table(arg)
+  raise ValueError(f"unknown block {key!r}; known: suite:<name>, suites-time, bench:<json>")
+
+
+def fill(path: str) -> int:
+  """Rewrites every block of ``path``; returns how many were filled."""
+  with open(path) as f:
+    text = f.read()
+  count = len(BLOCK.findall(text))
+  text = BLOCK.sub(lambda m: m.group(1) + render(m.group(2)).rstrip() + "\n" + m.group(4), text)
+  with open(path, "w") as f:
+    f.write(text)
+  return count
+
+
+if __name__ == "__main__":
+  for p in sys.argv[1:] or ["README.md", os.path.join("experiments", "results", "README.md")]:
+    print(f"{p}: {fill(p)} blocks filled")

@@ -1,0 +1,23 @@
+"""Generated Markdown blocks equal what the report writer and the bench JSON say."""
+from experiments import fill
+
+
+def test_suite_block_equals_the_suite_report(tmp_path):
+  doc = tmp_path / "doc.md"
+  doc.write_text("intro\n<!-- BEGIN suite:noisy_fmnist -->\nstale\n<!-- END suite:noisy_fmnist -->\n")
+  assert fill.fill(str(doc)) == 1
+  body = doc.read_text()
+  assert "stale" not in body
+  table = fill.suite_table("noisy_fmnist")
+  assert table in body
+  report = (fill.RESULTS + "/noisy_fmnist/report.md")
+  assert table in open(report).read()  # the committed report shows the same numbers
+
+
+def test_bench_block_lists_every_row_and_check(tmp_path):
+  doc = tmp_path / "doc.md"
+  key = "bench:experiments/results/bench_cpu.json"
+  doc.write_text(f"<!-- BEGIN {key} -->\n<!-- END {key} -->\n")
+  fill.fill(str(doc))
+  body = doc.read_text()
+  assert "| plain | none |" in body and "LPA T=3 at stage3" in body
