@@ -130,13 +130,14 @@ def _train(method, steps, spe, counter=None):
   return state, history, step
 
 
-def test_adaptive_switches_to_dominant_candidate_compiling_once():
+@pytest.mark.parametrize("select", ["switch", "mask"])
+def test_adaptive_switches_to_dominant_candidate_compiling_once(select):
   # At the logits (depth 0) the radius is 2.0; at stage1 (depth 4) it is 2·0.05⁴: the logit
   # perturbation changes the loss far more, so the selection must land on it.  every=2 with 2
   # steps an epoch: epoch 0 trains, epoch 1 measures, epoch 2 (step 4) selects.
   counter = []
   method = lpa_adaptive(_ctx(spe=2), ("stage1", "logits"), every=2, split="all_positive",
-                        eps=2.0, beta=0.05, steps=2)
+                        eps=2.0, beta=0.05, steps=2, select=select)
   state, hist, step = _train(method, 5, spe=2, counter=counter)
   assert len(counter) == 1 and step._cache_size() == 1  # no retrace across epoch boundaries
   assert [int(h["layer_index"]) for h in hist] == [0, 0, 0, 0, 1]

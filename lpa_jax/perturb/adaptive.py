@@ -45,10 +45,18 @@ def _mean_abs_dloss(fwd: Forward) -> jax.Array:
   return jnp.mean(jnp.abs(pert - clean))
 
 
-def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int,
+SELECT = ("auto", "switch", "mask")
+
+
+def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int, select: str = "auto",
                  **lpa_kwargs: Any) -> ActivationMethod:
   """LPA at the candidate point whose perturbation changes the loss most, re-chosen every
   ``every`` epochs.  ``lpa_kwargs`` go to :func:`~lpa_jax.perturb.lpa.lpa` for every candidate.
+
+  ``select='switch'`` runs only the active candidate (``lax.switch``); ``'mask'`` runs every
+  candidate and keeps the active one, which also scores them all for free.  XLA:CPU runs
+  convolutions inside conditionals on a slow path (``lpa_jax.bench``), so ``'auto'`` picks
+  ``mask`` on CPU and ``switch`` elsewhere.
 
   >>> m = lpa_adaptive(ctx, ["stage1", "stage2", "stage3"], every=10, split="longtail")
   >>> int(m.init().index)
@@ -59,6 +67,10 @@ def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int,
     raise ValueError("lpa_adaptive needs at least one candidate point")
   if every < 1:
     raise ValueError(f"lpa_adaptive.every must be >= 1 epoch, got {every}")
+  if select not in SELECT:
+    raise ValueError(f"lpa_adaptive.select must be one of {SELECT}, got {select!r}")
+  if select == "auto":
+    select = "mask" if jax.default_backend() == "cpu" else "switch"
   if lpa_kwargs.get("extra_points"):
     raise ValueError("lpa_adaptive picks one point; extra_points (multi-layer) do not combine")
   for p in candidates:
@@ -88,11 +100,18 @@ def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int,
     return jnp.stack([_mean_abs_dloss(b(state, variables, batch, rng, train)) for b in branches])
 
   def forward(state, variables, batch, rng, train):
-    # ``train`` is static (a Python bool): bind it rather than pass it as a traced operand.
-    fwd = jax.lax.switch(state.index, [functools.partial(b, train=train) for b in branches],
-                         state, variables, batch, rng)
-    scores_K = jax.lax.cond(state.measure & train, functools.partial(score_all, train=train),
-                            lambda *_: jnp.zeros((k,), jnp.float32), state, variables, batch, rng)
+    if select == "mask":
+      fwds = [b(state, variables, batch, rng, train) for b in branches]
+      fwd = jax.tree.map(lambda *xs: jnp.stack(xs)[state.index], *fwds)
+      scores_K = jnp.where(state.measure & train, jax.lax.stop_gradient(
+          jnp.stack([_mean_abs_dloss(f) for f in fwds])), 0.0)
+    else:
+      # ``train`` is static (a Python bool): bind it rather than pass it as a traced operand.
+      fwd = jax.lax.switch(state.index, [functools.partial(b, train=train) for b in branches],
+                           state, variables, batch, rng)
+      scores_K = jax.lax.cond(state.measure & train, functools.partial(score_all, train=train),
+                              lambda *_: jnp.zeros((k,), jnp.float32), state, variables, batch,
+                              rng)
     measured = (state.measure & train).astype(jnp.float32)
     new_state = state._replace(score_sum_K=state.score_sum_K + scores_K,
                                score_n=state.score_n + measured)

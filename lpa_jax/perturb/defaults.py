@@ -64,6 +64,6 @@ def method_blocks(split: str = "balanced") -> dict[str, mlc.ConfigDict]:
   """One default block per registered method; ``split`` is the task's class-split rule."""
   adaptive = lpa_block(split)
   del adaptive["point"], adaptive["extra_points"]
-  adaptive.update(dict(candidates=(), every=10))
+  adaptive.update(dict(candidates=(), every=10, select="auto"))
   return {"lpa": lpa_block(split), "lpa_adaptive": adaptive, **activation_blocks(),
           **logit_blocks(split), **gradient_blocks(split)}

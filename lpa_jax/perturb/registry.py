@@ -51,7 +51,7 @@ def _lpa(cfg, ctx: Context) -> ActivationMethod:
 def _lpa_adaptive(cfg, ctx: Context) -> ActivationMethod:
   """Adaptive-layer LPA; its candidates default to every point below the logits."""
   candidates = tuple(cfg.candidates) or tuple(ctx.points[:-1])
-  return lpa_adaptive(ctx, candidates, cfg.every, **_lpa_kwargs(cfg))
+  return lpa_adaptive(ctx, candidates, cfg.every, select=cfg.select, **_lpa_kwargs(cfg))
 
 
 def _at_point(factory, *fields):
