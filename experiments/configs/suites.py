@@ -91,6 +91,12 @@ def _small_fmnist(epochs):
           "data.test_subset": 2000, "train.checkpoint_every": 2, **_radii(3.0)}
 
 
+def _small_cifar(n_max):
+  # 16-32-64 CNN, 6 epochs on a per-class cap of ``n_max``: the CIFAR-10 (JPEG-75) suites.
+  return {"model.kwargs.widths": (16, 32, 64), "optim.num_epochs": 6, "data.n_max": n_max,
+          "data.test_subset": 1000, "train.checkpoint_every": 2, **_radii(4.0)}
+
+
 def get_config(arg: str = "smoke"):
   """A suite by name, or ``all`` / ``a,b`` for several (then ``suites`` lists them)."""
   if arg == "all" or "," in arg:
@@ -113,16 +119,12 @@ def get_config(arg: str = "smoke"):
     return _suite(arg, "longtail.py:quick_cifar10", LONGTAIL_METHODS, description=(
         "CIFAR-10 (JPEG-75)-LT, IR 100 (head 1000 images: 5 many-, 3 medium-, 2 few-shot "
         "classes), CNN 16-32-64, crop+flip, 6 epochs."),
-                  overrides={"model.kwargs.widths": (16, 32, 64), "optim.num_epochs": 6,
-                             "data.n_max": 1000, "data.test_subset": 1000,
-                             "train.checkpoint_every": 2, **_radii(4.0)})
+                  overrides=_small_cifar(1000))
   if arg == "balanced_cifar10":
     return _suite(arg, "balanced.py:quick",
                   (CE, DROPOUT, MIXUP, SAM, LPL, LPA, LPA_LPL), description=(
                       "CIFAR-10 (JPEG-75), 300 images per class, CNN 16-32-64, 6 epochs."),
-                  overrides={"model.kwargs.widths": (16, 32, 64), "optim.num_epochs": 6,
-                             "data.n_max": 300, "data.test_subset": 1000,
-                             "train.checkpoint_every": 2, **_radii(4.0)})
+                  overrides=_small_cifar(300))
   if arg == "domain_rmnist":
     return _suite(arg, "domain.py:quick",
                   (_named(CE, "ERM"), MIXUP, ADV, _named(LPA, "LPA (all-positive)")),
