@@ -5,7 +5,8 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``suite:<name>`` — the accuracy table of ``experiments/results/<name>`` (mean ± std over
   seeds, from the runs' ``results.json``; the same table as that suite's ``report.md``);
 * ``suites-time`` — the summed wall time of every run of every suite;
-* ``bench:<path.json>`` — the table and target checks of a ``python -m lpa_jax.bench`` run.
+* ``bench:<path.json>`` — the table and target checks of a ``python -m lpa_jax.bench`` run;
+* ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise).
 
     python -m experiments.fill README.md experiments/results/README.md
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import sys
 
 from experiments import report
@@ -45,14 +47,39 @@ def bench_table(path: str) -> str:
   from lpa_jax import bench
   with open(os.path.join(ROOT, path)) as f:
     run = json.load(f)
-  m = run["machine"]
+  m, st = run["machine"], run["settings"]
+  devices = ", ".join(m["devices"])
+  if m.get("device_kind") and m["backend"] != "cpu":
+    devices += f" ({m['device_kind']})"
   lines = [f"Machine: {m.get('processor', '?')} ({m['platform']}), {m['cpu_count']} cores, "
-           f"backend {m['backend']}, devices {', '.join(m['devices'])}, jax {m['jax']}; "
-           f"{run['settings']['model']}, batch {run['settings']['batch']}; "
-           f"data: {run['settings']['data']}.", "", bench.markdown(run["rows"]), ""]
+           f"backend {m['backend']}, devices {devices}, jax {m['jax']}, flax {m.get('flax', '?')}; "
+           f"{st['model']}, batch {st['batch']}, {st.get('steps', 1)} steps x "
+           f"{st.get('repeats', '?')} rounds; data: {st['data']}; FLOPs: "
+           f"{st.get('flop_count', 'XLA cost_analysis on the run backend')}.", "",
+           bench.markdown(run["rows"]), ""]
   lines += [f"* {'met' if c['ok'] else 'NOT met'}: {c['target']} ({c['detail']})"
             for c in run.get("checks", [])]
   return "\n".join(lines)
+
+
+def bench_diff(paths: str) -> str:
+  """How far two bench runs' ratios lie apart on their common rows (run-to-run noise)."""
+  a_path, b_path = paths.split(",")
+  runs = []
+  for path in (a_path, b_path):
+    with open(os.path.join(ROOT, path)) as f:
+      runs.append({(r["method"], r["point"], r["T"]): r["ratio"] for r in json.load(f)["rows"]
+                   if r["ratio"] is not None and r["method"] != "plain"})
+  common = sorted(set(runs[0]) & set(runs[1]), key=str)
+  if not common:
+    raise ValueError(f"{a_path} and {b_path} share no timed rows")
+  gap = {k: abs(runs[1][k] / runs[0][k] - 1) for k in common}
+  worst = max(common, key=gap.get)
+  label = lambda k: " ".join(str(v) for v in k if v is not None)
+  return (f"* **Run-to-run noise:** `{b_path}` is a second run on the same machine; on the "
+          f"{len(common)} rows both runs timed, its ratios differ from `{a_path}`'s by "
+          f"{statistics.median(gap.values()):.1%} at the median and {gap[worst]:.1%} at most "
+          f"({label(worst)}).")
 
 
 def render(key: str) -> str:
@@ -63,7 +90,10 @@ def render(key: str) -> str:
     return suites_time()
   if kind == "bench":
     return bench_table(arg)
-  raise ValueError(f"unknown block {key!r}; known: suite:<name>, suites-time, bench:<json>")
+  if kind == "bench-diff":
+    return bench_diff(arg)
+  raise ValueError(f"unknown block {key!r}; known: suite:<name>, suites-time, bench:<json>, "
+                   "bench-diff:<json>,<json>")
 
 
 def fill(path: str) -> int:

@@ -71,3 +71,50 @@ def test_check_reports_both_targets():
   bad = bench.check([_row("stage3", 3, 1.2, 1.0), _row("stem", 1, 1.2, 1.66)], "stage3")
   assert [c["ok"] for c in bad] == [False, False]
   assert "stage3 T=3" in bad[1]["detail"] and "stem T=1" in bad[1]["detail"]
+
+
+def _counted(point, T, gflops, frac):
+  return dict(method="lpa", point=point, T=T, ratio=1.0, model_ratio=1.0, step_gflops=gflops,
+              flop_fraction_above=frac)
+
+
+def test_flop_check_catches_recomputed_lower_layers():
+  # F = 10 GFLOP per device; plain step 30.  stem (F_up/F = 0.9), T = 2: exact is +36.
+  plain = dict(method="plain", point=None, T=None, ratio=1.0, model_ratio=None,
+               step_gflops=30.0, flop_fraction_above=None)
+  exact = bench.check([plain, _counted("stem", 2, 66.5, 0.9), _counted("logits", 3, 30.1, 0.0)],
+                      "stage3", gflops_forward=10.0)
+  assert len(exact) == 3 and exact[2]["ok"] is True
+  # Re-running the whole network per PGD step adds 2(F - F_up) = 2 GFLOP per step on top.
+  recompute = bench.check([plain, _counted("stem", 2, 70.0, 0.9)], "stage3", gflops_forward=10.0)
+  assert recompute[2]["ok"] is False and "stem T=2" in recompute[2]["detail"]
+  # At the logits, F_up = 0: a full extra forward+backward per step (+2F) must fail too.
+  logits = bench.check([plain, _counted("logits", 1, 50.0, 0.0)], "stage3", gflops_forward=10.0)
+  assert logits[2]["ok"] is False
+  # Without counted step FLOPs (GPU runs) the check is absent, not passed.
+  assert len(bench.check([plain | dict(step_gflops=None), _counted("stem", 2, None, 0.9)],
+                         "stage3", gflops_forward=10.0)) == 2
+
+
+def test_rescore_recounts_fractions_on_the_cpu_and_keeps_timings(tmp_path):
+  out = tmp_path / "bench.json"
+  bench.main(["--quick", "--points", "stem,stage3", "--T", "1", "--repeats", "1", "--steps", "1",
+              "--only", "plain,lpa", "--out", str(out)])
+  res = json.loads(out.read_text())
+  true_frac = {r["point"]: r["flop_fraction_above"] for r in res["rows"] if r["method"] == "lpa"}
+  times = [r["times_ms"] for r in res["rows"]]
+  # What a GPU run used to write: fractions from XLA:GPU's count (convolutions missing).
+  res["machine"]["backend"] = "gpu"
+  for r in res["rows"]:
+    if r["method"] == "lpa":
+      r["flop_fraction_above"], r["model_ratio"] = 0.5, 9.9
+  out.write_text(json.dumps(res))
+  fixed = bench.main(["--rescore", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(fixed))  # written in place
+  lpa = [r for r in fixed["rows"] if r["method"] == "lpa"]
+  for r in lpa:
+    assert r["flop_fraction_above"] == pytest.approx(true_frac[r["point"]], rel=1e-6)
+    assert r["model_ratio"] == pytest.approx(bench.cost_model(r["T"], true_frac[r["point"]]))
+  assert all(r["step_gflops"] is None for r in fixed["rows"])  # a GPU count is not kept
+  assert [r["times_ms"] for r in fixed["rows"]] == times
+  assert "XLA:CPU" in fixed["settings"]["flop_count"] and "--rescore" in fixed["settings"]["flop_count"]

@@ -21,3 +21,15 @@ def test_bench_block_lists_every_row_and_check(tmp_path):
   fill.fill(str(doc))
   body = doc.read_text()
   assert "| plain | none |" in body and "LPA T=3 at stage3" in body
+
+
+def test_bench_diff_block_is_computed_from_both_runs(tmp_path):
+  import json
+  row = lambda m, p, t, r: dict(method=m, point=p, T=t, ratio=r)
+  a, b = tmp_path / "a.json", tmp_path / "b.json"
+  a.write_text(json.dumps(dict(rows=[row("plain", None, None, 1.0), row("lpa", "stem", 1, 2.0),
+                                     row("lpa", "stage3", 3, 1.0), row("sam", None, None, 1.8)])))
+  b.write_text(json.dumps(dict(rows=[row("plain", None, None, 1.0), row("lpa", "stem", 1, 2.2),
+                                     row("lpa", "stage3", 3, 1.0)])))
+  text = fill.bench_diff(f"{a},{b}")  # absolute paths pass through os.path.join
+  assert "2 rows" in text and "10.0% at most (lpa stem 1)" in text and "5.0% at the median" in text
