@@ -255,7 +255,7 @@ def test_sam_step_matches_a_two_pass_reference():
     z = model.apply({"params": p}, (x / 255.0 - 0.5) / 0.25)
     return optax.softmax_cross_entropy(z, batch.targets_BxC).mean()
   g = jax.grad(loss)(params)
-  adv = jax.tree.map(lambda w, d: w + rho * d / optax.global_norm(g), params, g)
+  adv = jax.tree.map(lambda w, d: w + rho * d / optax.tree.norm(g), params, g)
   expect = jax.tree.map(lambda w, d: w - lr * d, params, jax.grad(loss)(adv))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new.params, expect)
@@ -264,7 +264,7 @@ def test_sam_step_matches_a_two_pass_reference():
 def test_optax_gradient_methods_act_where_they_should():
   g = {"w": jnp.full((4,), 3.0)}
   clip = gradient.clip(1.0).pre
-  np.testing.assert_allclose(optax.global_norm(clip.update(g, clip.init(g))[0]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(optax.tree.norm(clip.update(g, clip.init(g))[0]), 1.0, rtol=1e-6)
   noise = gradient.grad_noise(0.01, 0.55).pre
   out, _ = noise.update(g, noise.init(g))
   assert 0 < float(jnp.abs(out["w"] - 3.0).max()) < 1.0
