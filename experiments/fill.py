@@ -59,6 +59,9 @@ def bench_table(path: str) -> str:
            bench.markdown(run["rows"]), ""]
   lines += [f"* {'met' if c['ok'] else 'NOT met'}: {c['target']} ({c['detail']})"
             for c in run.get("checks", [])]
+  if run.get("decomposition"):
+    lines += ["", "The cost model's pieces timed alone (`--decompose`):", "",
+              bench.decomposition_markdown(run["decomposition"])]
   return "\n".join(lines)
 
 

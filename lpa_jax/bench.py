@@ -288,6 +288,88 @@ def _label(c: Config) -> str:
   return c.method + (f"@{c.point}" if c.point else "") + (f" T={c.T}" if c.T else "")
 
 
+# ----------------------------------------------------------------------------- decomposition
+
+def decompose(model, points, batch_size: int, flops: float, frac: dict, steps: int,
+              repeats: int, plain_ms: float | None = None) -> list[dict]:
+  """Times the pieces the cost model adds up, on the run's device, with the FLOPs it assumes.
+
+  ``forward`` (F), ``forward+backward`` (parameter gradients: 3F) and, per point, one
+  ``PGD step`` (the upper layers forward and back to the activation: 2F_up), each as
+  ms and ms per GFLOP -- the cost model holds where those rates are equal.  ``plain_ms``
+  (the full train step, if timed) is shown against 3F too.
+  """
+  key = jax.random.PRNGKey(0)
+  variables = model.init(key, jnp.zeros((1, 32, 32, 3)), train=False)
+  x = jax.random.normal(key, (batch_size, 32, 32, 3), jnp.float32)
+  y = jnp.arange(batch_size) % NUM_CLASSES
+  ce = lambda logits: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+  top = cut_staged(model, model.points[-1])
+
+  def loss(params, x):
+    return ce(full_apply(top, {**variables, "params": params}, x, True)[0])
+
+  pieces = [("forward", 1.0, jax.jit(loss), (variables["params"], x)),
+            ("forward+backward", 3.0, jax.jit(jax.grad(loss)), (variables["params"], x))]
+  for p in points:
+    if frac[p] <= 0:
+      continue
+    cut = cut_staged(model, p)
+    act = jax.jit(lambda v, x: cut.lower(v, x, True)[0])(variables, x)
+    upper = lambda a, cut=cut: ce(cut.upper(variables, a, True)[0])
+    pieces.append((f"PGD step at {p}", 2.0 * frac[p], jax.jit(jax.value_and_grad(upper)),
+                   (act,)))
+  times = {name: [] for name, *_ in pieces}
+  for _, _, fn, args in pieces:
+    jax.block_until_ready(fn(*args))  # compile
+  for _ in range(repeats):
+    for name, _, fn, args in pieces:
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times[name].append(1e3 * (time.perf_counter() - t0) / steps)
+  rows = []
+  for name, mult, _, _ in pieces:
+    ms = statistics.median(times[name])
+    rows.append(dict(piece=name, model_flops=f"{mult:.3g} F", gflops=mult * flops / 1e9, ms=ms,
+                     ms_per_gflop=ms / (mult * flops / 1e9)))
+  if plain_ms is not None:
+    rows.append(dict(piece="plain train step", model_flops="3 F", gflops=3 * flops / 1e9,
+                     ms=plain_ms, ms_per_gflop=plain_ms / (3 * flops / 1e9)))
+  return rows
+
+
+def add_timed_model(result: dict) -> None:
+  """With a decomposition, each LPA row gets ``timed_model = 1 + T·t_PGD(point)/t_plain``:
+  the cost model with the pieces' measured times in place of their FLOPs, and a check of the
+  rows against it -- LPA costs what its pieces cost, whatever their time per FLOP."""
+  pieces = {r["piece"]: r["ms"] for r in result.get("decomposition") or []}
+  plain = pieces.get("plain train step")
+  if not plain:
+    return
+  for r in result["rows"]:
+    if r["method"] == "lpa":
+      t_pgd = pieces.get(f"PGD step at {r['point']}", 0.0)
+      r["timed_model"] = 1.0 + r["T"] * t_pgd / plain
+  lpa = [r for r in result["rows"] if r["method"] == "lpa" and r["ratio"] is not None
+         and r.get("timed_model")]
+  bad = [r for r in lpa if abs(r["ratio"] / r["timed_model"] - 1) > TARGET_MODEL_TOL]
+  result["checks"] = [c for c in result["checks"] if "timed pieces" not in c["target"]] + [dict(
+      target=f"every LPA row within {TARGET_MODEL_TOL:.0%} of the cost model with timed pieces "
+             "(1 + T*t_PGD/t_plain, --decompose)",
+      ok=not bad if lpa else None,
+      detail="; ".join(f"{r['point']} T={r['T']}: {r['ratio']:.2f} vs {r['timed_model']:.2f}"
+                       for r in bad) or f"{len(lpa)} rows")]
+
+
+def decomposition_markdown(rows) -> str:
+  out = ["| piece | cost-model FLOPs | GFLOP | ms | ms per GFLOP |", "|---|---|---|---|---|"]
+  out += [f"| {r['piece']} | {r['model_flops']} | {r['gflops']:.2f} | {r['ms']:.2f} | "
+          f"{r['ms_per_gflop']:.3f} |" for r in rows]
+  return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- report
 
 def make_rows(configs, timed, frac) -> list[dict]:
@@ -303,20 +385,22 @@ def make_rows(configs, timed, frac) -> list[dict]:
         ms=statistics.median(ms) if ms else None,
         ratio=statistics.median(ratios) if ratios else None,
         model_ratio=cost_model(c.T, f_up) if f_up is not None else None,
-        flop_fraction_above=f_up, step_gflops=t["gflops"], times_ms=ms,
+        flop_fraction_above=f_up, step_gflops=t["gflops"], timed_model=None, times_ms=ms,
         compile_s=t["compile_s"], note=t["note"]))
   return rows
 
 
 def markdown(rows) -> str:
   f = lambda v, fmt: "" if v is None else format(v, fmt)
-  out = ["| method | level | point | T | ms/step | ratio | cost model | F_up/F | XLA GFLOP/step | note |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+  timed = any(r.get("timed_model") for r in rows)
+  out = ["| method | level | point | T | ms/step | ratio | cost model | F_up/F | XLA GFLOP/step | "
+         + ("timed model | " if timed else "") + "note |",
+         "|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "") + "---|"]
   for r in rows:
     out.append(f"| {r['method']} | {r['level']} | {r['point'] or ''} | {r['T'] or ''} | "
                f"{f(r['ms'], '.1f')} | {f(r['ratio'], '.3f')} | {f(r['model_ratio'], '.3f')} | "
                f"{f(r['flop_fraction_above'], '.4f')} | {f(r['step_gflops'], '.1f')} | "
-               f"{r['note'] or ''} |")
+               + (f"{f(r.get('timed_model'), '.3f')} | " if timed else "") + f"{r['note'] or ''} |")
   return "\n".join(out)
 
 
@@ -395,6 +479,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="use only the first N devices for the mesh (default: all)")
   p.add_argument("--quick", action="store_true", help="tiny sizes, for tests and smoke runs")
   p.add_argument("--check", action="store_true", help="print whether the targets are met")
+  p.add_argument("--decompose", action="store_true",
+                 help="also time the cost model's pieces (forward, forward+backward, one PGD "
+                      "step per point) and report ms per GFLOP of each")
   p.add_argument("--rescore", metavar="FILE.json",
                  help="recount FLOP fractions, cost model and checks of an earlier run's JSON "
                       "(timings kept) and write it to --out (default: FILE.json itself)")
@@ -441,6 +528,11 @@ def run(args: argparse.Namespace, log=_print) -> dict:
   make_config = functools.partial(experiment_config, args.model, args.batch)
   timed = time_all(configs, make_config, data, mesh, batch, args.steps, args.repeats, log)
   rows = make_rows(configs, timed, frac)
+  extra = {}
+  if args.decompose:
+    log("  timing the cost model's pieces (--decompose)")
+    extra["decomposition"] = decompose(model, points, args.batch, flops, frac, args.steps,
+                                       args.repeats, rows[0]["ms"])
   result = dict(
       settings=dict(model=args.model, batch=args.batch, points=list(points), T=list(Ts),
                     steps=args.steps, repeats=args.repeats, split=SPLIT, augment="crop_flip",
@@ -448,7 +540,8 @@ def run(args: argparse.Namespace, log=_print) -> dict:
                     flop_count=flop_source(),
                     ratio="median over rounds of row time / plain time in the same round"),
       machine=machine_info(mesh), rows=rows,
-      checks=check(rows, last_stage, flops / mesh.devices.size / 1e9))
+      checks=check(rows, last_stage, flops / mesh.devices.size / 1e9), **extra)
+  add_timed_model(result)
   return result
 
 
@@ -462,6 +555,7 @@ def rescore(result: dict) -> dict:
   points = [p for p in settings["points"] if p in model.points]
   flops, frac = flop_fractions(model, points, settings["batch"])
   for r in result["rows"]:
+    r.setdefault("timed_model", None)
     if r["method"] == "lpa":
       r["flop_fraction_above"] = frac[r["point"]]
       r["model_ratio"] = cost_model(r["T"], frac[r["point"]])
@@ -472,6 +566,7 @@ def rescore(result: dict) -> dict:
   mesh_devices = result["machine"].get("mesh_devices", 1)
   result["checks"] = check(result["rows"], registry.default_point(model.points),
                            flops / mesh_devices / 1e9)
+  add_timed_model(result)
   return result
 
 
@@ -484,6 +579,8 @@ def main(argv=None) -> dict:
   else:
     result = run(args)
   print(markdown(result["rows"]))
+  if result.get("decomposition"):
+    print(decomposition_markdown(result["decomposition"]))
   if args.check:
     for c in result["checks"]:
       state = {True: "MET", False: "NOT MET", None: "NOT RUN"}[c["ok"]]

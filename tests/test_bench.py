@@ -8,7 +8,7 @@ from lpa_jax.models import get_model
 from lpa_jax.perturb import registry
 
 ROW_KEYS = {"method", "level", "point", "T", "ms", "ratio", "model_ratio", "step_gflops",
-            "flop_fraction_above", "times_ms", "compile_s", "note"}
+            "flop_fraction_above", "timed_model", "times_ms", "compile_s", "note"}
 
 
 def _broken(cfg, ctx):
@@ -118,3 +118,40 @@ def test_rescore_recounts_fractions_on_the_cpu_and_keeps_timings(tmp_path):
   assert all(r["step_gflops"] is None for r in fixed["rows"])  # a GPU count is not kept
   assert [r["times_ms"] for r in fixed["rows"]] == times
   assert "XLA:CPU" in fixed["settings"]["flop_count"] and "--rescore" in fixed["settings"]["flop_count"]
+
+
+def test_decompose_times_each_piece_of_the_cost_model():
+  model = get_model("resnet20", 10)
+  points = ("stem", "stage3", "logits")
+  flops, frac = bench.flop_fractions(model, points, batch_size=4)
+  rows = bench.decompose(model, points, 4, flops, frac, steps=1, repeats=1, plain_ms=10.0)
+  names = [r["piece"] for r in rows]
+  # logits has nothing above it: no PGD piece; stage3 has the pooling and head only.
+  assert names == ["forward", "forward+backward", "PGD step at stem", "PGD step at stage3",
+                   "plain train step"]
+  by = {r["piece"]: r for r in rows}
+  assert by["forward+backward"]["gflops"] == pytest.approx(3 * flops / 1e9)
+  assert by["PGD step at stem"]["gflops"] == pytest.approx(2 * frac["stem"] * flops / 1e9)
+  assert all(r["ms"] > 0 and r["ms_per_gflop"] == pytest.approx(r["ms"] / r["gflops"])
+             for r in rows)
+  assert "| PGD step at stem |" in bench.decomposition_markdown(rows)
+
+
+def test_timed_model_uses_the_measured_pieces():
+  rows = [dict(method="plain", point=None, T=None, ratio=1.0, model_ratio=None),
+          _row("stem", 3, 2.2, 3.0), _row("stage3", 3, 1.0, 1.0), _row("stage2", 1, 1.6, 1.2)]
+  result = dict(rows=rows, checks=bench.check(rows, "stage3"), decomposition=[
+      dict(piece="PGD step at stem", ms=40.0), dict(piece="PGD step at stage2", ms=10.0),
+      dict(piece="plain train step", ms=100.0)])
+  bench.add_timed_model(result)
+  stem, stage3, stage2 = rows[1:]
+  assert stem["timed_model"] == pytest.approx(2.2)   # 1 + 3 * 40/100
+  assert stage3["timed_model"] == 1.0                # no PGD piece: nothing above worth timing
+  assert stage2["timed_model"] == pytest.approx(1.1)
+  timed = result["checks"][-1]
+  assert "timed pieces" in timed["target"] and timed["ok"] is False
+  assert "stage2 T=1" in timed["detail"] and "stem" not in timed["detail"]
+  bench.add_timed_model(result)  # idempotent: one such check, not two
+  assert sum("timed pieces" in c["target"] for c in result["checks"]) == 1
+  full = [dict(dict.fromkeys(ROW_KEYS), **r, level="activation") for r in rows]
+  assert "timed model" in bench.markdown(full) and "| 2.200 |" in bench.markdown(full)
