@@ -244,7 +244,7 @@ def test_sam_step_matches_a_two_pass_reference():
   model = get_model("mlp", 4, widths=(16, 8))
   lr, rho = 0.1, 0.05
   tx = gradient.sam(rho).wrap(optax.sgd(lr))
-  cfg = StepConfig(10, 4, "none", (0.5,), (0.25,), loss_grad_fn=True)
+  cfg = StepConfig(10, 4, loss_grad_fn=True)
   step = jax.jit(make_train_step(plain_forward(ctx.cut_fn("logits")), identity_logits(), tx, cfg))
   params = v["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), (), (),
@@ -301,7 +301,7 @@ def test_lpa_lpl_sam_compose_in_one_train_step():
   exp = Experiment(c, data=data)
   state = exp.init_state()
   p0 = jax.device_get(state.params)
-  state, metrics = exp.train_step(state, exp.batch(0, 0))
+  state, metrics = exp.train_step(state, exp.batch(state, 0, 0))
   m = jax.device_get(metrics)
   assert np.isfinite(m["loss"]) and "lpl_delta_norm_C" in m and "delta_norm_C" in m
   assert m["lpl_delta_norm_C"][:5].max() > 0 and m["delta_norm_C"].max() > 0  # both perturbed

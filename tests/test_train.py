@@ -16,7 +16,7 @@ def _steps(exp, n):
   state = exp.init_state()
   metrics = None
   for i in range(n):
-    state, metrics = exp.train_step(state, exp.batch(0, i))
+    state, metrics = exp.train_step(state, exp.batch(state, 0, i))
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -41,7 +41,7 @@ def test_step_compiles_once_across_epochs(fmnist_lt):
   exp = loop.Experiment(cfg, data=fmnist_lt)
   state = exp.init_state()
   for step in range(exp.steps_per_epoch + 2):  # crosses an epoch boundary (split refresh)
-    state, _ = exp.train_step(state, exp.batch(step // exp.steps_per_epoch,
+    state, _ = exp.train_step(state, exp.batch(state, step // exp.steps_per_epoch,
                                                step % exp.steps_per_epoch))
   assert exp.train_step._cache_size() == 1
 

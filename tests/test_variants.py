@@ -114,7 +114,7 @@ def _train(method, steps, spe, counter=None):
                      tx.init(params), method.init(), (), ClassStats.zeros(C),
                      jax.random.PRNGKey(3))
   inner = carry_act_state(make_train_step(method, identity_logits(), tx,
-                                          StepConfig(spe, C, "none", (0.5,) * 3, (0.25,) * 3)))
+                                          StepConfig(spe, C)))
 
   def counted(s, b):
     if counter is not None:
@@ -122,7 +122,7 @@ def _train(method, steps, spe, counter=None):
     return inner(s, b)
 
   step = jax.jit(counted)
-  img = jax.random.randint(jax.random.PRNGKey(4), X.shape, 0, 255).astype(jnp.uint8)
+  img = jax.random.normal(jax.random.PRNGKey(4), X.shape)
   history = []
   for _ in range(steps):
     state, metrics = step(state, {"image": img, "label": Y})

@@ -83,6 +83,20 @@ def augment_batch(rng: jax.Array, x_BxHxWxC: jax.Array, kind: str) -> jax.Array:
   raise ValueError(f"augment_batch: unknown kind {kind!r}; valid: {AUGMENTATIONS}")
 
 
+def prepare_batch(rng: jax.Array, images_uint8: jax.Array, labels: jax.Array, augment: str,
+                  mean, std) -> dict:
+  """What the train step consumes: ``{'image': float32, 'label': int}``, augmented with ``rng``
+  (``kind=augment``) and normalised per channel.  Jittable; the step never sees uint8.
+
+  >>> b = prepare_batch(jax.random.key(0), jnp.zeros((2, 4, 4, 1), jnp.uint8), jnp.arange(2),
+  ...                   "none", (0.5,), (0.5,))
+  >>> b["image"].dtype, b["image"].shape
+  (dtype('float32'), (2, 4, 4, 1))
+  """
+  return {"image": normalize(augment_batch(rng, images_uint8, augment), mean, std),
+          "label": labels}
+
+
 @functools.partial(jax.jit, static_argnames=("n", "batch_size"))
 def epoch_permutation(rng: jax.Array, n: int, batch_size: int) -> jax.Array:
   """A random permutation of ``range(n)`` as int32 ``[n // batch_size, batch_size]``.

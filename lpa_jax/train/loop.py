@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lpa_jax import data as lpa_data
-from lpa_jax.data.pipeline import dataset_stats, epoch_permutation
+from lpa_jax.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
 from lpa_jax.models import get_model
 from lpa_jax.perturb import registry
 from lpa_jax.perturb.base import Context, chain_logits
@@ -29,7 +29,7 @@ from lpa_jax.train import checkpoint, evaluate
 from lpa_jax.train.schedules import make_optimizer, make_schedule
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make_mesh,
-                                make_train_step)
+                                make_train_step, step_keys)
 
 try:  # optional: progress bars
   from tqdm.auto import tqdm
@@ -72,15 +72,19 @@ class Experiment:
     tx = make_optimizer(oc, self.schedule, grad.pre, grad.post)
     self.tx = grad.wrap(tx) if grad.wrap is not None else tx
     mean, std = dataset_stats(config.data.name)
-    self.step_cfg = StepConfig(self.steps_per_epoch, d.num_classes, config.train.augment,
-                               tuple(mean), tuple(std), grad.needs_grad_fn)
+    self.mean, self.std = tuple(mean), tuple(std)
+    self.step_cfg = StepConfig(self.steps_per_epoch, d.num_classes, grad.needs_grad_fn)
     self.train_step = jit_train_step(
         make_train_step(self.act, self.logit, self.tx, self.step_cfg), self.mesh)
     self.eval_step = make_eval_step(self.cut_fn(points[-1]), self.logit, self.step_cfg, self.mesh)
     self.rep = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P("data"))
-    self._gather = jax.jit(lambda x, y, i: {"image": x[i], "label": y[i]},
-                           out_shardings=self.sharded)
+    augment = config.train.augment
+    self._gather = jax.jit(
+        lambda x, y, i, r: prepare_batch(r, x[i], y[i], augment, self.mean, self.std),
+        out_shardings=self.sharded)
+    self._normalize = jax.jit(lambda x: normalize(x, self.mean, self.std),
+                              out_shardings=self.sharded)
     self.x_train = jax.device_put(d.x_train, self.rep)
     self.y_train = jax.device_put(np.asarray(d.y_train, np.int32), self.rep)
 
@@ -96,10 +100,12 @@ class Experiment:
                        class_stats=ClassStats.zeros(self.data.num_classes), rng=k_run)
     return jax.device_put(state, self.rep)
 
-  def batch(self, epoch: int, i: int, perm=None):
+  def batch(self, state: TrainState, epoch: int, i: int, perm=None):
+    """The step's input batch: images gathered, augmented with the step's data key, normalised."""
     if perm is None:
       perm = self.epoch_perm(epoch)
-    return self._gather(self.x_train, self.y_train, perm[i])
+    r_data, _ = step_keys(state.rng, epoch * self.steps_per_epoch + i)
+    return self._gather(self.x_train, self.y_train, perm[i], r_data)
 
   def epoch_perm(self, epoch: int):
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), epoch)
@@ -115,7 +121,7 @@ class Experiment:
       pad = (-len(chunk)) % n_dev
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      logits = self.eval_step(state, jax.device_put(chunk, self.sharded))
+      logits = self.eval_step(state, self._normalize(jax.device_put(chunk, self.sharded)))
       preds.append(np.asarray(jnp.argmax(logits, -1))[:len(chunk) - pad])
     return np.concatenate(preds) if preds else np.zeros((0,), np.int64)
 
@@ -222,7 +228,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
         if epoch * spe + i >= stop_at:
           checkpoint.save(mgr, state, force=True)
           return None
-        state, metrics = exp.train_step(state, exp.batch(epoch, i, perm))
+        state, metrics = exp.train_step(state, exp.batch(state, epoch, i, perm))
         if pending is not None:
           host = jax.device_get(pending[1])
           _check_finite(host, pending[0])

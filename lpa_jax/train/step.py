@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lpa_jax.data.pipeline import augment_batch, normalize
 from lpa_jax.perturb.base import ActivationMethod, Batch, LogitMethod
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import Cut, full_apply
@@ -24,10 +23,14 @@ from lpa_jax.train.state import TrainState
 class StepConfig(NamedTuple):
   steps_per_epoch: int
   num_classes: int
-  augment: str              # 'none' | 'crop_flip'
-  mean: tuple
-  std: tuple
   loss_grad_fn: bool = False  # optimiser wants grad_fn= (optax.contrib.sam opaque mode)
+
+
+def step_keys(rng: jax.Array, step) -> tuple[jax.Array, jax.Array]:
+  """``(data_key, method_key)`` of a step: the input pipeline augments with the first, the
+  perturbation methods draw from the second; both are ``fold_in(rng, step)`` split in two."""
+  r_data, r_method = jax.random.split(jax.random.fold_in(rng, step))
+  return r_data, r_method
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -54,10 +57,9 @@ def make_train_step(act: ActivationMethod, logit: LogitMethod, tx: optax.Gradien
   """Builds the (unjitted) train step; see :func:`jit_train_step`."""
 
   def step(state: TrainState, batch: dict):
-    rng = jax.random.fold_in(state.rng, state.step)
-    r_aug, r_act = jax.random.split(rng)
+    _, r_act = step_keys(state.rng, state.step)
     act_state, logit_state, stats = _refresh(state, act, logit, cfg.steps_per_epoch)
-    x = normalize(augment_batch(r_aug, batch["image"], cfg.augment), cfg.mean, cfg.std)
+    x = batch["image"]  # float inputs, augmented and normalised by the input pipeline
     labels_B = batch["label"]
     inputs = Batch(x, labels_B, jax.nn.one_hot(labels_B, cfg.num_classes))
 
@@ -99,9 +101,9 @@ def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
 
 
 def make_eval_step(cut: Cut, logit: LogitMethod, cfg: StepConfig, mesh: Mesh) -> Callable:
-  """``(state, images_uint8) -> logits`` in inference mode (running BN statistics)."""
-  def eval_step(state: TrainState, images):
-    x = normalize(images, cfg.mean, cfg.std)
+  """``(state, x) -> logits`` in inference mode (running BN statistics); ``x`` is float input
+  normalised by the input pipeline (:func:`lpa_jax.data.pipeline.normalize`)."""
+  def eval_step(state: TrainState, x):
     logits, _ = full_apply(cut, {"params": state.params, **state.model_state}, x, False)
     return logit.predict(state.logit_state, logits)
   rep = NamedSharding(mesh, P())
