@@ -240,7 +240,7 @@ def test_gaf_bound_and_slope(form):
 
 def test_sam_step_matches_a_two_pass_reference():
   ctx, v, batch, _ = setup(b=8)
-  x = jax.random.randint(jax.random.key(7), (8, 6, 6, 1), 0, 256).astype(jnp.uint8)
+  x = jax.random.randint(jax.random.key(7), (8, 6, 6, 1), 0, 256).astype(jnp.float32)
   model = get_model("mlp", 4, widths=(16, 8))
   lr, rho = 0.1, 0.05
   tx = gradient.sam(rho).wrap(optax.sgd(lr))
