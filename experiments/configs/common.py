@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from lpa_jax.perturb import defaults
+from experiments.configs import methods
 
 
 def base_config(split: str = "balanced") -> mlc.ConfigDict:
@@ -26,7 +26,7 @@ def base_config(split: str = "balanced") -> mlc.ConfigDict:
       schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factors=()))
   c.train = mlc.ConfigDict(dict(augment="none", eval_every=1, checkpoint_every=1))
   c.perturb = mlc.ConfigDict(dict(activation="none", logit="none", gradient="none"))
-  for name, block in defaults.method_blocks(split).items():
+  for name, block in methods.method_blocks(split).items():
     c.perturb[name] = block
   return c
 

@@ -33,7 +33,7 @@ SUITES = ("longtail_fmnist", "longtail_cifar10", "balanced_cifar10", "domain_rmn
           "noisy_fmnist", "ablation_fmnist")
 SEEDS = (0, 1, 2)
 
-# Method building blocks (overrides only; the defaults live in lpa_jax/perturb/defaults.py).
+# Method building blocks (overrides only; the defaults live in experiments/configs/methods.py).
 CE = {"name": "CE"}
 LA = {"name": "Logit adj.", "perturb.logit": "logit_adjust"}
 LDAM = {"name": "LDAM-DRW", "perturb.logit": "ldam"}

@@ -1,6 +1,11 @@
 """Default hyper-parameters of every registered method, as ml_collections blocks.
 
 Task configs put each block under ``config.perturb.<name>``; the SPEC defaults live here once.
+The library core reads a block by attribute only, so it never needs ml_collections.
+
+>>> blocks = method_blocks("longtail")
+>>> blocks["lpa"].steps, blocks["lpl"].alpha
+(3, 0.15)
 """
 from __future__ import annotations
 
