@@ -8,15 +8,16 @@ import pytest
 
 from conftest import small_config
 from lpa_jax.train import loop
+from lpa_jax.train.build import build_run, build_train_step
 from lpa_jax.train.schedules import make_schedule
 from lpa_jax.train.step import make_mesh
 
 
-def _steps(exp, n):
-  state = exp.init_state()
+def _steps(cfg, data, mesh, n):
+  step, state, batch_fn = build_train_step(cfg, data, mesh)
   metrics = None
   for i in range(n):
-    state, metrics = exp.train_step(state, exp.batch(state, 0, i))
+    state, metrics = step(state, batch_fn(state, 0, i))
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -25,10 +26,8 @@ def test_eight_devices_match_one(fmnist_lt, activation):
   assert jax.device_count() == 8
   cfg = small_config(**{"perturb.activation": activation, "perturb.lpa.eps": 1.0,
                         "perturb.lpa.split": "longtail"})
-  one = loop.Experiment(cfg, mesh=make_mesh(jax.devices()[:1]), data=fmnist_lt)
-  eight = loop.Experiment(cfg, mesh=make_mesh(), data=fmnist_lt)
-  s1, m1 = _steps(one, 3)
-  s8, m8 = _steps(eight, 3)
+  s1, m1 = _steps(cfg, fmnist_lt, make_mesh(jax.devices()[:1]), 3)
+  s8, m8 = _steps(cfg, fmnist_lt, make_mesh(), 3)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                s1.params, s8.params)
   if activation == "lpa":  # δ comes from the global batch on both
@@ -38,12 +37,11 @@ def test_eight_devices_match_one(fmnist_lt, activation):
 
 def test_step_compiles_once_across_epochs(fmnist_lt):
   cfg = small_config(**{"perturb.activation": "lpa"})
-  exp = loop.Experiment(cfg, data=fmnist_lt)
-  state = exp.init_state()
-  for step in range(exp.steps_per_epoch + 2):  # crosses an epoch boundary (split refresh)
-    state, _ = exp.train_step(state, exp.batch(state, step // exp.steps_per_epoch,
-                                               step % exp.steps_per_epoch))
-  assert exp.train_step._cache_size() == 1
+  run = build_run(cfg, fmnist_lt, make_mesh())
+  state, spe = run.init_state, run.steps_per_epoch
+  for step in range(spe + 2):  # crosses an epoch boundary (split refresh)
+    state, _ = run.train_step(state, run.batch_fn(state, step // spe, step % spe))
+  assert run.train_step._cache_size() == 1
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
@@ -97,7 +95,7 @@ def test_bad_config_values_name_the_field(field, value, match):
 def test_unknown_lpa_point_lists_valid_points(fmnist_lt):
   cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.point": "stage3"})
   with pytest.raises(ValueError, match="hidden1, hidden2, logits"):
-    loop.Experiment(cfg, data=fmnist_lt)
+    build_run(cfg, fmnist_lt, make_mesh())
 
 
 def test_step_schedule_matches_the_longtail_protocol():

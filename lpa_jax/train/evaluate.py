@@ -34,3 +34,37 @@ def noisy_label_metrics(pred_train, y_noisy, y_clean, noise_mask) -> dict[str, f
       "train_clean_subset_accuracy": accuracy(pred[~mask], np.asarray(y_clean)[~mask]),
       "observed_noise_rate": float(mask.mean()),
   }
+
+
+def per_domain_accuracy(pred, labels, domains, names) -> dict[str, float]:
+  """Accuracy per domain, keyed by the domain's name."""
+  domains, labels = np.asarray(domains), np.asarray(labels)
+  return {names[int(k)]: accuracy(pred[domains == k], labels[domains == k])
+          for k in np.unique(domains)}
+
+
+def evaluate_task(predict, state, data, full: bool = True) -> dict:
+  """Test accuracy, per-class accuracy and the task's breakdowns (long-tail shots, in-domain
+  validation, per-domain, noisy-label memorisation); ``full=False`` skips the costly ones.
+
+  ``predict(state, uint8_images) -> labels`` (see :func:`lpa_jax.train.build.make_predict`).
+
+  >>> evaluate_task(run.predict, state, data)["test_accuracy"]   # doctest: +SKIP
+  0.71
+  """
+  pred = predict(state, data.x_test)
+  out = {"test_accuracy": accuracy(pred, data.y_test),
+         "per_class_accuracy": per_class_accuracy(pred, data.y_test, data.num_classes)}
+  counts = data.class_counts()
+  if counts.max() > 2 * max(counts.min(), 1):
+    out["shot_accuracy"] = shot_accuracy(out["per_class_accuracy"], counts)
+  if data.x_val is not None:
+    out["val_accuracy"] = accuracy(predict(state, data.x_val), data.y_val)
+  extras = data.extras
+  if full and "noise_mask" in extras:
+    out.update(noisy_label_metrics(predict(state, data.x_train), data.y_train,
+                                   extras["y_train_clean"], extras["noise_mask"]))
+  if full and "train_domain" in extras and data.x_val is not None:
+    out["val_domain_accuracy"] = per_domain_accuracy(
+        predict(state, data.x_val), data.y_val, extras["val_domain"], extras["domain_names"])
+  return out

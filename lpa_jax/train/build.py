@@ -1,0 +1,206 @@
+"""Small build functions: config (+ data, mesh) in, the pieces a training run needs out.
+
+Each function builds one thing; :func:`build_run` chains them for the loop, and
+:func:`build_train_step` gives just ``(jitted_step, initial_state, batch_fn)`` for a
+benchmark or a notebook that drives the step itself.
+
+  >>> step, state, batch_fn = build_train_step(config, data, make_mesh())   # doctest: +SKIP
+  >>> state, metrics = step(state, batch_fn(state, epoch=0, i=0))           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lpa_jax.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
+from lpa_jax.models import get_model
+from lpa_jax.perturb import registry
+from lpa_jax.perturb.base import Context, chain_logits
+from lpa_jax.perturb.classes import ClassStats
+from lpa_jax.perturb.hooks import cut_staged
+from lpa_jax.train.schedules import make_optimizer, make_schedule
+from lpa_jax.train.state import TrainState
+from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make_train_step,
+                                step_keys)
+
+
+class Methods(NamedTuple):
+  """The run's perturbation methods, one per level (see :mod:`lpa_jax.perturb.registry`)."""
+  act: object       # ActivationMethod
+  logit: object     # LogitMethod (LPG's logit hook already chained in)
+  grad: object      # GradientMethod
+
+
+class Run(NamedTuple):
+  """Everything :func:`lpa_jax.train.loop.train_and_evaluate` drives; plain data, no methods."""
+  train_step: Callable      # jitted (state, batch) -> (state, metrics)
+  init_state: TrainState
+  batch_fn: Callable        # (state, epoch, i, perm=None) -> batch
+  epoch_perm: Callable      # epoch -> int32 [steps_per_epoch, batch_size]
+  predict: Callable         # (state, uint8 images) -> int predictions
+  schedule: optax.Schedule
+  steps_per_epoch: int
+  mesh: object
+
+
+def steps_per_epoch(config, num_train: int, mesh) -> int:
+  """Full batches per epoch, after checking the batch fits the data and the devices.
+
+  >>> steps_per_epoch(config, num_train=1000, mesh=make_mesh())   # doctest: +SKIP
+  7
+  """
+  bs, n_dev = config.optim.batch_size, mesh.devices.size
+  if bs % n_dev:
+    raise ValueError(f"optim.batch_size={bs} must be divisible by the number of devices "
+                     f"({n_dev})")
+  if num_train < bs:
+    raise ValueError(f"optim.batch_size={bs} exceeds the {num_train} training examples")
+  return num_train // bs
+
+
+def build_model(config, num_classes: int):
+  """``(model, cut_fn)``: the staged network and ``point -> Cut``.
+
+  >>> model, cut_fn = build_model(config, 10); model.points          # doctest: +SKIP
+  ('stage1', 'stage2', 'stage3', 'features', 'logits')
+  """
+  model = get_model(config.model.name, num_classes, **dict(config.model.kwargs))
+  return model, functools.partial(cut_staged, model)
+
+
+def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
+  """The activation, logit and gradient methods of ``config.perturb`` for this run.
+
+  The one place a run :class:`~lpa_jax.perturb.base.Context` is made.
+
+  >>> m = build_methods(config, data, cut_fn, model.points, 7); m.act.init()   # doctest: +SKIP
+  """
+  ctx = Context(data.num_classes, data.class_counts(), spe, config.optim.num_epochs, cut_fn,
+                tuple(points))
+  pc = config.perturb
+  act = registry.make_activation(pc, ctx)
+  grad = registry.make_gradient(pc, ctx)
+  logit = registry.make_logit(pc, ctx)
+  if grad.logit is not None:  # LPG: its custom backward sits on the logit method's output
+    logit = chain_logits(logit, grad.logit)
+  return Methods(act, logit, grad)
+
+
+def build_optimizer(config, spe: int, grad):
+  """``(schedule, tx)``: the lr schedule and the optimiser, wrapped by the gradient method.
+
+  >>> schedule, tx = build_optimizer(config, 7, methods.grad)   # doctest: +SKIP
+  """
+  oc = config.optim
+  schedule = make_schedule(oc, spe, oc.num_epochs)
+  tx = make_optimizer(oc, schedule, grad.pre, grad.post)
+  return schedule, (grad.wrap(tx) if grad.wrap is not None else tx)
+
+
+def init_state(config, model, input_shape, tx, methods: Methods, num_classes: int,
+               mesh) -> TrainState:
+  """The step-0 state, replicated: parameters from ``split(PRNGKey(seed))[0]``, the run's rng
+  from ``[1]``.
+
+  >>> state = init_state(config, model, (28, 28, 1), tx, methods, 10, mesh)   # doctest: +SKIP
+  """
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = model.init(k_init, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
+  params = variables.pop("params")
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
+                     opt_state=tx.init(params), act_state=methods.act.init(),
+                     logit_state=methods.logit.init(),
+                     class_stats=ClassStats.zeros(num_classes), rng=k_run)
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def make_epoch_perm(config, num_train: int) -> Callable:
+  """``epoch -> permutation`` of the training set, from ``fold_in(PRNGKey(seed + 1), epoch)``."""
+  def epoch_perm(epoch: int):
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), epoch)
+    return epoch_permutation(key, num_train, config.optim.batch_size)
+  return epoch_perm
+
+
+def make_batch_fn(config, data, mesh, spe: int) -> Callable:
+  """``(state, epoch, i, perm=None) -> batch``: step ``epoch * spe + i``'s images gathered on
+  device, augmented with the step's data key and normalised (the step sees float inputs).
+
+  >>> batch = make_batch_fn(config, data, mesh, 7)(state, 0, 0)   # doctest: +SKIP
+  """
+  rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  mean, std = (tuple(s) for s in dataset_stats(config.data.name))
+  augment = config.train.augment
+  gather = jax.jit(lambda x, y, i, r: prepare_batch(r, x[i], y[i], augment, mean, std),
+                   out_shardings=sharded)
+  x_train = jax.device_put(data.x_train, rep)
+  y_train = jax.device_put(np.asarray(data.y_train, np.int32), rep)
+  epoch_perm = make_epoch_perm(config, data.num_train)
+
+  def batch_fn(state: TrainState, epoch: int, i: int, perm=None):
+    perm = epoch_perm(epoch) if perm is None else perm
+    r_data, _ = step_keys(state.rng, epoch * spe + i)
+    return gather(x_train, y_train, perm[i], r_data)
+  return batch_fn
+
+
+def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
+  """``(state, uint8 images) -> predictions`` in inference mode, batched and sharded."""
+  n_dev = mesh.devices.size
+  sharded = NamedSharding(mesh, P("data"))
+  mean, std = (tuple(s) for s in dataset_stats(config.data.name))
+  norm = jax.jit(lambda x: normalize(x, mean, std), out_shardings=sharded)
+  bs = max(n_dev, batch_size - batch_size % n_dev)
+
+  def predict(state: TrainState, images: np.ndarray) -> np.ndarray:
+    preds = []
+    for s in range(0, len(images), bs):
+      chunk = images[s:s + bs]
+      pad = (-len(chunk)) % n_dev  # every device gets the same share
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      logits = eval_step(state, norm(jax.device_put(chunk, sharded)))
+      preds.append(np.asarray(jnp.argmax(logits, -1))[:len(chunk) - pad])
+    return np.concatenate(preds) if preds else np.zeros((0,), np.int64)
+  return predict
+
+
+def _parts(config, data, mesh):
+  spe = steps_per_epoch(config, data.num_train, mesh)
+  model, cut_fn = build_model(config, data.num_classes)
+  methods = build_methods(config, data, cut_fn, model.points, spe)
+  schedule, tx = build_optimizer(config, spe, methods.grad)
+  step_cfg = StepConfig(spe, data.num_classes, methods.grad.needs_grad_fn)
+  step = jit_train_step(make_train_step(methods.act, methods.logit, tx, step_cfg), mesh)
+  state = init_state(config, model, data.x_train.shape[1:], tx, methods, data.num_classes, mesh)
+  return spe, model, cut_fn, methods, schedule, step_cfg, step, state
+
+
+def build_train_step(config, data, mesh):
+  """``(jitted_step, initial_state, batch_fn)`` for ``config`` on ``data`` over ``mesh``: the
+  same wiring training runs (registry, optimiser, jitted step, initial state, input pipeline).
+
+  >>> step, state, batch_fn = build_train_step(config, data, make_mesh())   # doctest: +SKIP
+  """
+  spe, *_, step, state = _parts(config, data, mesh)
+  return step, state, make_batch_fn(config, data, mesh, spe)
+
+
+def build_run(config, data, mesh) -> Run:
+  """All of a run's pieces for the loop (see :class:`Run`).
+
+  >>> run = build_run(config, data, make_mesh()); run.steps_per_epoch   # doctest: +SKIP
+  7
+  """
+  spe, model, cut_fn, methods, schedule, step_cfg, step, state = _parts(config, data, mesh)
+  eval_step = make_eval_step(cut_fn(model.points[-1]), methods.logit, step_cfg, mesh)
+  return Run(train_step=step, init_state=state, batch_fn=make_batch_fn(config, data, mesh, spe),
+             epoch_perm=make_epoch_perm(config, data.num_train),
+             predict=make_predict(config, eval_step, mesh), schedule=schedule,
+             steps_per_epoch=spe, mesh=mesh)
