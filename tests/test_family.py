@@ -287,7 +287,8 @@ def test_chain_logits_composes_apply_weights_and_predict():
 
 def test_lpa_lpl_sam_compose_in_one_train_step():
   from experiments.configs import longtail
-  from lpa_jax.train.loop import Experiment
+  from lpa_jax.train.build import build_run
+  from lpa_jax.train.step import make_mesh
   c = longtail.get_config("quick")
   c.model.update(dict(name="mlp", kwargs=mlc.ConfigDict(dict(widths=(16, 8)))))
   c.optim.update(dict(batch_size=16, num_epochs=1))
@@ -298,12 +299,12 @@ def test_lpa_lpl_sam_compose_in_one_train_step():
   img = lambda n: rs.randint(0, 256, (n, 8, 8, 1)).astype(np.uint8)  # noqa: E731
   data = TaskData("tiny", img(len(y)), y, img(16), np.arange(16) % 10, 10,
                   [str(i) for i in range(10)])
-  exp = Experiment(c, data=data)
-  state = exp.init_state()
+  run = build_run(c, data, make_mesh())
+  state = run.init_state
   p0 = jax.device_get(state.params)
-  state, metrics = exp.train_step(state, exp.batch(state, 0, 0))
+  state, metrics = run.train_step(state, run.batch_fn(state, 0, 0))
   m = jax.device_get(metrics)
   assert np.isfinite(m["loss"]) and "lpl_delta_norm_C" in m and "delta_norm_C" in m
   assert m["lpl_delta_norm_C"][:5].max() > 0 and m["delta_norm_C"].max() > 0  # both perturbed
   assert not np.allclose(jax.tree.leaves(p0)[0], jax.tree.leaves(jax.device_get(state.params))[0])
-  assert exp.predict(state, data.x_test).shape == (16,)
+  assert run.predict(state, data.x_test).shape == (16,)
