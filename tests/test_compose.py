@@ -23,6 +23,7 @@ from lpa_jax.train.step import StepConfig, make_train_step
 C, B, HW = 4, 8, 16
 X = jax.random.normal(jax.random.PRNGKey(1), (B, HW, HW, 3))
 Y = jnp.arange(B) % C
+IN_SHAPE = X.shape[1:]  # the per-example input shape foreign cuts need
 
 
 # ---------------------------------------------------------------- a Linen model "from elsewhere"
@@ -127,7 +128,7 @@ def _pgd_like(apply, steps=3):
 @pytest.mark.parametrize("path", ["encoder/block2", "encoder", ("encoder", "block1")])
 def test_linen_cut_equals_forward(train, path):
   model, v = _linen()
-  cut = cut_linen(model, path)
+  cut = cut_linen(model, path, input_shape=IN_SHAPE)
   out = model.apply(v, X, train=train, mutable=["batch_stats"] if train else False)
   want, want_st = out if train else (out, {})
   got, st = jax.jit(lambda v, x: full_apply(cut, v, x, train))(v, X)
@@ -139,7 +140,7 @@ def test_linen_cut_equals_forward(train, path):
 @pytest.mark.parametrize("path", ["blocks/1", "blocks/0", "proj"])
 def test_nnx_cut_equals_forward(train, path):
   model, apply_fn, v = _nnx()
-  cut = cut_nnx(model, path)
+  cut = cut_nnx(model, path, input_shape=IN_SHAPE)
   got, st = jax.jit(lambda v, x: full_apply(cut, v, x, train))(v, X)
   ref = nnx.clone(model)
   ref.train() if train else ref.eval()
@@ -154,10 +155,10 @@ def test_nnx_cut_equals_forward(train, path):
 def test_wrong_paths_list_valid_ones():
   model, v = _linen()
   with pytest.raises(ValueError, match="encoder/block2"):
-    cut_linen(model, "encoder/block3").lower(v, X, False)
+    cut_linen(model, "encoder/block3", input_shape=IN_SHAPE).lower(v, X, False)
   nmodel, _, _ = _nnx()
   with pytest.raises(ValueError, match="blocks/1"):
-    cut_nnx(nmodel, "blocks/7")
+    cut_nnx(nmodel, "blocks/7", input_shape=IN_SHAPE)
 
 
 # -------------------------------------------------------------------------------------- (b)
@@ -173,10 +174,11 @@ def _lpa_forward(cut_fn, point, variables, eps=0.5):
 def test_lpa_runs_within_radius(kind):
   if kind == "linen":
     model, v = _linen()
-    out, radius = _lpa_forward(lambda p: cut_linen(model, p), "encoder/block2", v)
+    out, radius = _lpa_forward(lambda p: cut_linen(model, p, input_shape=IN_SHAPE),
+                               "encoder/block2", v)
   else:
     model, _, v = _nnx()
-    out, radius = _lpa_forward(lambda p: cut_nnx(model, p), "blocks/1", v)
+    out, radius = _lpa_forward(lambda p: cut_nnx(model, p, input_shape=IN_SHAPE), "blocks/1", v)
   norms = np.asarray(out.aux["delta_norm_C"])
   assert np.all(norms <= radius * (1 + 1e-5)) and np.all(norms > 0.5 * radius)
   assert float(jnp.mean(out.aux["loss_change_C"])) > 0  # all-positive: expansive
@@ -186,7 +188,7 @@ def test_lpa_runs_within_radius(kind):
 
 # -------------------------------------------------------------------------------------- (c)
 def _check_flops(cut, ref_upper, full, variables, print_name, max_frac=0.2):
-  act = jax.eval_shape(lambda: cut.lower(variables, X, True)[0])  # also teaches upper X's shape
+  act = jax.eval_shape(lambda: cut.lower(variables, X, True)[0])
   act = jnp.ones(act.shape, act.dtype)
   f_cut = _flops(_pgd_like(lambda v, a: cut.upper(v, a, True)[0]), variables, act)
   f_ref = _flops(_pgd_like(ref_upper), variables, act)
@@ -207,7 +209,7 @@ def test_linen_pgd_skips_lower_layers():
                                   "batch_stats": v["batch_stats"]["top"]}, a, True,
                                  mutable=["batch_stats"])[0]
   full = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
-  _check_flops(cut_linen(model, "encoder"), top, full, v, "linen")
+  _check_flops(cut_linen(model, "encoder", input_shape=IN_SHAPE), top, full, v, "linen")
 
 
 def test_nnx_pgd_skips_lower_layers():
@@ -220,7 +222,8 @@ def test_nnx_pgd_skips_lower_layers():
     m.train()
     return m.top(a)
 
-  _check_flops(cut_nnx(model, "blocks/1"), top, lambda v, x: apply_fn(v, x, True)[0], v, "nnx")
+  _check_flops(cut_nnx(model, "blocks/1", input_shape=IN_SHAPE), top,
+               lambda v, x: apply_fn(v, x, True)[0], v, "nnx")
 
 
 def test_staged_pgd_skips_lower_layers():
@@ -228,8 +231,7 @@ def test_staged_pgd_skips_lower_layers():
   v = dict(model.init(jax.random.PRNGKey(0), X[:1]))
   full = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
   # Reference: the same model cut by module path through nn.intercept_methods.
-  via_linen = cut_linen(model, "stage2_layer")
-  via_linen.lower(v, X, True)
+  via_linen = cut_linen(model, "stage2_layer", input_shape=IN_SHAPE)
   _check_flops(cut_staged(model, "stage2"), lambda v, a: via_linen.upper(v, a, True)[0],
                full, v, "staged", max_frac=0.3)
 
@@ -259,9 +261,9 @@ def _one_step(cut_fn, point, variables):
 
 def test_train_step_linen():
   model, v = _linen()
-  _one_step(lambda p: cut_linen(model, p), "encoder/block2", v)
+  _one_step(lambda p: cut_linen(model, p, input_shape=IN_SHAPE), "encoder/block2", v)
 
 
 def test_train_step_nnx():
   model, _, v = _nnx()
-  _one_step(lambda p: cut_nnx(model, p), "blocks/1", v)
+  _one_step(lambda p: cut_nnx(model, p, input_shape=IN_SHAPE), "blocks/1", v)

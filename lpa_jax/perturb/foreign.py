@@ -3,12 +3,12 @@
 Both constructors return a :class:`~lpa_jax.perturb.hooks.Cut`, so LPA and every other method
 work on these models unchanged::
 
-    cut = cut_linen(model, "encoder/block2")            # Linen, via nn.intercept_methods
+    cut = cut_linen(model, "encoder/block2", input_shape=x.shape[1:], input_dtype=x.dtype)
     apply_fn, variables = nnx_functional(nnx_model)      # NNX -> pure function + variables dict
-    cut = cut_nnx(nnx_model, "layers/3")                 # NNX, by swapping the submodule
+    cut = cut_nnx(nnx_model, "layers/3", input_shape=x.shape[1:])
 
 How the layers below the point are kept out of ``upper``: ``upper`` runs the whole model on a
-zero placeholder input, and the target submodule returns ``act`` without running.  Everything
+zero placeholder input, and the target submodule's output is replaced by ``act``.  Everything
 that only fed the target is then dead code, which jit removes (``jax.jit(...).lower().compile()
 .cost_analysis()`` shows it; see ``tests/test_compose.py``).  Likewise ``lower`` runs the
 model to the end and the layers above the point are dead.  Outside jit they would run, so jit
@@ -18,6 +18,14 @@ the target, ``upper`` would see the placeholder there, and lower+upper would dif
 model's own forward: compare the two once when adopting a new model (as
 ``tests/test_compose.py`` does).
 
+A cut is stateless: the placeholder's per-example shape and dtype are the constructor's
+``input_shape`` / ``input_dtype`` (required: ``upper`` cannot infer the input from ``act``), its
+batch size that of ``act``; ``lower`` checks its input against them.  The dtype matters: a model
+that computes in its input's dtype must see a placeholder of that dtype.  ``act`` takes the
+dtype the target returns in the model's own forward (the target still runs on the placeholder,
+as dead code, to tell), so a bf16 model stays bf16 above the point even if a method hands
+``upper`` an f32 activation.
+
 Train-mode BatchNorm state (the dead-code subtlety): a BatchNorm below the point also runs on
 the placeholder in ``upper`` and would return statistics of zeros, which are *not* dead if
 returned.  So each half returns the full mutable collections, but only the entries it
@@ -25,15 +33,20 @@ owns are new: ``lower`` owns the variables written before the target was called 
 target's own subtree; ``upper`` owns the rest, and passes the others through from the
 variables it was given.  ``{**variables, **lower_state}`` fed to ``upper`` therefore yields
 state in which every BatchNorm is updated exactly once, from the real data, and the
-placeholder's statistics are dead.  Cost: nothing at run time; one flatten of the collection
-at trace time.  A module that writes state *both* before and after the target (weight sharing
-across the point) keeps only the ``lower`` update.
+placeholder's statistics are dead.  A module that writes state *both* before and after the
+target (weight sharing across the point) keeps only the ``lower`` update.
 
-The placeholder's shape is the per-example input shape of the last ``lower`` call (or
-``input_shape=``), so call ``lower`` (or ``jax.eval_shape`` it) before ``upper``.
+Randomness: see :mod:`lpa_jax.perturb.hooks` for Linen (one key for both halves; Flax folds in
+the module path).  An NNX model keeps its own ``nnx.Rngs`` streams in ``variables``; with
+``rng=None`` they are used and advanced like the BatchNorm statistics (``nnx.Dropout`` forks a
+stream per layer, so the halves draw the model's own masks); with ``rng`` every stream except
+``params`` is reseeded from it for that call (:func:`reseed_nnx`) and the stored streams pass
+through unchanged.
 """
 from __future__ import annotations
 
+import inspect
+import zlib
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -42,10 +55,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
-from lpa_jax.perturb.hooks import Cut
+from lpa_jax.perturb.hooks import Cut, apply_linen, linen_rngs
 
 PathLike = str | Sequence[str | int]
-NNX_OTHER = "nnx_state"  # non-param, non-BatchStat NNX variables (e.g. dropout RNG counters)
+NNX_OTHER = "nnx_state"  # non-param, non-BatchStat NNX variables (e.g. dropout RNG streams)
+TRAIN_KWS = ("train", "training", "is_training")  # what train_kw="auto" looks for
 
 
 def _parse_path(path: PathLike) -> tuple:
@@ -71,20 +85,31 @@ def _own(new: dict, old: dict, owned: Callable[[tuple], bool]) -> dict:
                                        for k, v in fn.items()})
 
 
-class _Shape:
-  """Per-example input shape/dtype for ``upper``'s placeholder, learned from ``lower``."""
+def _input_spec(input_shape, input_dtype, who: str):
+  if input_shape is None:
+    raise ValueError(f"{who} needs the model's per-example input shape for upper's placeholder: "
+                     "pass input_shape=x.shape[1:] (and input_dtype=x.dtype if not float32)")
+  return tuple(int(d) for d in input_shape), jnp.dtype(input_dtype)
 
-  def __init__(self, input_shape, dtype=jnp.float32):
-    self.shape, self.dtype = (tuple(input_shape) if input_shape else None), dtype
 
-  def see(self, x):
-    self.shape, self.dtype = tuple(x.shape[1:]), x.dtype
+def _check_input(x, shape, dtype, point):
+  if tuple(x.shape[1:]) != shape or x.dtype != dtype:
+    raise ValueError(f"The cut at {point!r} was built for inputs of per-example shape {shape} "
+                     f"and dtype {dtype}, got {tuple(x.shape[1:])} {x.dtype}: pass "
+                     "input_shape=x.shape[1:], input_dtype=x.dtype to the cut constructor")
 
-  def placeholder(self, act):
-    if self.shape is None:
-      raise ValueError("upper needs the input shape: call cut.lower (or jax.eval_shape it) "
-                       "once first, or pass input_shape= to the cut constructor")
-    return jnp.zeros((jax.tree.leaves(act)[0].shape[0],) + self.shape, self.dtype)
+
+def _placeholder(act, shape, dtype):
+  return jnp.zeros((jax.tree.leaves(act)[0].shape[0],) + shape, dtype)
+
+
+def _stand_in(act, out, point):
+  """``act`` in place of the target's output ``out``: same shapes, cast to ``out``'s dtypes."""
+  shapes = lambda t: jax.tree.map(lambda a: tuple(a.shape), t)
+  if jax.tree.structure(act) != jax.tree.structure(out) or shapes(act) != shapes(out):
+    raise ValueError(f"upper got an activation of shape {shapes(act)}, but {point!r} returns "
+                     f"{shapes(out)} for this batch")
+  return jax.tree.map(lambda a, o: a.astype(o.dtype), act, out)
 
 
 def _no_extra(extra, point):
@@ -96,70 +121,103 @@ def _no_extra(extra, point):
 # --------------------------------------------------------------------------------------- Linen
 
 
-def cut_linen(model: nn.Module, path: PathLike, depth: int = 1,
-              method: Callable | str | None = None, train_kw: str | None = "train",
-              input_shape: Sequence[int] | None = None, target_method: str = "__call__",
-              mutable: Sequence[str] = ("batch_stats",)) -> Cut:
+def _train_kw(model: nn.Module, method, train_kw: str | None) -> str | None:
+  """Resolves ``train_kw`` against the signature of the method ``apply`` will call."""
+  fn = model.__call__ if method is None else (
+      getattr(model, method) if isinstance(method, str) else method)
+  name = getattr(fn, "__qualname__", repr(fn))
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):  # uninspectable: trust the caller
+    return None if train_kw == "auto" else train_kw
+  named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+  if train_kw == "auto":
+    return next((k for k in TRAIN_KWS if k in named), None)
+  any_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  if train_kw is None or train_kw in named or any_kw:
+    return train_kw
+  raise ValueError(f"{name} takes no keyword {train_kw!r} (its parameters: {', '.join(params)});"
+                   " pass train_kw=None for a model without a training flag, or a method= "
+                   "wrapper, e.g. lambda m, x, train: m(x, deterministic=not train)")
+
+
+def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
+               variables, x, train, rng, act=None):
+  """One pass of ``model`` with the target intercepted: returns ``(out, target_out, state,
+  below)``, ``below(path)`` telling the state leaves the part below the point wrote."""
+  mut = [c for c in mutable if c in variables] if train else []
+  before = traverse_util.flatten_dict({c: variables[c] for c in mut})
+  seen, hits, written = [], [], set()
+
+  def interceptor(next_fun, args, kwargs, ctx):
+    path_ = tuple(ctx.module.path)
+    seen.append(path_)
+    if path_ != target or ctx.method_name != target_method:
+      return next_fun(*args, **kwargs)
+    if hits:
+      raise ValueError(f"Module {_fmt(target)!r} is called more than once; cut at a module "
+                       "called once per forward pass")
+    root = ctx.module
+    while isinstance(root.parent, nn.Module):
+      root = root.parent
+    now = traverse_util.flatten_dict({c: root.variables.get(c, {}) for c in mut})
+    # Identity, not value: a BatchNorm that already ran holds a new array object.
+    written.update(k for k, v in now.items() if v is not before.get(k))
+    out = next_fun(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
+    hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
+    return hits[-1]
+
+  train_kwargs = {kw: train} if kw else {}
+  with nn.intercept_methods(interceptor):
+    # mutable=False, never []: Flax returns (out, state) for any list, even an empty one.
+    out = apply_linen(model, variables, x, method=method, mutable=mut or False,
+                      rngs=linen_rngs(rng, train, rng_names), **train_kwargs)
+  if not hits:
+    raise _unknown_path(target, seen)
+  logits, state = out if mut else (out, {})
+  below = lambda k: k in written or k[1:1 + len(target)] == target
+  return logits, hits[0], dict(state), below
+
+
+def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, *,
+              input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
+              method: Callable | str | None = None, train_kw: str | None = "auto",
+              target_method: str = "__call__", mutable: Sequence[str] = ("batch_stats",),
+              rng_names: Sequence[str] = ("dropout",)) -> Cut:
   """Cuts any Linen model at the output of the submodule at ``path``, without editing it.
 
   Args:
-    model: the (unbound) Linen module; ``model.apply(variables, x, **{train_kw: train})``
-      must be its forward pass (``method`` picks another method).
+    model: the (unbound) Linen module; ``model.apply(variables, x, **{train_kw: train})`` is
+      its forward pass (``method`` picks another method or a ``fn(module, x, ...)``).
     path: module path, e.g. ``"encoder/block2"`` or ``("encoder", "block2")``; names are
       Linen's (explicit ``name=`` or automatic ``Dense_0``).
     depth: ``L - l`` for the radius factor ``β^(L−l)`` (stages between the point and logits).
-    train_kw: keyword the model takes for training mode (``None`` if it takes none).
-    input_shape: per-example input shape, if ``upper`` is called before any ``lower``.
+    input_shape, input_dtype: the model's per-example input shape and dtype (required).
+    train_kw: the keyword that switches training mode.  ``"auto"`` passes the first of
+      ``train, training, is_training`` the applied method's signature names, or none; a name
+      forces that keyword (``ValueError`` if the method cannot take it); ``None`` passes none.
     target_method: the target's method whose output is the activation.
-    mutable: collections a training pass updates.
+    mutable: collections a training pass updates (those present in ``variables``).
+    rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
 
-  >>> cut = cut_linen(TheirResNet(), "layer3")
-  >>> act, st = cut.lower(variables, x, True)
-  >>> logits, st2 = cut.upper({**variables, **st}, act, True)
+  >>> cut = cut_linen(TheirResNet(), "layer3", input_shape=x.shape[1:])
+  >>> act, st = cut.lower(variables, x, True, rng=key)
+  >>> logits, st2 = cut.upper({**variables, **st}, act, True, rng=key)
   """
   target = _parse_path(path)
-  shape = _Shape(input_shape)
+  shape, dtype = _input_spec(input_shape, input_dtype, "cut_linen")
+  run = lambda *a, **k: _linen_run(model, method, _train_kw(model, method, train_kw), target,
+                                   target_method, tuple(mutable), tuple(rng_names), *a, **k)
+  _train_kw(model, method, train_kw)  # fail at construction on a keyword the model lacks
 
-  def run(variables, x, train, act=None):
-    mut = [c for c in mutable if c in variables] if train else False
-    before = traverse_util.flatten_dict({c: variables[c] for c in mut or ()})
-    seen, hits, written = [], [], set()
-
-    def interceptor(next_fun, args, kwargs, ctx):
-      path_ = tuple(ctx.module.path)
-      seen.append(path_)
-      if path_ != target or ctx.method_name != target_method:
-        return next_fun(*args, **kwargs)
-      if hits:
-        raise ValueError(f"Module {_fmt(target)!r} is called more than once; cut at a module "
-                         "called once per forward pass")
-      root = ctx.module
-      while isinstance(root.parent, nn.Module):
-        root = root.parent
-      now = traverse_util.flatten_dict({c: root.variables.get(c, {}) for c in mut or ()})
-      # Identity, not value: a BatchNorm that already ran holds a new array object.
-      written.update(k for k, v in now.items() if v is not before.get(k))
-      out = next_fun(*args, **kwargs) if act is None else act
-      hits.append(out)
-      return out
-
-    kw = {train_kw: train} if train_kw else {}
-    with nn.intercept_methods(interceptor):
-      out = model.apply(variables, x, method=method, mutable=mut, **kw)
-    if not hits:
-      raise _unknown_path(target, seen)
-    logits, state = out if mut else (out, {})
-    below = lambda k: k in written or k[1:1 + len(target)] == target
-    return logits, hits[0], dict(state), below
-
-  def lower(variables, x, train):
-    shape.see(x)
-    _, act, state, below = run(variables, x, train)
+  def lower(variables, x, train, rng=None):
+    _check_input(x, shape, dtype, _fmt(target))
+    _, act, state, below = run(variables, x, train, rng)
     return act, _own(state, {c: variables[c] for c in state}, below)
 
-  def upper(variables, act, train, extra=None):
+  def upper(variables, act, train, extra=None, rng=None):
     _no_extra(extra, _fmt(target))
-    logits, _, state, below = run(variables, shape.placeholder(act), train, act)
+    logits, _, state, below = run(variables, _placeholder(act, shape, dtype), train, rng, act)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
 
   return Cut(lower, upper, _fmt(target), depth, tuple(mutable))
@@ -187,26 +245,16 @@ def _merge(graphdef, variables: dict, train: bool) -> nnx.Module:
   return model
 
 
-def _module_paths(model: nnx.Module) -> list[tuple]:
-  return [tuple(p) for p, _ in nnx.iter_modules(model)]
+def reseed_nnx(model: nnx.Module, rng) -> None:
+  """Reseeds every RNG stream of ``model`` but ``params`` from ``rng``, in place: the streams
+  of tag ``t`` as ``nnx.reseed`` does from ``fold_in(rng, crc32(t))`` (distinct tags never
+  share a key; the streams of one tag get successive keys), counts reset to zero.
 
-
-def _locate(model: nnx.Module, target: tuple):
-  parent = model
-  for part in target[:-1]:
-    parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-  return parent, target[-1]
-
-
-def _get(parent, key):
-  return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-
-def _set(parent, key, value):
-  if isinstance(key, int):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
+  >>> reseed_nnx(model, jax.random.fold_in(key, step))
+  """
+  tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)}
+                - {"params"})
+  nnx.reseed(model, **{t: jax.random.fold_in(rng, zlib.crc32(t.encode())) for t in tags})
 
 
 def _state_vars(model: nnx.Module) -> dict:
@@ -219,93 +267,124 @@ def _new_state(model: nnx.Module, variables: dict) -> dict:
   return {c: s for c, s in (("batch_stats", stats), (NNX_OTHER, other)) if c in variables}
 
 
+def _prepare(graphdef, variables, train, rng):
+  """Merges the model, reseeds it from ``rng`` if given; returns it, its state variables and
+  their stored values (to restore the RNG streams a given ``rng`` stood in for)."""
+  m = _merge(graphdef, variables, train)
+  svars = _state_vars(m)
+  stored = {k: v.get_raw_value() for k, v in svars.items()}
+  if train and rng is not None:
+    reseed_nnx(m, rng)
+  return m, svars, stored
+
+
+def _finish(ctx, variables, owned, rng):
+  """The new state: owned entries from the pass, the others passed through from ``start``."""
+  m, svars, stored, start = ctx
+  for k, v in svars.items():
+    if rng is not None and isinstance(v, nnx.RngState):
+      v.set_raw_value(stored[k])  # the key stood in for the stored streams: leave them be
+    elif not owned(k):  # pass through: the computed update becomes dead code
+      v.set_raw_value(start[k])
+  return _new_state(m, variables)
+
+
 def nnx_functional(model: nnx.Module) -> tuple[Callable, dict]:
-  """Turns an NNX model into ``apply_fn(variables, x, train) -> (out, new_state)`` and a
-  Linen-style ``variables`` dict (``params``, ``batch_stats`` and any other state as
-  ``nnx.State`` s), so the train step can differentiate ``variables['params']``.
+  """Turns an NNX model into ``apply_fn(variables, x, train=False, rng=None) -> (out,
+  new_state)`` and a Linen-style ``variables`` dict (``params``; ``batch_stats`` and
+  ``nnx_state`` — e.g. RNG streams — only if the model has them), so the train step can
+  differentiate ``variables['params']``.  ``rng`` reseeds the model's streams for the call
+  (:func:`reseed_nnx`); without it they advance and come back in ``new_state``.
 
   The model is split once here and merged *inside* each traced call, which avoids NNX's
-  ``TraceContextError`` under ``jax.grad`` / ``lax.fori_loop``.
+  ``TraceContextError`` under ``jax.grad`` / ``lax.fori_loop``.  Write trained values back
+  with ``nnx.update(model, params, *model_state.values())`` (any set of collections).
 
   >>> apply_fn, variables = nnx_functional(model)
   >>> logits, state = jax.jit(apply_fn, static_argnums=2)(variables, x, True)
   """
   graphdef, variables = _split(model)
 
-  def apply_fn(variables, x, train=False):
-    m = _merge(graphdef, variables, train)
+  def apply_fn(variables, x, train=False, rng=None):
+    m, svars, stored = _prepare(graphdef, variables, train, rng)
     out = m(x)
-    return out, (_new_state(m, variables) if train else {})
+    if not train:
+      return out, {}
+    return out, _finish((m, svars, stored, stored), variables, lambda k: True, rng)
 
   return apply_fn, variables
 
 
-def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, depth: int = 1,
-            input_shape: Sequence[int] | None = None) -> Cut:
+def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
+  m, svars, stored = _prepare(graphdef, variables, train, rng)
+  if target not in [tuple(p) for p, _ in nnx.iter_modules(m)]:
+    raise _unknown_path(target, [tuple(p) for p, _ in nnx.iter_modules(m)])
+  parent = m
+  for part in target[:-1]:
+    parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+  key = target[-1]
+  orig = parent[key] if isinstance(key, int) else getattr(parent, key)
+  start = {k: v.get_raw_value() for k, v in svars.items()}
+  hits, written = [], set()
+
+  def stand_in(*args, **kwargs):
+    if hits:
+      raise ValueError(f"Submodule {_fmt(target)!r} is called more than once; cut at a "
+                       "submodule called once per forward pass")
+    written.update(k for k, v in svars.items() if v.get_raw_value() is not start[k])
+    out = orig(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
+    hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
+    return hits[-1]
+
+  _set = lambda v: parent.__setitem__(key, v) if isinstance(key, int) else setattr(parent, key, v)
+  _set(stand_in)
+  try:
+    out = m(x)
+  finally:
+    _set(orig)
+  if not hits:
+    raise ValueError(f"Submodule {_fmt(target)!r} was never called by the forward pass")
+  below = lambda k: k in written or k[:len(target)] == target
+  return out, hits[0], (m, svars, stored, start), below
+
+
+def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, depth: int = 1, *,
+            input_shape: Sequence[int] | None = None, input_dtype=jnp.float32) -> Cut:
   """Cuts any NNX model at the output of the submodule at attribute path ``path``.
 
-  Inside each traced call the model is merged from ``variables`` and the target is swapped
-  for a stand-in that records (``lower``) or replaces (``upper``) its output, then put back
-  before the new state is split off.  ``variables`` come from :func:`nnx_functional`.
+  Inside each traced call the model is merged from ``variables`` (from
+  :func:`nnx_functional`) and the target is swapped for a stand-in that records (``lower``) or
+  replaces (``upper``) its output, then put back before the new state is split off.
+  ``input_shape`` / ``input_dtype``: the model's per-example input (required).  ``rng``
+  reseeds the model's RNG streams for the call; without it the stored streams are used.
 
   NNX's own ``Module.perturb`` / ``nnx.capture`` need a ``self.perturb`` call written into
   the model, and still run the layers below it, so they cannot cut a model you did not write.
 
   >>> apply_fn, variables = nnx_functional(model)
-  >>> cut = cut_nnx(model, "blocks/1")
+  >>> cut = cut_nnx(model, "blocks/1", input_shape=x.shape[1:])
   >>> logits, st = full_apply(cut, variables, x, True)
   """
   target = _parse_path(path)
+  shape, dtype = _input_spec(input_shape, input_dtype, "cut_nnx")
   if isinstance(model, nnx.Module):
-    if target not in _module_paths(model):
-      raise _unknown_path(target, _module_paths(model))
+    paths = [tuple(p) for p, _ in nnx.iter_modules(model)]
+    if target not in paths:
+      raise _unknown_path(target, paths)
     graphdef, _ = _split(model)
   else:
     graphdef = model
-  shape = _Shape(input_shape)
 
-  def run(variables, x, train, act=None):
-    m = _merge(graphdef, variables, train)
-    if target not in _module_paths(m):
-      raise _unknown_path(target, _module_paths(m))
-    parent, key = _locate(m, target)
-    orig = _get(parent, key)
-    svars = _state_vars(m)
-    start = {k: v.get_raw_value() for k, v in svars.items()}
-    hits, written = [], set()
+  def lower(variables, x, train, rng=None):
+    _check_input(x, shape, dtype, _fmt(target))
+    _, act, ctx, below = _nnx_run(graphdef, target, variables, x, train, rng)
+    return act, (_finish(ctx, variables, below, rng) if train else {})
 
-    def stand_in(*args, **kwargs):
-      if hits:
-        raise ValueError(f"Submodule {_fmt(target)!r} is called more than once; cut at a "
-                         "submodule called once per forward pass")
-      written.update(k for k, v in svars.items() if v.get_raw_value() is not start[k])
-      hits.append(orig(*args, **kwargs) if act is None else act)
-      return hits[-1]
-
-    _set(parent, key, stand_in)
-    try:
-      out = m(x)
-    finally:
-      _set(parent, key, orig)
-    if not hits:
-      raise ValueError(f"Submodule {_fmt(target)!r} was never called by the forward pass")
-    below = lambda k: k in written or k[:len(target)] == target
-    return out, hits[0], m, svars, start, below
-
-  def finish(m, variables, svars, start, owned):
-    for k, v in svars.items():
-      if not owned(k):  # pass through: the computed update becomes dead code
-        v.set_raw_value(start[k])
-    return _new_state(m, variables)
-
-  def lower(variables, x, train):
-    shape.see(x)
-    _, act, m, svars, start, below = run(variables, x, train)
-    return act, (finish(m, variables, svars, start, below) if train else {})
-
-  def upper(variables, act, train, extra=None):
+  def upper(variables, act, train, extra=None, rng=None):
     _no_extra(extra, _fmt(target))
-    out, _, m, svars, start, below = run(variables, shape.placeholder(act), train, act)
-    return out, (finish(m, variables, svars, start, lambda k: not below(k)) if train else {})
+    x = _placeholder(act, shape, dtype)
+    out, _, ctx, below = _nnx_run(graphdef, target, variables, x, train, rng, act)
+    return out, (_finish(ctx, variables, lambda k: not below(k), rng)
+                 if train else {})
 
   return Cut(lower, upper, _fmt(target), depth, ("batch_stats",))

@@ -1,14 +1,21 @@
 """Intervention hooks: cut a network at a named point into ``lower`` and ``upper`` halves.
 
 A :class:`Cut` is the only thing the perturbation methods and the train step know about a
-network.  Both halves are pure functions of the variables dict::
+network.  Both halves are pure functions of the variables dict (and of an optional key)::
 
-    act, state = cut.lower(variables, x, train)          # layers below the point, run once
-    logits, state = cut.upper(variables, act, train)      # layers above it: what PGD re-runs
+    act, state = cut.lower(variables, x, train, rng=key)       # layers below the point, once
+    logits, state = cut.upper(variables, act, train, rng=key)  # layers above it: PGD re-runs
 
 ``upper`` never evaluates the layers below the point, so a PGD step costs only the FLOPs above
 it.  ``state`` holds the mutated collections (``batch_stats``); ``upper`` must be given the
 variables with ``lower``'s state merged in so that every BatchNorm is updated exactly once.
+
+Randomness (dropout): in training mode a Linen model gets ``rngs={'dropout': rng}``.  Give
+``lower`` and every ``upper`` call of one step the *same* key: Flax folds each module's path
+(and a per-module call counter) into it, so every Dropout layer draws its own stream, and
+``lower`` + ``upper`` draw exactly the masks of the model's own forward with that key.  The
+repeated ``upper`` calls of PGD then see one fixed mask, the one the step's loss sees.  A
+model that draws random numbers in training mode and gets no ``rng`` raises a ``ValueError``.
 
 Three constructors cover three kinds of model:
 
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax.errors
 import flax.linen as nn
+import jax
 
 from lpa_jax.models.staged import check_point, depth_below_logits
 
@@ -32,9 +41,10 @@ class Cut(NamedTuple):
   """A network split at ``point``; see the module docstring.
 
   Attributes:
-    lower: ``(variables, x, train) -> (act, new_state)``.
-    upper: ``(variables, act, train, extra) -> (logits, new_state)``; ``extra`` maps higher
-      point names to per-example tensors added there (``None`` for none; only staged models).
+    lower: ``(variables, x, train, rng=None) -> (act, new_state)``.
+    upper: ``(variables, act, train, extra=None, rng=None) -> (logits, new_state)``; ``extra``
+      maps higher point names to per-example tensors added there (``None`` for none; only
+      staged models); ``rng`` should be the key ``lower`` got.
     point: name of the cut point.
     depth: ``L - l``, the number of stages between the point and the logits.
     mutable: names of the collections a training-mode pass updates.
@@ -51,23 +61,49 @@ def _mutable(variables: Variables, train: bool, names: Sequence[str]):
   return present or False  # Flax returns (out, state) for any non-False ``mutable``
 
 
-def cut_staged(model: nn.Module, point: str) -> Cut:
+def linen_rngs(rng, train: bool, names: Sequence[str] = ("dropout",)) -> dict:
+  """The ``rngs=`` of a Linen apply: ``rng`` for ``names[0]``, ``fold_in(rng, i)`` for the
+  ``i``-th other name (Flax derives every stream from its key by module path only, so two
+  names given one key would draw identical numbers); nothing in eval mode or without a key.
+
+  >>> linen_rngs(jax.random.PRNGKey(0), True)
+  {'dropout': Array([0, 0], dtype=uint32)}
+  """
+  if not train or rng is None:
+    return {}
+  return {n: rng if i == 0 else jax.random.fold_in(rng, i) for i, n in enumerate(names)}
+
+
+def apply_linen(model: nn.Module, variables: Variables, *args, rngs: dict, **kwargs):
+  """``model.apply`` whose missing-key error names the fix (the ``rng=`` of a cut's halves)."""
+  try:
+    return model.apply(variables, *args, rngs=rngs, **kwargs)
+  except flax.errors.InvalidRngError as e:
+    raise ValueError(f"{type(model).__name__} draws random numbers in training mode (e.g. "
+                     "nn.Dropout) but got no key: pass rng= to cut.lower and cut.upper (the "
+                     "same key to both, e.g. the train step's per-step key)") from e
+
+
+def cut_staged(model: nn.Module, point: str, rng_names: Sequence[str] = ("dropout",)) -> Cut:
   """Cuts one of lpa_jax's staged models at a named point.
 
+  ``rng_names``: the model's random streams, seeded from the halves' ``rng`` in train mode.
+
   >>> cut = cut_staged(get_model("resnet32", 10), "stage3")
-  >>> act, st = cut.lower(variables, x, True)
-  >>> logits, st = cut.upper({**variables, **st}, act, True)
+  >>> act, st = cut.lower(variables, x, True, rng=key)
+  >>> logits, st = cut.upper({**variables, **st}, act, True, rng=key)
   """
   points = model.points
   check_point(point, points)
   names = ("batch_stats",)
 
-  def lower(variables, x, train):
+  def lower(variables, x, train, rng=None):
     mut = _mutable(variables, train, names)
-    out = model.apply(variables, x, train=train, stop=point, mutable=mut)
+    out = apply_linen(model, variables, x, train=train, stop=point, mutable=mut,
+                      rngs=linen_rngs(rng, train, rng_names))
     return out if mut else (out, {})
 
-  def upper(variables, act, train, extra=None):
+  def upper(variables, act, train, extra=None, rng=None):
     if extra:
       for p in extra:
         check_point(p, points[points.index(point) + 1:], "extra point above " + point)
@@ -75,14 +111,18 @@ def cut_staged(model: nn.Module, point: str) -> Cut:
     mut = _mutable(variables, train, names)
     if point == points[-1]:  # cut at the logits: nothing above
       return act, {}
-    out = model.apply(variables, act, train=train, start=point, mutable=mut)
+    out = apply_linen(model, variables, act, train=train, start=point, mutable=mut,
+                      rngs=linen_rngs(rng, train, rng_names))
     return out if mut else (out, {})
 
   return Cut(lower, upper, point, depth_below_logits(points, point), names)
 
 
-def full_apply(cut: Cut, variables: Variables, x, train: bool):
-  """Plain forward pass through both halves; returns ``(logits, new_state)``."""
-  act, st = cut.lower(variables, x, train)
-  logits, st2 = cut.upper({**variables, **st}, act, train)
+def full_apply(cut: Cut, variables: Variables, x, train: bool, rng=None):
+  """Plain forward pass through both halves (one key for both); ``(logits, new_state)``.
+
+  >>> logits, st = full_apply(cut_staged(model, "stage2"), variables, x, True, rng=key)
+  """
+  act, st = cut.lower(variables, x, train, rng=rng)
+  logits, st2 = cut.upper({**variables, **st}, act, train, rng=rng)
   return logits, {**st, **st2}
