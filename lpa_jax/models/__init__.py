@@ -8,7 +8,8 @@ import flax.linen as nn
 
 from lpa_jax.models.resnet import CifarResNet, PreActResNet18
 from lpa_jax.models.small import MLP, SmallCNN
-from lpa_jax.models.staged import check_point, depth_below_logits, intervene, run_stages
+from lpa_jax.models.staged import (HEADS, check_point, depth_below_logits, intervene, run_stages,
+                                   stage_level)
 from lpa_jax.models.wrn import WideResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -31,5 +32,6 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "get_model", "check_point", "depth_below_logits", "intervene", "run_stages",
+__all__ = ["MODELS", "HEADS", "get_model", "check_point", "depth_below_logits", "intervene",
+           "run_stages", "stage_level",
            "CifarResNet", "PreActResNet18", "WideResNet", "SmallCNN", "MLP"]

@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpa_jax.models.staged import GlobalPool, linear_head, run_stages
+from lpa_jax.models.staged import GlobalPool, make_head, run_stages
 
 
 class ConvStage(nn.Module):
@@ -22,12 +22,13 @@ class ConvStage(nn.Module):
 
 
 class SmallCNN(nn.Module):
-  """Three conv stages (widths ``widths``), global pooling, linear head.
+  """Three conv stages (widths ``widths``), global pooling, a ``linear`` or ``cosine`` head.
 
   Points: ``stage1, stage2, stage3, features, logits``.
   """
   num_classes: int = 10
   widths: Sequence[int] = (32, 64, 128)
+  head: str = "linear"
 
   @property
   def points(self) -> tuple[str, ...]:
@@ -39,17 +40,18 @@ class SmallCNN(nn.Module):
     layers = [(f"stage{i + 1}", ConvStage(w, pool=i < last, name=f"stage{i + 1}_layer"))
               for i, w in enumerate(self.widths)]
     layers += [("features", GlobalPool(name="features_layer")),
-               ("logits", linear_head(self.num_classes))]
+               ("logits", make_head(self.num_classes, self.head))]
     return run_stages(self, layers, x, train, start, stop)
 
 
 class MLP(nn.Module):
-  """Flatten, ``len(widths)`` ReLU layers, linear head.
+  """Flatten, ``len(widths)`` ReLU layers, a ``linear`` or ``cosine`` head.
 
   Points: ``hidden1, ..., hiddenK, logits``.
   """
   num_classes: int = 10
   widths: Sequence[int] = (256, 256)
+  head: str = "linear"
 
   @property
   def points(self) -> tuple[str, ...]:
@@ -63,5 +65,5 @@ class MLP(nn.Module):
         return nn.relu(nn.Dense(w, name=f"hidden{i + 1}_layer")(h))
       return fn
     layers = [(f"hidden{i + 1}", dense_relu(i, w)) for i, w in enumerate(self.widths)]
-    layers += [("logits", linear_head(self.num_classes))]
+    layers += [("logits", make_head(self.num_classes, self.head))]
     return run_stages(self, layers, x, train, start, stop)

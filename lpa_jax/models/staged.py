@@ -11,12 +11,18 @@ Running from ``start`` never builds the layers below it, so it costs only the FL
 point.  At each point the activation is also routed through Linen's :meth:`Module.perturb`
 (collection ``"perturbations"``), and sown into ``"intermediates"``, so the stock Flax
 intervention tools work on these models unchanged.
+
+Residual networks also name every block: ``stage3.block0`` … ``stage3.block{n-1}`` (0-based,
+like the parameter paths ``stage3_layer/block0``), listed bottom to top just before their stage;
+the stage name ``stage3`` stays valid and is the last block's output.  The head is ``linear`` or,
+for LDAM (Cao et al. 2019), ``cosine``: ℓ2-normalised features and class weights.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Layer = tuple[str, Callable[..., jnp.ndarray]]
@@ -60,10 +66,42 @@ def run_stages(module: nn.Module, layers: Sequence[Layer], x, train: bool,
   return h
 
 
-def depth_below_logits(points: Sequence[str], point: str) -> int:
-  """``L - l`` of the SPEC: the number of stages between ``point`` and the logits."""
+def stage_level(points: Sequence[str]) -> tuple[str, ...]:
+  """The points that are not inside a stage (no ``.block``): what stage-granular defaults use.
+
+  >>> stage_level(("stem", "stage1.block0", "stage1", "features", "logits"))
+  ('stem', 'stage1', 'features', 'logits')
+  """
+  return tuple(p for p in points if "." not in p)
+
+
+def block_points(stage: str, num_blocks: int) -> tuple[str, ...]:
+  """A stage's points, bottom to top: its blocks (0-based), then the stage output itself."""
+  return tuple(f"{stage}.block{j}" for j in range(num_blocks)) + (stage,)
+
+
+def depth_below_logits(points: Sequence[str], point: str) -> int | float:
+  """``L - l`` of the SPEC: the number of stages between ``point`` and the logits.
+
+  Stage-level points count whole stages (``features`` and ``logits`` count as one each), as
+  they always have.  A block point counts the part of its stage still above it, in blocks:
+  block ``j`` of ``n`` lies ``(n - 1 - j)/n`` of a stage below the stage output.  So the last
+  block has the stage's depth, block ``-1`` would be the previous stage's output, and the radius
+  factor ``β^(L−l)`` moves smoothly from one stage output to the next.
+
+  >>> pts = ("stem",) + block_points("stage1", 4) + ("features", "logits")
+  >>> depth_below_logits(pts, "stage1"), depth_below_logits(pts, "stage1.block1")
+  (2, 2.5)
+  """
   check_point(point, points)
-  return len(points) - 1 - list(points).index(point)
+  stages = list(stage_level(points))
+  stage, _, block = point.partition(".block")
+  depth = len(stages) - 1 - stages.index(stage)
+  if not block:
+    return depth
+  n = sum(p.startswith(stage + ".block") for p in points)
+  above = (n - 1 - int(block)) / n
+  return depth + above if above else depth  # the last block: the stage's own (int) depth
 
 
 class GlobalPool(nn.Module):
@@ -77,6 +115,39 @@ class GlobalPool(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
-def linear_head(num_classes: int):
-  """The ``logits`` layer of every staged model (built lazily inside the parent's compact call)."""
+HEADS = ("linear", "cosine")
+
+
+def unit_columns(key, shape, dtype=jnp.float32):
+  """Class weights drawn uniformly in [-1, 1], then scaled to unit ℓ2 norm per class (the LDAM
+  reference initialisation of its normalised linear layer)."""
+  w = jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+  return w / jnp.linalg.norm(w, axis=0, keepdims=True)
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+  """``x / max(‖x‖, eps)``, with a finite gradient at ``x = 0`` (an all-zero feature vector)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis, keepdims=True), eps * eps))
+
+
+class CosineHead(nn.Module):
+  """Normalised classifier: ``z_c = cos(h, w_c) ∈ [-1, 1]``; no bias (LDAM, Cao et al. 2019).
+
+  >>> CosineHead(10).apply(variables, features_BxD)   # every entry in [-1, 1]
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, h_BxD):
+    w_DxC = self.param("kernel", unit_columns, (h_BxD.shape[-1], self.num_classes))
+    return l2_normalize(h_BxD) @ l2_normalize(w_DxC, axis=0)
+
+
+def make_head(num_classes: int, head: str = "linear"):
+  """The ``logits`` layer of every staged model (built lazily inside the parent's compact call):
+  ``linear`` (default) or ``cosine`` (:class:`CosineHead`, for LDAM)."""
+  if head not in HEADS:
+    raise ValueError(f"Unknown head {head!r}; valid heads are: {', '.join(HEADS)}")
+  if head == "cosine":
+    return lambda h, train: CosineHead(num_classes, name="logits_layer")(h)
   return lambda h, train: nn.Dense(num_classes, name="logits_layer")(h)

@@ -1,34 +1,44 @@
 """Wide ResNets (Zagoruyko & Komodakis 2016): WRN-16-8, WRN-28-10.
 
-Points: ``stem, stage1, stage2, stage3, features, logits``.
+Points, bottom to top: ``stem``, per stage ``stageS.block0 … stageS.block{n-1}, stageS``,
+then ``features, logits`` (as the CIFAR ResNets; WRN-28-10 has ``n = 4``).
 """
 from __future__ import annotations
 
 import flax.linen as nn
 
-from lpa_jax.models.resnet import PreActBlock, Stage, Stem
-from lpa_jax.models.staged import GlobalPool, linear_head, run_stages
+from lpa_jax.models.resnet import PreActBlock, Stage, Stem, stage_layers
+from lpa_jax.models.staged import GlobalPool, block_points, make_head, run_stages
 
 
 class WideResNet(nn.Module):
-  """WRN-depth-k: pre-activation blocks, stage widths 16k, 32k, 64k."""
+  """WRN-depth-k: pre-activation blocks, stage widths 16k, 32k, 64k.
+
+  ``head``: ``linear`` (default) or ``cosine`` (normalised classifier, for LDAM).
+  """
   depth: int = 28
   widen: int = 10
   num_classes: int = 10
+  head: str = "linear"
+
+  @property
+  def num_blocks(self) -> int:
+    if (self.depth - 4) % 6:
+      raise ValueError(f"WRN depth must be 6n+4, got depth={self.depth}")
+    return (self.depth - 4) // 6
 
   @property
   def points(self) -> tuple[str, ...]:
-    return ("stem", "stage1", "stage2", "stage3", "features", "logits")
+    stages = sum((block_points(f"stage{i + 1}", self.num_blocks) for i in range(3)), ())
+    return ("stem",) + stages + ("features", "logits")
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
-    if (self.depth - 4) % 6:
-      raise ValueError(f"WRN depth must be 6n+4, got depth={self.depth}")
-    n = (self.depth - 4) // 6
     layers = [("stem", Stem(16, bn_relu=False, name="stem_layer"))]
-    layers += [(f"stage{i + 1}", Stage(PreActBlock, 16 * self.widen * 2**i, n,
-                                       1 if i == 0 else 2, name=f"stage{i + 1}_layer"))
-               for i in range(3)]
+    for i in range(3):
+      stage = Stage(PreActBlock, 16 * self.widen * 2**i, self.num_blocks, 1 if i == 0 else 2,
+                    name=f"stage{i + 1}_layer")
+      layers += stage_layers(f"stage{i + 1}", stage)
     layers += [("features", GlobalPool(bn_relu=True, name="features_layer")),
-               ("logits", linear_head(self.num_classes))]
+               ("logits", make_head(self.num_classes, self.head))]
     return run_stages(self, layers, x, train, start, stop)
