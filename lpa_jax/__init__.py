@@ -8,3 +8,9 @@ Subpackages, in the order data flows through them:
 Importing the package never imports TensorFlow.
 """
 __version__ = "0.1.0"
+
+from lpa_jax.perturb import (LPA, LPAState, add_delta, check_finite, cut_linen, cut_nnx,  # noqa: E402
+                             cut_staged, lpa, nnx_functional, perturbed_apply)
+
+__all__ = ["LPA", "LPAState", "add_delta", "check_finite", "cut_linen", "cut_nnx", "cut_staged",
+           "lpa", "nnx_functional", "perturbed_apply", "__version__"]

@@ -10,11 +10,13 @@ import pytest
 
 from lpa_jax.data.task import TaskData
 from lpa_jax.models import get_model
-from lpa_jax.perturb import activation, defaults, gradient, logit, registry
+from experiments.configs import methods as defaults
+from lpa_jax.perturb import activation, gradient, logit, registry
 from lpa_jax.perturb.classes import ClassStats
-from lpa_jax.perturb.base import Batch, Context, chain_logits, identity_logits, plain_forward
+from lpa_jax.perturb.base import Batch, Context, chain_logits, identity, identity_logits
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.place import place
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import StepConfig, make_train_step
 
@@ -32,6 +34,10 @@ def setup(name="mlp", c=4, widths=(16, 8), shape=(6, 6, 1), b=8, seed=0):
   return ctx, variables, Batch(x, labels, jax.nn.one_hot(labels, c)), k3
 
 
+def at(ctx, point, method):
+  return place(method, ctx.cut_fn(point))
+
+
 def run(method, variables, batch, rng):
   return jax.jit(lambda r: method.forward(method.init(), variables, batch, r, True))(rng)
 
@@ -40,10 +46,10 @@ def run(method, variables, batch, rng):
 
 def test_dropout_preserves_expectation_and_is_off_at_eval():
   ctx, v, batch, _ = setup()
-  m = activation.dropout(ctx, "logits", rate=0.5)
+  m = at(ctx, "logits", activation.dropout(rate=0.5))
   fwd = jax.jit(jax.vmap(lambda r: m.forward((), v, batch, r, True)))(
       jax.random.split(jax.random.key(1), 2000))
-  clean = fwd.aux["clean_logits"][0]
+  clean = fwd.clean_logits[0]
   # Each entry is 0 or 2z with equal odds: the mean of n draws has standard error |z|/√n.
   assert (jnp.abs(fwd.logits_BxC.mean(0) - clean) <= 5 * jnp.abs(clean) / np.sqrt(2000)).all()
   assert abs(float(jnp.mean(fwd.logits_BxC == 0)) - 0.5) < 0.02
@@ -54,8 +60,8 @@ def test_dropout_preserves_expectation_and_is_off_at_eval():
 @pytest.mark.parametrize("mode", ["additive", "multiplicative"])
 def test_noise_has_the_right_std(mode):
   ctx, v, batch, rng = setup(b=256)
-  fwd = run(activation.noise(ctx, "logits", sigma=0.3, mode=mode), v, batch, rng)
-  clean = fwd.aux["clean_logits"]
+  fwd = run(at(ctx, "logits", activation.noise(sigma=0.3, mode=mode)), v, batch, rng)
+  clean = fwd.clean_logits
   n = fwd.logits_BxC - clean
   n = n / clean if mode == "multiplicative" else n
   assert abs(float(n.std()) - 0.3) < 0.02 and abs(float(n.mean())) < 0.03
@@ -64,7 +70,8 @@ def test_noise_has_the_right_std(mode):
 @pytest.mark.parametrize("select", ["switch", "mask"])
 def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda(select):
   ctx, v, batch, _ = setup(b=4)           # labels 0..3: the class index names the sample
-  m = activation.manifold_mixup(ctx, ("hidden1", "logits"), alpha=1.0, select=select)
+  m = activation.manifold_mixup([ctx.cut_fn("hidden1"), ctx.cut_fn("logits")], alpha=1.0,
+                                  select=select)
   fwd_fn = jax.jit(lambda r: m.forward((), v, batch, r, True))
   cut = ctx.cut_fn("hidden1")
   h = cut.lower(v, batch.x, True)[0]
@@ -82,7 +89,7 @@ def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda(select):
     point = int(fwd.aux["mix_point"])
     seen.add(point)
     if point == 1:   # mixed at the logits: z' = λ z + (1−λ) z_π
-      z = fwd.aux["clean_logits"]
+      z = fwd.clean_logits
       expect = lam * z + (1 - lam) * z[perm]
     else:            # mixed at hidden1: z' = f_up(λ h + (1−λ) h_π)
       expect = cut.upper(v, lam * h + (1 - lam) * h[perm], True)[0]
@@ -92,13 +99,13 @@ def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda(select):
 
 def test_fgsm_delta_has_norm_eps_and_raises_each_loss():
   ctx, v, batch, rng = setup(b=16)
-  fwd = run(activation.adversarial(ctx, "logits", eps=0.5, method="fgsm"), v, batch, rng)
-  clean = fwd.aux["clean_logits"]
+  fwd = run(at(ctx, "logits", activation.adversarial(eps=0.5, method="fgsm")), v, batch, rng)
+  clean = fwd.clean_logits
   np.testing.assert_allclose(jnp.linalg.norm(fwd.logits_BxC - clean, axis=-1), 0.5, rtol=1e-5)
   ce = lambda z: optax.softmax_cross_entropy(z, batch.targets_BxC)  # noqa: E731
   assert (ce(fwd.logits_BxC) > ce(clean)).all()
   # Deeper, through the layers above: every class's loss still goes up, δ has norm β^(L−l)·ε.
-  fwd = run(activation.adversarial(ctx, "hidden1", eps=0.2, beta=0.5, method="pgd", steps=3),
+  fwd = run(at(ctx, "hidden1", activation.adversarial(eps=0.2, beta=0.5, depth=2, method="pgd", steps=3)),
             v, batch, rng)
   np.testing.assert_allclose(fwd.aux["delta_norm_C"], 0.2 * 0.5 ** 2, rtol=1e-4)
   assert (fwd.aux["loss_change_C"] > 0).all() and (fwd.aux["expansive_share_C"] >= 0).all()
@@ -106,7 +113,7 @@ def test_fgsm_delta_has_norm_eps_and_raises_each_loss():
 
 def test_deep_augmentation_pca_projects_and_passes_gradients_straight_through():
   ctx, v, batch, rng = setup(b=8)
-  m = activation.deep_augmentation(ctx, "hidden2", mode="pca", pca_frac=0.25)  # k = 2 of 8
+  m = at(ctx, "hidden2", activation.deep_augmentation(mode="pca", pca_frac=0.25))  # k = 2 of 8
   cut = ctx.cut_fn("hidden2")
   h = cut.lower(v, batch.x, True)[0]
   fwd = run(m, v, batch, rng)
@@ -179,7 +186,7 @@ def test_lpl_equals_lpa_at_the_logits_where_the_spec_says():
   for c, k in ((4, 1), (2, 5)):
     ctx, v, batch, rng = setup(c=c, b=12)
     signs = (1, -1, 1, -1)[:c]
-    a = lpa(ctx, "logits", split="signs", signs=signs, eps=0.3 * k, steps=k, varied=False)
+    a = at(ctx, "logits", lpa(c, split="signs", signs=signs, eps=0.3 * k, steps=k, varied=False))
     got_lpa = run(a, v, batch, rng).logits_BxC
     p = logit.lpl(ctx, split="signs", signs=signs, alpha=0.3, steps=k)
     z = full_apply(ctx.cut_fn("logits"), v, batch.x, True)[0]
@@ -245,7 +252,7 @@ def test_sam_step_matches_a_two_pass_reference():
   lr, rho = 0.1, 0.05
   tx = gradient.sam(rho).wrap(optax.sgd(lr))
   cfg = StepConfig(10, 4, loss_grad_fn=True)
-  step = jax.jit(make_train_step(plain_forward(ctx.cut_fn("logits")), identity_logits(), tx, cfg))
+  step = jax.jit(make_train_step(at(ctx, "logits", identity()), identity_logits(), tx, cfg))
   params = v["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), (), (),
                      ClassStats.zeros(4), jax.random.key_data(jax.random.key(0)))

@@ -14,6 +14,7 @@ from lpa_jax.perturb import classes
 from lpa_jax.perturb.base import Batch, Context
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.place import place
 
 C = 10
 
@@ -29,9 +30,15 @@ def setup(fmnist_lt):
   return model, variables, Batch(x, y, jax.nn.one_hot(y, C)), ctx
 
 
+def placed_lpa(ctx, point, **kw):
+  """LPA built from hyper-parameters and placed at ``point`` of the context's model."""
+  cut = ctx.cut_fn(point)
+  return place(lpa(ctx.num_classes, class_counts=ctx.class_counts, depth=cut.depth, **kw), cut)
+
+
 def _run(setup, **kw):
   model, variables, batch, ctx = setup
-  method = lpa(ctx, **kw)
+  method = placed_lpa(ctx, **kw)
   fwd = jax.jit(lambda v, b: method.forward(method.init(), v, b, jax.random.key(0), True))(
       variables, batch)
   return method, fwd
@@ -58,7 +65,7 @@ def test_delta_norm_never_exceeds_class_radius(setup, normalize_step, varied):
   kw = dict(point="hidden1", split="longtail", eps=0.3, delta_eps=0.5, beta=0.6, steps=4,
             varied=varied, normalize=normalize_step)
   method, fwd = _run(setup, **kw)
-  split = method.init()
+  split = method.init().split
   radius = classes.class_radii(split, 0.3, 0.5, 0.6, cut_staged(model, "hidden1").depth, varied)
   norms = np.asarray(fwd.aux["delta_norm_C"])
   assert np.all(norms <= np.asarray(radius) + 1e-5)
@@ -71,7 +78,7 @@ def test_absent_classes_get_zero(setup):
   model, variables, batch, ctx = setup
   keep = np.asarray(batch.labels_B) < 5
   sub = Batch(batch.x[keep], batch.labels_B[keep], batch.targets_BxC[keep])
-  method = lpa(ctx, point="hidden2", split="all_positive", eps=1.0)
+  method = placed_lpa(ctx, point="hidden2", split="all_positive", eps=1.0)
   fwd = method.forward(method.init(), variables, sub, jax.random.key(0), True)
   norms = np.asarray(fwd.aux["delta_norm_C"])
   assert np.all(norms[5:] == 0) and np.all(norms[:5] > 0)
@@ -79,7 +86,7 @@ def test_absent_classes_get_zero(setup):
 
 def test_zero_radius_is_the_plain_forward(setup):
   model, variables, batch, ctx = setup
-  method = lpa(ctx, point="hidden1", split="all_positive", eps=0.0, delta_eps=0.0)
+  method = placed_lpa(ctx, point="hidden1", split="all_positive", eps=0.0, delta_eps=0.0)
   fwd = method.forward(method.init(), variables, batch, jax.random.key(0), True)
   plain, _ = full_apply(cut_staged(model, "logits"), variables, batch.x, True)
   np.testing.assert_array_equal(np.asarray(fwd.logits_BxC), np.asarray(plain))
@@ -88,7 +95,7 @@ def test_zero_radius_is_the_plain_forward(setup):
 def test_training_loss_sees_delta_as_a_constant(setup):
   """The parameter gradient equals that of a forward with the same δ frozen in by hand."""
   model, variables, batch, ctx = setup
-  method = lpa(ctx, point="hidden1", split="signs", signs=SIGNS, eps=1.0, beta=1.0)
+  method = placed_lpa(ctx, point="hidden1", split="signs", signs=SIGNS, eps=1.0, beta=1.0)
   cut = cut_staged(model, "hidden1")
 
   def loss_lpa(params):
@@ -105,7 +112,7 @@ def test_training_loss_sees_delta_as_a_constant(setup):
 
   # δ rows are the per-class tables gathered by label; rebuild them from the PGD once more.
   tables = _tables(method, variables, batch, ctx)
-  pert = jax.nn.one_hot(batch.labels_B, C) @ tables
+  pert = tables[batch.labels_B]
   # Same δ as the method used: the perturbed logits agree.
   np.testing.assert_allclose(cut.upper(variables, act + pert, True)[0], fwd.logits_BxC,
                              rtol=1e-5, atol=1e-5)
@@ -130,7 +137,7 @@ def _tables(method, variables, batch, ctx):
   from lpa_jax.perturb.pgd import class_pgd
   loss_fn, act, count_C = _hidden1_loss(variables, batch, ctx)
   cut = ctx.cut_fn("hidden1")
-  split = method.init()
+  split = method.init().split
   radius = classes.class_radii(split, 1.0, 0.1, 1.0, cut.depth, True)
   tables, _ = class_pgd(loss_fn, {"hidden1": jnp.zeros((C, act.shape[1]))}, count_C,
                         split.sign_C, {"hidden1": radius}, 3)
@@ -172,9 +179,9 @@ def test_longtail_split_puts_rare_classes_in_p():
 def test_bad_split_and_layer_raise_readable_errors(setup):
   _, _, _, ctx = setup
   with pytest.raises(ValueError, match="valid rules"):
-    lpa(ctx, point="hidden1", split="sideways")
+    placed_lpa(ctx, point="hidden1", split="sideways")
   with pytest.raises(ValueError, match="hidden1, hidden2, logits"):
-    lpa(ctx, point="stage3")
+    placed_lpa(ctx, point="stage3")
 
 
 def test_unrolled_pgd_equals_the_rolled_loop(setup):

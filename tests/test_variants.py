@@ -6,12 +6,15 @@ import optax
 import pytest
 
 from lpa_jax.models import get_model
-from lpa_jax.perturb.adaptive import AdaptiveState, carry_act_state, lpa_adaptive
+from lpa_jax.perturb import registry
+from lpa_jax.perturb.adaptive import AdaptiveState, lpa_adaptive
 from lpa_jax.perturb.base import Batch, Context, identity_logits
 from lpa_jax.perturb.classes import ClassStats, class_radii, constant_split
 from lpa_jax.perturb.hooks import Cut, cut_staged
 from lpa_jax.perturb.lpa import lpa
-from lpa_jax.perturb.pgd import class_pgd, lowrank_rows, row_norms
+from lpa_jax.perturb.pgd import class_pgd, lowrank_rows
+from lpa_jax.perturb.place import place
+from lpa_jax.perturb.tables import row_norms
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import StepConfig, make_train_step
 
@@ -32,15 +35,29 @@ def _ranks(t_CxHxWxD):
 def _recording(cut: Cut, log: list) -> Cut:
   """The same cut, logging the inputs of every ``upper`` call in program order: the last one
   is the final, post-PGD pass."""
-  def upper(variables, act, train, extra=None):
+  def upper(variables, act, train, extra=None, **kw):
     jax.debug.callback(lambda a, e: log.append((a, e)), act, extra, ordered=True)
-    return cut.upper(variables, act, train, extra)
+    return cut.upper(variables, act, train, extra, **kw)
   return cut._replace(upper=upper)
 
 
 def _run_lpa(method):
   jax.jit(lambda v: method.forward(method.init(), v, BATCH, None, True))(VARS)
   jax.effects_barrier()
+
+
+def _lpa(ctx, point, extra_points=(), **kw):
+  """LPA from hyper-parameters, placed at ``point`` (and jointly at ``extra_points``)."""
+  cut = ctx.cut_fn(point)
+  method = lpa(C, class_counts=ctx.class_counts, depth=cut.depth,
+               extra_points={p: ctx.cut_fn(p).depth for p in extra_points}, **kw)
+  return place(method, cut, registry._shape_of(ctx, extra_points) if extra_points else None)
+
+
+def _adaptive(ctx, points, every, select="auto", **kw):
+  cands = [(lpa(C, class_counts=ctx.class_counts, depth=ctx.cut_fn(p).depth, **kw),
+            ctx.cut_fn(p)) for p in points]
+  return lpa_adaptive(cands, every, select=select)
 
 
 def _ctx(log=None, spe=1):
@@ -74,7 +91,7 @@ def test_lowrank_pgd_step_has_rank_k_per_class():
 
 def test_lowrank_lpa_delta_has_rank_k():
   log = []
-  _run_lpa(lpa(_ctx(log), point="stage2", split="all_positive", eps=1.0, steps=1, lowrank=0.25))
+  _run_lpa(_lpa(_ctx(log), point="stage2", split="all_positive", eps=1.0, steps=1, lowrank=0.25))
   act = cut_staged(MODEL, "stage2").lower(VARS, X, True)[0]
   delta_BxHxWxD = log[-1][0] - act
   k = max(1, int(0.25 * min(4 * 4, 8)))  # stage2: 4x4x8
@@ -87,7 +104,7 @@ def test_multilayer_each_point_within_its_own_radius():
   log = []
   eps, beta = 1.0, 0.5
   points = ("stage2", "stage3", "features")
-  _run_lpa(lpa(_ctx(log), point=points[0], extra_points=points[1:], split="all_positive",
+  _run_lpa(_lpa(_ctx(log), point=points[0], extra_points=points[1:], split="all_positive",
                eps=eps, beta=beta, steps=3, varied=False))
   act = cut_staged(MODEL, points[0]).lower(VARS, X, True)[0]
   final_act, extra = log[-1]
@@ -113,8 +130,7 @@ def _train(method, steps, spe, counter=None):
   state = TrainState(jnp.zeros((), jnp.int32), params, {"batch_stats": VARS["batch_stats"]},
                      tx.init(params), method.init(), (), ClassStats.zeros(C),
                      jax.random.PRNGKey(3))
-  inner = carry_act_state(make_train_step(method, identity_logits(), tx,
-                                          StepConfig(spe, C)))
+  inner = make_train_step(method, identity_logits(), tx, StepConfig(spe, C))
 
   def counted(s, b):
     if counter is not None:
@@ -136,7 +152,7 @@ def test_adaptive_switches_to_dominant_candidate_compiling_once(select):
   # perturbation changes the loss far more, so the selection must land on it.  every=2 with 2
   # steps an epoch: epoch 0 trains, epoch 1 measures, epoch 2 (step 4) selects.
   counter = []
-  method = lpa_adaptive(_ctx(spe=2), ("stage1", "logits"), every=2, split="all_positive",
+  method = _adaptive(_ctx(spe=2), ("stage1", "logits"), every=2, split="all_positive",
                         eps=2.0, beta=0.05, steps=2, select=select)
   state, hist, step = _train(method, 5, spe=2, counter=counter)
   assert len(counter) == 1 and step._cache_size() == 1  # no retrace across epoch boundaries
@@ -148,7 +164,7 @@ def test_adaptive_switches_to_dominant_candidate_compiling_once(select):
 
 
 def test_adaptive_refresh_selects_every_m_epochs():
-  method = lpa_adaptive(_ctx(), ("stage1", "stage2", "stage3"), every=3, split="balanced")
+  method = _adaptive(_ctx(), ("stage1", "stage2", "stage3"), every=3, split="balanced")
   s = method.init()._replace(score_sum_K=jnp.array([1.0, 5.0, 2.0]), score_n=jnp.array(2.0))
   stats = ClassStats.zeros(C)
   kept = method.refresh(s, stats, jnp.int32(4))
@@ -161,4 +177,4 @@ def test_adaptive_refresh_selects_every_m_epochs():
 
 def test_adaptive_rejects_unknown_candidate():
   with pytest.raises(ValueError, match="stage3"):
-    lpa_adaptive(_ctx(), ("stage9",), every=1)
+    _adaptive(_ctx(), ("stage9",), every=1)

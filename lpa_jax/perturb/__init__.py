@@ -1,0 +1,39 @@
+"""The perturbation family as transforms, in the style of optax.
+
+Activation methods transform the activation at one point of a network you split into the
+layers below and above it (a :class:`Cut`); build them from hyper-parameters, then call their
+pure functions inside any training loop:
+
+>>> method = lpa(num_classes=10, split="longtail", class_counts=counts, eps=0.5,
+...              radius_mode="relative")
+>>> cut = cut_linen(model, "layer3", input_shape=(32, 32, 3))
+>>> out = perturbed_apply(method, cut, method.init(), variables, x, y, rng)
+
+Logit methods (:func:`lpl`, :func:`logit_adjust`, :func:`ldam`) rewrite the training logits;
+gradient methods (:func:`lpg`, :func:`gaf`, :func:`sam`, :func:`clip`, :func:`grad_noise`)
+act on gradients, mostly through optax.
+"""
+from lpa_jax.perturb.activation import (adversarial, deep_augmentation, dropout, input_cut,
+                                        manifold_mixup, mix, noise)
+from lpa_jax.perturb.adaptive import lpa_adaptive
+from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, GradientMethod, LogitMethod,
+                                  Perturbed, Placed, chain_logits, identity, identity_logits,
+                                  pgd_loss_of)
+from lpa_jax.perturb.classes import ClassStats, Split
+from lpa_jax.perturb.diagnostics import check_finite
+from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
+from lpa_jax.perturb.gradient import clip, gaf, grad_noise, lpg, sam
+from lpa_jax.perturb.hooks import Cut, cut_staged, full_apply
+from lpa_jax.perturb.logit import ldam, logit_adjust, lpl
+from lpa_jax.perturb.lpa import LPA, LPAState, add_delta, lpa
+from lpa_jax.perturb.place import perturbed_apply, place
+
+__all__ = [
+    "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "GradientMethod", "LPA",
+    "LPAState", "LogitMethod", "Perturbed", "Placed", "Split", "add_delta", "adversarial",
+    "chain_logits", "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged",
+    "deep_augmentation", "dropout", "full_apply", "gaf", "grad_noise", "identity",
+    "identity_logits", "input_cut", "ldam", "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpl",
+    "manifold_mixup", "mix", "nnx_functional", "noise", "perturbed_apply", "pgd_loss_of", "place",
+    "sam",
+]

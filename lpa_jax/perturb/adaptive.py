@@ -9,26 +9,23 @@ gradient) on the batch and accumulates its mean ``|Δℓ|``.  At the selection e
 takes the argmax and resets the sums.  So the extra cost is ``K`` LPA forwards per step for one
 epoch in ``M``, and nothing otherwise.  The first candidate is active until the first selection.
 
-Because a method's state normally changes only in ``refresh``, the forward hands its updated
-state (the accumulated sums) back as ``aux["act_state"]``.  Wrap the step with
-:func:`carry_act_state` (or have the train step pop that key) so it is kept:
+The forward returns its updated state (the accumulated scores) explicitly, like every method.
 
->>> method = lpa_adaptive(ctx, ["stage2", "stage3"], every=5, split="balanced", eps=0.1)
->>> step = jax.jit(carry_act_state(make_train_step(method, identity_logits(), tx, cfg)))
+>>> method = lpa_adaptive([(lpa(10), cut_staged(model, p)) for p in ("stage2", "stage3")],
+...                       every=5)
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from lpa_jax.perturb.base import ActivationMethod, Context, Forward
-from lpa_jax.perturb.lpa import lpa
-
-STATE_KEY = "act_state"
+from lpa_jax.perturb.base import Forward, Placed, default_loss
+from lpa_jax.perturb.hooks import Cut
+from lpa_jax.perturb.lpa import LPA
+from lpa_jax.perturb.place import perturbed_apply
 
 
 class AdaptiveState(NamedTuple):
@@ -40,25 +37,26 @@ class AdaptiveState(NamedTuple):
 
 
 def _mean_abs_dloss(fwd: Forward) -> jax.Array:
-  clean = optax.softmax_cross_entropy(fwd.aux["clean_logits"], fwd.targets_BxC)
-  pert = optax.softmax_cross_entropy(fwd.logits_BxC, fwd.targets_BxC)
+  clean = default_loss(fwd.clean_logits, fwd.targets_BxC)
+  pert = default_loss(fwd.logits_BxC, fwd.targets_BxC)
   return jnp.mean(jnp.abs(pert - clean))
 
 
 SELECT = ("auto", "switch", "mask")
 
 
-def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int, select: str = "auto",
-                 **lpa_kwargs: Any) -> ActivationMethod:
+def lpa_adaptive(candidates: Sequence[tuple[LPA, Cut]], every: int,
+                 select: str = "auto") -> Placed:
   """LPA at the candidate point whose perturbation changes the loss most, re-chosen every
-  ``every`` epochs.  ``lpa_kwargs`` go to :func:`~lpa_jax.perturb.lpa.lpa` for every candidate.
+  ``every`` epochs.  ``candidates`` pairs an LPA method (one per point, each with its own
+  ``depth``) with the cut at its point.
 
   ``select='switch'`` runs only the active candidate (``lax.switch``); ``'mask'`` runs every
   candidate and keeps the active one, which also scores them all for free.  XLA:CPU runs
-  convolutions inside conditionals on a slow path (``lpa_jax.bench``), so ``'auto'`` picks
-  ``mask`` on CPU and ``switch`` elsewhere.
+  convolutions inside conditionals on a slow path, so ``'auto'`` picks ``mask`` on CPU and
+  ``switch`` elsewhere; the choice made is recorded as ``aux['layer_select_switch']``.
 
-  >>> m = lpa_adaptive(ctx, ["stage1", "stage2", "stage3"], every=10, split="longtail")
+  >>> m = lpa_adaptive([(lpa(10, depth=2), cut1), (lpa(10, depth=1), cut2)], every=10)
   >>> int(m.init().index)
   0
   """
@@ -71,12 +69,9 @@ def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int, select: st
     raise ValueError(f"lpa_adaptive.select must be one of {SELECT}, got {select!r}")
   if select == "auto":
     select = "mask" if jax.default_backend() == "cpu" else "switch"
-  if lpa_kwargs.get("extra_points"):
+  if any(m.extra_points for m, _ in candidates):
     raise ValueError("lpa_adaptive picks one point; extra_points (multi-layer) do not combine")
-  for p in candidates:
-    if p not in ctx.points:
-      raise ValueError(f"Unknown candidate point {p!r}; valid points are: {', '.join(ctx.points)}")
-  methods = [lpa(ctx, point=p, **lpa_kwargs) for p in candidates]
+  methods = [m for m, _ in candidates]
   k = len(methods)
 
   def init():
@@ -85,66 +80,59 @@ def lpa_adaptive(ctx: Context, candidates: Sequence[str], every: int, select: st
                          jnp.asarray(every == 1))
 
   def branch(i):
-    def run(state, variables, batch, rng, train):
-      fwd = methods[i].forward(state.states[i], variables, batch, rng, train)
+    def run(state, variables, batch, rng, train, loss_fn=None):
+      method, cut = candidates[i]
+      fwd = perturbed_apply(method, cut, state.states[i], variables, batch.x, batch.labels_B,
+                            rng, train, loss_fn=loss_fn, targets=batch.targets_BxC)
       # lax.switch needs one pytree structure from every branch: a cut that leaves a
-      # collection untouched passes the incoming one through.
+      # collection untouched passes the incoming one through, and each branch returns every
+      # candidate's state (its own updated, the others as they were).
       cols = [c for c in variables if c != "params"] if train else []
-      return fwd._replace(model_state={c: fwd.model_state.get(c, variables[c]) for c in cols})
+      states = tuple(fwd.state if j == i else s for j, s in enumerate(state.states))
+      return fwd._replace(model_state={c: fwd.model_state.get(c, variables[c]) for c in cols},
+                          state=states)
     return run
 
   branches = [branch(i) for i in range(k)]
 
-  def score_all(state, variables, batch, rng, train):
+  def score_all(state, variables, batch, rng, train, loss_fn):
     variables = jax.lax.stop_gradient(variables)  # scoring must not feed the parameter update
-    return jnp.stack([_mean_abs_dloss(b(state, variables, batch, rng, train)) for b in branches])
+    return jnp.stack([_mean_abs_dloss(b(state, variables, batch, rng, train, loss_fn))
+                      for b in branches])
 
-  def forward(state, variables, batch, rng, train):
+  def forward(state, variables, batch, rng, train, loss_fn=None):
+    if not train:
+      return branches[0](state, variables, batch, rng, False)._replace(state=state)
     if select == "mask":
-      fwds = [b(state, variables, batch, rng, train) for b in branches]
+      fwds = [b(state, variables, batch, rng, train, loss_fn) for b in branches]
       fwd = jax.tree.map(lambda *xs: jnp.stack(xs)[state.index], *fwds)
       scores_K = jnp.where(state.measure & train, jax.lax.stop_gradient(
           jnp.stack([_mean_abs_dloss(f) for f in fwds])), 0.0)
     else:
       # ``train`` is static (a Python bool): bind it rather than pass it as a traced operand.
-      fwd = jax.lax.switch(state.index, [functools.partial(b, train=train) for b in branches],
-                           state, variables, batch, rng)
-      scores_K = jax.lax.cond(state.measure & train, functools.partial(score_all, train=train),
+      fwd = jax.lax.switch(state.index, [functools.partial(b, train=train, loss_fn=loss_fn)
+                                         for b in branches], state, variables, batch, rng)
+      scores_K = jax.lax.cond(state.measure & train,
+                              functools.partial(score_all, train=train, loss_fn=loss_fn),
                               lambda *_: jnp.zeros((k,), jnp.float32), state, variables, batch,
                               rng)
     measured = (state.measure & train).astype(jnp.float32)
-    new_state = state._replace(score_sum_K=state.score_sum_K + scores_K,
+    new_state = state._replace(states=fwd.state, score_sum_K=state.score_sum_K + scores_K,
                                score_n=state.score_n + measured)
-    aux = {**fwd.aux, STATE_KEY: new_state, "layer_index": state.index,
-           "layer_score_K": new_state.score_sum_K / jnp.maximum(new_state.score_n, 1.0)}
-    return fwd._replace(aux=aux)
+    aux = {**fwd.aux, "layer_index": state.index,
+           "layer_score_K": new_state.score_sum_K / jnp.maximum(new_state.score_n, 1.0),
+           "layer_select_switch": jnp.float32(select == "switch")}
+    return fwd._replace(state=new_state, aux=aux)
 
-  def refresh(state, stats, epoch):
+  def refresh(state, stats=None, epoch=0):
     states = tuple(m.refresh(s, stats, epoch) for m, s in zip(methods, state.states))
-    select = (epoch % every == 0) & (state.score_n > 0)
+    choose = (epoch % every == 0) & (state.score_n > 0)
     best = jnp.argmax(state.score_sum_K).astype(jnp.int32)
     return AdaptiveState(
-        index=jnp.where(select, best, state.index),
+        index=jnp.where(choose, best, state.index),
         states=states,
-        score_sum_K=jnp.where(select, 0.0, state.score_sum_K),
-        score_n=jnp.where(select, 0.0, state.score_n),
+        score_sum_K=jnp.where(choose, 0.0, state.score_sum_K),
+        score_n=jnp.where(choose, 0.0, state.score_n),
         measure=jnp.asarray((epoch + 1) % every == 0))
 
-  return ActivationMethod(init, forward, refresh)
-
-
-def carry_act_state(step_fn):
-  """Wraps a train step so an activation method may update its state from ``forward``.
-
-  The step puts ``forward``'s aux into its metrics; this moves ``aux["act_state"]`` from the
-  metrics into ``state.act_state``.  (Equivalent to one line in the train step.)
-
-  >>> step = jax.jit(carry_act_state(make_train_step(method, logit, tx, cfg)))
-  """
-  def step(state, batch):
-    new_state, metrics = step_fn(state, batch)
-    metrics = dict(metrics)
-    if STATE_KEY in metrics:
-      new_state = new_state.replace(act_state=metrics.pop(STATE_KEY))
-    return new_state, metrics
-  return step
+  return Placed(init, forward, refresh)

@@ -1,19 +1,24 @@
-"""The perturbation interface: small NamedTuples of pure functions with explicit state.
+"""The perturbation interfaces: small NamedTuples of pure functions with explicit state.
 
-Like optax transforms, every method is built by a factory and used through three functions:
+Like optax transforms, every method is built by a factory from its hyper-parameters and used
+through pure functions:
 
-* an :class:`ActivationMethod` owns the forward pass: it cuts the network at its point(s), adds
-  ``δ`` there and returns the logits (and, for mixing methods, new targets);
+* an :class:`ActivationMethod` transforms an activation: ``apply(state, act, labels, upper,
+  rng, train) -> Perturbed`` gets the activation at its point, the labels and the network
+  above the point as a function, and returns the new activation, the (possibly mixed) targets
+  and its new state; ``train=False`` is the identity.  The caller owns the model and the
+  lower/upper split (:func:`lpa_jax.perturb.place.perturbed_apply` does it for a ``Cut``);
 * a :class:`LogitMethod` rewrites the training logits (and per-example loss weights), and may
   rewrite evaluation logits (post-hoc logit adjustment);
 * a :class:`GradientMethod` bundles ``optax.GradientTransformation`` s placed around the
   optimiser (and, for LPG, a :class:`LogitMethod` whose custom backward edits logit gradients).
 
-``refresh`` is called once per epoch, inside the jitted step, with the epoch's
-:class:`~lpa_jax.perturb.classes.ClassStats`.
+``refresh(state, stats, epoch)`` is called at the epoch boundaries the caller chooses, with
+the epoch's :class:`~lpa_jax.perturb.classes.ClassStats`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -21,46 +26,104 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpa_jax.perturb.classes import ClassStats
-from lpa_jax.perturb.hooks import Cut, full_apply
+from lpa_jax.perturb.hooks import Cut
 
 PyTree = Any
 
 
+def default_loss(logits_BxC: jax.Array, targets_BxC: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy: the loss PGD follows unless the caller passes its own."""
+  return optax.softmax_cross_entropy(logits_BxC, targets_BxC)
+
+
+def check_finite_params(method: str, **values) -> None:
+  """Rejects NaN / inf hyper-parameters, naming the field (``lpa.eps must be finite ...``)."""
+  for name, v in values.items():
+    if v is None or isinstance(v, (str, bool)):
+      continue
+    arr = np.asarray(v, dtype=np.float64) if np.ndim(v) else None
+    bad = (not np.all(np.isfinite(arr))) if arr is not None else not math.isfinite(float(v))
+    if bad:
+      raise ValueError(f"{method}.{name} must be finite, got {v!r}")
+
+
 class Context(NamedTuple):
-  """Static facts about the run that perturbation factories may need."""
+  """Facts about the run that the config-driven registry needs to build and place methods.
+
+  Method factories themselves take hyper-parameters only; the registry reads the number of
+  classes, the class counts and the schedule from here, and cuts the model with ``cut_fn``.
+  """
   num_classes: int
   class_counts: np.ndarray
   steps_per_epoch: int
   num_epochs: int
   cut_fn: Callable[[str], Cut]     # point name -> Cut
   points: tuple[str, ...]          # valid point names, bottom to top
+  seed: int = 0                    # the run's seed (gradient noise draws from it)
 
 
 class Batch(NamedTuple):
-  x: jax.Array           # normalised, augmented inputs
+  x: jax.Array           # float inputs (augmented and normalised by the input pipeline)
   labels_B: jax.Array    # int labels (possibly noisy)
   targets_BxC: jax.Array  # soft targets (one-hot unless a method mixes)
 
 
-class Forward(NamedTuple):
-  logits_BxC: jax.Array
+class Perturbed(NamedTuple):
+  """What an activation method returns: the new activation, targets and state.
+
+  ``clean_logits`` are the unperturbed logits when the method computed them anyway (LPA's PGD
+  starts at δ = 0), else ``None``; ``extra`` maps higher point names to per-example tensors to
+  add there (multi-layer LPA), else ``None``.
+  """
+  act: Any
   targets_BxC: jax.Array
-  model_state: dict
-  aux: dict               # diagnostics; 'clean_logits' (if present) feeds the class statistics
+  state: PyTree
+  clean_logits: jax.Array | None = None
+  aux: dict = {}
+  extra: dict | None = None
 
 
 class ActivationMethod(NamedTuple):
+  """A transform of the activation at one point; see the module docstring."""
   init: Callable[[], PyTree]
-  forward: Callable[[PyTree, dict, Batch, jax.Array, bool], Forward]
-  refresh: Callable[[PyTree, ClassStats, jax.Array], PyTree]
+  apply: Callable[..., Perturbed]
+  refresh: Callable[..., PyTree]
+
+
+class Forward(NamedTuple):
+  """A placed method's forward pass: logits, targets, model and method state, diagnostics."""
+  logits_BxC: jax.Array
+  targets_BxC: jax.Array
+  model_state: dict
+  state: PyTree
+  clean_logits: jax.Array | None
+  aux: dict
+
+
+class Placed(NamedTuple):
+  """An activation method bound to a network: what the train step runs.
+
+  ``forward(state, variables, batch, rng, train, loss_fn=None) -> Forward``.  Single-point
+  methods are placed with :func:`lpa_jax.perturb.place.place`; methods that choose among
+  several points (Manifold Mixup, adaptive-layer LPA) are built placed.
+  """
+  init: Callable[[], PyTree]
+  forward: Callable[..., Forward]
+  refresh: Callable[..., PyTree]
 
 
 class LogitMethod(NamedTuple):
+  """``apply(state, logits, batch, step) -> (logits, weights_B, aux)``.
+
+  ``pgd_apply`` is the same map as seen by an activation method's PGD (default: ``apply``);
+  gradient-level edits that leave the loss unchanged (LPG's custom backward) set it to skip
+  themselves, since PGD follows the training *loss*.
+  """
   init: Callable[[], PyTree]
   apply: Callable[[PyTree, jax.Array, Batch, jax.Array], tuple[jax.Array, jax.Array, dict]]
-  refresh: Callable[[PyTree, ClassStats, jax.Array], PyTree]
+  refresh: Callable[[PyTree, Any, jax.Array], PyTree]
   predict: Callable[[PyTree, jax.Array], jax.Array] = lambda state, logits: logits
+  pgd_apply: Callable | None = None
 
 
 class GradientMethod(NamedTuple):
@@ -80,16 +143,16 @@ class GradientMethod(NamedTuple):
   logit: LogitMethod | None = None
 
 
-def keep_state(state, stats, epoch):
+def keep_state(state, stats=None, epoch=None):
   return state
 
 
-def plain_forward(cut: Cut) -> ActivationMethod:
-  """No activation perturbation: the ordinary forward pass."""
-  def forward(state, variables, batch, rng, train):
-    logits, st = full_apply(cut, variables, batch.x, train)
-    return Forward(logits, batch.targets_BxC, st, {})
-  return ActivationMethod(lambda: (), forward, keep_state)
+def identity() -> ActivationMethod:
+  """No activation perturbation: ``act`` unchanged, empty state."""
+  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None,
+            **_):
+    return Perturbed(act, targets, state)
+  return ActivationMethod(lambda: (), apply, keep_state)
 
 
 def identity_logits() -> LogitMethod:
@@ -105,10 +168,12 @@ def chain_logits(a: LogitMethod, b: LogitMethod) -> LogitMethod:
   >>> m = chain_logits(logit_adjust(ctx), lpg(ctx))   # LA on the logits, LPG on their gradient
   >>> z, w_B, aux = m.apply(m.init(), z, batch, step)
   """
-  def apply(state, logits_BxC, batch, step):
-    z, w_a, aux_a = a.apply(state[0], logits_BxC, batch, step)
-    z, w_b, aux_b = b.apply(state[1], z, batch, step)
-    return z, w_a * w_b, {**aux_a, **aux_b}
+  def chained(fa, fb):
+    def apply(state, logits_BxC, batch, step):
+      z, w_a, aux_a = fa(state[0], logits_BxC, batch, step)
+      z, w_b, aux_b = fb(state[1], z, batch, step)
+      return z, w_a * w_b, {**aux_a, **aux_b}
+    return apply
 
   def refresh(state, stats, epoch):
     return a.refresh(state[0], stats, epoch), b.refresh(state[1], stats, epoch)
@@ -116,45 +181,18 @@ def chain_logits(a: LogitMethod, b: LogitMethod) -> LogitMethod:
   def predict(state, logits_BxC):
     return b.predict(state[1], a.predict(state[0], logits_BxC))
 
-  return LogitMethod(lambda: (a.init(), b.init()), apply, refresh, predict)
+  return LogitMethod(lambda: (a.init(), b.init()), chained(a.apply, b.apply), refresh, predict,
+                     chained(a.pgd_apply or a.apply, b.pgd_apply or b.apply))
 
 
-def sample_norms(a_BxD: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(a_BxD.reshape(a_BxD.shape[0], -1) ** 2, -1))
+def pgd_loss_of(logit: LogitMethod, state, batch: Batch, step) -> Callable:
+  """The training loss as PGD must follow it: ``(logits, targets) -> w_B · ℓ(logit(z), t)``.
 
-
-def perturbation_diagnostics(delta_BxD, act_BxD, onehot_BxC, clean_logits, logits, targets_BxC,
-                             sign_C, clean_targets_BxC=None) -> dict:
-  """Per-class diagnostics shared by every activation method (means over the batch's samples).
-
-  ``delta_norm_C`` (mean ‖δ_i‖), ``sign_C``, ``expansive_share_C`` (share with ‖a+δ‖ > ‖a‖),
-  ``loss_change_C`` (perturbed minus clean loss; the clean loss uses ``clean_targets_BxC``,
-  default ``targets_BxC``), ``present_C``; plus ``clean_logits`` for the class statistics.
-  For a class-level ``δ`` pass ``delta_BxD = gather_rows(onehot_BxC, δ_CxD)``.
-
-  >>> aux = perturbation_diagnostics(d_BxD, a_BxD, onehot_BxC, z0_BxC, z_BxC, t_BxC, sign_C)
+  >>> loss_fn = pgd_loss_of(ldam(ctx), (), batch, step)   # LDAM margins and DRW weights
   """
-  delta_BxD, act_BxD = jax.lax.stop_gradient((delta_BxD, act_BxD))
-  clean_targets_BxC = targets_BxC if clean_targets_BxC is None else clean_targets_BxC
-  expansive_B = (sample_norms(act_BxD + delta_BxD) > sample_norms(act_BxD)).astype(jnp.float32)
-  dloss_B = (optax.softmax_cross_entropy(jax.lax.stop_gradient(logits), targets_BxC)
-             - optax.softmax_cross_entropy(jax.lax.stop_gradient(clean_logits),
-                                           clean_targets_BxC))
-  return {
-      "clean_logits": jax.lax.stop_gradient(clean_logits),
-      "delta_norm_C": per_class_mean(onehot_BxC, sample_norms(delta_BxD)),
-      "sign_C": jnp.asarray(sign_C, jnp.float32) * jnp.ones(onehot_BxC.shape[-1]),
-      "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
-      "loss_change_C": per_class_mean(onehot_BxC, dloss_B),
-      "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),
-  }
+  fn = logit.pgd_apply or logit.apply
 
-
-def gather_rows(onehot_BxC: jax.Array, table_CxD: jax.Array) -> jax.Array:
-  """``table[y]`` written as ``one_hot(y) @ table``, which shards cleanly over the batch axis."""
-  flat = table_CxD.reshape(table_CxD.shape[0], -1)
-  return (onehot_BxC @ flat).reshape(onehot_BxC.shape[:1] + table_CxD.shape[1:])
-
-
-def per_class_mean(onehot_BxC: jax.Array, values_B: jax.Array) -> jax.Array:
-  return (values_B @ onehot_BxC) / jnp.maximum(onehot_BxC.sum(0), 1.0)
+  def loss_fn(logits_BxC, targets_BxC):
+    z, w_B, _ = fn(state, logits_BxC, batch._replace(targets_BxC=targets_BxC), step)
+    return w_B * default_loss(z, targets_BxC)
+  return loss_fn

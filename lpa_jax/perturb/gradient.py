@@ -18,7 +18,8 @@ import optax
 from lpa_jax.perturb import classes
 from lpa_jax.perturb.base import Context, GradientMethod, LogitMethod
 from lpa_jax.perturb.logit import default_num_head
-from lpa_jax.perturb.pgd import EPS, row_norms
+from lpa_jax.perturb.pgd import EPS
+from lpa_jax.perturb.tables import row_norms
 
 GAF_FORMS = ("atan", "tanh", "log")
 GAF_WHERE = ("raw", "momentum")
@@ -80,7 +81,11 @@ def lpg_logits(ctx: Context, split: str = "balanced", eps: float = 0.1, delta_ep
   def refresh(state, stats, epoch):
     return classes.refresh_split(split, state, stats)
 
-  return LogitMethod(lambda: init_split, apply, refresh)
+  def pgd_apply(state, logits_BxC, batch, step):
+    # PGD follows the training loss, which LPG leaves unchanged (it edits only gradients).
+    return logits_BxC, jnp.ones_like(logits_BxC[:, 0]), {}
+
+  return LogitMethod(lambda: init_split, apply, refresh, pgd_apply=pgd_apply)
 
 
 def lpg(ctx: Context, **kwargs) -> GradientMethod:

@@ -15,7 +15,8 @@ import numpy as np
 
 from lpa_jax.perturb import classes
 from lpa_jax.perturb.base import Context, LogitMethod, keep_state
-from lpa_jax.perturb.pgd import EPS, row_norms
+from lpa_jax.perturb.pgd import EPS
+from lpa_jax.perturb.tables import row_norms
 
 LA_MODES = ("loss", "posthoc")
 

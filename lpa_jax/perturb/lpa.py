@@ -1,48 +1,89 @@
-"""LPA — Learning to Perturb Activations (SPEC §1).
+"""LPA — Learning to Perturb Activations (SPEC §1), as a transform of an activation.
 
-At one (or several) named points, a class-level vector ``δ_{y_i}`` is added to every sample's
-activation.  ``δ`` is found afresh for each mini-batch by ``T`` steps of PGD through the layers
-above the point only — ascending the loss for positive (hard / rare) classes, descending it
-for negative (easy / frequent) ones — and then held constant for the training loss.
+At one named point a class-level vector ``δ_{y_i}`` is added to every sample's activation.
+``δ`` is found afresh for each mini-batch by ``T`` steps of PGD through the layers above the
+point only — ascending the training loss for positive (hard / rare) classes, descending it for
+negative (easy / frequent) ones — and then held constant for the training loss.
 
->>> method = lpa(ctx, point="stage3", split="longtail", eps=0.1, steps=3)
->>> fwd = method.forward(method.init(), variables, batch, rng, True)
+Built from hyper-parameters alone, used through pure, jittable functions (like optax)::
+
+    method = lpa(num_classes=10, split="longtail", class_counts=counts, eps=0.5,
+                 radius_mode="relative")
+    state = method.init()
+    delta_CxD = method.delta(state, upper, act, labels)     # PGD through `upper` only
+    act = add_delta(act, delta_CxD, labels)                  # act + δ[y]
+    out = method.apply(state, act, labels, upper, rng)       # both, plus stats and diagnostics
+    state = method.refresh(out.state)                        # at an epoch boundary you choose
+
+``upper(act) -> logits`` is the network above the point (with frozen parameters: PGD never
+produces parameter gradients).  PGD ascends/descends ``loss_fn(logits, targets) -> loss_B``,
+the loss the caller trains with (default softmax cross-entropy); a composed logit method's
+loss (LDAM margins, logit adjustment, LPL) and per-example weights go in through ``loss_fn``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (ActivationMethod, Context, Forward, gather_rows, per_class_mean,
-                                  perturbation_diagnostics, sample_norms)
+from lpa_jax.perturb.base import Perturbed, check_finite_params, default_loss
 from lpa_jax.perturb.pgd import class_pgd
+from lpa_jax.perturb.tables import class_counts as batch_counts
+from lpa_jax.perturb.tables import gather_rows, per_class_mean, row_norms
 
 RADIUS_MODES = ("absolute", "relative")
+MAIN = "act"  # key of the perturbed point's table among the (multi-layer) tables
 
 
-def lpa(ctx: Context, point: str, split: str = "balanced", eps: float = 0.1,
-        delta_eps: float = 0.1, beta: float = 0.7, steps: int = 3, varied: bool = True,
-        normalize: bool = True, lowrank: float | None = None, extra_points: Sequence[str] = (),
-        radius_mode: str = "absolute", num_head: int | None = None, signs=None) -> ActivationMethod:
-  """Builds the LPA activation method.
+class LPAState(NamedTuple):
+  """The class split (``sign_C``, ``q_C``, ``tau``) and this epoch's running class statistics."""
+  split: classes.Split
+  stats: classes.ClassStats
 
-  Args:
-    ctx: run context (classes, counts, how to cut the model).
-    point: the perturbed point (the cut); ``extra_points`` above it are perturbed jointly
-      (multi-layer variant, staged models only).
-    split: ``balanced`` / ``balanced_accuracy`` (q_c vs its mean, refreshed each epoch),
-      ``longtail`` (frequency rank), ``all_positive`` (domain generalisation),
-      ``all_negative``, or ``signs`` (a user-given vector ``signs``).
-    eps, delta_eps, beta, varied: radius ``β^(L−l)(ε + Δε|τ − q_c|)``, or ``β^(L−l)ε`` if fixed.
-    steps: PGD steps ``T``; step size ``2ε_c/T``.
-    normalize: normalised PGD step (ours) or the paper's raw gradient step.
-    lowrank: top-k fraction for the low-rank gradient variant (``0.25`` = ``k = d/4``).
-    radius_mode: ``absolute`` ℓ2 radius, or ``relative`` to the class's mean activation norm (ours).
+  @property
+  def sign_C(self) -> jax.Array:
+    return self.split.sign_C
+
+
+class LPA(NamedTuple):
+  """LPA's pure functions; ``init``/``apply``/``refresh`` are the activation-method interface.
+
+  Attributes:
+    init: ``() -> LPAState``.
+    apply: ``(state, act, labels, upper, rng=None, train=True, *, loss_fn=None, targets=None,
+      extra_shapes=None) -> Perturbed``: ``δ`` by PGD, added to ``act``; the returned state has
+      the batch's clean statistics accumulated.  ``train=False`` is the identity.
+    refresh: ``(state, stats=None, epoch=None) -> state``: a new split from ``stats`` (default:
+      the state's own accumulated statistics), statistics reset.
+    delta: ``(state, upper, act, labels, *, loss_fn=None, targets=None) -> δ_CxD``.
+    accumulate: ``(state, clean_logits, labels) -> state``.
+    radii: ``(state, act, labels) -> ε_C`` at the main point.
+    extra_points: names of higher points perturbed jointly (multi-layer variant).
   """
+  init: Callable
+  apply: Callable
+  refresh: Callable
+  delta: Callable
+  accumulate: Callable
+  radii: Callable
+  extra_points: tuple = ()
+
+
+def add_delta(act_BxD: jax.Array, delta_CxD: jax.Array, labels_B: jax.Array) -> jax.Array:
+  """``act + δ[y]`` in the activation's dtype (a bf16 network stays bf16 above the point).
+
+  >>> add_delta(jnp.zeros((2, 3)), jnp.eye(3), jnp.array([2, 0]))
+  Array([[0., 0., 1.],
+         [1., 0., 0.]], dtype=float32)
+  """
+  return act_BxD + gather_rows(delta_CxD, labels_B).astype(act_BxD.dtype)
+
+
+def _validate(steps, eps, delta_eps, beta, radius_mode, depth):
+  for name, v in (("eps", eps), ("delta_eps", delta_eps), ("beta", beta), ("depth", depth)):
+    check_finite_params("lpa", **{name: v})
   if steps < 1:
     raise ValueError(f"lpa.steps must be >= 1, got {steps}")
   if eps < 0 or delta_eps < 0 or not 0 < beta <= 1:
@@ -50,54 +91,116 @@ def lpa(ctx: Context, point: str, split: str = "balanced", eps: float = 0.1,
                      f"delta_eps={delta_eps}, beta={beta}")
   if radius_mode not in RADIUS_MODES:
     raise ValueError(f"lpa.radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
-  cut = ctx.cut_fn(point)
-  points = (point,) + tuple(p for p in extra_points if p != point)
-  depth = {p: cut.depth if p == point else ctx.cut_fn(p).depth for p in points}
-  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, num_head)
 
-  def radii(split_state, act_norm_C):
+
+def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
+        beta: float = 0.7, steps: int = 3, varied: bool = True, normalize: bool = True,
+        lowrank: float | None = None, radius_mode: str = "absolute", depth: float = 0,
+        class_counts=None, num_head: int | None = None, signs=None,
+        extra_points: Mapping[str, float] | None = None) -> LPA:
+  """Builds LPA from its hyper-parameters.
+
+  Args:
+    num_classes: ``C``.
+    split: ``balanced`` / ``balanced_accuracy`` (q_c vs its mean, refreshed each epoch),
+      ``longtail`` (frequency rank; needs ``class_counts``), ``all_positive`` (domain
+      generalisation), ``all_negative``, or ``signs`` (a user-given vector ``signs``).
+    eps, delta_eps, beta, varied: radius ``β^(L−l)(ε + Δε|τ − q_c|)``, or ``β^(L−l)ε`` if fixed.
+    steps: PGD steps ``T``; step size ``2ε_c/T``.
+    normalize: normalised PGD step (ours) or the paper's raw gradient step.
+    lowrank: top-k fraction for the low-rank gradient variant (``0.25`` = ``k = d/4``).
+    radius_mode: ``absolute`` ℓ2 radius, or ``relative`` to the class's mean activation norm
+      in the batch (ours: ``ε`` is then a fraction of ``‖a‖``).
+    depth: ``L − l`` of the point, for ``β^(L−l)``.
+    class_counts: training examples per class (long-tail split).
+    num_head: head size of the long-tail split (default: classes at or above the median count).
+    extra_points: ``{name: depth}`` of higher points perturbed jointly (multi-layer variant;
+      the network's ``upper(act, extra)`` must accept per-example tensors there).
+
+  >>> method = lpa(10, split="all_positive", eps=0.5)
+  >>> out = method.apply(method.init(), act_BxD, labels_B, upper, None)
+  """
+  _validate(steps, eps, delta_eps, beta, radius_mode, depth)
+  extra_points = dict(extra_points or {})
+  for p, d in extra_points.items():
+    check_finite_params("lpa", **{f"extra_points[{p}]": d})
+  init_split = classes.initial_split(split, num_classes, class_counts, signs, num_head)
+  depths = {MAIN: depth, **extra_points}
+
+  def init():
+    return LPAState(init_split, classes.ClassStats.zeros(num_classes))
+
+  def radii_for(state, norm_C):
     out = {}
-    for p in points:
-      r = classes.class_radii(split_state, eps, delta_eps, beta, depth[p], varied)
-      out[p] = r * act_norm_C if radius_mode == "relative" else r
+    for p, d in depths.items():
+      r = classes.class_radii(state.split, eps, delta_eps, beta, d, varied)
+      out[p] = r * norm_C if radius_mode == "relative" else r
     return out
 
-  def forward(state, variables, batch, rng, train):
-    act, st = cut.lower(variables, batch.x, train)
-    up_vars = {**variables, **st}
-    frozen, act_sg = jax.lax.stop_gradient((up_vars, act))
-    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes)
-    count_C = onehot_BxC.sum(0)
+  def radii(state, act, labels_B):
+    onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
+    return radii_for(state, per_class_mean(onehot_BxC, row_norms(act)))[MAIN]
 
-    def perturbations(tables):
-      return {p: gather_rows(onehot_BxC, t) for p, t in tables.items()}
+  def tables(state, upper, act, labels_B, loss_fn, targets_BxC, extra_shapes):
+    loss_fn = loss_fn or default_loss
+    if targets_BxC is None:
+      targets_BxC = jax.nn.one_hot(labels_B, num_classes)
+    act_sg = jax.lax.stop_gradient(act)
 
-    def upper_logits(variables_, a, tables):
-      pert = perturbations(tables)
-      extra = {p: pert[p] for p in points[1:]} or None
-      return cut.upper(variables_, a + pert[point], train, extra)
+    def upper_logits(a, t):
+      pert = {p: gather_rows(t[p], labels_B) for p in extra_points}
+      return upper(add_delta(a, t[MAIN], labels_B), pert or None)
 
-    def loss_fn(tables):
-      logits, _ = upper_logits(frozen, act_sg, tables)
-      return optax.softmax_cross_entropy(logits, batch.targets_BxC).sum(), logits
+    def pgd_loss(t):
+      logits = upper_logits(act_sg, t)
+      return jnp.sum(loss_fn(logits, targets_BxC)), logits
 
-    act_norm_B = sample_norms(act_sg)
-    tables0 = {point: jnp.zeros((ctx.num_classes,) + act.shape[1:], act.dtype)}
-    if len(points) > 1:
-      # Shapes of the higher points come from one abstract evaluation (no FLOPs at run time).
-      for p in points[1:]:
-        shape = jax.eval_shape(lambda p=p: ctx.cut_fn(p).lower(frozen, batch.x, train)[0]).shape
-        tables0[p] = jnp.zeros((ctx.num_classes,) + shape[1:], act.dtype)
-    radius = radii(state, per_class_mean(onehot_BxC, act_norm_B))
-    tables, clean_logits = class_pgd(loss_fn, tables0, count_C, state.sign_C, radius, steps,
-                                     normalize, lowrank)
-    logits, st2 = upper_logits(up_vars, act, tables)
-    delta_B = gather_rows(onehot_BxC, tables[point])
-    return Forward(logits, batch.targets_BxC, {**st, **st2},
-                   perturbation_diagnostics(delta_B, act_sg, onehot_BxC, clean_logits, logits,
-                                            batch.targets_BxC, state.sign_C))
+    # Tables accumulate in f32 whatever the network's dtype; add_delta casts them.
+    shapes = {MAIN: act.shape[1:], **_extra_shapes(extra_points, extra_shapes)}
+    tables0 = {p: jnp.zeros((num_classes,) + tuple(s), jnp.float32) for p, s in shapes.items()}
+    onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
+    radius = radii_for(state, per_class_mean(onehot_BxC, row_norms(act_sg).astype(jnp.float32)))
+    out, clean = class_pgd(pgd_loss, tables0, batch_counts(labels_B, num_classes), state.sign_C,
+                           radius, steps, normalize, lowrank)
+    return out, clean, radius[MAIN]
 
-  def refresh(state, stats, epoch):
-    return classes.refresh_split(split, state, stats)
+  def delta(state, upper, act, labels_B, *, loss_fn=None, targets=None):
+    if extra_points:
+      raise ValueError("lpa.delta returns one table; with extra_points use lpa.apply")
+    return tables(state, lambda a, extra=None: upper(a), act, labels_B, loss_fn, targets,
+                  None)[0][MAIN]
 
-  return ActivationMethod(lambda: init_split, forward, refresh)
+  def accumulate(state, clean_logits, labels_B):
+    loss_B = default_loss(clean_logits, jax.nn.one_hot(labels_B, num_classes))
+    return state._replace(stats=state.stats.add(clean_logits, labels_B, loss_B))
+
+  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None,
+            extra_shapes=None):
+    if targets is None:
+      targets = jax.nn.one_hot(labels_B, num_classes)
+    if not train:
+      return Perturbed(act, targets, state)
+    t, clean, radius_C = tables(state, upper, act, labels_B, loss_fn, targets, extra_shapes)
+    extra = {p: gather_rows(t[p], labels_B) for p in extra_points} or None
+    clean = jax.lax.stop_gradient(clean)
+    aux = {"sign_C": state.sign_C, "radius_C": radius_C,
+           "delta_table_norm_C": row_norms(t[MAIN])}
+    return Perturbed(add_delta(act, t[MAIN], labels_B), targets,
+                     accumulate(state, clean, labels_B), clean, aux, extra)
+
+  def refresh(state, stats=None, epoch=None):
+    stats = state.stats if stats is None else stats
+    return LPAState(classes.refresh_split(split, state.split, stats),
+                    classes.ClassStats.zeros(num_classes))
+
+  return LPA(init, apply, refresh, delta, accumulate, radii, tuple(extra_points))
+
+
+def _extra_shapes(extra_points, extra_shapes) -> dict:
+  if not extra_points:
+    return {}
+  missing = [p for p in extra_points if not extra_shapes or p not in extra_shapes]
+  if missing:
+    raise ValueError(f"Multi-layer LPA needs the per-example activation shape at {missing}; "
+                     "pass extra_shapes= to apply (lpa_jax.perturb.place does it for you)")
+  return {p: tuple(extra_shapes[p]) for p in extra_points}

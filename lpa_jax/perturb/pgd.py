@@ -1,9 +1,9 @@
-"""Projected gradient descent on class-level perturbation tables, as one ``lax.fori_loop``.
+"""Projected gradient descent on class-level perturbation tables.
 
 A table ``δ`` has one row per class, shaped like one sample's activation.  The gradient of the
 *summed* per-example loss with respect to ``δ_c`` (added to every class-``c`` sample through
-``one_hot(y) @ δ``) is ``Σ_{i∈S_c} ∂ℓ_i/∂a_i``; dividing by ``N_c`` gives the class-averaged
-activation gradient of the SPEC.  Only the layers above the point are differentiated.
+``δ[y]``) is ``Σ_{i∈S_c} ∂ℓ_i/∂a_i``; dividing by ``N_c`` gives the class-averaged activation
+gradient of the SPEC.  Only the layers above the point are differentiated.
 """
 from __future__ import annotations
 
@@ -13,25 +13,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lpa_jax.perturb.tables import row_norms, rowwise
+
 EPS = 1e-12
-
-
-def _rowwise(v_C, like_CxD):
-  return v_C.reshape(v_C.shape + (1,) * (like_CxD.ndim - 1))
-
-
-def row_norms(table_CxD: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(table_CxD.reshape(table_CxD.shape[0], -1) ** 2, -1))
 
 
 def project_rows(table_CxD: jax.Array, radius_C: jax.Array) -> jax.Array:
   """Per-class ℓ2-ball projection: optax's projection vmapped over the class axis.
 
   optax divides by the norm, which is 0/0 for a zero row at radius 0: those rows stay 0.
+  A NaN radius stays NaN (it is reported, never silently turned into δ = 0).
   """
   safe_C = jnp.where(radius_C > 0, radius_C, 1.0)
   projected = jax.vmap(optax.projections.projection_l2_ball)(table_CxD, safe_C)
-  return jnp.where(_rowwise(radius_C > 0, table_CxD), projected, 0.0)
+  keep = rowwise((radius_C > 0) | jnp.isnan(radius_C), table_CxD)
+  return jnp.where(keep, projected, 0.0) + rowwise(radius_C * 0.0, table_CxD)
 
 
 def lowrank_rows(g_CxHxWxD: jax.Array, frac: float = 0.25) -> jax.Array:
@@ -84,6 +80,10 @@ def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.
   """
   present_C = count_C > 0
   inv_n_C = 1.0 / jnp.maximum(count_C, 1.0)
+  # XLA:CPU can miscompile a value_and_grad whose differentiated input is a literal zeros
+  # array made inside the trace (NaN clean logits and gradients seen at a 16x16 conv cut);
+  # the barrier keeps the starting tables opaque to that rewrite.
+  tables0 = jax.lax.optimization_barrier(tables0)
 
   def grads(tables):
     (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(tables)
@@ -92,21 +92,20 @@ def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.
   def update(tables, g):
     out = {}
     for p, t in tables.items():
-      g_p = g[p] * _rowwise(inv_n_C, g[p])
+      g_p = g[p] * rowwise(inv_n_C, g[p])
       if lowrank:
         g_p = lowrank_rows(g_p, lowrank)
       if normalize:
-        g_p = g_p / _rowwise(row_norms(g_p) + EPS, g_p)
+        g_p = g_p / rowwise(row_norms(g_p) + EPS, g_p)
       kappa_C = 2.0 * radius[p] / steps
-      t = t + _rowwise(sign_C * kappa_C, t) * g_p
-      t = project_rows(t, radius[p])
-      out[p] = jnp.where(_rowwise(present_C & (sign_C != 0), t), t, 0.0)
+      t = project_rows(t + rowwise(sign_C * kappa_C, t) * g_p, radius[p])
+      out[p] = jnp.where(rowwise(present_C & (sign_C != 0), t), t, 0.0)
     return out
 
   aux0, g0 = grads(tables0)
   tables = update(tables0, g0)
   # Unrolled: T is small and static, and XLA:CPU leaves convolutions inside a while-loop body
-  # on a path ~10x slower than the same convolutions at top level (lpa_jax.bench showed it).
+  # on a path ~10x slower than the same convolutions at top level (the benchmark showed it).
   tables = jax.lax.fori_loop(1, steps, lambda i, t: update(t, grads(t)[1]), tables,
                              unroll=unroll)
   return jax.lax.stop_gradient(tables), aux0

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-import optax
+import jax
 
 from lpa_jax.perturb import activation, gradient, logit
-from lpa_jax.perturb.base import (ActivationMethod, Context, GradientMethod, LogitMethod,
-                                  identity_logits, plain_forward)
 from lpa_jax.perturb.adaptive import lpa_adaptive
+from lpa_jax.perturb.base import (Context, GradientMethod, LogitMethod, Placed, chain_logits,
+                                  check_finite_params, identity, identity_logits)
 from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.place import place
 
 
 def default_point(points) -> str:
@@ -36,34 +37,60 @@ def default_mixup_points(points) -> tuple[str, ...]:
   return ("input",) + tuple(p for p in below if p != "stem")[:2]
 
 
-def _lpa_kwargs(cfg) -> dict:
-  return dict(split=cfg.split, eps=cfg.eps, delta_eps=cfg.delta_eps, beta=cfg.beta,
-              steps=cfg.steps, varied=cfg.varied, normalize=cfg.normalize,
-              lowrank=cfg.lowrank or None, radius_mode=cfg.radius_mode, num_head=cfg.num_head,
-              signs=cfg.signs)
+def _lpa_kwargs(cfg, ctx: Context) -> dict:
+  return dict(num_classes=ctx.num_classes, class_counts=ctx.class_counts, split=cfg.split,
+              eps=cfg.eps, delta_eps=cfg.delta_eps, beta=cfg.beta, steps=cfg.steps,
+              varied=cfg.varied, normalize=cfg.normalize, lowrank=cfg.lowrank or None,
+              radius_mode=cfg.radius_mode, num_head=cfg.num_head, signs=cfg.signs)
 
 
-def _lpa(cfg, ctx: Context) -> ActivationMethod:
-  return lpa(ctx, point=resolve_point(cfg.point, ctx), extra_points=tuple(cfg.extra_points),
-             **_lpa_kwargs(cfg))
+def _shape_of(ctx: Context, points):
+  """Per-example activation shapes at ``points``, by abstract evaluation (no run-time FLOPs)."""
+  def shape_of(variables, x, train):
+    return {p: jax.eval_shape(lambda p=p: ctx.cut_fn(p).lower(variables, x, train)[0]).shape[1:]
+            for p in points}
+  return shape_of
 
 
-def _lpa_adaptive(cfg, ctx: Context) -> ActivationMethod:
+def _lpa(cfg, ctx: Context) -> Placed:
+  point = resolve_point(cfg.point, ctx)
+  cut = ctx.cut_fn(point)
+  extra = [p for p in cfg.extra_points if p != point]
+  for p in extra:
+    above = ctx.points[ctx.points.index(point) + 1:]
+    if p not in above:
+      raise ValueError(f"lpa.extra_points: {p!r} is not a point above {point!r}; points above "
+                       f"it are: {', '.join(above)}")
+  method = lpa(depth=cut.depth, extra_points={p: ctx.cut_fn(p).depth for p in extra},
+               **_lpa_kwargs(cfg, ctx))
+  return place(method, cut, _shape_of(ctx, extra) if extra else None)
+
+
+def _lpa_adaptive(cfg, ctx: Context) -> Placed:
   """Adaptive-layer LPA; its candidates default to every point below the logits."""
   candidates = tuple(cfg.candidates) or tuple(ctx.points[:-1])
-  return lpa_adaptive(ctx, candidates, cfg.every, select=cfg.select, **_lpa_kwargs(cfg))
+  for p in candidates:
+    if p not in ctx.points:
+      raise ValueError(f"Unknown candidate point {p!r}; valid points are: {', '.join(ctx.points)}")
+  cuts = [ctx.cut_fn(p) for p in candidates]
+  return lpa_adaptive([(lpa(depth=c.depth, **_lpa_kwargs(cfg, ctx)), c) for c in cuts],
+                      cfg.every, select=cfg.select)
 
 
-def _at_point(factory, *fields):
+def _at_point(factory, *fields, depth=False):
   """A registry entry for a single-point method taking ``fields`` from its config block."""
-  def make(cfg, ctx: Context) -> ActivationMethod:
-    return factory(ctx, resolve_point(cfg.point, ctx), **{f: cfg[f] for f in fields})
+  def make(cfg, ctx: Context) -> Placed:
+    cut = ctx.cut_fn(resolve_point(cfg.point, ctx))
+    kw = {f: cfg[f] for f in fields}
+    return place(factory(**kw, **({"depth": cut.depth} if depth else {})), cut)
   return make
 
 
-def _mixup(cfg, ctx: Context) -> ActivationMethod:
+def _mixup(cfg, ctx: Context) -> Placed:
   points = tuple(cfg.points) or default_mixup_points(ctx.points)
-  return activation.manifold_mixup(ctx, points, alpha=cfg.alpha, select=cfg.select)
+  top = ctx.cut_fn(ctx.points[-1])
+  cuts = [activation.input_cut(top) if p == "input" else ctx.cut_fn(p) for p in points]
+  return activation.manifold_mixup(cuts, alpha=cfg.alpha, select=cfg.select)
 
 
 def _class_level(factory, *fields):
@@ -77,14 +104,14 @@ def _fields(factory, *fields):
   return lambda cfg, ctx: factory(**{f: cfg[f] for f in fields})
 
 
-ACTIVATION: dict[str, Callable[..., ActivationMethod]] = {
-    "none": lambda cfg, ctx: plain_forward(ctx.cut_fn(ctx.points[-1])),
+ACTIVATION: dict[str, Callable[..., Placed]] = {
+    "none": lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1])),
     "lpa": _lpa,
     "lpa_adaptive": _lpa_adaptive,
     "dropout": _at_point(activation.dropout, "rate"),
     "noise": _at_point(activation.noise, "sigma", "mode"),
     "manifold_mixup": _mixup,
-    "adversarial": _at_point(activation.adversarial, "eps", "beta", "method", "steps"),
+    "adversarial": _at_point(activation.adversarial, "eps", "beta", "method", "steps", depth=True),
     "deep_augmentation": _at_point(activation.deep_augmentation, "mode", "rate", "pca_frac"),
 }
 LOGIT: dict[str, Callable[..., LogitMethod]] = {
@@ -104,7 +131,8 @@ GRADIENT: dict[str, Callable[..., GradientMethod]] = {
     "gaf": _fields(gradient.gaf, "alpha", "beta", "form", "where"),
     "sam": _fields(gradient.sam, "rho"),
     "clip": _fields(gradient.clip, "max_norm"),
-    "grad_noise": _fields(gradient.grad_noise, "eta", "gamma", "seed"),
+    "grad_noise": lambda cfg, ctx: gradient.grad_noise(cfg.eta, cfg.gamma,
+                                                       seed=_run_seed(ctx.seed, cfg.seed)),
 }
 
 
@@ -115,23 +143,49 @@ def _lookup(table: dict, kind: str, name: str):
 
 
 def _block(pcfg, name):
-  return getattr(pcfg, name, None) if name != "none" else None
+  """The method's config block, with every numeric field checked finite (NaN/inf name it)."""
+  block = getattr(pcfg, name, None) if name != "none" else None
+  if block is not None:
+    fields = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+    for field, value in fields.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        check_finite_params(name, **{field: value})
+      elif isinstance(value, (tuple, list)) and all(
+          isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        check_finite_params(name, **{field: value})
+  return block
 
 
-def make_activation(pcfg, ctx: Context) -> ActivationMethod:
+def _run_seed(run_seed: int, offset: int) -> int:
+  """Gradient noise draws from the run's seed (offset by the block's ``seed``), so every seed
+  of a sweep gets its own noise."""
+  return int(run_seed) * 1_000_003 + int(offset)
+
+
+def make_activation(pcfg, ctx: Context) -> Placed:
   name = pcfg.activation
   return _lookup(ACTIVATION, "activation", name)(_block(pcfg, name), ctx)
 
 
+def logit_names(spec) -> list[str]:
+  """``'logit_adjust,lpl'`` (or a sequence) -> ``['logit_adjust', 'lpl']``; ``'none'`` -> []."""
+  names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
+  names = [n for n in names if n and n != "none"]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"perturb.logit names {dup} more than once: {spec!r}")
+  return names
+
+
 def make_logit(pcfg, ctx: Context) -> LogitMethod:
-  name = pcfg.logit
-  return _lookup(LOGIT, "logit", name)(_block(pcfg, name), ctx)
+  """One logit method, or several applied in the order given (``logit_adjust,lpl``)."""
+  method = identity_logits()
+  for i, name in enumerate(logit_names(pcfg.logit)):
+    m = _lookup(LOGIT, "logit", name)(_block(pcfg, name), ctx)
+    method = m if i == 0 else chain_logits(method, m)
+  return method
 
 
 def make_gradient(pcfg, ctx: Context) -> GradientMethod:
   name = pcfg.gradient
   return _lookup(GRADIENT, "gradient", name)(_block(pcfg, name), ctx)
-
-
-def registered() -> dict[str, list[str]]:
-  return {"activation": list(ACTIVATION), "logit": list(LOGIT), "gradient": list(GRADIENT)}

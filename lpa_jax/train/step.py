@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lpa_jax.perturb.base import ActivationMethod, Batch, LogitMethod
+from lpa_jax.perturb.base import Batch, LogitMethod, Placed, pgd_loss_of
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.train.state import TrainState
@@ -40,7 +40,8 @@ def make_mesh(devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _refresh(state: TrainState, act: ActivationMethod, logit: LogitMethod, spe: int):
+def _refresh(state: TrainState, act: Placed, logit: LogitMethod, spe: int):
+  """At an epoch boundary: every method re-splits from the epoch's statistics, which reset."""
   new_epoch = (state.step > 0) & (state.step % spe == 0)
   epoch = state.step // spe
   act_state = jax.lax.cond(new_epoch, lambda: act.refresh(state.act_state, state.class_stats, epoch),
@@ -52,20 +53,26 @@ def _refresh(state: TrainState, act: ActivationMethod, logit: LogitMethod, spe: 
   return act_state, logit_state, stats
 
 
-def make_train_step(act: ActivationMethod, logit: LogitMethod, tx: optax.GradientTransformation,
+def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransformation,
                     cfg: StepConfig) -> Callable:
-  """Builds the (unjitted) train step; see :func:`jit_train_step`."""
+  """Builds the (unjitted) train step ``(state, batch) -> (state, metrics)``.
+
+  ``act`` is an activation method placed in the network (:func:`lpa_jax.perturb.place.place`);
+  its PGD follows the training loss, i.e. ``logit``'s loss and weights
+  (:func:`~lpa_jax.perturb.base.pgd_loss_of`).  ``batch`` is ``{'image': float inputs,
+  'label': int labels}``.  See :func:`jit_train_step`.
+  """
 
   def step(state: TrainState, batch: dict):
     _, r_act = step_keys(state.rng, state.step)
     act_state, logit_state, stats = _refresh(state, act, logit, cfg.steps_per_epoch)
-    x = batch["image"]  # float inputs, augmented and normalised by the input pipeline
     labels_B = batch["label"]
-    inputs = Batch(x, labels_B, jax.nn.one_hot(labels_B, cfg.num_classes))
+    inputs = Batch(batch["image"], labels_B, jax.nn.one_hot(labels_B, cfg.num_classes))
+    pgd_loss = pgd_loss_of(logit, logit_state, inputs, state.step)
 
     def loss_fn(params):
       variables = {"params": params, **state.model_state}
-      fwd = act.forward(act_state, variables, inputs, r_act, True)
+      fwd = act.forward(act_state, variables, inputs, r_act, True, loss_fn=pgd_loss)
       logits, w_B, laux = logit.apply(logit_state, fwd.logits_BxC,
                                       inputs._replace(targets_BxC=fwd.targets_BxC), state.step)
       loss_B = optax.softmax_cross_entropy(logits, fwd.targets_BxC)
@@ -77,16 +84,14 @@ def make_train_step(act: ActivationMethod, logit: LogitMethod, tx: optax.Gradien
       extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    aux = dict(fwd.aux)
-    # Methods that learn from the batch itself (adaptive layer choice) hand back their state.
-    act_state = aux.pop("act_state", act_state)
-    clean_BxC = jax.lax.stop_gradient(aux.pop("clean_logits", fwd.logits_BxC))
+    clean_BxC = jax.lax.stop_gradient(
+        fwd.clean_logits if fwd.clean_logits is not None else fwd.logits_BxC)
     stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
-               "grad_norm": optax.tree.norm(grads), **aux, **laux}
+               "grad_norm": optax.tree.norm(grads), **fwd.aux, **laux}
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state={**state.model_state, **fwd.model_state},
-                              opt_state=opt_state, act_state=act_state, logit_state=logit_state,
+                              opt_state=opt_state, act_state=fwd.state, logit_state=logit_state,
                               class_stats=stats)
     return new_state, metrics
 

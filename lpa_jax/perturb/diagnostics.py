@@ -1,0 +1,80 @@
+"""Per-class diagnostics shared by every activation method, and the check that stops a run
+when one of them (or a class statistic, radius or δ) is not finite.
+
+>>> aux = perturbation_diagnostics(new_act, act, labels_B, C, clean_logits, logits, targets)
+>>> check_finite(jax.device_get(aux), step=12, method="lpa", point="stage3")
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lpa_jax.perturb.base import default_loss
+from lpa_jax.perturb.tables import per_class_mean, row_norms
+
+# Per-class vectors that must be finite for every present class (a NaN statistic would
+# otherwise give NaN radii and, through the projection, a silently zero δ).
+CHECKED = ("delta_norm_C", "radius_C", "delta_table_norm_C", "loss_change_C",
+           "expansive_share_C", "clean_prob_C", "sign_C")
+
+
+def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, logits,
+                             targets_BxC, clean_targets_BxC=None, sign_C=None) -> dict:
+  """Per-class means over the batch's samples of a perturbation ``δ = new_act − act``.
+
+  ``delta_norm_C`` (mean ‖δ_i‖), ``sign_C``, ``expansive_share_C`` (share with ‖a+δ‖ > ‖a‖),
+  ``loss_change_C`` (perturbed minus clean loss; the clean loss uses ``clean_targets_BxC``,
+  default ``targets_BxC``), ``clean_prob_C`` (clean probability of the true class) and
+  ``present_C``.
+  """
+  new_act, act, clean_logits, logits = jax.lax.stop_gradient((new_act, act, clean_logits, logits))
+  onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
+  clean_targets_BxC = targets_BxC if clean_targets_BxC is None else clean_targets_BxC
+  delta = (new_act - act).astype(jnp.float32)
+  act = act.astype(jnp.float32)
+  expansive_B = (row_norms(act + delta) > row_norms(act)).astype(jnp.float32)
+  dloss_B = default_loss(logits, targets_BxC) - default_loss(clean_logits, clean_targets_BxC)
+  prob_B = jnp.sum(jax.nn.softmax(clean_logits.astype(jnp.float32)) * onehot_BxC, -1)
+  sign_C = jnp.zeros((num_classes,)) if sign_C is None else sign_C
+  return {
+      "delta_norm_C": per_class_mean(onehot_BxC, row_norms(delta)),
+      "sign_C": jnp.asarray(sign_C, jnp.float32) * jnp.ones(num_classes),
+      "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
+      "loss_change_C": per_class_mean(onehot_BxC, dloss_B.astype(jnp.float32)),
+      "clean_prob_C": per_class_mean(onehot_BxC, prob_B),
+      "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),
+  }
+
+
+def nonfinite_classes(aux: dict) -> dict[str, list[int]]:
+  """``{name: [class, ...]}`` for every checked per-class entry that is NaN/inf at a present
+  class (host-side; ``aux`` as numpy)."""
+  present = np.asarray(aux.get("present_C", 1.0)) > 0
+  out = {}
+  for name in CHECKED:
+    if name in aux:
+      v = np.asarray(aux[name], np.float64)
+      bad = ~np.isfinite(v) & (present if v.shape == np.shape(present) else True)
+      if np.any(bad):
+        out[name] = np.flatnonzero(bad).tolist()
+  return out
+
+
+def check_finite(aux: dict, step: int | None = None, method: str = "the activation method",
+                 point: str | None = None) -> None:
+  """Raises ``FloatingPointError`` naming the method, point, quantity and classes when a class
+  statistic, radius, δ or diagnostic is NaN/inf; a no-op otherwise.
+
+  Call it on the host with a step's aux (the library's loop does, every step).
+  """
+  bad = nonfinite_classes(aux)
+  if not bad:
+    return
+  where = f"{method}" + (f" at point {point!r}" if point else "")
+  what = "; ".join(f"{k} at class(es) {v}" for k, v in bad.items())
+  at = f" at step {step}" if step is not None else ""
+  raise FloatingPointError(
+      f"{where}: non-finite {what}{at}. A NaN class statistic or radius would silently turn δ "
+      "off, so training stops here. Check the inputs and the learning rate; the last good "
+      "checkpoint is kept in the work dir.")

@@ -1,0 +1,98 @@
+"""Running an activation method inside a network cut at its point.
+
+:func:`perturbed_apply` is the one function a training loop needs: it runs the layers below
+the point once, hands the activation, the labels and the layers above (with frozen
+parameters) to the method, and runs the layers above on the method's activation::
+
+    out = perturbed_apply(method, cut, pstate, variables, x, labels, rng)
+    loss = optax.softmax_cross_entropy(out.logits_BxC, out.targets_BxC).mean()
+    # out.state: the method's new state; out.model_state: new BatchNorm statistics
+
+:func:`place` binds a method to a cut for the library's own train step.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from lpa_jax.perturb.base import ActivationMethod, Batch, Forward, Perturbed, Placed
+from lpa_jax.perturb.diagnostics import perturbation_diagnostics
+from lpa_jax.perturb.hooks import Cut
+
+MODEL_RNG = 1  # the model's own randomness (dropout) draws from fold_in(rng, MODEL_RNG)
+
+
+def _rng_kw(rng):
+  return {} if rng is None else {"rng": jax.random.fold_in(rng, MODEL_RNG)}
+
+
+def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, x, labels_B,
+                    rng=None, train: bool = True, *, loss_fn: Callable | None = None,
+                    targets=None, clean_logits=None, diagnostics: bool = True,
+                    extra_shapes=None) -> Forward:
+  """One forward pass with ``method`` applied at ``cut``'s point.
+
+  Args:
+    method: an activation method (``init``/``apply``/``refresh``), e.g. ``lpa(...)``.
+    cut: the network split at the method's point (``cut_linen``, ``cut_nnx``, ``cut_staged``).
+    state: the method's state (``method.init()`` at first).
+    variables: the model's variables (``{'params': ..., 'batch_stats': ...}``).
+    x, labels_B: the batch (integer labels).
+    rng: a key for random methods (and the model's dropout, via ``fold_in(rng, 1)``).
+    train: ``False`` is a plain forward (every method is the identity there).
+    loss_fn: ``(logits, targets) -> loss_B``, the loss PGD follows (default cross-entropy).
+    targets: soft targets (default ``one_hot(labels)``).
+    clean_logits: unperturbed logits if already known (skips the diagnostics' clean pass).
+    diagnostics: add the per-class diagnostics to ``aux`` (costs one clean pass for methods
+      that do not compute the clean logits themselves).
+
+  Returns:
+    :class:`~lpa_jax.perturb.base.Forward` with the logits, targets (mixed by mixing
+    methods), the model's new mutable state, the method's new state, the clean logits (if
+    known) and the diagnostics.
+  """
+  chex.assert_rank(labels_B, 1)
+  chex.assert_equal_shape_prefix((x, labels_B), 1)
+  act, st = cut.lower(variables, x, train, **_rng_kw(rng))
+  up_vars = {**variables, **st}
+  frozen = jax.lax.stop_gradient(up_vars)
+
+  def upper(a, extra=None):
+    return cut.upper(frozen, a, train, extra, **_rng_kw(rng))[0]
+
+  if targets is None:
+    num_classes = jax.eval_shape(upper, act).shape[-1]
+    targets = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
+  kw = {"extra_shapes": extra_shapes} if extra_shapes else {}
+  r: Perturbed = method.apply(state, act, labels_B, upper, rng, train, loss_fn=loss_fn,
+                              targets=targets, **kw)
+  logits, st2 = cut.upper(up_vars, r.act, train, r.extra, **_rng_kw(rng))
+  clean = r.clean_logits if r.clean_logits is not None else clean_logits
+  aux = dict(r.aux)
+  if train and diagnostics:
+    if clean is None:
+      clean = jax.lax.stop_gradient(upper(jax.lax.stop_gradient(act)))
+    aux.update(perturbation_diagnostics(r.act, act, labels_B, targets.shape[-1], clean, logits,
+                                        r.targets_BxC, clean_targets_BxC=targets,
+                                        sign_C=r.aux.get("sign_C")))
+  return Forward(logits, r.targets_BxC, {**st, **st2}, r.state, clean, aux)
+
+
+def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None) -> Placed:
+  """Binds ``method`` to ``cut`` for the train step: ``forward(state, variables, batch, rng,
+  train, loss_fn=None) -> Forward``.
+
+  ``shape_of(variables, x, train) -> {point: per-example shape}`` supplies the activation
+  shapes at a multi-layer method's extra points (abstract evaluation: no FLOPs at run time).
+
+  >>> placed = place(lpa(10, split="all_positive", eps=0.5), cut_staged(model, "stage3"))
+  >>> fwd = placed.forward(placed.init(), variables, batch, rng, True)
+  """
+  def forward(state, variables, batch: Batch, rng, train, loss_fn=None):
+    shapes = shape_of(variables, batch.x, train) if shape_of is not None else None
+    return perturbed_apply(method, cut, state, variables, batch.x, batch.labels_B, rng, train,
+                           loss_fn=loss_fn, targets=batch.targets_BxC, extra_shapes=shapes)
+  return Placed(method.init, forward, method.refresh)
