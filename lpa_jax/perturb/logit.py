@@ -139,26 +139,38 @@ def drw_weights(class_counts, beta: float = 0.9999) -> np.ndarray:
 
 
 def ldam(ctx: Context, max_margin: float = 0.5, scale: float = 30.0, drw: bool = True,
-         drw_beta: float = 0.9999, drw_fraction: float = 0.8,
-         batch_normalize: bool = True) -> LogitMethod:
-  """LDAM-DRW (Cao et al. 2019): train on ``s·(z − m_y e_y)``; from epoch
-  ``round(drw_fraction·num_epochs)`` (160 of 200) weight examples by :func:`drw_weights`.
+         drw_beta: float = 0.9999, drw_fraction: float = 0.8, batch_normalize: bool = True,
+         normalized_head: bool = False) -> LogitMethod:
+  """LDAM-DRW (Cao et al. 2019) on a normalised classifier: train on ``s·(cos − m_y e_y)``;
+  from epoch ``round(drw_fraction·num_epochs)`` (160 of 200) weight examples by
+  :func:`drw_weights`.
+
+  The published method needs logits that are cosines (ℓ2-normalised features and class
+  weights): the scale ``s = 30`` is chosen for values in [-1, 1], and margins of up to 0.5 are
+  meaningful only against them.  Build the model with ``head='cosine'`` and pass
+  ``normalized_head=True``; with a linear head this raises rather than train another method.
 
   ``batch_normalize`` rescales the weights to mean 1 over the batch, which turns the step's
   ``mean(w·ℓ)`` into the weighted mean of PyTorch's ``cross_entropy(weight=...)`` used by the
-  reference code.  ``predict`` is the plain ``z`` (no margin at test time).
+  reference code.  ``predict`` is the plain cosine (no margin and no scale at test time; the
+  scale would not change the ranking).
 
-  >>> m = ldam(ctx, max_margin=0.5, scale=30.0, drw_fraction=0.8)
+  >>> model = get_model("resnet32", 10, head="cosine")
+  >>> m = ldam(ctx, max_margin=0.5, scale=30.0, drw_fraction=0.8, normalized_head=True)
   """
+  if not normalized_head:
+    raise ValueError("ldam needs a normalised (cosine) classifier, as published: build the "
+                     "model with head='cosine' (config.model.kwargs.head = 'cosine') and pass "
+                     "normalized_head=True; its scale s multiplies cosines in [-1, 1]")
   if not 0.0 <= drw_fraction <= 1.0:
     raise ValueError(f"ldam.drw_fraction must lie in [0, 1], got {drw_fraction}")
   margin_C = jnp.asarray(ldam_margins(ctx.class_counts, max_margin))
   weight_C = jnp.asarray(drw_weights(ctx.class_counts, drw_beta))
   drw_start = int(round(drw_fraction * ctx.num_epochs)) * ctx.steps_per_epoch
 
-  def apply(state, logits_BxC, batch, step):
-    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=logits_BxC.dtype)
-    out = scale * (logits_BxC - onehot_BxC * margin_C)
+  def apply(state, cos_BxC, batch, step):
+    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=cos_BxC.dtype)
+    out = scale * (cos_BxC - onehot_BxC * margin_C)
     on = jnp.asarray(drw) & (step >= drw_start)
     w_B = jnp.where(on, onehot_BxC @ weight_C, 1.0)
     if batch_normalize:
