@@ -5,7 +5,7 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``suite:<name>`` — the accuracy table of ``experiments/results/<name>`` (mean ± std over
   seeds, from the runs' ``results.json``; the same table as that suite's ``report.md``);
 * ``suites-time`` — the summed wall time of every run of every suite;
-* ``bench:<path.json>`` — the table and target checks of a ``python -m lpa_jax.bench`` run;
+* ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run;
 * ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise).
 
     python -m experiments.fill README.md experiments/results/README.md
@@ -44,7 +44,8 @@ def suites_time() -> str:
 
 
 def bench_table(path: str) -> str:
-  from lpa_jax import bench
+  from experiments.bench import report as bench
+  from experiments.bench.flops import PAPER_FRACTION
   with open(os.path.join(ROOT, path)) as f:
     run = json.load(f)
   m, st = run["machine"], run["settings"]
@@ -62,6 +63,9 @@ def bench_table(path: str) -> str:
   if run.get("decomposition"):
     lines += ["", "The cost model's pieces timed alone (`--decompose`):", "",
               bench.decomposition_markdown(run["decomposition"])]
+  if any("." in p for p in st.get("flop_fractions") or {}):  # points inside a stage
+    lines += ["", "F_up/F of every point counted:", "",
+              bench.fractions_markdown(st["flop_fractions"], PAPER_FRACTION)]
   return "\n".join(lines)
 
 
