@@ -1,6 +1,7 @@
 """Cuts of models written outside lpa_jax, in the shapes such models come in: no BatchNorm, no
 ``train`` argument, ``nn.Dropout`` / ``nnx.Dropout``, bf16 layers.  Each half pair must equal the
 model's own forward (values, dtypes, state, random masks) and a cut must hold no state."""
+import functools
 import inspect
 import types
 
@@ -269,6 +270,9 @@ def _held(fn, seen=None) -> list:
   found = []
   for obj in [c.cell_contents for c in fn.__closure__ or ()] + list(fn.__defaults__ or ()):
     found.append(obj)
+    if isinstance(obj, functools.partial):
+      found += [obj.func, *obj.args, *obj.keywords.values()]
+      obj = obj.func
     if isinstance(obj, types.FunctionType):
       found += _held(obj, seen)
   return found
@@ -277,6 +281,8 @@ def _held(fn, seen=None) -> list:
 def _is_immutable(obj) -> bool:
   if isinstance(obj, tuple):
     return all(map(_is_immutable, obj))
+  if isinstance(obj, functools.partial):  # its contents are checked one by one
+    return True
   if isinstance(obj, (str, int, float, bool, type(None), np.dtype, nnx.GraphDef, nn.Module,
                       types.FunctionType, types.BuiltinFunctionType)) or inspect.isclass(obj):
     return True

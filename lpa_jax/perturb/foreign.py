@@ -41,10 +41,13 @@ the module path).  An NNX model keeps its own ``nnx.Rngs`` streams in ``variable
 ``rng=None`` they are used and advanced like the BatchNorm statistics (``nnx.Dropout`` forks a
 stream per layer, so the halves draw the model's own masks); with ``rng`` every stream except
 ``params`` is reseeded from it for that call (:func:`reseed_nnx`) and the stored streams pass
-through unchanged.
+through unchanged.  One stream drawn from both below and above the point keeps only
+``lower``'s advance, like shared BatchNorm state, so later steps would redraw numbers ``upper``
+used: give such a model ``rng``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import zlib
 from typing import Callable, Sequence
@@ -206,9 +209,9 @@ def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, *,
   """
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_linen")
-  run = lambda *a, **k: _linen_run(model, method, _train_kw(model, method, train_kw), target,
-                                   target_method, tuple(mutable), tuple(rng_names), *a, **k)
-  _train_kw(model, method, train_kw)  # fail at construction on a keyword the model lacks
+  kw = _train_kw(model, method, train_kw)  # at construction: a wrong keyword fails here
+  run = functools.partial(_linen_run, model, method, kw, target, target_method,
+                          tuple(mutable), tuple(rng_names))
 
   def lower(variables, x, train, rng=None):
     _check_input(x, shape, dtype, _fmt(target))

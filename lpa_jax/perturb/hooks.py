@@ -80,8 +80,9 @@ def apply_linen(model: nn.Module, variables: Variables, *args, rngs: dict, **kwa
     return model.apply(variables, *args, rngs=rngs, **kwargs)
   except flax.errors.InvalidRngError as e:
     raise ValueError(f"{type(model).__name__} draws random numbers in training mode (e.g. "
-                     "nn.Dropout) but got no key: pass rng= to cut.lower and cut.upper (the "
-                     "same key to both, e.g. the train step's per-step key)") from e
+                     f"nn.Dropout) but has no key for them ({e}): pass rng= to cut.lower and "
+                     "cut.upper (the same key to both, e.g. the train step's per-step key), and "
+                     "name streams other than 'dropout' in the cut's rng_names=") from e
 
 
 def cut_staged(model: nn.Module, point: str, rng_names: Sequence[str] = ("dropout",)) -> Cut:
