@@ -12,11 +12,12 @@ import pytest
 from flax import nnx
 
 from lpa_jax.models import get_model
-from lpa_jax.perturb.base import Batch, Context, identity_logits
+from lpa_jax.perturb.base import Batch, identity_logits
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.place import place
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import StepConfig, make_train_step
 
@@ -162,23 +163,21 @@ def test_wrong_paths_list_valid_ones():
 
 
 # -------------------------------------------------------------------------------------- (b)
-def _lpa_forward(cut_fn, point, variables, eps=0.5):
-  ctx = Context(C, np.full(C, 10), 1, 1, cut_fn, (point,))
-  method = lpa(ctx, point=point, split="all_positive", eps=eps, beta=0.7, steps=3)
+def _lpa_forward(cut, variables, eps=0.5):
+  placed = place(lpa(C, split="all_positive", eps=eps, beta=0.7, steps=3, depth=1), cut)
   batch = Batch(X, Y, jax.nn.one_hot(Y, C))
-  fwd = jax.jit(lambda v: method.forward(method.init(), v, batch, jax.random.PRNGKey(0), True))
-  return fwd(variables), 0.7 * eps  # depth 1 for foreign cuts
+  fwd = jax.jit(lambda v: placed.forward(placed.init(), v, batch, jax.random.PRNGKey(0), True))
+  return fwd(variables), 0.7 * eps  # depth 1: radius beta * eps
 
 
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_lpa_runs_within_radius(kind):
   if kind == "linen":
     model, v = _linen()
-    out, radius = _lpa_forward(lambda p: cut_linen(model, p, input_shape=IN_SHAPE),
-                               "encoder/block2", v)
+    out, radius = _lpa_forward(cut_linen(model, "encoder/block2", input_shape=IN_SHAPE), v)
   else:
     model, _, v = _nnx()
-    out, radius = _lpa_forward(lambda p: cut_nnx(model, p, input_shape=IN_SHAPE), "blocks/1", v)
+    out, radius = _lpa_forward(cut_nnx(model, "blocks/1", input_shape=IN_SHAPE), v)
   norms = np.asarray(out.aux["delta_norm_C"])
   assert np.all(norms <= radius * (1 + 1e-5)) and np.all(norms > 0.5 * radius)
   assert float(jnp.mean(out.aux["loss_change_C"])) > 0  # all-positive: expansive
@@ -237,9 +236,8 @@ def test_staged_pgd_skips_lower_layers():
 
 
 # -------------------------------------------------------------------------------------- (d)
-def _one_step(cut_fn, point, variables):
-  ctx = Context(C, np.full(C, 10), 2, 1, cut_fn, (point,))
-  act = lpa(ctx, point=point, split="all_positive", eps=0.3)
+def _one_step(cut, variables):
+  act = place(lpa(C, split="all_positive", eps=0.3, depth=1), cut)
   tx = optax.sgd(0.1, momentum=0.9)
   params = variables["params"]
   model_state = {k: s for k, s in variables.items() if k != "params"}
@@ -261,9 +259,9 @@ def _one_step(cut_fn, point, variables):
 
 def test_train_step_linen():
   model, v = _linen()
-  _one_step(lambda p: cut_linen(model, p, input_shape=IN_SHAPE), "encoder/block2", v)
+  _one_step(cut_linen(model, "encoder/block2", input_shape=IN_SHAPE), v)
 
 
 def test_train_step_nnx():
   model, _, v = _nnx()
-  _one_step(lambda p: cut_nnx(model, p, input_shape=IN_SHAPE), "blocks/1", v)
+  _one_step(cut_nnx(model, "blocks/1", input_shape=IN_SHAPE), v)
