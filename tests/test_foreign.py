@@ -9,12 +9,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from lpa_jax.models.staged import run_stages
+from lpa_jax.perturb.base import identity_logits
+from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional, reseed_nnx
 from lpa_jax.perturb.hooks import cut_staged, full_apply
+from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.place import place
+from lpa_jax.train.state import TrainState
+from lpa_jax.train.step import StepConfig, make_train_step
 
 C, B, HW = 3, 6, 8
 X = jax.random.normal(jax.random.PRNGKey(1), (B, HW, HW, 3))
@@ -321,3 +328,28 @@ def test_wrong_paths_list_valid_ones():
     _cut_l(model, "neck").lower(_init(model), X, False)
   with pytest.raises(ValueError, match="body, drop_hi, drop_lo, head, stem"):
     _cut_n(NnxDrop(False, nnx.Rngs(0)), "neck")
+
+
+# ------------------------------------------------------------------ the library's train step
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_train_step_on_dropout_models(kind):
+  if kind == "linen":
+    model = DropConv(bn=True)
+    variables, cut = _init(model), _cut_l(model, "body")
+  else:
+    model = NnxDrop(False, nnx.Rngs(0))
+    variables, cut = nnx_functional(model)[1], _cut_n(model)
+  act = place(lpa(C, split="all_positive", eps=0.3, depth=1), cut)
+  tx = optax.sgd(0.1)
+  params = variables.pop("params")
+  state = TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params), act.init(),
+                     (), ClassStats.zeros(C), jax.random.PRNGKey(3))
+  step = jax.jit(make_train_step(act, identity_logits(), tx, StepConfig(2, C)))
+  batch = {"image": X, "label": jnp.arange(B) % C}
+  new, metrics = step(state, batch)
+  _, metrics2 = step(state, batch)  # the same state: the same dropout masks and PGD
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) == float(metrics2["loss"])
+  assert jax.tree.structure(new.model_state) == jax.tree.structure(state.model_state)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params, params)
+  assert max(jax.tree.leaves(moved)) > 0
+  step(new, batch)  # the output state feeds back in
