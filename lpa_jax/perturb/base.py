@@ -60,6 +60,7 @@ class Context(NamedTuple):
   cut_fn: Callable[[str], Cut]     # point name -> Cut
   points: tuple[str, ...]          # valid point names, bottom to top
   seed: int = 0                    # the run's seed (gradient noise draws from it)
+  head: str = "linear"             # the model's classifier head ('cosine' for LDAM)
 
 
 class Batch(NamedTuple):

@@ -15,7 +15,7 @@ from lpa_jax.perturb.tables import per_class_mean, row_norms
 
 # Per-class vectors that must be finite for every present class (a NaN statistic would
 # otherwise give NaN radii and, through the projection, a silently zero δ).
-CHECKED = ("delta_norm_C", "radius_C", "delta_table_norm_C", "loss_change_C",
+CHECKED = ("class_stat_C", "delta_norm_C", "radius_C", "delta_table_norm_C", "loss_change_C",
            "expansive_share_C", "clean_prob_C", "sign_C")
 
 
@@ -55,7 +55,9 @@ def nonfinite_classes(aux: dict) -> dict[str, list[int]]:
   for name in CHECKED:
     if name in aux:
       v = np.asarray(aux[name], np.float64)
-      bad = ~np.isfinite(v) & (present if v.shape == np.shape(present) else True)
+      # The split's statistic matters for every class; the rest only where a class is present.
+      mask = True if name == "class_stat_C" or v.shape != np.shape(present) else present
+      bad = ~np.isfinite(v) & mask
       if np.any(bad):
         out[name] = np.flatnonzero(bad).tolist()
   return out

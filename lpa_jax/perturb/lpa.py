@@ -148,8 +148,10 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
     act_sg = jax.lax.stop_gradient(act)
 
     def upper_logits(a, t):
-      pert = {p: gather_rows(t[p], labels_B) for p in extra_points}
-      return upper(add_delta(a, t[MAIN], labels_B), pert or None)
+      a = add_delta(a, t[MAIN], labels_B)
+      if not extra_points:
+        return upper(a)
+      return upper(a, {p: gather_rows(t[p], labels_B) for p in extra_points})
 
     def pgd_loss(t):
       logits = upper_logits(act_sg, t)
@@ -167,8 +169,7 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
   def delta(state, upper, act, labels_B, *, loss_fn=None, targets=None):
     if extra_points:
       raise ValueError("lpa.delta returns one table; with extra_points use lpa.apply")
-    return tables(state, lambda a, extra=None: upper(a), act, labels_B, loss_fn, targets,
-                  None)[0][MAIN]
+    return tables(state, upper, act, labels_B, loss_fn, targets, None)[0][MAIN]
 
   def accumulate(state, clean_logits, labels_B):
     loss_B = default_loss(clean_logits, jax.nn.one_hot(labels_B, num_classes))
@@ -183,7 +184,7 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
     t, clean, radius_C = tables(state, upper, act, labels_B, loss_fn, targets, extra_shapes)
     extra = {p: gather_rows(t[p], labels_B) for p in extra_points} or None
     clean = jax.lax.stop_gradient(clean)
-    aux = {"sign_C": state.sign_C, "radius_C": radius_C,
+    aux = {"sign_C": state.sign_C, "radius_C": radius_C, "class_stat_C": state.split.q_C,
            "delta_table_norm_C": row_norms(t[MAIN])}
     return Perturbed(add_delta(act, t[MAIN], labels_B), targets,
                      accumulate(state, clean, labels_B), clean, aux, extra)

@@ -121,7 +121,8 @@ LOGIT: dict[str, Callable[..., LogitMethod]] = {
     "logit_adjust": lambda cfg, ctx: logit.logit_adjust(ctx, tau=cfg.tau, mode=cfg.mode),
     "ldam": lambda cfg, ctx: logit.ldam(
         ctx, max_margin=cfg.max_margin, scale=cfg.scale, drw=cfg.drw, drw_beta=cfg.drw_beta,
-        drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize),
+        drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize,
+        normalized_head=ctx.head == "cosine"),
 }
 # Gradient methods return a GradientMethod: ``pre`` acts on raw gradients, ``post`` on the
 # momentum output, ``wrap(tx)`` wraps the whole optimiser (SAM), ``logit`` edits logit gradients.
