@@ -62,11 +62,18 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       (c.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1 (1 = balanced)"),
       (0 <= c.data.noise_rate < 1, "data.noise_rate", "must lie in [0, 1)"),
   ]
-  for name, table in (("activation", registry.ACTIVATION), ("logit", registry.LOGIT),
-                      ("gradient", registry.GRADIENT)):
-    val = c.perturb[name]
-    checks.append((val in table, f"perturb.{name}",
-                   f"unknown method {val!r}; registered: {', '.join(table)}"))
+  try:  # unknown names, a repeated logit method, NaN/inf hyper-parameters: name the field
+    for _, name in registry.selected(c.perturb):
+      registry.check_block(name, c.perturb[name])
+  except ValueError as e:
+    raise ValueError(f"Invalid config: {e}") from None
+  if "ldam" in registry.logit_names(c.perturb.logit):
+    # LDAM-DRW as published trains a normalised (cosine) classifier (Cao et al. 2019).
+    head = c.model.kwargs.get("head", None)
+    if head not in (None, "cosine"):
+      raise ValueError(f"Invalid config value config.model.kwargs.head={head!r}: "
+                       "perturb.logit=ldam needs the normalised classifier head 'cosine'")
+    c.model.kwargs.head = "cosine"
   for ok, field, why in checks:
     if not ok:
       raise ValueError(f"Invalid config value config.{field}={_get(c, field)!r}: {why}")

@@ -143,18 +143,32 @@ def _lookup(table: dict, kind: str, name: str):
   return table[name]
 
 
+def check_block(name: str, block) -> None:
+  """Rejects NaN / inf numeric fields of a method's config block, naming ``name.field``."""
+  fields = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+  for field, value in fields.items():
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      check_finite_params(name, **{field: value})
+
+
 def _block(pcfg, name):
-  """The method's config block, with every numeric field checked finite (NaN/inf name it)."""
+  """The method's config block (``None`` for ``none``), checked by :func:`check_block`."""
   block = getattr(pcfg, name, None) if name != "none" else None
   if block is not None:
-    fields = block.to_dict() if hasattr(block, "to_dict") else dict(block)
-    for field, value in fields.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool):
-        check_finite_params(name, **{field: value})
-      elif isinstance(value, (tuple, list)) and all(
-          isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        check_finite_params(name, **{field: value})
+    check_block(name, block)
   return block
+
+
+def selected(pcfg) -> list[tuple[str, str]]:
+  """``[(level, name), ...]`` of the methods a ``config.perturb`` selects (several logit
+  methods allowed, in order), each checked to be registered."""
+  out = [("activation", pcfg.activation)]
+  out += [("logit", n) for n in logit_names(pcfg.logit)]
+  out.append(("gradient", pcfg.gradient))
+  for level, name in out:
+    _lookup({"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}[level], level, name)
+  return [(lvl, n) for lvl, n in out if n != "none"]
 
 
 def _run_seed(run_seed: int, offset: int) -> int:

@@ -47,6 +47,7 @@ class Run(NamedTuple):
   schedule: optax.Schedule
   steps_per_epoch: int
   mesh: object
+  data: object              # the TaskData trained and evaluated on
 
 
 def steps_per_epoch(config, num_train: int, mesh) -> int:
@@ -82,7 +83,8 @@ def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
   >>> m = build_methods(config, data, cut_fn, model.points, 7); m.act.init()   # doctest: +SKIP
   """
   ctx = Context(data.num_classes, data.class_counts(), spe, config.optim.num_epochs, cut_fn,
-                tuple(points))
+                tuple(points), seed=int(config.seed),
+                head=config.model.kwargs.get("head", "linear"))
   pc = config.perturb
   act = registry.make_activation(pc, ctx)
   grad = registry.make_gradient(pc, ctx)
@@ -203,4 +205,4 @@ def build_run(config, data, mesh) -> Run:
   return Run(train_step=step, init_state=state, batch_fn=make_batch_fn(config, data, mesh, spe),
              epoch_perm=make_epoch_perm(config, data.num_train),
              predict=make_predict(config, eval_step, mesh), schedule=schedule,
-             steps_per_epoch=spe, mesh=mesh)
+             steps_per_epoch=spe, mesh=mesh, data=data)
