@@ -115,7 +115,8 @@ def run(args: argparse.Namespace, log=_print) -> dict:
     raise ValueError(f"--batch {args.batch} must be divisible by the {mesh.devices.size} devices")
   last_stage = registry.default_point(pts.stage_points(model))
   points, flops, frac = grid_points(model, args.points, args.batch)
-  configs = _select(configurations(points, Ts, last_stage), args.only)
+  # Rows of methods at their default point name it as the registry resolves "auto".
+  configs = _select(configurations(points, Ts, registry.default_point(model.points)), args.only)
   data, data_note = bench_data(args.batch, args.num_classes)
   log(f"experiments.bench: {args.model}, batch {args.batch}, {args.num_classes} classes, "
       f"{len(configs)} configurations on {jax.devices()}; data: {data_note}")
