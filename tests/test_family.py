@@ -166,7 +166,7 @@ def test_ldam_margins_and_drw_switch_on_at_the_right_step():
   m_C = logit.ldam_margins(COUNTS)
   np.testing.assert_allclose(m_C * COUNTS ** 0.25, m_C[-1] * COUNTS[-1] ** 0.25, rtol=1e-6)
   assert m_C.max() == pytest.approx(0.5) and np.argmax(m_C) == 3
-  m = logit.ldam(ctx, scale=30.0, batch_normalize=False)
+  m = logit.ldam(ctx, normalized_head=True, scale=30.0, batch_normalize=False)
   z = jax.random.normal(jax.random.key(4), (8, 4))
   apply = jax.jit(lambda s: m.apply((), z, batch, s))
   out, w0, _ = apply(39)
@@ -285,7 +285,8 @@ def test_optax_gradient_methods_act_where_they_should():
 def test_chain_logits_composes_apply_weights_and_predict():
   ctx, _, batch, _ = setup()
   z = jax.random.normal(jax.random.key(8), (8, 4))
-  m = chain_logits(logit.logit_adjust(ctx, mode="posthoc"), logit.ldam(ctx, scale=1.0))
+  m = chain_logits(logit.logit_adjust(ctx, mode="posthoc"),
+                   logit.ldam(ctx, normalized_head=True, scale=1.0))
   out, w, _ = m.apply(m.init(), z, batch, 49)
   np.testing.assert_allclose(out, z - batch.targets_BxC * logit.ldam_margins(COUNTS), rtol=1e-6)
   assert not np.allclose(w, 1.0)

@@ -57,10 +57,16 @@ def validate_split(rule: str, signs=None, num_classes: int | None = None) -> Non
       raise ValueError(f"split signs must be -1, 0 or +1, got {signs!r}")
 
 
+def default_num_head(num_classes: int) -> int:
+  """The head size of every long-tail split in a run (LPA, LPL, LPG share it): ``round(0.4·C)``,
+  the LPL paper's 4 head classes of CIFAR-10-LT, generalised to ``C`` classes **(ours)**."""
+  return max(1, int(round(0.4 * num_classes)))
+
+
 def frequency_split(class_counts, num_head: int | None = None) -> Split:
   """Long-tail split: the ``num_head`` most frequent classes are N, the rest P.
 
-  Default ``num_head``: classes with a count at or above the median are head **(ours)**.
+  Default ``num_head``: :func:`default_num_head` (one rule for every class-level method).
   ``q_c`` is the class's frequency rank scaled to [0, 1] (0 = most frequent) and ``tau`` the
   rank threshold, so ``|tau - q_c|`` grows towards both ends of the distribution.
   """
@@ -70,7 +76,7 @@ def frequency_split(class_counts, num_head: int | None = None) -> Split:
   rank = np.empty(c, np.int64)
   rank[order] = np.arange(c)
   if num_head is None:
-    num_head = int(np.sum(counts >= np.median(counts)))
+    num_head = default_num_head(c)
   if not 0 <= num_head <= c:
     raise ValueError(f"num_head must lie in [0, {c}], got {num_head}")
   sign = np.where(rank < num_head, -1.0, 1.0)

@@ -17,7 +17,6 @@ import optax
 
 from lpa_jax.perturb import classes
 from lpa_jax.perturb.base import Context, GradientMethod, LogitMethod
-from lpa_jax.perturb.logit import default_num_head
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -69,8 +68,7 @@ def lpg_logits(ctx: Context, split: str = "balanced", eps: float = 0.1, delta_ep
   """
   if eps < 0 or delta_eps < 0:
     raise ValueError(f"lpg needs eps >= 0 and delta_eps >= 0, got {eps}, {delta_eps}")
-  head = default_num_head(ctx.num_classes, num_head) if split == "longtail" else num_head
-  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, head)
+  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, num_head)
 
   def apply(state, logits_BxC, batch, step):
     onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=logits_BxC.dtype)

@@ -21,12 +21,6 @@ from lpa_jax.perturb.tables import row_norms
 LA_MODES = ("loss", "posthoc")
 
 
-def default_num_head(num_classes: int, num_head: int | None) -> int:
-  """LPL's head size for the long-tail split: the paper's 4 of CIFAR-10's 10 classes,
-  generalised to ``round(0.4·C)`` **(ours)** when not given."""
-  return max(1, int(round(0.4 * num_classes))) if num_head is None else int(num_head)
-
-
 def class_steps(split: classes.Split, steps: int, varied: bool, steps_min: int,
                 steps_max: int) -> jax.Array:
   """``K_c``: constant, or from ``steps_min`` to ``steps_max`` linearly in ``|τ − q_c|``
@@ -70,7 +64,7 @@ def lpl(ctx: Context, split: str = "balanced", alpha: float = 0.005, steps: int 
 
   Args:
     split: as LPA (``balanced`` q_c vs mean, refreshed per epoch; ``longtail`` frequency rank
-      with ``num_head`` head classes, default ``round(0.4·C)``; ...).
+      with ``num_head`` head classes, default :func:`classes.default_num_head`; ...).
     alpha, steps: step size ``α`` and fixed ``K``; ``varied`` uses ``K_c`` in
       ``[steps_min, steps_max]`` growing with ``|τ − q_c|``.
     normalize: normalised steps (SPEC) or raw gradient steps.
@@ -80,8 +74,7 @@ def lpl(ctx: Context, split: str = "balanced", alpha: float = 0.005, steps: int 
   if min(steps, steps_min, steps_max) < 0 or steps_min > steps_max or alpha < 0:
     raise ValueError(f"lpl needs alpha >= 0 and 0 <= steps_min <= steps_max, steps >= 0; got "
                      f"alpha={alpha}, steps={steps}, steps_min={steps_min}, steps_max={steps_max}")
-  head = default_num_head(ctx.num_classes, num_head) if split == "longtail" else num_head
-  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, head)
+  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, num_head)
   max_steps = steps_max if varied else steps
 
   def apply(state, logits_BxC, batch, step):

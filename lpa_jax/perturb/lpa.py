@@ -113,7 +113,7 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
       in the batch (ours: ``ε`` is then a fraction of ``‖a‖``).
     depth: ``L − l`` of the point, for ``β^(L−l)``.
     class_counts: training examples per class (long-tail split).
-    num_head: head size of the long-tail split (default: classes at or above the median count).
+    num_head: head size of the long-tail split (default :func:`classes.default_num_head`).
     extra_points: ``{name: depth}`` of higher points perturbed jointly (multi-layer variant;
       the network's ``upper(act, extra)`` must accept per-example tensors there).
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 
+from lpa_jax.models.staged import stage_level
 from lpa_jax.perturb import activation, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
 from lpa_jax.perturb.base import (Context, GradientMethod, LogitMethod, Placed, chain_logits,
@@ -18,12 +19,30 @@ from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
 
 
-def default_point(points) -> str:
-  """The SPEC's default layer: the last stage before pooling (else the last hidden layer)."""
+def logit_equivalent_point(points) -> str:
+  """The last hidden point: above it only pooling and the linear head remain, so a class-level
+  δ there is exactly a class-level logit shift in the span of the head's weights (SPEC §1)."""
   points = list(points)
-  if "features" in points:
-    return points[points.index("features") - 1]
-  return points[-2] if len(points) > 1 else points[-1]
+  top = points.index("features") if "features" in points else len(points) - 1
+  return points[max(top - 1, 0)]
+
+
+def default_point(points) -> str:
+  """The default perturbed point **(ours)**: the highest point whose ``f_up`` is non-linear.
+
+  That is the point just below :func:`logit_equivalent_point` (and below its alias, the last
+  block of the last stage): ``stage3.block{n-2}`` of a CIFAR ResNet (``f_up`` = one residual
+  block, pooling and the head: the paper's "point inside the last stage", whose cost the
+  benchmark reports), ``stage2`` of the small CNN, ``hidden{k-1}`` of the MLP.  At the
+  logit-equivalent point LPA would only shift logits, which LPL already does; the evidence
+  suites compare the two points.
+  """
+  points = list(points)
+  last_hidden = logit_equivalent_point(points)
+  i = points.index(last_hidden) - 1
+  if i > 0 and points[i].startswith(last_hidden + "."):
+    i -= 1  # the last block of the last stage is the same activation as the stage output
+  return points[max(i, 0)]
 
 
 def resolve_point(point: str, ctx: Context) -> str:
@@ -31,9 +50,10 @@ def resolve_point(point: str, ctx: Context) -> str:
 
 
 def default_mixup_points(points) -> tuple[str, ...]:
-  """Manifold Mixup's layer set: the input and up to two points below the default layer
-  (the paper's {0, 1, 2} for ResNets; a stem is skipped)."""
-  below = list(points)[:list(points).index(default_point(points))]
+  """Manifold Mixup's layer set: the input and up to two stage outputs below the last hidden
+  stage (the paper's {0, 1, 2} for ResNets; a stem is skipped)."""
+  stages = list(stage_level(points))
+  below = stages[:stages.index(logit_equivalent_point(stages))]
   return ("input",) + tuple(p for p in below if p != "stem")[:2]
 
 
@@ -67,8 +87,8 @@ def _lpa(cfg, ctx: Context) -> Placed:
 
 
 def _lpa_adaptive(cfg, ctx: Context) -> Placed:
-  """Adaptive-layer LPA; its candidates default to every point below the logits."""
-  candidates = tuple(cfg.candidates) or tuple(ctx.points[:-1])
+  """Adaptive-layer LPA; its candidates default to every stage-level point below the logits."""
+  candidates = tuple(cfg.candidates) or stage_level(ctx.points)[:-1]
   for p in candidates:
     if p not in ctx.points:
       raise ValueError(f"Unknown candidate point {p!r}; valid points are: {', '.join(ctx.points)}")
@@ -168,7 +188,26 @@ def selected(pcfg) -> list[tuple[str, str]]:
   out.append(("gradient", pcfg.gradient))
   for level, name in out:
     _lookup({"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}[level], level, name)
-  return [(lvl, n) for lvl, n in out if n != "none"]
+  chosen = [(lvl, n) for lvl, n in out if n != "none"]
+  check_one_split(pcfg, [n for _, n in chosen])
+  return chosen
+
+
+CLASS_LEVEL = ("lpa", "lpa_adaptive", "lpl", "lpg")
+SPLIT_FIELDS = ("split", "num_head", "signs")
+
+
+def check_one_split(pcfg, names) -> None:
+  """All class-level methods of a run share one class split (rule, head size, signs)."""
+  blocks = [(n, pcfg[n]) for n in names if n in CLASS_LEVEL]
+  for n, block in blocks[1:]:
+    for f in SPLIT_FIELDS:
+      a, b = blocks[0][1][f], block[f]
+      if (tuple(a) if isinstance(a, (list, tuple)) else a) != \
+         (tuple(b) if isinstance(b, (list, tuple)) else b):
+        raise ValueError(
+            f"One class split per run: {blocks[0][0]}.{f}={a!r} but {n}.{f}={b!r}; set "
+            f"--config.perturb.{n}.{f} to the same value")
 
 
 def _run_seed(run_seed: int, offset: int) -> int:
@@ -178,6 +217,7 @@ def _run_seed(run_seed: int, offset: int) -> int:
 
 
 def make_activation(pcfg, ctx: Context) -> Placed:
+  selected(pcfg)
   name = pcfg.activation
   return _lookup(ACTIVATION, "activation", name)(_block(pcfg, name), ctx)
 

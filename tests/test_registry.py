@@ -1,0 +1,135 @@
+"""Config-driven composition: several logit methods in order, one class split per run, gradient
+noise per run seed, and the branch selection of multi-point methods."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import methods
+from lpa_jax.models import get_model
+from lpa_jax.perturb import activation, classes, registry
+from lpa_jax.perturb.base import Batch, Context
+from lpa_jax.perturb.hooks import cut_staged
+
+COUNTS = np.array([500, 300, 200, 100, 60, 40, 20, 10, 6, 5])
+
+
+def _pc(**kw):
+  pc = mlc.ConfigDict(dict(activation="none", logit="none", gradient="none",
+                           **methods.method_blocks("longtail")))
+  pc.update(kw)
+  return pc
+
+
+def _ctx(seed=0, model=None):
+  model = model or get_model("mlp", 10, widths=(16, 8))
+  return Context(10, COUNTS, 5, 4, functools.partial(cut_staged, model), tuple(model.points),
+                 seed=seed)
+
+
+def test_logit_methods_chain_in_the_order_given():
+  ctx = _ctx()
+  z = jnp.asarray(np.random.RandomState(0).randn(20, 10).astype(np.float32))
+  y = jnp.arange(20) % 10
+  b = Batch(z, y, jax.nn.one_hot(y, 10))
+  both = registry.make_logit(_pc(logit="logit_adjust,lpl"), ctx)
+  la = registry.make_logit(_pc(logit="logit_adjust"), ctx)
+  lpl = registry.make_logit(_pc(logit="lpl"), ctx)
+  got = both.apply(both.init(), z, b, 0)[0]
+  z_la = la.apply(la.init(), z, b, 0)[0]
+  np.testing.assert_allclose(got, lpl.apply(lpl.init(), z_la, b, 0)[0], rtol=1e-6)
+  assert float(jnp.abs(got - z_la).max()) > 0.01  # LPL acted after LA
+  with pytest.raises(ValueError, match="registered"):
+    registry.make_logit(_pc(logit="logit_adjust,nope"), ctx)
+
+
+def test_one_class_split_per_run():
+  """LPA, LPL and LPG default to the same long-tail head, and differing rules are refused."""
+  ctx = _ctx()
+  pc = _pc(activation="lpa", logit="lpl", gradient="lpg")
+  act = registry.make_activation(pc, ctx)
+  lpl = registry.make_logit(pc, ctx)
+  lpg = registry.make_gradient(pc, ctx).logit
+  head = classes.default_num_head(10)
+  assert head == 4
+  for sign in (act.init().split.sign_C, lpl.init().sign_C, lpg.init().sign_C):
+    np.testing.assert_array_equal(np.asarray(sign), [-1] * head + [1] * (10 - head))
+  pc.lpl.num_head = 3
+  with pytest.raises(ValueError, match="One class split per run: lpa.num_head=None but "
+                                       "lpl.num_head=3"):
+    registry.make_activation(pc, ctx)
+
+
+def test_gradient_noise_draws_from_the_run_seed():
+  g = {"w": jnp.zeros((64,))}
+
+  def noise(seed):
+    gm = registry.make_gradient(_pc(gradient="grad_noise"), _ctx(seed=seed))
+    return np.asarray(gm.pre.update(g, gm.pre.init(g))[0]["w"])
+  a, b, a2 = noise(0), noise(1), noise(0)
+  np.testing.assert_array_equal(a, a2)
+  assert np.abs(a - b).max() > 0 and np.abs(a).max() > 0
+
+
+@pytest.mark.parametrize("name", ["manifold_mixup", "lpa_adaptive"])
+def test_branch_selection_mask_and_switch_compute_the_same_step(name):
+  """The two selections are one algorithm: identical outputs and states, and the one used is
+  reported in the diagnostics."""
+  model = get_model("cnn", 10, widths=(4, 8, 8))
+  ctx = _ctx(model=model)
+  x = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
+  y = jnp.arange(20) % 10
+  v = model.init(jax.random.key(1), x[:1])
+  batch = Batch(x, y, jax.nn.one_hot(y, 10))
+  outs = {}
+  for select in ("mask", "switch"):
+    pc = _pc(activation=name)
+    pc[name].select = select
+    if name == "lpa_adaptive":
+      pc[name].candidates = ("stage1", "stage2")
+      pc[name].every = 1
+      pc[name].eps = 0.3
+      pc[name].radius_mode = "relative"
+    m = registry.make_activation(pc, ctx)
+
+    def loss(params, m=m):
+      fwd = m.forward(m.init(), {**v, "params": params}, batch, jax.random.key(2), True)
+      return optax.softmax_cross_entropy(fwd.logits_BxC, fwd.targets_BxC).mean(), fwd
+    outs[select] = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+  (l_m, f_m), g_m = outs["mask"]
+  (l_s, f_s), g_s = outs["switch"]
+  np.testing.assert_allclose(l_m, l_s, rtol=1e-5)
+  np.testing.assert_allclose(f_m.logits_BxC, f_s.logits_BxC, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_m, g_s)
+  key = "mix_select_switch" if name == "manifold_mixup" else "layer_select_switch"
+  assert float(f_m.aux[key]) == 0.0 and float(f_s.aux[key]) == 1.0
+
+
+def test_input_cut_mixes_the_input():
+  model = get_model("mlp", 10, widths=(8,))
+  top = cut_staged(model, model.points[-1])
+  cut = activation.input_cut(top)
+  x = jnp.ones((3, 4, 4, 1))
+  assert cut.lower({}, x, True)[0] is x
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet20", "mlp"])
+def test_default_point_has_a_nonlinear_f_up_and_the_logit_equivalent_one_is_affine(name):
+  """Above the logit-equivalent point ``f_up`` is affine (pooling and the head), so LPA there
+  is a logit shift; the default point sits one block/stage lower, where it is not."""
+  model = get_model(name, 10, **({"widths": (8, 8)} if name == "mlp" else {}))
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  v = model.init(jax.random.key(1), x[:1])
+
+  def affine_gap(point):
+    cut = cut_staged(model, point)
+    a = cut.lower(v, x, False)[0]
+    b = jax.random.normal(jax.random.key(2), a.shape)
+    f = lambda h: cut.upper(v, h, False)[0]  # noqa: E731
+    return float(jnp.abs(f(a + b) - f(a) - f(b) + f(jnp.zeros_like(a))).max())
+  assert affine_gap(registry.logit_equivalent_point(model.points)) < 1e-4
+  assert affine_gap(registry.default_point(model.points)) > 1e-3
