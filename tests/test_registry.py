@@ -133,3 +133,15 @@ def test_default_point_has_a_nonlinear_f_up_and_the_logit_equivalent_one_is_affi
     return float(jnp.abs(f(a + b) - f(a) - f(b) + f(jnp.zeros_like(a))).max())
   assert affine_gap(registry.logit_equivalent_point(model.points)) < 1e-4
   assert affine_gap(registry.default_point(model.points)) > 1e-3
+
+
+def test_gaf_doubles_small_gradients_and_the_unit_slope_control_does_not():
+  from lpa_jax.perturb import gradient
+  g = {"w": jnp.array([1e-4, -1e-4, 10.0])}
+  for unit, slope in ((False, 2.0), (True, 1.0)):
+    gm = registry.make_gradient(_pc(gradient="gaf", gaf=mlc.ConfigDict(dict(
+        alpha=0.1, beta=20.0, form="atan", where="raw", unit_slope=unit))), _ctx())
+    out = np.asarray(gm.pre.update(g, gm.pre.init(g))[0]["w"])
+    np.testing.assert_allclose(out[:2] / np.asarray(g["w"][:2]), slope, rtol=1e-3)
+    assert out[2] < 0.1 * np.pi / 2 / (1.0 if not unit else 2.0) + 1e-6  # large ones compressed
+  assert gradient.gaf_lr_factor(0.1, 20.0) == 2.0

@@ -58,7 +58,8 @@ def gradient_blocks(split: str = "balanced") -> dict[str, mlc.ConfigDict]:
   return {
       "lpg": mlc.ConfigDict(dict(split=split, eps=0.1, delta_eps=0.1, varied=True,
                                  num_head=_none(int), signs=_none(tuple))),
-      "gaf": mlc.ConfigDict(dict(alpha=0.1, beta=20.0, form="atan", where="raw")),
+      "gaf": mlc.ConfigDict(dict(alpha=0.1, beta=20.0, form="atan", where="raw",
+                                 unit_slope=False)),
       "sam": mlc.ConfigDict(dict(rho=0.05)),
       "clip": mlc.ConfigDict(dict(max_norm=1.0)),
       "grad_noise": mlc.ConfigDict(dict(eta=0.01, gamma=0.55, seed=0)),

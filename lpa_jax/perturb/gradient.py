@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Context, GradientMethod, LogitMethod
+from lpa_jax.perturb.base import Context, GradientMethod, LogitMethod, check_finite_params
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -111,13 +111,34 @@ def gradient_activation(alpha: float = 0.1, beta: float = 20.0,
   return optax.stateless(lambda updates, params=None: jax.tree.map(fn, updates))
 
 
-def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan",
-        where: str = "raw") -> GradientMethod:
-  """GAF on the raw gradients (``where='raw'``) or on the momentum output (``'momentum'``)."""
+def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan", where: str = "raw",
+        unit_slope: bool = False) -> GradientMethod:
+  """GAF on the raw gradients (``where='raw'``) or on the momentum output (``'momentum'``).
+
+  The published ``(α, β) = (0.1, 20)`` has slope ``αβ = 2`` at small gradients: for the
+  many small entries GAF is SGD at about **twice the learning rate**, and only large entries
+  are compressed.  Two controls separate the two effects: ``unit_slope=True`` divides the
+  activation by ``αβ`` (slope 1 at 0: the same learning rate as plain SGD, only the
+  compression remains), and plain SGD at ``αβ`` times the learning rate (the
+  learning-rate-matched baseline: ``--config.optim.lr`` scaled by ``gaf_lr_factor``).
+
+  >>> gm = gaf(0.1, 20.0, unit_slope=True)   # compression only, no learning-rate change
+  """
+  check_finite_params("gaf", alpha=alpha, beta=beta)
   if where not in GAF_WHERE:
     raise ValueError(f"gaf.where must be one of {GAF_WHERE}, got {where!r}")
+  if alpha <= 0 or beta <= 0:
+    raise ValueError(f"gaf needs alpha > 0 and beta > 0, got {alpha}, {beta}")
   tx = gradient_activation(alpha, beta, form)
+  if unit_slope:
+    tx = optax.chain(tx, optax.scale(1.0 / gaf_lr_factor(alpha, beta)))
   return GradientMethod(pre=tx) if where == "raw" else GradientMethod(post=tx)
+
+
+def gaf_lr_factor(alpha: float = 0.1, beta: float = 20.0) -> float:
+  """GAF's slope at 0, ``αβ``: the factor by which it scales the learning rate of small
+  gradient entries (2 at the published defaults)."""
+  return float(alpha * beta)
 
 
 def sam_wrapper(rho: float = 0.05):

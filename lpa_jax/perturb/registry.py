@@ -149,7 +149,8 @@ LOGIT: dict[str, Callable[..., LogitMethod]] = {
 GRADIENT: dict[str, Callable[..., GradientMethod]] = {
     "none": lambda cfg, ctx: GradientMethod(),
     "lpg": _class_level(gradient.lpg, "eps", "delta_eps", "varied"),
-    "gaf": _fields(gradient.gaf, "alpha", "beta", "form", "where"),
+    "gaf": lambda cfg, ctx: gradient.gaf(cfg.alpha, cfg.beta, cfg.form, cfg.where,
+                                         unit_slope=cfg.get("unit_slope", False)),
     "sam": _fields(gradient.sam, "rho"),
     "clip": _fields(gradient.clip, "max_norm"),
     "grad_noise": lambda cfg, ctx: gradient.grad_noise(cfg.eta, cfg.gamma,
