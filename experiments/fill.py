@@ -5,7 +5,8 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``suite:<name>`` — the accuracy table of ``experiments/results/<name>`` (mean ± std over
   seeds, from the runs' ``results.json``; the same table as that suite's ``report.md``);
 * ``suites-time`` — the summed wall time of every run of every suite;
-* ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run;
+* ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run
+  (or, for a ``--fractions`` run, its F_up/F table);
 * ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise).
 
     python -m experiments.fill README.md experiments/results/README.md
@@ -48,7 +49,11 @@ def bench_table(path: str) -> str:
   from experiments.bench.flops import PAPER_FRACTION
   with open(os.path.join(ROOT, path)) as f:
     run = json.load(f)
-  m, st = run["machine"], run["settings"]
+  m, st = run.get("machine"), run["settings"]
+  if "rows" not in run:  # a --fractions run: FLOPs only, no machine or timing
+    return (f"{st['model']}, {st['num_classes']} classes, batch {st['batch']}; FLOPs: "
+            f"{st['flop_count']}, {st['flop_mode']}.\n\n"
+            + bench.fractions_markdown(st["flop_fractions"], PAPER_FRACTION))
   devices = ", ".join(m["devices"])
   if m.get("device_kind") and m["backend"] != "cpu":
     devices += f" ({m['device_kind']})"

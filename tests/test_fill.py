@@ -33,3 +33,17 @@ def test_bench_diff_block_is_computed_from_both_runs(tmp_path):
                                      row("lpa", "stage3", 3, 1.0)])))
   text = fill.bench_diff(f"{a},{b}")  # absolute paths pass through os.path.join
   assert "2 rows" in text and "10.0% at most (lpa stem 1)" in text and "5.0% at the median" in text
+
+
+def test_bench_block_of_a_fractions_run_names_the_block_nearest_the_paper(tmp_path):
+  import json
+  run = dict(settings=dict(model="resnet32", num_classes=10, batch=128, flop_count="XLA:CPU",
+                           flop_mode="train", flops_forward=1.0, flop_fractions={
+                               "stage2": 0.2973, "stage3.block2": 0.1231,
+                               "stage3.block3": 0.0616, "stage3": 0.0}))
+  path = tmp_path / "frac.json"
+  path.write_text(json.dumps(run))
+  text = fill.bench_table(str(path))  # absolute paths pass through os.path.join
+  assert text.startswith("resnet32, 10 classes, batch 128")
+  assert "| stage3.block3 | 0.0616 | 1.123 |" in text
+  assert text.endswith("stage3.block3.")

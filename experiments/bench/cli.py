@@ -5,6 +5,7 @@
     python -m experiments.bench --num-classes 1000 --only plain,lpa --T 1,3 --check
     python -m experiments.bench --points stage2,stage3.block1,stage3.block4,stage3 --only plain,lpa
     python -m experiments.bench --rescore experiments/results/bench_gpu.json --check
+    python -m experiments.bench --fractions --model resnet110    # F_up/F per point, no timing
 
 Every configuration is built by the library's own run builder and jitted step, handed a
 stand-in dataset (:class:`~experiments.bench.timing.BenchData`: one fixed batch, long-tail
@@ -67,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--decompose", action="store_true",
                  help="also time the cost model's pieces (forward, forward+backward, one PGD "
                       "step per point) and report ms per GFLOP of each")
+  p.add_argument("--fractions", action="store_true",
+                 help="only count F_up/F (XLA:CPU, no timing) at every stage point and every "
+                      "point inside the last stage, and name the one nearest the published cost")
   p.add_argument("--rescore", metavar="FILE.json",
                  help="recount FLOP fractions, cost model and checks of an earlier run's JSON "
                       "(timings kept) and write it to --out (default: FILE.json itself)")
@@ -93,6 +97,19 @@ def grid_points(model, wanted: str | None, batch_size: int):
   flops, frac = flop_fractions(model, counted, batch_size)
   points = chosen or pts.choose_default(stages, blocks, frac)
   return points, flops, frac
+
+
+def fractions(args: argparse.Namespace) -> dict:
+  """``--fractions``: F and F_up/F at every stage point and every block of the last stage,
+  counted without building or timing a train step."""
+  model = get_model(args.model, args.num_classes)
+  stages = pts.stage_points(model)
+  last = registry.default_point(stages)
+  counted = pts.order(model, list(stages) + list(pts.block_points(model, last)))
+  flops, frac = flop_fractions(model, counted, args.batch)
+  return dict(settings=dict(model=args.model, batch=args.batch, num_classes=args.num_classes,
+                            flops_forward=flops, flop_fractions=frac, flop_count=flop_source(),
+                            flop_mode="train (batch-stat BN)"))
 
 
 def _select(configs, only: str | None):
@@ -168,6 +185,9 @@ def rescore(result: dict) -> dict:
 
 
 def _show(result: dict, with_checks: bool) -> None:
+  if "rows" not in result:  # --fractions
+    print(report.fractions_markdown(result["settings"]["flop_fractions"], PAPER_FRACTION))
+    return
   print(report.markdown(result["rows"]))
   if result.get("decomposition"):
     print(report.decomposition_markdown(result["decomposition"]))
@@ -187,6 +207,8 @@ def main(argv=None) -> dict:
     with open(args.rescore) as f:
       result = rescore(json.load(f))
     args.out = args.out or args.rescore
+  elif args.fractions:
+    result = fractions(args)
   else:
     result = run(args)
   _show(result, args.check)
