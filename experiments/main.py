@@ -1,10 +1,15 @@
 """The one entry point: parse flags, log devices, call ``train_and_evaluate``.
 
   python -m experiments.main --config=experiments/configs/longtail.py:quick --workdir=runs/lt
+
+A work dir belongs to one config: rerunning it with different values stops with the fields
+that differ; ``--fresh`` deletes that run and starts afresh.  Ctrl-C saves a checkpoint, says
+so in one line and exits with status 130.
 """
 from __future__ import annotations
 
-import json
+import errno
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,22 +19,54 @@ config_flags.DEFINE_config_file("config", "experiments/configs/longtail.py:quick
                                 "Config file and variant, e.g. longtail.py:quick.")
 flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, results.json. Reruns resume.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("fresh", False, "Delete the run already in --workdir (checkpoints, metrics, "
+                  "results) and start afresh, even if it was made with another config.")
+
+
+def run(config, workdir: str, progress: bool, fresh: bool) -> int:
+  import jax
+  from experiments.configs.common import validate
+  from experiments.report import results_table
+  from lpa_jax.train.loop import train_and_evaluate
+  config = validate(config)
+  print(f"lpa_jax: {jax.device_count()} device(s): {jax.devices()}", flush=True)
+  results = train_and_evaluate(config, workdir, progress=progress, fresh=fresh)
+  print(results_table([results]))
+  print(f"results: {workdir}/results.json")
+  return 0
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
-  import jax
-  from experiments.configs.common import validate
-  from experiments.report import results_table
-  from lpa_jax.train.loop import train_and_evaluate
-  config = validate(FLAGS.config)
-  workdir = FLAGS.workdir or "runs/default"
-  print(f"lpa_jax: {jax.device_count()} device(s): {jax.devices()}", flush=True)
-  results = train_and_evaluate(config, workdir, progress=FLAGS.progress)
-  print(results_table([results]))
-  print(f"results: {workdir}/results.json")
-  return 0
+  try:
+    return run(FLAGS.config, FLAGS.workdir or "runs/default", FLAGS.progress, FLAGS.fresh)
+  except KeyboardInterrupt as e:
+    print(f"\n{e or 'Interrupted before training started; nothing was saved.'}",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
+  except Exception as e:  # noqa: BLE001 - only a full disk is handled; the rest re-raises
+    cause = disk_full(e)
+    if cause is None:
+      raise
+    # A full disk fails deep inside orbax or the writers, under hundreds of lines of
+    # traceback: say what happened, and only that.
+    print(f"Error: no space left on device while writing the run ({cause}). Free space "
+          "and rerun the same command: it resumes from the last checkpoint.",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def disk_full(e: BaseException) -> str | None:
+  """The first line of the error in ``e``'s chain that reports a full disk, else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "No space left on device" in str(e):
+      return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    e = e.__cause__ or e.__context__
+  return None
 
 
 if __name__ == "__main__":

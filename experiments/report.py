@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 import platform
 
@@ -53,24 +52,29 @@ def results_table(results: list[dict]) -> str:
 # ---- suite reports ----------------------------------------------------------------------
 
 def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from lpa_jax.train.history import read_history
+  return read_history(path)
 
 
-def load_runs(root: str) -> list[dict]:
+def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
   """Finished runs under ``root``, in the suite's method order, then by seed: dicts with
-  ``name, slug, seed, point, results, history``."""
+  ``name, slug, seed, point, results, history``.
+
+  A ``results.json`` that is not valid JSON is left out; ``unreadable`` (if given) collects
+  ``(path, error)`` for each, so the report can name them.
+  """
+  from lpa_jax.train.workdir import read_json
   runs = []
-  for path in glob.glob(os.path.join(root, "runs", "*", "seed*", "results.json")):
+  for path in sorted(glob.glob(os.path.join(root, "runs", "*", "seed*", "results.json"))):
     workdir = os.path.dirname(path)
-    with open(path) as f:
-      results = json.load(f)
-    meta = {}
-    if os.path.exists(os.path.join(workdir, "method.json")):
-      with open(os.path.join(workdir, "method.json")) as f:
-        meta = json.load(f)
+    try:
+      results = read_json(path)
+      meta_path = os.path.join(workdir, "method.json")
+      meta = read_json(meta_path) if os.path.exists(meta_path) else {}
+    except (ValueError, OSError) as e:
+      if unreadable is not None:
+        unreadable.append((path, str(e)))
+      continue
     runs.append({"name": meta.get("name") or method_name(results.get("config", {})),
                  "slug": os.path.basename(os.path.dirname(workdir)),
                  "seed": meta.get("seed", results.get("config", {}).get("seed")),
@@ -83,11 +87,15 @@ def load_runs(root: str) -> list[dict]:
 
 
 def _suite_meta(root: str) -> dict:
+  from lpa_jax.train.workdir import read_json
   path = os.path.join(root, "suite.json")
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    return read_json(path)
+  except ValueError as e:
+    print(f"report: ignoring {e}", flush=True)
+    return {}
 
 
 def metric_columns(runs: list[dict]) -> list[tuple[str, tuple]]:
@@ -187,10 +195,14 @@ def write_report(root: str) -> dict[str, str]:
   ['accuracy', 'csv', 'curves', 'markdown', 'per_class']
   """
   from experiments import report_figures as figs
-  runs = load_runs(root)
+  unreadable = []
+  runs = load_runs(root, unreadable)
+  for path, err in unreadable:
+    print(f"report: left out {path}: {err}", flush=True)
   if not runs:
     raise FileNotFoundError(f"No finished runs (runs/*/seed*/results.json) under {root!r}; "
-                            "run experiments.sweep first.")
+                            "run experiments.sweep first."
+                            + "".join(f"\nUnreadable: {p}" for p, _ in unreadable))
   cols = [c for c, _ in metric_columns(runs)]
   rows = summarise(runs)
   paths = {"csv": os.path.join(root, "results.csv"), "markdown": os.path.join(root, "report.md")}
@@ -214,6 +226,9 @@ def write_report(root: str) -> dict[str, str]:
   lines += [f"![{k}]({os.path.basename(v)})" for k, v in paths.items()
             if v.endswith(".png")]
   lines += ["", figs.per_class_table(runs)]
+  if unreadable:  # named, so a missing row is never mistaken for a finished suite
+    lines += ["", "## Unreadable run files (left out of the tables)", ""]
+    lines += [f"* `{os.path.relpath(p, root)}`: {err}" for p, err in unreadable]
   with open(paths["markdown"], "w") as f:
     f.write("\n".join(lines) + "\n")
   return paths

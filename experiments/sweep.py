@@ -10,19 +10,21 @@ Layout of a suite root (default ``experiments/results/<suite>``)::
   runs/<method-slug>/seed<k>/      method.json, metrics.jsonl, results.json
   report.md, results.csv, *.png    written by :mod:`experiments.report`
 
-Finished runs (``results.json`` present) are skipped; an interrupted run resumes from its
-checkpoint.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
+Finished runs (``results.json`` readable, its recorded config the planned one) are skipped;
+an interrupted run resumes from its checkpoint.  Runs made with another config stop the sweep
+with the differing fields listed (``--stale=rerun`` redoes them); an unreadable
+``results.json`` is named and its run redone.  Every file written here is replaced atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
 so the committed results stay small.  The dataset is loaded once per suite and shared.
 """
 from __future__ import annotations
 
 import copy
 import importlib
-import json
 import os
 import platform
 import re
 import shutil
+import sys
 import time
 
 from absl import app, flags, logging
@@ -36,6 +38,8 @@ flags.DEFINE_string("root", None, "Suite root (default experiments/results/<suit
 flags.DEFINE_list("seeds", None, "Override the suite's seeds, e.g. --seeds=0,1.")
 flags.DEFINE_bool("progress", True, "Show the overall progress bar.")
 flags.DEFINE_bool("report", True, "Write the report after the runs.")
+flags.DEFINE_enum("stale", "refuse", ["refuse", "rerun"], "Runs whose recorded config differs "
+                  "from the suite's plan: stop and list them (refuse), or redo them (rerun).")
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 META_KEYS = ("name", "point")  # method-dict keys that are labels, not config overrides
@@ -105,52 +109,123 @@ def _clean(workdir: str) -> None:
     shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
 
 
-def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True) -> dict:
+def run_status(workdir: str, config) -> tuple[str, str]:
+  """``(status, detail)`` of a planned run's work dir: ``'todo'``, ``'finished'``,
+  ``'unreadable'`` (results.json cut short or not JSON: run again) or ``'stale'`` (made with
+  another config; ``detail`` lists the fields)."""
+  from lpa_jax.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
+  results_path = os.path.join(workdir, "results.json")
+  recorded, status = None, "todo"
+  if os.path.exists(results_path):
+    try:
+      recorded, status = read_json(results_path).get("config"), "finished"
+    except (ValueError, OSError, AttributeError) as e:
+      return "unreadable", str(e)
+  if recorded is None and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    try:  # an interrupted run: its checkpoint belongs to the config it recorded
+      recorded = read_json(os.path.join(workdir, CONFIG_FILE))
+    except (ValueError, OSError):
+      return "todo", ""
+  diff = config_diff(recorded, config) if isinstance(recorded, dict) else []
+  return ("stale", describe_diff(diff)) if diff else (status, "")
+
+
+def _workdir(root: str, r: dict) -> str:
+  return os.path.join(root, "runs", r["slug"], f"seed{r['seed']}")
+
+
+class StaleRuns(ValueError):
+  """Finished or started runs of a suite were made with a config other than the planned one."""
+
+
+def _check_stale(runs, statuses, root, stale: str) -> None:
+  bad = [(r, detail) for r, (status, detail) in zip(runs, statuses) if status == "stale"]
+  if bad and stale != "rerun":
+    lines = [f"{_workdir(root, r)}:\n{d}" for r, d in bad]
+    raise StaleRuns(
+        f"{len(bad)} run(s) under {root} were made with a config other than the suite's "
+        "plan; their results would be reported under settings they were not trained with:\n"
+        + "\n".join(lines) + "\nRerun them with --stale=rerun, or use another --root.")
+
+
+def _write_meta(suite, runs, root) -> None:
+  from lpa_jax.train.workdir import write_json_atomic
+  write_json_atomic(os.path.join(root, "suite.json"), {
+      "suite": suite.name, "description": suite.description, "task": suite.task,
+      "overrides": [[k, v] for k, v in suite.overrides],
+      "methods": [dict(m) for m in suite.methods],
+      "seeds": sorted({r["seed"] for r in runs}), "machine": machine()})
+
+
+def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
+              stale: str = "refuse") -> dict:
   """Runs every unfinished (method, seed) of ``suite`` under ``root``; returns counts
-  ``{"ran": n, "skipped": m}``.  Writes the report at the end when ``report``."""
+  ``{"ran": n, "skipped": m}``.  Writes the report at the end when ``report``.
+
+  A finished run counts only if its recorded config is the planned one: stale runs stop the
+  sweep before anything runs (:class:`StaleRuns`), or are rerun afresh with
+  ``stale='rerun'``.  A ``results.json`` that cannot be read is named and its run redone.
+  """
   from lpa_jax import data as lpa_data
   from lpa_jax.train.loop import train_and_evaluate
-  try:
-    from tqdm.auto import tqdm
-  except ImportError:  # pragma: no cover
-    tqdm = None
+  from lpa_jax.train.workdir import write_json_atomic
   runs = plan(suite, seeds)
+  workdirs = [_workdir(root, r) for r in runs]
+  statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
+  _check_stale(runs, statuses, root, stale)
   os.makedirs(root, exist_ok=True)
-  meta = {"suite": suite.name, "description": suite.description, "task": suite.task,
-          "overrides": [[k, v] for k, v in suite.overrides],
-          "methods": [dict(m) for m in suite.methods],
-          "seeds": sorted({r["seed"] for r in runs}), "machine": machine()}
-  with open(os.path.join(root, "suite.json"), "w") as f:
-    json.dump(meta, f, indent=1, default=list)
+  _write_meta(suite, runs, root)
   cache, counts = {}, {"ran": 0, "skipped": 0}
-  bar = tqdm(total=len(runs), desc=suite.name, disable=not progress or tqdm is None,
-             dynamic_ncols=True)
-  for r in runs:
-    workdir = os.path.join(root, "runs", r["slug"], f"seed{r['seed']}")
+  bar = _bar(len(runs), suite.name, progress)
+  for r, workdir, (status, detail) in zip(runs, workdirs, statuses):
     bar.set_postfix_str(f"{r['name']} seed {r['seed']}")
-    if os.path.exists(os.path.join(workdir, "results.json")):
+    if status == "finished":
+      _clean(workdir)  # a kill between results.json and the clean-up left checkpoints
       counts["skipped"] += 1
       bar.update(1)
       continue
+    if status == "unreadable":
+      _say(f"{suite.name}: running {r['name']} seed {r['seed']} again: {detail}")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "method.json"), "w") as f:
-      json.dump({k: r[k] for k in ("name", "slug", "seed", "point")}, f, indent=1)
+    write_json_atomic(os.path.join(workdir, "method.json"),
+                      {k: r[k] for k in ("name", "slug", "seed", "point")})
     # Methods may override data fields; share one load per distinct data config.
     key = r["config"].data.to_json_best_effort(sort_keys=True)
     if key not in cache:
       cache[key] = lpa_data.load_task_data(r["config"].data)
-    res = train_and_evaluate(r["config"], workdir, progress=False, data=cache[key])
+    res = train_and_evaluate(r["config"], workdir, progress=False, data=cache[key],
+                             fresh=status == "stale")
     _clean(workdir)
     counts["ran"] += 1
     bar.update(1)
-    if tqdm is not None:
-      tqdm.write(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
-                 f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
+    _say(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
+         f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
   bar.close()
   if report:
     from experiments import report as report_mod
     report_mod.write_report(root)
   return counts
+
+
+def _bar(total, desc, progress):
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # pragma: no cover
+    tqdm = None
+  if tqdm is None:
+    class _NoBar:
+      def __getattr__(self, _):
+        return lambda *a, **k: None
+    return _NoBar()
+  return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
+
+
+def _say(line: str) -> None:
+  try:
+    from tqdm.auto import tqdm
+    tqdm.write(line)
+  except ImportError:  # pragma: no cover
+    print(line, flush=True)
 
 
 def main(argv):
@@ -160,17 +235,29 @@ def main(argv):
   config = FLAGS.config
   names = tuple(config.suites) if "suites" in config else (None,)
   t0 = time.time()
+  try:
+    _run_all(config, names, suites)
+  except KeyboardInterrupt as e:
+    print(f"\n{e or 'Interrupted.'} Rerun the same command to continue the sweep.",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
+  except StaleRuns as e:
+    print(f"Error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  print(f"sweep wall time: {time.time() - t0:.0f} s")
+  return 0
+
+
+def _run_all(config, names, suites) -> None:
   for name in names:
     suite = suites.get_config(name) if name else config
     if FLAGS.root and name:
       root = os.path.join(FLAGS.root, name)
     else:
       root = FLAGS.root or os.path.join(RESULTS_DIR, suite.name)
-    counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report)
+    counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report, FLAGS.stale)
     print(f"{suite.name}: ran {counts['ran']}, skipped {counts['skipped']} finished; "
           f"report: {root}/report.md", flush=True)
-  print(f"sweep wall time: {time.time() - t0:.0f} s")
-  return 0
 
 
 if __name__ == "__main__":

@@ -58,13 +58,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
   assert resumed["steps"] == full["steps"]
   assert resumed["test_accuracy"] == full["test_accuracy"]
   assert resumed["per_class_accuracy"] == full["per_class_accuracy"]
+  # One row per epoch, and the epochs cut in two average over all their steps, as unbroken.
+  rows = [json.loads(x) for x in open(os.path.join(part, "metrics.jsonl"))]
+  assert [r["epoch"] for r in rows] == [1, 2]
+  assert rows == [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
 
 
 def test_results_json_has_the_promised_fields(tmp_path):
   cfg = small_config(**{"perturb.activation": "lpa", "optim.num_epochs": 1})
   loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
-  with open(tmp_path / "results.json") as f:
-    res = json.load(f)
+  with open(tmp_path / "results.json") as f:  # strict JSON: no NaN / Infinity anywhere
+    res = json.load(f, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
   for key in ("test_accuracy", "per_class_accuracy", "shot_accuracy", "dataset", "num_train",
               "config", "devices", "wall_time_s"):
     assert key in res, key

@@ -1,9 +1,12 @@
 """Where raw datasets come from: local offline copies, TFDS, and an on-disk ``.npz`` cache.
 
 Every dataset is reduced once to four uint8/int32 arrays (``x_train, y_train, x_test,
-y_test``) and cached as ``<cache_dir>/arrays/<dataset>__<source>.npz``. Later loads read only
-that file, so they never import TensorFlow — which is how machines without TF (e.g. GPU
-boxes) get data: copy a prepared cache dir there and point ``LPA_CACHE_DIR`` at it.
+y_test``) and cached as ``<cache_dir>/arrays/<dataset>__<source>__<origin>.npz``, where
+``origin`` names where the arrays came from (``dir-<hash of the data dir>`` or ``tfds``), so a
+cache built from one data dir is never read for another.  Later loads read only that file, so
+they never import TensorFlow — which is how machines without TF (e.g. GPU boxes) get data:
+copy a prepared cache dir there and point ``LPA_CACHE_DIR`` at it (with no data dir on that
+machine, any cache of the dataset is used).  A corrupt cache file is named and rebuilt.
 
 TensorFlow / TFDS are imported lazily, inside the functions that build a cache.
 
@@ -16,10 +19,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 import socket
 import tarfile
+import warnings
+import zipfile
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -77,9 +84,22 @@ def resolve_data_dir(data_dir: str | None = None) -> tuple[pathlib.Path | None, 
   return None, "none set (no config data_dir, no $LPA_DATA_DIR, no ../shared/data)"
 
 
-def cache_path(cache_dir: pathlib.Path, name: str, source: str) -> pathlib.Path:
-  """``<cache_dir>/arrays/<name>__<source>.npz``."""
-  return cache_dir / "arrays" / f"{name}__{source}.npz"
+def cache_path(cache_dir: pathlib.Path, name: str, source: str,
+               origin: str | None = None) -> pathlib.Path:
+  """``<cache_dir>/arrays/<name>__<source>__<origin>.npz`` (``origin=None``: the name older
+  versions used, read only when no data dir is set).
+
+  >>> cache_path(pathlib.Path("/c"), "mnist", "official", "tfds").name
+  'mnist__official__tfds.npz'
+  """
+  return cache_dir / "arrays" / (f"{name}__{source}" + (f"__{origin}" if origin else "") + ".npz")
+
+
+def origin_tag(root: pathlib.Path | None) -> str:
+  """``'dir-<10 hex>'`` for a data dir (its resolved path), ``'tfds'`` for a download."""
+  if root is None:
+    return "tfds"
+  return "dir-" + hashlib.sha1(str(root.expanduser().resolve()).encode()).hexdigest()[:10]
 
 
 def _save_npz(path: pathlib.Path, raw: RawData) -> None:
@@ -96,6 +116,19 @@ def _load_npz(path: pathlib.Path, source: str) -> RawData:
     return RawData(x_train=z["x_train"], y_train=z["y_train"].astype(np.int32),
                    x_test=z["x_test"], y_test=z["y_test"].astype(np.int32),
                    class_names=[str(c) for c in z["class_names"]], source=source)
+
+
+def _read_cache(path: pathlib.Path, source: str) -> RawData | None:
+  """The cached arrays, or None when absent; a corrupt file is named, removed and rebuilt."""
+  if not path.exists():
+    return None
+  try:
+    return _load_npz(path, source)
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError) as e:
+    warnings.warn(f"Cache file {path} is corrupt ({type(e).__name__}: {e}); deleting it and "
+                  "rebuilding it from the source.", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
 
 
 # ----------------------------------------------------------------------------- builders
@@ -157,10 +190,13 @@ def _build_cifar10_jpeg(cache_dir: pathlib.Path, tarball: pathlib.Path) -> RawDa
                  class_names=list(CIFAR10_CLASSES), source="jpeg75")
 
 
+EXPLICIT = ("config data_dir", "$LPA_DATA_DIR")  # data dirs chosen by the user
+
+
 @dataclasses.dataclass(frozen=True)
 class _Source:
-  key: str                          # cache key suffix
-  local: str | None                 # file under the data root needed offline; None = online
+  key: str                          # cache key: "official" or "jpeg75"
+  local: tuple[str, ...] | None     # files under the data root needed offline; None = online
   build: Callable[..., RawData]
   host: tuple[str, int] | None = None  # download server, probed before TFDS's slow retries
 
@@ -171,7 +207,7 @@ def _sources(name: str) -> list[_Source]:
     classes = MNIST_CLASSES if name == "mnist" else FASHION_MNIST_CLASSES
     # The manual idx files are byte-identical to what TFDS downloads: one cache key.
     build = _build_stock(name, classes)
-    return [_Source("official", f"{name}/{MNIST_FILES[0]}",
+    return [_Source("official", tuple(f"{name}/{f}" for f in MNIST_FILES),
                     lambda c, root: build(c, root / name)),
             _Source("official", None, lambda c, root: build(c, None),
                     host=("storage.googleapis.com", 443) if name == "mnist" else
@@ -179,7 +215,7 @@ def _sources(name: str) -> list[_Source]:
   if name == "cifar10":
     return [_Source("official", None, lambda c, root: _build_stock(
                 "cifar10", CIFAR10_CLASSES)(c, None), host=("www.cs.toronto.edu", 443)),
-            _Source("jpeg75", CIFAR10_JPEG_TARBALL,
+            _Source("jpeg75", (CIFAR10_JPEG_TARBALL,),
                     lambda c, root: _build_cifar10_jpeg(c, root / CIFAR10_JPEG_TARBALL))]
   if name == "cifar100":
     return [_Source("official", None,
@@ -197,9 +233,9 @@ def _reachable(host: tuple[str, int], timeout: float = 5.0) -> bool:
 
 
 def _not_found(name, data_root, how, cache_dir, download, errors) -> FileNotFoundError:
-  needs = [s.local for s in _sources(name) if s.local]
+  needs = [f for s in _sources(name) if s.local for f in s.local]
   lines = [f"Could not load dataset {name!r}. Looked in:",
-           f"  * cache: {cache_dir / 'arrays'}/{name}__*.npz (none found)",
+           f"  * cache: {cache_dir / 'arrays'}/{name}__*.npz (none usable)",
            f"  * data dir ({how}): {data_root}"
            + (f" — expected {', '.join(needs)} there" if needs else
               " — no offline copy of this dataset is supported")]
@@ -209,6 +245,57 @@ def _not_found(name, data_root, how, cache_dir, download, errors) -> FileNotFoun
             "offline copies (see shared/data/README.md), point LPA_CACHE_DIR at a prepared "
             "cache, or run once on a machine with internet access."]
   return FileNotFoundError("\n".join(lines))
+
+
+def _local_files(s: _Source, root: pathlib.Path | None) -> bool:
+  """Whether ``root`` holds all of ``s``'s files; raises at once when it holds only some."""
+  if s.local is None or root is None:
+    return False
+  missing = [f for f in s.local if not (root / f).exists()]
+  if missing and len(missing) < len(s.local):
+    # TFDS would look for the rest online and retry for minutes: fail now, and say what.
+    raise FileNotFoundError(
+        f"Data dir {root} holds only part of this dataset's files: missing "
+        f"{', '.join(missing)} (expected at {', '.join(str(root / f) for f in missing)}). "
+        "Copy the missing files there (see shared/data/README.md).")
+  return not missing
+
+
+def _cache_candidates(name, sources, cache, root, explicit) -> list[tuple[pathlib.Path, str]]:
+  """``(path, source key)`` of the caches ``name`` may be read from, best first.
+
+  Built from ``root`` (or downloaded) first.  Unless the data dir was given explicitly, also
+  caches named the way older versions named them, and, when ``root`` does not hold the
+  dataset (e.g. a GPU machine handed a cache dir), any cache of ``name``.
+  """
+  local = [s for s in sources if _local_files(s, root)]
+  usable = [s for s in sources if s in local or s.local is None]
+  paths = [(cache_path(cache, name, s.key, origin_tag(root if s.local else None)), s.key)
+           for s in usable]
+  if explicit:
+    return paths
+  paths += [(cache_path(cache, name, s.key), s.key) for s in usable]
+  if not local:
+    order = [s.key for s in sources]
+    found = [(p, p.name[len(name) + 2:-4].split("__")[0])
+             for p in sorted((cache / "arrays").glob(f"{name}__*.npz"))]
+    paths += sorted([pk for pk in found if pk[1] in order], key=lambda pk: order.index(pk[1]))
+  return paths
+
+
+def cached_file(name: str, data_dir: str | None = None,
+                cache_dir: str | None = None) -> pathlib.Path | None:
+  """The cache file :func:`load_raw` would read first, or None when it would have to build.
+
+  >>> cached_file("mnist")                          # doctest: +SKIP
+  PosixPath('/root/.cache/lpa_jax/arrays/mnist__official__dir-b06afdb62b.npz')
+  """
+  root, how = resolve_data_dir(data_dir)
+  for path, _ in _cache_candidates(name, _sources(name), resolve_cache_dir(cache_dir), root,
+                                   how in EXPLICIT):
+    if path.exists():
+      return path
+  return None
 
 
 def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = None,
@@ -221,17 +308,17 @@ def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = Non
   """
   cache = resolve_cache_dir(cache_dir)
   sources = _sources(name)
-  for s in sources:  # any existing cache, best source first; TF never imported here
-    if cache_path(cache, name, s.key).exists():
-      return _load_npz(cache_path(cache, name, s.key), s.key)
   root, how = resolve_data_dir(data_dir)
+  for path, key in _cache_candidates(name, sources, cache, root, how in EXPLICIT):
+    raw = _read_cache(path, key)
+    if raw is not None:  # TF never imported on this path
+      return raw
   errors = []
   # Build from a local copy before trying the network (the offline order of the spec).
   for s in sorted(sources, key=lambda s: s.local is None):
-    if s.local is not None:
-      if root is None or not (root / s.local).exists():
-        continue
-    elif not download:
+    if s.local is not None and not _local_files(s, root):
+      continue
+    if s.local is None and not download:
       continue
     if s.local is None and s.host and not _reachable(s.host):
       # TFDS would retry for minutes on an offline machine; fail in seconds instead.
@@ -244,6 +331,6 @@ def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = Non
         raise  # a local copy exists but is broken: show the real error
       errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
       continue
-    _save_npz(cache_path(cache, name, s.key), raw)
+    _save_npz(cache_path(cache, name, s.key, origin_tag(root if s.local else None)), raw)
     return raw
   raise _not_found(name, root, how, cache, download, errors)

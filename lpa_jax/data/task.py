@@ -146,6 +146,15 @@ def _train_counts(opts: _Options, available: np.ndarray) -> np.ndarray | None:
     # Default head size: the smallest class, so every class can supply its n_c.
     n_max = opts.n_max or int(available.min())
     counts = longtail.longtail_counts(n_max, len(available), opts.imbalance_ratio)
+    if (counts == 0).any():
+      # A class with no training image has no statistics, no radius and no accuracy to learn.
+      need = int(np.ceil(opts.imbalance_ratio))
+      while longtail.longtail_counts(need, len(available), opts.imbalance_ratio).min() < 1:
+        need += 1
+      raise ValueError(
+          f"data.n_max={n_max} at data.imbalance_ratio={opts.imbalance_ratio:g} leaves "
+          f"class(es) {np.flatnonzero(counts == 0).tolist()} with 0 training images "
+          f"(counts {counts.tolist()}); use data.n_max >= {need} or a smaller imbalance ratio")
     if (counts > available).any():
       raise ValueError(f"data.n_max={n_max} needs {counts.tolist()} images per class but "
                        f"only {available.tolist()} exist")

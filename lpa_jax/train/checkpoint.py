@@ -1,10 +1,32 @@
-"""Orbax checkpointing with automatic resume from the work dir (``args=`` API)."""
+"""Orbax checkpointing with automatic, verified resume from the work dir (``args=`` API).
+
+Each checkpoint holds two items: ``state`` (the :class:`TrainState`) and ``meta`` (JSON): a
+SHA-256 digest of the state's arrays and their signature (path, shape, dtype), plus whatever
+the loop adds (the metrics of a partly done epoch).  Restoring tries the newest checkpoint
+first and falls back to older ones, with a warning, when one is unreadable or fails its
+digest; a state of another shape (another method or model) is refused with a clear message.
+
+  >>> mgr = manager("runs/lt")                                     # doctest: +SKIP
+  >>> save(mgr, state, extra={"epoch_rows": []})                   # doctest: +SKIP
+  >>> state, extra = restore_latest(mgr, template_state)            # doctest: +SKIP
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointMismatch(ValueError):
+  """The work dir's checkpoint holds a differently shaped state (another method or model)."""
+
+
+class NoUsableCheckpoint(RuntimeError):
+  """Every checkpoint in the work dir is unreadable or fails its integrity check."""
 
 
 def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -13,19 +35,90 @@ def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
 
 
-def save(mgr: ocp.CheckpointManager, state, force: bool = False) -> None:
+def signature(state) -> list[list]:
+  """``[path, shape, dtype]`` of every array of ``state``: its structure, comparable as JSON."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+  return [[jax.tree_util.keystr(p), list(np.shape(x)), str(getattr(x, "dtype", None) or
+                                                           np.asarray(x).dtype)]
+          for p, x in leaves]
+
+
+def digest(state) -> str:
+  """SHA-256 of every array's bytes, in tree order (detects any flipped bit on restore)."""
+  h = hashlib.sha256()
+  for x in jax.tree.leaves(jax.device_get(state)):
+    a = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def save(mgr: ocp.CheckpointManager, state, extra: dict | None = None,
+         force: bool = False) -> None:
+  """Saves ``state`` at its step with its digest, signature and ``extra`` (JSON)."""
   step = int(jax.device_get(state.step))
   if mgr.latest_step() == step:
     return
-  mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+  meta = {"digest": digest(state), "signature": signature(state), **(extra or {})}
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         meta=ocp.args.JsonSave(meta)), force=force)
   mgr.wait_until_finished()
 
 
-def restore_latest(mgr: ocp.CheckpointManager, state):
-  """Returns the latest checkpoint restored into ``state``'s structure and shardings, or
-  ``state`` itself when the work dir has none."""
-  step = mgr.latest_step()
-  if step is None:
-    return state
+def _describe_mismatch(saved: list, wanted: list) -> str:
+  saved_d = {p: (s, d) for p, s, d in saved}
+  wanted_d = {p: (s, d) for p, s, d in wanted}
+  lines = [f"  only in the checkpoint: {p}" for p in saved_d if p not in wanted_d]
+  lines += [f"  only in this run: {p}" for p in wanted_d if p not in saved_d]
+  lines += [f"  {p}: shape/dtype {saved_d[p]} in the checkpoint, {wanted_d[p]} in this run"
+            for p in wanted_d if p in saved_d and saved_d[p] != wanted_d[p]]
+  return "\n".join(lines[:12] + ([f"  ... and {len(lines) - 12} more"] if len(lines) > 12
+                                 else []))
+
+
+def _mismatch(directory, detail: str) -> CheckpointMismatch:
+  return CheckpointMismatch(
+      f"The checkpoint in {directory} does not fit this run's state (another method, model "
+      f"or library version?):\n{detail}\nUse another work dir, or start afresh in this one "
+      "(--fresh, or train_and_evaluate(..., fresh=True)).")
+
+
+def _restore_step(mgr, step: int, state):
+  """``(state, extra)`` from checkpoint ``step``; raises on a bad or mismatched checkpoint."""
+  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  wanted = signature(state)
+  if meta["signature"] != wanted:
+    raise _mismatch(mgr.directory, _describe_mismatch(meta["signature"], wanted))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
+  if digest(restored) != meta["digest"]:
+    raise ValueError("integrity check failed: the restored arrays differ from those saved")
+  extra = {k: v for k, v in meta.items() if k not in ("digest", "signature")}
+  return restored, extra
+
+
+def restore_latest(mgr: ocp.CheckpointManager, state):
+  """``(state, extra)`` from the newest usable checkpoint, restored into ``state``'s structure
+  and shardings; ``(state, None)`` when the work dir has none.
+
+  An unreadable or corrupt checkpoint is skipped with a warning naming it, and the next older
+  one is tried; none usable raises :class:`NoUsableCheckpoint`.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    try:
+      return _restore_step(mgr, step, state)
+    except CheckpointMismatch:
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint: try the next
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      errors.append(f"step {step}: {type(e).__name__}: {first}")
+      warnings.warn(f"Checkpoint {os.path.join(str(mgr.directory), str(step))} is unusable "
+                    f"({type(e).__name__}: {first}); trying an older one.", stacklevel=2)
+  if errors:
+    raise NoUsableCheckpoint(
+        f"No usable checkpoint in {mgr.directory}:\n  " + "\n  ".join(errors) +
+        "\nStart afresh in this work dir with --fresh (train_and_evaluate(..., fresh=True)).")
+  return state, None

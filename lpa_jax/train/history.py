@@ -65,3 +65,25 @@ def best_of(rows) -> dict | None:
   for row in rows:
     best = update_best(best, row)
   return best
+
+
+def to_json_rows(rows: list[dict]) -> list[dict]:
+  """Step metrics fetched from the device as JSON values (float32 -> float is exact, so a
+  partly done epoch saved in a checkpoint averages to the same bits after a resume)."""
+  return [{k: np.asarray(v).tolist() for k, v in r.items()} for r in rows]
+
+
+def trim_history(path: str, step: int) -> list[dict]:
+  """Keeps the rows of epochs finished by ``step`` (those after it are redone on resume) and
+  rewrites ``metrics.jsonl`` atomically; returns the kept rows."""
+  rows = [r for r in read_history(path) if r.get("step", 0) <= step] if step else []
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)
+  return rows
+
+
+def append_row(path: str, row: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")

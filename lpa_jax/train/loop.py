@@ -7,7 +7,6 @@ on the host.  Everything it drives is built by :mod:`lpa_jax.train.build`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -18,8 +17,10 @@ from lpa_jax import data as lpa_data
 from lpa_jax.train import checkpoint
 from lpa_jax.train.build import Run, build_run
 from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.history import MetricLog, best_of, read_history, update_best
+from lpa_jax.train.history import (MetricLog, append_row, best_of, to_json_rows, trim_history,
+                                   update_best)
 from lpa_jax.train.step import make_mesh
+from lpa_jax.train.workdir import claim, config_dict, finite_json, write_json_atomic
 
 try:  # optional: progress bars
   from tqdm.auto import tqdm
@@ -74,73 +75,111 @@ def _log_step(log: MetricLog, bar, step: int, metrics):
   bar.set_postfix(loss=f"{float(host['loss']):.3f}", refresh=False)
 
 
-def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, data, best):
+def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
   spe = run.steps_per_epoch
   row = {"epoch": epoch + 1, "step": (epoch + 1) * spe,
          "lr": float(run.schedule((epoch + 1) * spe - 1)), **log.flush()}
   if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.optim.num_epochs:
-    ev = evaluate_task(run.predict, state, data, full=False)
+    ev = evaluate_task(run.predict, state, run.data, full=False)
     row.update({k: v for k, v in ev.items() if k in ("test_accuracy", "val_accuracy")})
   return row, update_best(best, row)
 
 
-def train_and_evaluate(config, workdir: str, progress: bool = True,
-                       max_steps: int | None = None, data=None, mesh=None) -> dict | None:
-  """Trains from ``config`` in ``workdir`` (resuming if a checkpoint is there) and writes
-  ``results.json``; returns the results dict.
+def _save(mgr, state, log: MetricLog, force: bool = False):
+  # The steps of a partly done epoch travel with the checkpoint, so the epoch's row after a
+  # resume averages over all of its steps, not only those after the resume.
+  checkpoint.save(mgr, state, extra={"epoch_rows": to_json_rows(log.rows)}, force=force)
 
-  ``max_steps`` stops this invocation after that many steps with a checkpoint (for jobs under
-  a time limit); it returns ``None`` then, and the same call later continues the run.
-  ``data`` (a :class:`~lpa_jax.data.TaskData`) skips loading, e.g. when a sweep shares one.
 
-  >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")
-  """
-  t0 = time.time()
-  data = data if data is not None else lpa_data.load_task_data(config.data)
-  run = build_run(config, data, mesh if mesh is not None else make_mesh())
-  os.makedirs(workdir, exist_ok=True)
-  mgr = checkpoint.manager(workdir)
-  state = checkpoint.restore_latest(mgr, run.init_state)
-  start = int(jax.device_get(state.step))
+def _close(bar, tb, failing: bool):
+  """Closes the progress bar and TensorBoard writer; while another error is propagating, a
+  failure here (e.g. the same full disk) must not replace it."""
+  for obj in (bar, tb):
+    try:
+      if obj is not None:
+        obj.close()
+    except Exception:  # noqa: BLE001
+      if not failing:
+        raise
+
+
+def _train(run: Run, config, state, workdir, mgr, log: MetricLog, best, stop_at, progress):
+  """Runs epochs until ``stop_at``; returns ``(state, best, finished)``."""
   spe, n_epochs = run.steps_per_epoch, config.optim.num_epochs
+  start = int(jax.device_get(state.step))
   history_path = os.path.join(workdir, "metrics.jsonl")
-  if start == 0 and os.path.exists(history_path):
-    os.remove(history_path)
-  best = best_of(read_history(history_path))
-  total = spe * n_epochs
-  stop_at = total if max_steps is None else min(total, start + max_steps)
   tb = _writer(workdir)
-  bar = tqdm(total=total, initial=start, disable=not progress or tqdm is None,
+  bar = tqdm(total=spe * n_epochs, initial=start, disable=not progress or tqdm is None,
              desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
-  log = MetricLog()
+  failing = True
   try:
     for epoch in range(start // spe, n_epochs):
       first = start % spe if epoch == start // spe else 0
       state, done = _epoch(run, state, epoch, first, stop_at, log, bar)
       if done < spe:
-        checkpoint.save(mgr, state, force=True)
-        return None
-      row, best = _epoch_row(run, config, state, epoch, log, data, best)
-      with open(history_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        _save(mgr, state, log, force=True)
+        failing = False
+        return state, best, False
+      row, best = _epoch_row(run, config, state, epoch, log, best)
+      append_row(history_path, row)
       if tb is not None:
         for k, v in row.items():
           if isinstance(v, float):
             tb.add_scalar(k, v, row["step"])
       if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-        checkpoint.save(mgr, state)
+        _save(mgr, state, log)
+    failing = False
   except KeyboardInterrupt:
-    checkpoint.save(mgr, state, force=True)
-    print(f"\nInterrupted: checkpoint saved at step {int(state.step)} in {workdir}; "
-          "rerun the same command to resume.")
-    raise
+    raise KeyboardInterrupt(_interrupted(mgr, state, log, workdir)) from None
   finally:
-    bar.close()
-    if tb is not None:
-      tb.close()
-  results = _results(config, run, data, state, best, workdir, time.time() - t0)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+    _close(bar, tb, failing)
+  return state, best, True
+
+
+def _interrupted(mgr, state, log, workdir) -> str:
+  """Saves what can be saved after Ctrl-C; returns the one line to show."""
+  try:
+    _save(mgr, state, log, force=True)
+    where = f"checkpoint saved at step {int(jax.device_get(state.step))}"
+  except Exception:  # noqa: BLE001 - e.g. Ctrl-C hit while the state was donated to a step
+    where = f"resuming from the last checkpoint (step {mgr.latest_step() or 0})"
+  return f"Interrupted: {where} in {workdir}; rerun the same command to resume."
+
+
+def train_and_evaluate(config, workdir: str, progress: bool = True,
+                       max_steps: int | None = None, data=None, mesh=None,
+                       fresh: bool = False) -> dict | None:
+  """Trains from ``config`` in ``workdir`` (resuming if a checkpoint is there) and writes
+  ``results.json``; returns the results dict.
+
+  The work dir records its config (``config.json``); rerunning it with a different config
+  raises :class:`~lpa_jax.train.workdir.ConfigMismatch` naming the fields, unless ``fresh``
+  (delete that run and start afresh).  ``max_steps`` stops this invocation after that many
+  steps with a checkpoint (for jobs under a time limit); it returns ``None`` then, and the same
+  call later continues the run.  ``data`` (a :class:`~lpa_jax.data.TaskData`) skips loading,
+  e.g. when a sweep shares one.  Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``
+  whose message says so.
+
+  >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")   # doctest: +SKIP
+  """
+  t0 = time.time()
+  data = data if data is not None else lpa_data.load_task_data(config.data)
+  run = build_run(config, data, mesh if mesh is not None else make_mesh())
+  claim(workdir, config, fresh)  # only now: a config that fails to build leaves no work dir
+  mgr = checkpoint.manager(workdir)
+  state, extra = checkpoint.restore_latest(mgr, run.init_state)
+  start = int(jax.device_get(state.step))
+  rows = trim_history(os.path.join(workdir, "metrics.jsonl"), start)
+  log = MetricLog((extra or {}).get("epoch_rows", []) if start % run.steps_per_epoch else [])
+  total = run.steps_per_epoch * config.optim.num_epochs
+  stop_at = total if max_steps is None else min(total, start + max_steps)
+  state, best, finished = _train(run, config, state, workdir, mgr, log, best_of(rows), stop_at,
+                                 progress)
+  if not finished:
+    return None
+  # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
+  results = finite_json(_results(config, run, data, state, best, workdir, time.time() - t0))
+  write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
 
 
@@ -151,8 +190,7 @@ def _results(config, run: Run, data, state, best, workdir, wall) -> dict:
   res.update({
       "dataset": data.name, "num_train": int(data.num_train), "num_classes": int(data.num_classes),
       "class_names": list(data.class_names), "train_class_counts": data.class_counts().tolist(),
-      "steps": int(jax.device_get(state.step)),
-      "config": json.loads(config.to_json_best_effort()),
+      "steps": int(jax.device_get(state.step)), "config": config_dict(config),
       "devices": [str(x) for x in run.mesh.devices.flat],
       "wall_time_s": wall, "workdir": os.path.abspath(workdir),
   })

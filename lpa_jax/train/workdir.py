@@ -1,0 +1,149 @@
+"""A work dir belongs to one config: recorded in ``config.json``, checked on every rerun.
+
+Also the atomic JSON writer every "finished" file goes through (temp file + rename, no NaN).
+
+  >>> claim("runs/lt", config)            # first run: records the config       # doctest: +SKIP
+  >>> claim("runs/lt", other_config)      # ConfigMismatch naming the fields    # doctest: +SKIP
+  >>> claim("runs/lt", other_config, fresh=True)   # deletes the old run, records the new
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+CONFIG_FILE = "config.json"
+# Files and dirs a run writes; ``fresh`` deletes exactly these (a sweep's method.json stays).
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", CONFIG_FILE)
+# Fields that change where things are kept or how often, never what is trained.
+IGNORED_FIELDS = ("data.cache_dir", "train.checkpoint_every")
+
+
+class ConfigMismatch(ValueError):
+  """A work dir holds a run of a different config."""
+
+
+def finite_json(obj):
+  """``obj`` with every NaN / inf float replaced by ``None`` (JSON has no NaN).
+
+  >>> finite_json({"a": [1.0, float("nan")]})
+  {'a': [1.0, None]}
+  """
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: finite_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_json(v) for v in obj]
+  return obj
+
+
+def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
+  """Writes ``obj`` as JSON to ``path`` so readers see the old file or the whole new one,
+  never half of it; non-finite floats become ``null``."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(finite_json(obj), f, indent=indent, allow_nan=False, default=list)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_json(path: str):
+  """The JSON in ``path``; ``ValueError`` naming the file when it is not valid JSON."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); it was probably cut short") from e
+
+
+def config_dict(config) -> dict:
+  """A ConfigDict (or a dict) as plain JSON values."""
+  if isinstance(config, dict):
+    return json.loads(json.dumps(config, default=list))
+  return json.loads(config.to_json_best_effort())
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_diff(recorded, planned) -> list[tuple[str, object, object]]:
+  """``(field, recorded, planned)`` for every field that differs (``'<absent>'`` when a field
+  exists on one side only), ignoring :data:`IGNORED_FIELDS`.
+
+  >>> config_diff({"optim": {"lr": 0.1}}, {"optim": {"lr": 0.05}})
+  [('optim.lr', 0.1, 0.05)]
+  """
+  a, b = _flat(config_dict(recorded)), _flat(config_dict(planned))
+  return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+          if k not in IGNORED_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def describe_diff(diff, limit: int = 12) -> str:
+  lines = [f"  {k}: {old!r} (recorded) -> {new!r} (now)" for k, old, new in diff[:limit]]
+  if len(diff) > limit:
+    lines.append(f"  ... and {len(diff) - limit} more")
+  return "\n".join(lines)
+
+
+def recorded_config(workdir: str) -> dict | None:
+  """The config a work dir belongs to: ``config.json``, else the one in ``results.json``."""
+  for name, key in ((CONFIG_FILE, None), ("results.json", "config")):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      try:
+        data = read_json(path)
+      except ValueError:
+        continue
+      data = data.get(key) if key else data
+      if isinstance(data, dict):
+        return data
+  return None
+
+
+def clear_run(workdir: str) -> None:
+  """Deletes a run's files (:data:`RUN_FILES`) from ``workdir``."""
+  for name in RUN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def claim(workdir: str, config, fresh: bool = False) -> None:
+  """Makes ``workdir`` the home of ``config``'s run, or refuses with the differing fields.
+
+  ``fresh`` deletes whatever run the work dir held first.  A work dir with checkpoints but no
+  recorded config (made by an older version) is refused too: it cannot be checked.
+  """
+  if fresh:
+    clear_run(workdir)
+  recorded = recorded_config(workdir) if os.path.isdir(workdir) else None
+  if recorded is not None:
+    diff = config_diff(recorded, config)
+    if diff:
+      raise ConfigMismatch(
+          f"Work dir {workdir} holds a run of a different config:\n{describe_diff(diff)}\n"
+          "Use another --workdir, or pass --fresh to delete that run and start afresh here.")
+  elif os.path.isdir(ckpt := os.path.join(workdir, "checkpoints")) and os.listdir(ckpt):
+    raise ConfigMismatch(
+        f"Work dir {workdir} has checkpoints but no recorded config ({CONFIG_FILE}), so they "
+        "cannot be checked against this run. Use another --workdir, or pass --fresh.")
+  os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict(config))
