@@ -4,7 +4,8 @@ from experiments import fill
 
 def test_suite_block_equals_the_suite_report(tmp_path):
   doc = tmp_path / "doc.md"
-  doc.write_text("intro\n<!-- BEGIN suite:noisy_fmnist -->\nstale\n<!-- END suite:noisy_fmnist -->\n")
+  key = "suite:noisy_fmnist"
+  doc.write_text(f"intro\n<!-- BEGIN {key} -->\nstale\n<!-- END {key} -->\n")
   assert fill.fill(str(doc)) == 1
   body = doc.read_text()
   assert "stale" not in body

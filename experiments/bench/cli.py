@@ -1,7 +1,7 @@
 """Step-time benchmark: plain training vs LPA at every point, and every registered method.
 
     python -m experiments.bench --out experiments/results/bench_cpu.json --check
-    python -m experiments.bench --quick --points stem,logits --T 1 --only plain,lpa --out /tmp/b.json
+    python -m experiments.bench --quick --points stem,logits --T 1 --only plain,lpa
     python -m experiments.bench --num-classes 1000 --only plain,lpa --T 1,3 --check
     python -m experiments.bench --points stage2,stage3.block1,stage3.block4,stage3 --only plain,lpa
     python -m experiments.bench --rescore experiments/results/bench_gpu.json --check
@@ -175,7 +175,8 @@ def rescore(result: dict) -> dict:
       r["model_ratio"] = cost_model(r["T"], frac[r["point"]])
     if result["machine"]["backend"] != "cpu":
       r["step_gflops"] = None  # counted by XLA:GPU/TPU: convolutions missing
-  settings.update(flops_forward=flops, flop_fractions=frac, flop_count=flop_source() + " (recounted by --rescore on "
+  settings.update(flops_forward=flops, flop_fractions=frac,
+                  flop_count=flop_source() + " (recounted by --rescore on "
                   f"{report.cpu_name()}; timings unchanged)")
   mesh_devices = result["machine"].get("mesh_devices", 1)
   result["checks"] = report.check(result["rows"], registry.default_point(

@@ -66,7 +66,7 @@ def flop_fractions(model, points, batch_size: int) -> tuple[float, dict[str, flo
   for p in points:
     cut = cut_staged(model, p)
     act = put(jnp.zeros(activation_shape(model, p, batch_size, variables), jnp.float32))
-    frac[p] = flops(lambda v, a: cut.upper(v, a, True), variables, act) / full
+    frac[p] = flops(lambda v, a, cut=cut: cut.upper(v, a, True), variables, act) / full
   return full, frac
 
 

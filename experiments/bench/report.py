@@ -129,7 +129,7 @@ def fractions_markdown(fractions: dict, target: float) -> str:
 
 def cpu_name() -> str:
   lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
-  names = [l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")]
+  names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
   return names[0] if names else platform.processor()
 
 

@@ -238,7 +238,7 @@ def _pieces(model, points, batch_size: int, frac: dict, num_classes: int) -> lis
     if frac[p] <= 0:
       continue
     cut = cut_staged(model, p)
-    act = jax.jit(lambda v, x: cut.lower(v, x, True)[0])(variables, x)
+    act = jax.jit(lambda v, x, cut=cut: cut.lower(v, x, True)[0])(variables, x)
     upper = lambda a, cut=cut: ce(cut.upper(variables, a, True)[0])
     pieces.append((f"PGD step at {p}", 2.0 * frac[p], jax.jit(jax.value_and_grad(upper)),
                    (act,)))
