@@ -71,68 +71,65 @@ def lpa_adaptive(candidates: Sequence[tuple[LPA, Cut]], every: int,
     select = "mask" if jax.default_backend() == "cpu" else "switch"
   if any(m.extra_points for m, _ in candidates):
     raise ValueError("lpa_adaptive picks one point; extra_points (multi-layer) do not combine")
-  methods = [m for m, _ in candidates]
-  k = len(methods)
+  init = lambda: AdaptiveState(  # noqa: E731
+      jnp.zeros((), jnp.int32), tuple(m.init() for m, _ in candidates),
+      jnp.zeros((len(candidates),), jnp.float32), jnp.zeros((), jnp.float32),
+      jnp.asarray(every == 1))
+  return Placed(init, functools.partial(_forward, candidates, select),
+                functools.partial(_refresh, candidates, every))
 
-  def init():
-    return AdaptiveState(jnp.zeros((), jnp.int32), tuple(m.init() for m in methods),
-                         jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32),
-                         jnp.asarray(every == 1))
 
-  def branch(i):
-    def run(state, variables, batch, rng, train, loss_fn=None):
-      method, cut = candidates[i]
-      fwd = perturbed_apply(method, cut, state.states[i], variables, batch.x, batch.labels_B,
-                            rng, train, loss_fn=loss_fn, targets=batch.targets_BxC)
-      # lax.switch needs one pytree structure from every branch: a cut that leaves a
-      # collection untouched passes the incoming one through, and each branch returns every
-      # candidate's state (its own updated, the others as they were).
-      cols = [c for c in variables if c != "params"] if train else []
-      states = tuple(fwd.state if j == i else s for j, s in enumerate(state.states))
-      return fwd._replace(model_state={c: fwd.model_state.get(c, variables[c]) for c in cols},
-                          state=states)
-    return run
+def _branch(candidates, i, state, variables, batch, rng, train, loss_fn=None) -> Forward:
+  """Candidate ``i``'s LPA forward, with every candidate's state (its own updated)."""
+  method, cut = candidates[i]
+  fwd = perturbed_apply(method, cut, state.states[i], variables, batch.x, batch.labels_B,
+                        rng, train, loss_fn=loss_fn, targets=batch.targets_BxC)
+  # lax.switch needs one pytree structure from every branch: a cut that leaves a collection
+  # untouched passes the incoming one through.
+  cols = [c for c in variables if c != "params"] if train else []
+  states = tuple(fwd.state if j == i else s for j, s in enumerate(state.states))
+  return fwd._replace(model_state={c: fwd.model_state.get(c, variables[c]) for c in cols},
+                      state=states)
 
-  branches = [branch(i) for i in range(k)]
 
-  def score_all(state, variables, batch, rng, train, loss_fn):
-    variables = jax.lax.stop_gradient(variables)  # scoring must not feed the parameter update
-    return jnp.stack([_mean_abs_dloss(b(state, variables, batch, rng, train, loss_fn))
-                      for b in branches])
+def _score_all(candidates, state, variables, batch, rng, train, loss_fn):
+  variables = jax.lax.stop_gradient(variables)  # scoring must not feed the parameter update
+  return jnp.stack([_mean_abs_dloss(_branch(candidates, i, state, variables, batch, rng, train,
+                                            loss_fn)) for i in range(len(candidates))])
 
-  def forward(state, variables, batch, rng, train, loss_fn=None):
-    if not train:
-      return branches[0](state, variables, batch, rng, False)._replace(state=state)
-    if select == "mask":
-      fwds = [b(state, variables, batch, rng, train, loss_fn) for b in branches]
-      fwd = jax.tree.map(lambda *xs: jnp.stack(xs)[state.index], *fwds)
-      scores_K = jnp.where(state.measure & train, jax.lax.stop_gradient(
-          jnp.stack([_mean_abs_dloss(f) for f in fwds])), 0.0)
-    else:
-      # ``train`` is static (a Python bool): bind it rather than pass it as a traced operand.
-      fwd = jax.lax.switch(state.index, [functools.partial(b, train=train, loss_fn=loss_fn)
-                                         for b in branches], state, variables, batch, rng)
-      scores_K = jax.lax.cond(state.measure & train,
-                              functools.partial(score_all, train=train, loss_fn=loss_fn),
-                              lambda *_: jnp.zeros((k,), jnp.float32), state, variables, batch,
-                              rng)
-    measured = (state.measure & train).astype(jnp.float32)
-    new_state = state._replace(states=fwd.state, score_sum_K=state.score_sum_K + scores_K,
-                               score_n=state.score_n + measured)
-    aux = {**fwd.aux, "layer_index": state.index,
-           "layer_score_K": new_state.score_sum_K / jnp.maximum(new_state.score_n, 1.0),
-           "layer_select_switch": jnp.float32(select == "switch")}
-    return fwd._replace(state=new_state, aux=aux)
 
-  def refresh(state, stats=None, epoch=0):
-    states = tuple(m.refresh(s, stats, epoch) for m, s in zip(methods, state.states))
-    choose = (epoch % every == 0) & (state.score_n > 0)
-    best = jnp.argmax(state.score_sum_K).astype(jnp.int32)
-    return AdaptiveState(
-        index=jnp.where(choose, best, state.index),
-        states=states,
-        score_sum_K=jnp.where(choose, 0.0, state.score_sum_K),
-        score_n=jnp.where(choose, 0.0, state.score_n),
-        measure=jnp.asarray((epoch + 1) % every == 0))
+def _forward(candidates, select, state, variables, batch, rng, train, loss_fn=None) -> Forward:
+  k = len(candidates)
+  if not train:
+    return _branch(candidates, 0, state, variables, batch, rng, False)._replace(state=state)
+  branches = [functools.partial(_branch, candidates, i, train=train, loss_fn=loss_fn)
+              for i in range(k)]
+  if select == "mask":
+    fwds = [b(state, variables, batch, rng) for b in branches]
+    fwd = jax.tree.map(lambda *xs: jnp.stack(xs)[state.index], *fwds)
+    scores_K = jnp.where(state.measure, jax.lax.stop_gradient(
+        jnp.stack([_mean_abs_dloss(f) for f in fwds])), 0.0)
+  else:
+    fwd = jax.lax.switch(state.index, branches, state, variables, batch, rng)
+    scores_K = jax.lax.cond(state.measure,
+                            functools.partial(_score_all, candidates, train=train,
+                                              loss_fn=loss_fn),
+                            lambda *_: jnp.zeros((k,), jnp.float32), state, variables, batch, rng)
+  new_state = state._replace(states=fwd.state, score_sum_K=state.score_sum_K + scores_K,
+                             score_n=state.score_n + state.measure.astype(jnp.float32))
+  aux = {**fwd.aux, "layer_index": state.index,
+         "layer_score_K": new_state.score_sum_K / jnp.maximum(new_state.score_n, 1.0),
+         "layer_select_switch": jnp.float32(select == "switch")}
+  return fwd._replace(state=new_state, aux=aux)
 
-  return Placed(init, forward, refresh)
+
+def _refresh(candidates, every, state, stats=None, epoch=0) -> AdaptiveState:
+  states = tuple(m.refresh(s, stats, epoch) for (m, _), s in zip(candidates, state.states))
+  choose = (epoch % every == 0) & (state.score_n > 0)
+  best = jnp.argmax(state.score_sum_K).astype(jnp.int32)
+  return AdaptiveState(
+      index=jnp.where(choose, best, state.index),
+      states=states,
+      score_sum_K=jnp.where(choose, 0.0, state.score_sum_K),
+      score_n=jnp.where(choose, 0.0, state.score_n),
+      measure=jnp.asarray((epoch + 1) % every == 0))

@@ -22,6 +22,7 @@ loss (LDAM margins, logit adjustment, LPL) and per-example weights go in through
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -93,6 +94,21 @@ def _validate(steps, eps, delta_eps, beta, radius_mode, depth):
     raise ValueError(f"lpa.radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
 
 
+class LPAConfig(NamedTuple):
+  """LPA's hyper-parameters (see :func:`lpa`); ``depths`` maps each perturbed point to ``L−l``."""
+  num_classes: int
+  split: str
+  eps: float
+  delta_eps: float
+  beta: float
+  steps: int
+  varied: bool
+  normalize: bool
+  lowrank: float | None
+  radius_mode: str
+  depths: dict
+
+
 def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
         beta: float = 0.7, steps: int = 3, varied: bool = True, normalize: bool = True,
         lowrank: float | None = None, radius_mode: str = "absolute", depth: float = 0,
@@ -125,76 +141,84 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
   for p, d in extra_points.items():
     check_finite_params("lpa", **{f"extra_points[{p}]": d})
   init_split = classes.initial_split(split, num_classes, class_counts, signs, num_head)
-  depths = {MAIN: depth, **extra_points}
+  cfg = LPAConfig(num_classes, split, eps, delta_eps, beta, steps, varied, normalize, lowrank,
+                  radius_mode, {MAIN: depth, **extra_points})
+  init = lambda: LPAState(init_split, classes.ClassStats.zeros(num_classes))  # noqa: E731
+  return LPA(init, functools.partial(_apply, cfg), functools.partial(_refresh, cfg),
+             functools.partial(_delta, cfg), functools.partial(_accumulate, cfg),
+             functools.partial(_radii, cfg), tuple(extra_points))
 
-  def init():
-    return LPAState(init_split, classes.ClassStats.zeros(num_classes))
 
-  def radii_for(state, norm_C):
-    out = {}
-    for p, d in depths.items():
-      r = classes.class_radii(state.split, eps, delta_eps, beta, d, varied)
-      out[p] = r * norm_C if radius_mode == "relative" else r
-    return out
+def _radii_for(cfg: LPAConfig, state: LPAState, norm_C) -> dict:
+  out = {}
+  for p, d in cfg.depths.items():
+    r = classes.class_radii(state.split, cfg.eps, cfg.delta_eps, cfg.beta, d, cfg.varied)
+    out[p] = r * norm_C if cfg.radius_mode == "relative" else r
+  return out
 
-  def radii(state, act, labels_B):
-    onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
-    return radii_for(state, per_class_mean(onehot_BxC, row_norms(act)))[MAIN]
 
-  def tables(state, upper, act, labels_B, loss_fn, targets_BxC, extra_shapes):
-    loss_fn = loss_fn or default_loss
-    if targets_BxC is None:
-      targets_BxC = jax.nn.one_hot(labels_B, num_classes)
-    act_sg = jax.lax.stop_gradient(act)
+def _radii(cfg: LPAConfig, state: LPAState, act, labels_B):
+  """``ε_C`` at the main point for this batch (relative radii use the class's mean ‖a‖)."""
+  onehot_BxC = jax.nn.one_hot(labels_B, cfg.num_classes)
+  norm_C = per_class_mean(onehot_BxC, row_norms(jax.lax.stop_gradient(act)).astype(jnp.float32))
+  return _radii_for(cfg, state, norm_C)[MAIN]
 
-    def upper_logits(a, t):
-      a = add_delta(a, t[MAIN], labels_B)
-      if not extra_points:
-        return upper(a)
-      return upper(a, {p: gather_rows(t[p], labels_B) for p in extra_points})
 
-    def pgd_loss(t):
-      logits = upper_logits(act_sg, t)
-      return jnp.sum(loss_fn(logits, targets_BxC)), logits
+def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC, extra_shapes):
+  """PGD on the class tables: ``({point: δ_CxD}, clean_logits, ε_C at the main point)``."""
+  loss_fn = loss_fn or default_loss
+  if targets_BxC is None:
+    targets_BxC = jax.nn.one_hot(labels_B, cfg.num_classes)
+  act_sg = jax.lax.stop_gradient(act)
+  extra_points = [p for p in cfg.depths if p != MAIN]
 
-    # Tables accumulate in f32 whatever the network's dtype; add_delta casts them.
-    shapes = {MAIN: act.shape[1:], **_extra_shapes(extra_points, extra_shapes)}
-    tables0 = {p: jnp.zeros((num_classes,) + tuple(s), jnp.float32) for p, s in shapes.items()}
-    onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
-    radius = radii_for(state, per_class_mean(onehot_BxC, row_norms(act_sg).astype(jnp.float32)))
-    out, clean = class_pgd(pgd_loss, tables0, batch_counts(labels_B, num_classes), state.sign_C,
-                           radius, steps, normalize, lowrank)
-    return out, clean, radius[MAIN]
+  def pgd_loss(t):
+    a = add_delta(act_sg, t[MAIN], labels_B)
+    logits = (upper(a, {p: gather_rows(t[p], labels_B) for p in extra_points}) if extra_points
+              else upper(a))
+    return jnp.sum(loss_fn(logits, targets_BxC)), logits
 
-  def delta(state, upper, act, labels_B, *, loss_fn=None, targets=None):
-    if extra_points:
-      raise ValueError("lpa.delta returns one table; with extra_points use lpa.apply")
-    return tables(state, upper, act, labels_B, loss_fn, targets, None)[0][MAIN]
+  # Tables accumulate in f32 whatever the network's dtype; add_delta casts them.
+  shapes = {MAIN: act.shape[1:], **_extra_shapes(extra_points, extra_shapes)}
+  tables0 = {p: jnp.zeros((cfg.num_classes,) + tuple(s), jnp.float32) for p, s in shapes.items()}
+  onehot_BxC = jax.nn.one_hot(labels_B, cfg.num_classes)
+  radius = _radii_for(cfg, state, per_class_mean(onehot_BxC,
+                                                 row_norms(act_sg).astype(jnp.float32)))
+  out, clean = class_pgd(pgd_loss, tables0, batch_counts(labels_B, cfg.num_classes),
+                         state.sign_C, radius, cfg.steps, cfg.normalize, cfg.lowrank)
+  return out, clean, radius[MAIN]
 
-  def accumulate(state, clean_logits, labels_B):
-    loss_B = default_loss(clean_logits, jax.nn.one_hot(labels_B, num_classes))
-    return state._replace(stats=state.stats.add(clean_logits, labels_B, loss_B))
 
-  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None,
-            extra_shapes=None):
-    if targets is None:
-      targets = jax.nn.one_hot(labels_B, num_classes)
-    if not train:
-      return Perturbed(act, targets, state)
-    t, clean, radius_C = tables(state, upper, act, labels_B, loss_fn, targets, extra_shapes)
-    extra = {p: gather_rows(t[p], labels_B) for p in extra_points} or None
-    clean = jax.lax.stop_gradient(clean)
-    aux = {"sign_C": state.sign_C, "radius_C": radius_C, "class_stat_C": state.split.q_C,
-           "delta_table_norm_C": row_norms(t[MAIN])}
-    return Perturbed(add_delta(act, t[MAIN], labels_B), targets,
-                     accumulate(state, clean, labels_B), clean, aux, extra)
+def _delta(cfg: LPAConfig, state, upper, act, labels_B, *, loss_fn=None, targets=None):
+  if len(cfg.depths) > 1:
+    raise ValueError("lpa.delta returns one table; with extra_points use lpa.apply")
+  return _tables(cfg, state, upper, act, labels_B, loss_fn, targets, None)[0][MAIN]
 
-  def refresh(state, stats=None, epoch=None):
-    stats = state.stats if stats is None else stats
-    return LPAState(classes.refresh_split(split, state.split, stats),
-                    classes.ClassStats.zeros(num_classes))
 
-  return LPA(init, apply, refresh, delta, accumulate, radii, tuple(extra_points))
+def _accumulate(cfg: LPAConfig, state: LPAState, clean_logits, labels_B) -> LPAState:
+  loss_B = default_loss(clean_logits, jax.nn.one_hot(labels_B, cfg.num_classes))
+  return state._replace(stats=state.stats.add(clean_logits, labels_B, loss_B))
+
+
+def _apply(cfg: LPAConfig, state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None,
+           targets=None, extra_shapes=None) -> Perturbed:
+  if targets is None:
+    targets = jax.nn.one_hot(labels_B, cfg.num_classes)
+  if not train:
+    return Perturbed(act, targets, state)
+  t, clean, radius_C = _tables(cfg, state, upper, act, labels_B, loss_fn, targets, extra_shapes)
+  extra = {p: gather_rows(t[p], labels_B) for p in t if p != MAIN} or None
+  clean = jax.lax.stop_gradient(clean)
+  aux = {"sign_C": state.sign_C, "radius_C": radius_C, "class_stat_C": state.split.q_C,
+         "delta_table_norm_C": row_norms(t[MAIN])}
+  return Perturbed(add_delta(act, t[MAIN], labels_B), targets,
+                   _accumulate(cfg, state, clean, labels_B), clean, aux, extra)
+
+
+def _refresh(cfg: LPAConfig, state: LPAState, stats=None, epoch=None) -> LPAState:
+  stats = state.stats if stats is None else stats
+  return LPAState(classes.refresh_split(cfg.split, state.split, stats),
+                  classes.ClassStats.zeros(cfg.num_classes))
 
 
 def _extra_shapes(extra_points, extra_shapes) -> dict:
