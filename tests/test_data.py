@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 
 import jax
@@ -262,15 +263,18 @@ def test_cached_load_never_imports_tensorflow(mnist, cache_dir, tmp_path):
       import sys
       sys.modules["tensorflow"] = None           # any import of TF now raises ImportError
       sys.modules["tensorflow_datasets"] = None
+      import pathlib
       from types import SimpleNamespace
+      from lpa_jax.data import sources
+      sources.DEFAULT_SHARED_DATA = pathlib.Path({str(tmp_path / "nowhere")!r})
       from lpa_jax.data import load_task_data
       for name in ("mnist", "rotated_mnist"):
         d = load_task_data(SimpleNamespace(name=name, cache_dir={cache_dir!r}, download=False))
         print(name, d.num_train)
   """)
-  # No offline copy reachable: the prepared cache alone must suffice (a GPU machine's case).
-  env = dict(os.environ, LPA_DATA_DIR=str(tmp_path / "nowhere"), PYTHONPATH=str(REPO),
-             JAX_PLATFORMS="cpu")
+  # No data dir on the machine: the prepared cache alone must suffice (a GPU machine's case).
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  env.pop("LPA_DATA_DIR", None)
   res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                        text=True, timeout=120)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -299,3 +303,57 @@ def test_cifar10_jpeg_labels_match_official_pixels(cache_dir):
   np.testing.assert_array_equal(d.y_test[nearest], y_off)
   psnr = 10 * np.log10(255 ** 2 * 3072 / np.maximum(sq_dist.min(1), 1e-3))
   assert np.median(psnr) > 28 and psnr.min() > 20
+
+
+# ------------------------------------------------------------------------- broken data and caches
+
+@needs_shared
+def test_data_dir_missing_some_files_fails_at_once_naming_them(tmp_path):
+  root = tmp_path / "data"
+  (root / "mnist").mkdir(parents=True)
+  for f in sources.MNIST_FILES[:2]:
+    (root / "mnist" / f).symlink_to(SHARED / "mnist" / f)
+  t0 = time.time()
+  with pytest.raises(FileNotFoundError) as err:  # downloads allowed: still no network wait
+    D.load_task_data(SimpleNamespace(name="mnist", data_dir=str(root),
+                                     cache_dir=str(tmp_path / "cache"), download=True))
+  assert time.time() - t0 < 10
+  for f in sources.MNIST_FILES[2:]:
+    assert str(root / "mnist" / f) in str(err.value)
+  assert sources.MNIST_FILES[0] not in str(err.value)
+
+
+def _fake_source(monkeypatch, builds):
+  """A dataset 'fake' whose one file under the data dir holds the pixel value."""
+  def build(cache, root):
+    builds.append(root)
+    x = np.full((4, 2, 2, 1), int((root / "fake" / "v.txt").read_text()), np.uint8)
+    y = np.arange(4, dtype=np.int32) % 2
+    return sources.RawData(x, y, x, y, ["a", "b"], "official")
+  monkeypatch.setattr(sources, "_sources",
+                      lambda name: [sources._Source("official", ("fake/v.txt",), build)])
+
+
+def test_cache_is_per_data_dir_and_a_corrupt_one_is_rebuilt(tmp_path, monkeypatch):
+  builds, cache = [], str(tmp_path / "cache")
+  _fake_source(monkeypatch, builds)
+  roots = []
+  for v in (1, 2):
+    roots.append(tmp_path / f"data{v}")
+    (roots[-1] / "fake").mkdir(parents=True)
+    (roots[-1] / "fake" / "v.txt").write_text(str(v))
+  load = lambda root: sources.load_raw("fake", str(root), cache).x_train.max()  # noqa: E731
+  assert load(roots[0]) == 1 and load(roots[1]) == 2  # another data dir: its own cache
+  assert load(roots[0]) == 1 and len(builds) == 2     # read back from the cache
+  path = sources.cached_file("fake", str(roots[0]), cache)
+  path.write_bytes(path.read_bytes()[:100])            # truncated
+  with pytest.warns(UserWarning, match=f"{path}.*corrupt"):
+    assert load(roots[0]) == 1
+  assert len(builds) == 3 and np.load(path)["x_train"].max() == 1  # rebuilt, readable
+
+
+@needs_shared
+def test_longtail_leaving_a_class_empty_is_an_error(mnist, cache_dir):
+  with pytest.raises(ValueError, match=r"class\(es\) \[8, 9\] with 0 training images.*"
+                                       r"n_max >= 100"):
+    D.load_task_data(cfg(cache_dir, name="mnist", imbalance_ratio=100, n_max=50))

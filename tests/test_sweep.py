@@ -95,3 +95,25 @@ def test_smoke_suite_end_to_end(tmp_path):
   # A run without results.json (interrupted) is run again; the other is still skipped.
   os.remove(os.path.join(root, "runs", "lpa", "seed0", "results.json"))
   assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
+
+  # A finished run recorded with another config is stale: the sweep stops and names it and
+  # the field, before running anything; --stale=rerun redoes it.
+  ce = os.path.join(root, "runs", "ce", "seed0")
+  res = json.load(open(os.path.join(ce, "results.json")))
+  res["config"]["optim"]["lr"] = 0.5
+  json.dump(res, open(os.path.join(ce, "results.json"), "w"))
+  with pytest.raises(sweep.StaleRuns, match=r"runs/ce/seed0:\n  optim.lr: 0.5 \(recorded\)"):
+    sweep.run_suite(suite, root, progress=False, report=False)
+  assert sweep.run_suite(suite, root, progress=False, report=False, stale="rerun") == {
+      "ran": 1, "skipped": 1}
+  assert json.load(open(os.path.join(ce, "results.json")))["config"]["optim"]["lr"] != 0.5
+
+  # A results.json cut short: the report names it and leaves it out; the sweep redoes the run.
+  lpa = os.path.join(root, "runs", "lpa", "seed0", "results.json")
+  with open(lpa, "r+") as f:
+    f.truncate(50)
+  report.write_report(root)
+  md = open(os.path.join(root, "report.md")).read()
+  assert "runs/lpa/seed0/results.json" in md and "| LPA |" not in md
+  assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
+  assert json.load(open(lpa))["steps"] > 0
