@@ -145,3 +145,26 @@ def test_gaf_doubles_small_gradients_and_the_unit_slope_control_does_not():
     np.testing.assert_allclose(out[:2] / np.asarray(g["w"][:2]), slope, rtol=1e-3)
     assert out[2] < 0.1 * np.pi / 2 / (1.0 if not unit else 2.0) + 1e-6  # large ones compressed
   assert gradient.gaf_lr_factor(0.1, 20.0) == 2.0
+
+
+@pytest.mark.parametrize("name", ["dropout", "noise", "deep_augmentation", "manifold_mixup"])
+def test_random_methods_skip_the_clean_pass_unless_a_class_split_needs_it(name):
+  model = get_model("cnn", 10, widths=(4, 8, 8))
+  ctx = _ctx(model=model)
+  x = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
+  y = jnp.arange(20) % 10
+  v = model.init(jax.random.key(1), x[:1])
+  batch = Batch(x, y, jax.nn.one_hot(y, 10))
+
+  def run(logit, split):
+    pc = _pc(activation=name, logit=logit)
+    pc.lpl.split = split
+    m = registry.make_activation(pc, ctx)
+    f = jax.jit(lambda v: m.forward(m.init(), v, batch, jax.random.key(2), True))
+    return f(v), f.lower(v).compile().cost_analysis()["flops"]
+  fwd, flops = run("none", "longtail")
+  assert fwd.clean_logits is None and "loss_change_C" not in fwd.aux
+  assert "expansive_share_C" in fwd.aux and "delta_norm_C" in fwd.aux
+  fwd_b, flops_b = run("lpl", "balanced")   # LPL re-splits from clean statistics
+  assert fwd_b.clean_logits is not None and "loss_change_C" in fwd_b.aux
+  assert flops < flops_b

@@ -112,7 +112,8 @@ def input_cut(top: Cut) -> Cut:
   return Cut(lambda variables, x, train, **kw: (x, {}), upper, "input", top.depth)
 
 
-def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto") -> Placed:
+def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto",
+                   clean_pass: bool = True) -> Placed:
   """Manifold Mixup: per step a layer drawn uniformly from ``cuts`` (``input_cut`` for the
   input), mixed there by :func:`mix` (one ``λ`` and ``π`` for the step).
 
@@ -121,7 +122,8 @@ def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto"
   keep the drawn one — ``len(cuts)`` passes, but XLA:CPU runs convolution *gradients* inside a
   conditional ~7x slower than outside, so on CPU this is the faster choice.  ``'auto'``: mask on
   CPU, switch elsewhere; the choice made is recorded as ``aux['mix_select_switch']``.
-  ``aux['mix_point']`` is the index of the drawn point.
+  ``aux['mix_point']`` is the index of the drawn point.  ``clean_pass``: one extra
+  no-gradient pass for the clean logits (diagnostics, class statistics), shared by all points.
 
   >>> m = manifold_mixup([input_cut(top), cut_staged(model, "stage1")], alpha=2.0)
   """
@@ -139,10 +141,12 @@ def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto"
                              False, targets=batch.targets_BxC)
     index = jax.random.randint(jax.random.split(rng, 3)[2], (), 0, len(cuts))
     # The clean logits do not depend on the branch: one no-gradient pass serves them all.
-    clean = jax.lax.stop_gradient(full_apply(cuts[-1], variables, batch.x, True)[0])
+    clean = (jax.lax.stop_gradient(full_apply(cuts[-1], variables, batch.x, True)[0])
+             if clean_pass else None)
     branches = [lambda c=c: perturbed_apply(method, c, state, variables, batch.x,
                                             batch.labels_B, rng, True,
-                                            targets=batch.targets_BxC, clean_logits=clean)
+                                            targets=batch.targets_BxC, clean_logits=clean,
+                                            clean_pass=False)
                 for c in cuts]
     if select == "switch":
       fwd = jax.lax.switch(index, branches)

@@ -61,6 +61,7 @@ class Context(NamedTuple):
   points: tuple[str, ...]          # valid point names, bottom to top
   seed: int = 0                    # the run's seed (gradient noise draws from it)
   head: str = "linear"             # the model's classifier head ('cosine' for LDAM)
+  clean_pass: bool = True          # random methods run a clean pass for statistics/diagnostics
 
 
 class Batch(NamedTuple):

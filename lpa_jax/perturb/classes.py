@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SPLITS = ("balanced", "balanced_accuracy", "longtail", "all_positive", "all_negative", "signs")
+REFRESHED = ("balanced", "balanced_accuracy")  # rules re-split each epoch from statistics
 
 
 class ClassStats(NamedTuple):

@@ -24,27 +24,30 @@ def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, 
   """Per-class means over the batch's samples of a perturbation ``δ = new_act − act``.
 
   ``delta_norm_C`` (mean ‖δ_i‖), ``sign_C``, ``expansive_share_C`` (share with ‖a+δ‖ > ‖a‖),
-  ``loss_change_C`` (perturbed minus clean loss; the clean loss uses ``clean_targets_BxC``,
-  default ``targets_BxC``), ``clean_prob_C`` (clean probability of the true class) and
-  ``present_C``.
+  ``present_C``; with ``clean_logits`` also ``loss_change_C`` (perturbed minus clean loss;
+  the clean loss uses ``clean_targets_BxC``, default ``targets_BxC``) and ``clean_prob_C``
+  (clean probability of the true class).
   """
-  new_act, act, clean_logits, logits = jax.lax.stop_gradient((new_act, act, clean_logits, logits))
+  new_act, act, logits = jax.lax.stop_gradient((new_act, act, logits))
   onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
-  clean_targets_BxC = targets_BxC if clean_targets_BxC is None else clean_targets_BxC
   delta = (new_act - act).astype(jnp.float32)
   act = act.astype(jnp.float32)
   expansive_B = (row_norms(act + delta) > row_norms(act)).astype(jnp.float32)
-  dloss_B = default_loss(logits, targets_BxC) - default_loss(clean_logits, clean_targets_BxC)
-  prob_B = jnp.sum(jax.nn.softmax(clean_logits.astype(jnp.float32)) * onehot_BxC, -1)
   sign_C = jnp.zeros((num_classes,)) if sign_C is None else sign_C
-  return {
+  out = {
       "delta_norm_C": per_class_mean(onehot_BxC, row_norms(delta)),
       "sign_C": jnp.asarray(sign_C, jnp.float32) * jnp.ones(num_classes),
       "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
-      "loss_change_C": per_class_mean(onehot_BxC, dloss_B.astype(jnp.float32)),
-      "clean_prob_C": per_class_mean(onehot_BxC, prob_B),
       "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),
   }
+  if clean_logits is not None:
+    clean_logits = jax.lax.stop_gradient(clean_logits)
+    clean_targets_BxC = targets_BxC if clean_targets_BxC is None else clean_targets_BxC
+    dloss_B = default_loss(logits, targets_BxC) - default_loss(clean_logits, clean_targets_BxC)
+    prob_B = jnp.sum(jax.nn.softmax(clean_logits.astype(jnp.float32)) * onehot_BxC, -1)
+    out["loss_change_C"] = per_class_mean(onehot_BxC, dloss_B.astype(jnp.float32))
+    out["clean_prob_C"] = per_class_mean(onehot_BxC, prob_B)
+  return out
 
 
 def nonfinite_classes(aux: dict) -> dict[str, list[int]]:

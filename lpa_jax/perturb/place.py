@@ -32,7 +32,7 @@ def _rng_kw(rng):
 def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, x, labels_B,
                     rng=None, train: bool = True, *, loss_fn: Callable | None = None,
                     targets=None, clean_logits=None, diagnostics: bool = True,
-                    extra_shapes=None) -> Forward:
+                    clean_pass: bool = True, extra_shapes=None) -> Forward:
   """One forward pass with ``method`` applied at ``cut``'s point.
 
   Args:
@@ -46,8 +46,12 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
     loss_fn: ``(logits, targets) -> loss_B``, the loss PGD follows (default cross-entropy).
     targets: soft targets (default ``one_hot(labels)``).
     clean_logits: unperturbed logits if already known (skips the diagnostics' clean pass).
-    diagnostics: add the per-class diagnostics to ``aux`` (costs one clean pass for methods
-      that do not compute the clean logits themselves).
+    diagnostics: add the per-class diagnostics to ``aux``.
+    clean_pass: for methods that do not compute the clean logits themselves (dropout, noise,
+      deep augmentation, mixup), run one extra no-gradient pass for them: the loss-change
+      diagnostic and class statistics that must not see random noise need it.  Without it
+      the diagnostics keep ``‖δ‖``, the expansive share and the sign, and ``clean_logits``
+      is ``None``.
 
   Returns:
     :class:`~lpa_jax.perturb.base.Forward` with the logits, targets (mixed by mixing
@@ -73,7 +77,7 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
   clean = r.clean_logits if r.clean_logits is not None else clean_logits
   aux = dict(r.aux)
   if train and diagnostics:
-    if clean is None:
+    if clean is None and clean_pass:
       clean = jax.lax.stop_gradient(upper(jax.lax.stop_gradient(act)))
     aux.update(perturbation_diagnostics(r.act, act, labels_B, targets.shape[-1], clean, logits,
                                         r.targets_BxC, clean_targets_BxC=targets,
@@ -81,12 +85,14 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
   return Forward(logits, r.targets_BxC, {**st, **st2}, r.state, clean, aux)
 
 
-def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None) -> Placed:
+def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None,
+          clean_pass: bool = True) -> Placed:
   """Binds ``method`` to ``cut`` for the train step: ``forward(state, variables, batch, rng,
   train, loss_fn=None) -> Forward``.
 
   ``shape_of(variables, x, train) -> {point: per-example shape}`` supplies the activation
   shapes at a multi-layer method's extra points (abstract evaluation: no FLOPs at run time).
+  ``clean_pass``: see :func:`perturbed_apply`.
 
   >>> placed = place(lpa(10, split="all_positive", eps=0.5), cut_staged(model, "stage3"))
   >>> fwd = placed.forward(placed.init(), variables, batch, rng, True)
@@ -94,5 +100,6 @@ def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None) 
   def forward(state, variables, batch: Batch, rng, train, loss_fn=None):
     shapes = shape_of(variables, batch.x, train) if shape_of is not None else None
     return perturbed_apply(method, cut, state, variables, batch.x, batch.labels_B, rng, train,
-                           loss_fn=loss_fn, targets=batch.targets_BxC, extra_shapes=shapes)
+                           loss_fn=loss_fn, targets=batch.targets_BxC, extra_shapes=shapes,
+                           clean_pass=clean_pass)
   return Placed(method.init, forward, method.refresh)

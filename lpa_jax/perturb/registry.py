@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 
 from lpa_jax.models.staged import stage_level
-from lpa_jax.perturb import activation, gradient, logit
+from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
 from lpa_jax.perturb.base import (Context, GradientMethod, LogitMethod, Placed, chain_logits,
                                   check_finite_params, identity, identity_logits)
@@ -102,7 +102,8 @@ def _at_point(factory, *fields, depth=False):
   def make(cfg, ctx: Context) -> Placed:
     cut = ctx.cut_fn(resolve_point(cfg.point, ctx))
     kw = {f: cfg[f] for f in fields}
-    return place(factory(**kw, **({"depth": cut.depth} if depth else {})), cut)
+    return place(factory(**kw, **({"depth": cut.depth} if depth else {})), cut,
+                 clean_pass=ctx.clean_pass)
   return make
 
 
@@ -110,7 +111,8 @@ def _mixup(cfg, ctx: Context) -> Placed:
   points = tuple(cfg.points) or default_mixup_points(ctx.points)
   top = ctx.cut_fn(ctx.points[-1])
   cuts = [activation.input_cut(top) if p == "input" else ctx.cut_fn(p) for p in points]
-  return activation.manifold_mixup(cuts, alpha=cfg.alpha, select=cfg.select)
+  return activation.manifold_mixup(cuts, alpha=cfg.alpha, select=cfg.select,
+                                   clean_pass=ctx.clean_pass)
 
 
 def _class_level(factory, *fields):
@@ -217,8 +219,18 @@ def _run_seed(run_seed: int, offset: int) -> int:
   return int(run_seed) * 1_000_003 + int(offset)
 
 
+def needs_class_statistics(pcfg) -> bool:
+  """Whether a logit or gradient method of the run re-splits classes from the epoch's
+  statistics (LPL / LPG with a balanced split), which must come from clean logits."""
+  return any(name in ("lpl", "lpg") and pcfg[name].split in classes.REFRESHED
+             for _, name in selected(pcfg))
+
+
 def make_activation(pcfg, ctx: Context) -> Placed:
+  """The activation method, placed.  Random methods (dropout, noise, deep augmentation,
+  Manifold Mixup) skip their extra clean pass unless :func:`needs_class_statistics`."""
   selected(pcfg)
+  ctx = ctx._replace(clean_pass=needs_class_statistics(pcfg))
   name = pcfg.activation
   return _lookup(ACTIVATION, "activation", name)(_block(pcfg, name), ctx)
 

@@ -84,6 +84,8 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
       extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
+    # Class statistics and the accuracy metric read the clean logits when the method computed
+    # them (LPA, adversarial, or a clean pass some class split needs), else the training ones.
     clean_BxC = jax.lax.stop_gradient(
         fwd.clean_logits if fwd.clean_logits is not None else fwd.logits_BxC)
     stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
