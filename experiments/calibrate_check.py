@@ -1,0 +1,142 @@
+"""Does every committed config that uses LPA measurably perturb?  (SPEC §1 "Radius scale")
+
+Every variant of every task config (with ``perturb.activation=lpa`` switched on, its own LPA
+block unchanged) and every LPA method of the experiment suites (suite and method overrides
+applied, as the sweep runs them), measured in a small mode: the config's LPA settings and
+point, two batches of 32, a smaller data subset, WRN at widen 1 (same points).
+
+  python -m experiments.calibrate_check            # all of them, a table; slow on a CPU
+  python -m experiments.calibrate_check longtail.py:quick suites.py:smoke/LPA
+  python -m experiments.calibrate_check --adversarial    # the adversarial feature baseline
+
+>>> label, config = lpa_configs()[0]; label                        # doctest: +SKIP
+'balanced.py:quick'
+>>> check(config)["mean_abs_signed"] >= 0.05                       # doctest: +SKIP
+True
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import sys
+
+TASK_FILES = ("balanced", "domain", "longtail", "noisy")
+SMALL_N = 200        # per-class (long tail: head) cap, per domain for domain generalisation
+BATCH = 32
+_data_cache: dict = {}
+
+
+def task_variants(name: str) -> list[str]:
+  """The variants a task config's docstring lists under ``Variants:`` (its documented set)."""
+  doc = importlib.import_module(f"experiments.configs.{name}").__doc__
+  block = doc.split("Variants:")[1]
+  out = []
+  for line in block.splitlines()[1:]:
+    if not line.startswith("  "):
+      break  # a blank or unindented line ends the list
+    if line.startswith("   "):
+      continue  # a description's continuation
+    head = re.split(r"\s{2,}", line.strip())[0]
+    out += [v.strip() for v in head.split(",")]
+  return out
+
+
+def lpa_configs(method: str = "lpa") -> list[tuple[str, object]]:
+  """``[(label, config)]``: each task variant with ``method`` (LPA) on, then each suite
+  method using it."""
+  from experiments import sweep
+  from experiments.configs import suites
+  from experiments.configs.common import validate
+  out = []
+  for name in TASK_FILES:
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for variant in task_variants(name):
+      c = module.get_config(variant)
+      c.perturb.activation = method
+      out.append((f"{name}.py:{variant}", validate(c)))
+  for suite_name in ("smoke",) + suites.SUITES:
+    suite = suites.get_config(suite_name)
+    for run in sweep.plan(suite, seeds=(0,)):
+      if run["config"].perturb.activation == method:
+        out.append((f"suites.py:{suite_name}/{run['name']}", run["config"]))
+  return out
+
+
+def shrink(config):
+  """The small mode: fewer images, batch 32, WRN at widen 1; LPA's own settings untouched."""
+  c = copy.deepcopy(config)
+  c.data.n_max = min(c.data.n_max or SMALL_N, SMALL_N)
+  c.data.test_subset = 100
+  c.optim.batch_size = BATCH
+  if c.model.name.startswith("wrn"):
+    c.model.kwargs.widen = 1  # WideResNet(depth, widen): the points depend on depth only
+  return c
+
+
+def load_data(config):
+  """The config's data, loaded once per distinct ``config.data``."""
+  from lpa_jax.data import load_task_data
+  key = repr(sorted(config.data.to_dict().items()))
+  if key not in _data_cache:
+    _data_cache[key] = load_task_data(config.data)
+  return _data_cache[key]
+
+
+def distinct(configs) -> list[tuple[list[str], object]]:
+  """Groups ``[(label, config)]`` whose small-mode measurement is the same (suite methods
+  that differ only in name or in fields the measurement never reads: schedule, epochs)."""
+  from lpa_jax.models import get_model
+  from lpa_jax.perturb import registry
+  groups: dict = {}
+  for label, config in configs:
+    c = shrink(config)
+    d = c.to_dict()
+    used = {n: dict(d["perturb"][n]) for _, n in registry.selected(c.perturb)}
+    points = get_model(c.model.name, 2, **d["model"]["kwargs"]).points
+    for block in used.values():
+      if block.get("point") in ("auto", "default", None) and "point" in block:
+        block["point"] = registry.default_point(points)
+    key = repr((d["data"], d["model"], d["seed"], d["optim"]["batch_size"],
+                d["train"]["augment"], c.perturb.activation, c.perturb.logit, sorted(used.items())))
+    groups.setdefault(key, ([], config))[0].append(label)
+  return list(groups.values())
+
+
+def check(config, batches: int = 2, train_steps: int = 0, small: bool = True,
+          norms: bool = False) -> dict:
+  """The config's own activation method, built as a run builds it: mean |loss change| of
+  its signed classes (and per-class numbers) on ``batches`` training batches; ``norms`` adds
+  the mean activation norm at the point."""
+  from experiments import calibrate_measure as cm
+  from lpa_jax.perturb.registry import resolve_point
+  c = shrink(config) if small else config
+  setup = cm.prepare(c, load_data(c), batches, train_steps)
+  pc = cm.measure_configured(setup)
+  point = resolve_point(c.perturb[c.perturb.activation].point, setup.ctx)
+  out = {**cm.summarize(pc), "point": point,
+         "per_class": {k: v.tolist() for k, v in pc.items()}}
+  if norms:
+    norm_C = cm.activation_norms(setup, point)[0]
+    out["act_norm"] = float(norm_C[norm_C > 0].mean())
+  return out
+
+
+def main(argv) -> int:
+  """``[--adversarial] [label ...]``: a table of the checks (all configs when no label)."""
+  method = "adversarial" if "--adversarial" in argv else "lpa"
+  wanted = {a for a in argv if not a.startswith("--")}
+  rows = [(label, c) for label, c in lpa_configs(method) if not wanted or label in wanted]
+  print(f"{'config':52s} {'point':14s} {'‖a‖':>7s} radius        |Δloss| signed")
+  for labels, c in distinct(rows):
+    s = check(c, norms=True)
+    b = c.perturb[method]
+    mode = b.get("radius_mode", "absolute")[:3]
+    for label in labels:
+      print(f"{label:52s} {s['point']:14s} {s['act_norm']:7.2f} {mode} ε={b.eps:<6g} "
+            f"{s['mean_abs_signed']:.3f} {s['signed_classes']:3d}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
