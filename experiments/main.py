@@ -8,7 +8,6 @@ so in one line and exits with status 130.
 """
 from __future__ import annotations
 
-import errno
 import sys
 
 from absl import app, flags, logging
@@ -45,29 +44,27 @@ def main(argv):
     print(f"\n{e or 'Interrupted before training started; nothing was saved.'}",
           file=sys.stderr, flush=True)
     sys.exit(130)
-  except Exception as e:  # noqa: BLE001 - only a full disk is handled; the rest re-raises
-    cause = disk_full(e)
-    if cause is None:
+  except Exception as e:  # noqa: BLE001 - errors with their own message; the rest re-raise
+    message = user_error(e)
+    if message is None:
       raise
-    # A full disk fails deep inside orbax or the writers, under hundreds of lines of
-    # traceback: say what happened, and only that.
-    print(f"Error: no space left on device while writing the run ({cause}). Free space "
-          "and rerun the same command: it resumes from the last checkpoint.",
-          file=sys.stderr, flush=True)
+    print(message, file=sys.stderr, flush=True)
     sys.exit(1)
 
 
-def disk_full(e: BaseException) -> str | None:
-  """The first line of the error in ``e``'s chain that reports a full disk, else None."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-        "No space left on device" in str(e):
-      return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    e = e.__cause__ or e.__context__
+def user_error(e: Exception) -> str | None:
+  """The one message to show for an error whose cause the user can fix, else None."""
+  from lpa_jax.train.checkpoint import CheckpointMismatch, NoUsableCheckpoint
+  from lpa_jax.train.workdir import ConfigMismatch, disk_full
+  cause = disk_full(e)
+  if cause is not None:
+    # A full disk fails deep inside orbax or the writers, under hundreds of lines of
+    # traceback: say what happened, and only that.
+    return (f"Error: no space left on device while writing the run ({cause}). Free space "
+            "and rerun the same command: it resumes from the last checkpoint.")
+  if isinstance(e, (ConfigMismatch, CheckpointMismatch, NoUsableCheckpoint)):
+    return f"Error: {e}"  # says what differs and what to do; a traceback would bury it
   return None
-
 
 if __name__ == "__main__":
   app.run(main)

@@ -18,7 +18,7 @@ from conftest import small_config
 from lpa_jax.train import checkpoint, loop
 from lpa_jax.train.build import build_run
 from lpa_jax.train.step import make_mesh
-from lpa_jax.train.workdir import ConfigMismatch, write_json_atomic
+from lpa_jax.train.workdir import ConfigMismatch, disk_full, write_json_atomic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The LPA run of the kill tests, as command-line overrides of longtail.py:quick (= small_config).
@@ -169,6 +169,15 @@ def test_full_disk_reports_the_original_error(tmp_path, fmnist_lt, monkeypatch):
   with pytest.raises(OSError) as err:
     loop.train_and_evaluate(small_config(), str(tmp_path), progress=False, data=fmnist_lt)
   assert err.value.filename == "checkpoints/3"
+  # What the entry point prints first, even when a library wraps the error in its own.
+  try:
+    try:
+      raise err.value
+    except OSError as inner:
+      raise ValueError("tensorstore: write failed") from inner
+  except ValueError as wrapped:
+    assert disk_full(wrapped).startswith("[Errno 28] No space left on device")
+  assert disk_full(ValueError("shape mismatch")) is None
 
 
 def test_config_that_fails_to_build_leaves_no_work_dir(tmp_path, fmnist_lt):
@@ -229,6 +238,11 @@ def test_killed_lpa_run_resumes_to_the_unbroken_result(tmp_path, fmnist_lt):
   _same_run(json.load(open(os.path.join(wd, "results.json"))), full)
   assert _rows(wd) == _rows(tmp_path / "full")
   assert [r["epoch"] for r in _rows(wd)] == list(range(1, epochs + 1))
+  # The same work dir with another value: one message naming the field, no traceback.
+  res = subprocess.run([sys.executable, "-m"] + args + ["--config.optim.lr=0.01"], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert res.returncode == 1 and "Traceback" not in res.stderr
+  assert "optim.lr: 0.05 (recorded) -> 0.01 (now)" in res.stderr
 
 
 SUITE = """

@@ -4,10 +4,11 @@ Also the atomic JSON writer every "finished" file goes through (temp file + rena
 
   >>> claim("runs/lt", config)            # first run: records the config       # doctest: +SKIP
   >>> claim("runs/lt", other_config)      # ConfigMismatch naming the fields    # doctest: +SKIP
-  >>> claim("runs/lt", other_config, fresh=True)   # deletes the old run, records the new
+  >>> claim("runs/lt", other_config, fresh=True)   # old run deleted  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -147,3 +148,20 @@ def claim(workdir: str, config, fresh: bool = False) -> None:
         "cannot be checked against this run. Use another --workdir, or pass --fresh.")
   os.makedirs(workdir, exist_ok=True)
   write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict(config))
+
+
+def disk_full(e: BaseException) -> str | None:
+  """The first line of the error in ``e``'s chain (causes, contexts) that reports a full
+  disk, else None.  Orbax and tensorstore wrap it in their own errors.
+
+  >>> disk_full(RuntimeError("write failed: [Errno 28] No space left on device"))
+  'write failed: [Errno 28] No space left on device'
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "No space left on device" in str(e):
+      return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    e = e.__cause__ or e.__context__
+  return None
