@@ -13,6 +13,7 @@ digest; a state of another shape (another method or model) is refused with a cle
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 
@@ -60,9 +61,17 @@ def save(mgr: ocp.CheckpointManager, state, extra: dict | None = None,
   if mgr.latest_step() == step:
     return
   meta = {"digest": digest(state), "signature": signature(state), **(extra or {})}
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         meta=ocp.args.JsonSave(meta)), force=force)
-  mgr.wait_until_finished()
+  # Orbax's writer threads log a failure's whole traceback before re-raising it here; the
+  # caller reports the error once (a full disk otherwise ends under a hundred lines).
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.CRITICAL)
+  try:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)), force=force)
+    mgr.wait_until_finished()
+  finally:
+    absl_logger.setLevel(level)
 
 
 def _describe_mismatch(saved: list, wanted: list) -> str:
