@@ -225,6 +225,7 @@ def test_points_order_blocks_before_their_stage_and_pick_two_inside_the_last():
   model = _fake_model("stem", "stage1", "stage3.block10", "stage3.block2", "stage3.block0",
                       "stage3", "features", "logits")
   assert points.stage_points(model) == ("stem", "stage1", "stage3", "features", "logits")
+  assert points.last_stage(model) == "stage3"
   blocks = points.block_points(model, "stage3")
   assert blocks == ("stage3.block0", "stage3.block2", "stage3.block10")
   assert points.order(model, ["logits", "stage3", "stage3.block2", "stem"]) == (

@@ -90,7 +90,7 @@ def grid_points(model, wanted: str | None, batch_size: int):
   :func:`experiments.bench.points.choose_default`) and ``F_up/F`` of every point counted,
   including each block point of the last stage."""
   stages = pts.stage_points(model)
-  last = registry.default_point(stages)
+  last = pts.last_stage(model)
   blocks = pts.block_points(model, last)
   chosen = pts.parse_points(model, wanted) if wanted else None
   counted = pts.order(model, list(chosen or stages) + list(blocks) + [last])
@@ -104,8 +104,7 @@ def fractions(args: argparse.Namespace) -> dict:
   counted without building or timing a train step."""
   model = get_model(args.model, args.num_classes)
   stages = pts.stage_points(model)
-  last = registry.default_point(stages)
-  counted = pts.order(model, list(stages) + list(pts.block_points(model, last)))
+  counted = pts.order(model, list(stages) + list(pts.block_points(model, pts.last_stage(model))))
   flops, frac = flop_fractions(model, counted, args.batch)
   return dict(settings=dict(model=args.model, batch=args.batch, num_classes=args.num_classes,
                             flops_forward=flops, flop_fractions=frac, flop_count=flop_source(),
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace, log=_print) -> dict:
   mesh = make_mesh(jax.devices()[:args.devices] if args.devices else None)
   if args.batch % mesh.devices.size:
     raise ValueError(f"--batch {args.batch} must be divisible by the {mesh.devices.size} devices")
-  last_stage = registry.default_point(pts.stage_points(model))
+  last_stage = pts.last_stage(model)
   points, flops, frac = grid_points(model, args.points, args.batch)
   # Rows of methods at their default point name it as the registry resolves "auto".
   configs = _select(configurations(points, Ts, registry.default_point(model.points)), args.only)
@@ -179,8 +178,8 @@ def rescore(result: dict) -> dict:
                   flop_count=flop_source() + " (recounted by --rescore on "
                   f"{report.cpu_name()}; timings unchanged)")
   mesh_devices = result["machine"].get("mesh_devices", 1)
-  result["checks"] = report.check(result["rows"], registry.default_point(
-      pts.stage_points(model)), flops / mesh_devices / 1e9)
+  result["checks"] = report.check(result["rows"], pts.last_stage(model),
+                                  flops / mesh_devices / 1e9)
   report.add_timed_model(result)
   return result
 

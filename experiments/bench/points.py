@@ -23,6 +23,18 @@ def stage_points(model) -> tuple[str, ...]:
   return tuple(p for p in model.points if "." not in p)
 
 
+def last_stage(model) -> str:
+  """The last stage's output: the stage point just below pooling (``features``), else the
+  last hidden point; above it only pooling and the head remain.
+
+  >>> last_stage(get_model("resnet32", 10)), last_stage(get_model("mlp", 10))
+  ('stage3', 'hidden2')
+  """
+  stages = stage_points(model)
+  top = stages.index("features") if "features" in stages else len(stages) - 1
+  return stages[max(top - 1, 0)]
+
+
 def block_points(model, stage: str) -> tuple[str, ...]:
   """The points the model names inside ``stage`` (``stage3.block1`` ...), bottom to top."""
   listed = tuple(model.points) + tuple(getattr(model, "block_points", ()))
