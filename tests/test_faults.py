@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from conftest import small_config
-from lpa_jax.train import checkpoint, loop
+from lpa_jax.train import build, checkpoint, loop
 from lpa_jax.train.build import build_run
 from lpa_jax.train.step import make_mesh
 from lpa_jax.train.workdir import ConfigMismatch, disk_full, write_json_atomic
@@ -138,6 +138,29 @@ def test_kill_between_metrics_row_and_checkpoint_leaves_one_row_per_epoch(tmp_pa
   resumed = loop.train_and_evaluate(cfg, str(part), progress=False, data=fmnist_lt)
   _same_run(resumed, full)
   assert _rows(part) == _rows(tmp_path / "full") and [r["epoch"] for r in _rows(part)] == [1, 2]
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, fmnist_lt, monkeypatch):
+  cfg = small_config(**{"optim.batch_size": 32})
+  full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), progress=False, data=fmnist_lt)
+  real, calls = build.make_batch_fn, []
+
+  def make_batch_fn(*args):
+    batch_fn = real(*args)
+
+    def ctrl_c_at_tenth(state, epoch, i, perm=None):
+      calls.append(1)
+      if len(calls) == 10:  # mid-epoch 2
+        signal.raise_signal(signal.SIGINT)
+      return batch_fn(state, epoch, i, perm)
+    return ctrl_c_at_tenth
+  monkeypatch.setattr(build, "make_batch_fn", make_batch_fn)
+  part = str(tmp_path / "part")
+  with pytest.raises(KeyboardInterrupt, match="checkpoint saved at step 10 in .*rerun"):
+    loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_lt)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+  _same_run(loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_lt), full)
+  assert _rows(part) == _rows(tmp_path / "full")
 
 
 # ------------------------------------------------------------------ files and errors

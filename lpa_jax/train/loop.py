@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -45,8 +47,32 @@ def _writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
-def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog, bar):
-  """Steps ``first..`` of ``epoch`` (up to ``stop_at``); returns ``(state, steps_done)``.
+class _StopFlag:
+  """Ctrl-C asks the loop to stop at the next step boundary, where the state and the epoch's
+  metrics agree and can be saved together; a second Ctrl-C stops at once, unsaved."""
+
+  def __init__(self):
+    self.set, self._previous = False, None
+
+  def _handle(self, signum, frame):
+    if self.set:
+      raise KeyboardInterrupt
+    self.set = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signals reach only that one
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
+def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog, bar,
+           stop: _StopFlag):
+  """Steps ``first..`` of ``epoch`` (up to ``stop_at`` or a Ctrl-C); returns
+  ``(state, steps_done)``.
 
   Step ``t`` is dispatched before step ``t-1``'s metrics are read, so the host never stalls
   the device; every finished step's metrics are in ``log`` on return.
@@ -54,7 +80,7 @@ def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog
   spe, perm, pending = run.steps_per_epoch, run.epoch_perm(epoch), None
   i = first
   for i in range(first, spe):
-    if epoch * spe + i >= stop_at:
+    if epoch * spe + i >= stop_at or stop.set:
       break
     state, metrics = run.train_step(state, run.batch_fn(state, epoch, i, perm))
     if pending is not None:
@@ -113,37 +139,40 @@ def _train(run: Run, config, state, workdir, mgr, log: MetricLog, best, stop_at,
              desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
   failing = True
   try:
-    for epoch in range(start // spe, n_epochs):
-      first = start % spe if epoch == start // spe else 0
-      state, done = _epoch(run, state, epoch, first, stop_at, log, bar)
-      if done < spe:
-        _save(mgr, state, log, force=True)
-        failing = False
-        return state, best, False
-      row, best = _epoch_row(run, config, state, epoch, log, best)
-      append_row(history_path, row)
-      if tb is not None:
-        for k, v in row.items():
-          if isinstance(v, float):
-            tb.add_scalar(k, v, row["step"])
-      if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-        _save(mgr, state, log)
+    with _StopFlag() as stop:
+      for epoch in range(start // spe, n_epochs):
+        first = start % spe if epoch == start // spe else 0
+        state, done = _epoch(run, state, epoch, first, stop_at, log, bar, stop)
+        if done < spe:
+          _save(mgr, state, log, force=True)
+          _raise_if_stopped(stop, state, workdir)
+          failing = False
+          return state, best, False
+        row, best = _epoch_row(run, config, state, epoch, log, best)
+        append_row(history_path, row)
+        if tb is not None:
+          for k, v in row.items():
+            if isinstance(v, float):
+              tb.add_scalar(k, v, row["step"])
+        if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == n_epochs:
+          _save(mgr, state, log)
     failing = False
-  except KeyboardInterrupt:
-    raise KeyboardInterrupt(_interrupted(mgr, state, log, workdir)) from None
+  except KeyboardInterrupt as e:
+    if e.args:  # the clean stop's own message
+      raise
+    raise KeyboardInterrupt(  # a second Ctrl-C: the state may be mid-step, nothing is saved
+        f"Interrupted: {workdir} resumes from its last checkpoint (step "
+        f"{mgr.latest_step() or 0}); rerun the same command to resume.") from None
   finally:
     _close(bar, tb, failing)
   return state, best, True
 
 
-def _interrupted(mgr, state, log, workdir) -> str:
-  """Saves what can be saved after Ctrl-C; returns the one line to show."""
-  try:
-    _save(mgr, state, log, force=True)
-    where = f"checkpoint saved at step {int(jax.device_get(state.step))}"
-  except Exception:  # noqa: BLE001 - e.g. Ctrl-C hit while the state was donated to a step
-    where = f"resuming from the last checkpoint (step {mgr.latest_step() or 0})"
-  return f"Interrupted: {where} in {workdir}; rerun the same command to resume."
+def _raise_if_stopped(stop: _StopFlag, state, workdir):
+  if stop.set:
+    raise KeyboardInterrupt(f"Interrupted: checkpoint saved at step "
+                            f"{int(jax.device_get(state.step))} in {workdir}; rerun the same "
+                            "command to resume.")
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
