@@ -238,7 +238,8 @@ def main(argv):
   try:
     _run_all(config, names, suites)
   except KeyboardInterrupt as e:
-    print(f"\n{e or 'Interrupted.'} Rerun the same command to continue the sweep.",
+    # The loop's message names the run and its checkpoint; rerunning continues the sweep.
+    print(f"\n{e or 'Interrupted; rerun the same command to continue the sweep.'}",
           file=sys.stderr, flush=True)
     sys.exit(130)
   except StaleRuns as e:
