@@ -117,3 +117,20 @@ def test_smoke_suite_end_to_end(tmp_path):
   assert "runs/lpa/seed0/results.json" in md and "| LPA |" not in md
   assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
   assert json.load(open(lpa))["steps"] > 0
+
+
+def test_stale_check_compares_what_the_run_trains_with():
+  from lpa_jax.train.workdir import config_diff
+  rec = {"seed": 0, "train": {"checkpoint_every": 1},
+         "perturb": {"activation": "lpa", "logit": "none", "gradient": "none",
+                     "lpa": {"eps": 0.1}, "gaf": {"alpha": 0.1}}}
+  now = json.loads(json.dumps(rec))
+  now["train"]["checkpoint_every"] = 5  # how often checkpoints are kept: not the run
+  now["perturb"]["gaf"] = {"alpha": 0.2, "unit_slope": False}  # a block of a method that is off
+  assert config_diff(rec, now) == []
+  now["perturb"]["lpa"]["eps"] = 0.2
+  now["perturb"]["logit"] = "ldam,lpl"
+  now["perturb"]["lpl"] = {"alpha": 0.1}
+  assert config_diff(rec, now) == [("perturb.logit", "none", "ldam,lpl"),
+                                   ("perturb.lpa.eps", 0.1, 0.2),
+                                   ("perturb.lpl.alpha", "<absent>", 0.1)]

@@ -83,16 +83,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _methods_on(flat: dict) -> set:
+  """Names of the methods a flat config switches on (``perturb.logit`` may chain several)."""
+  logit = flat.get("perturb.logit", "none")
+  names = [n.strip() for n in logit.split(",")] if isinstance(logit, str) else list(logit)
+  names += [flat.get("perturb.activation"), flat.get("perturb.gradient")]
+  return {n for n in names if n not in (None, "", "none")}
+
+
 def config_diff(recorded, planned) -> list[tuple[str, object, object]]:
   """``(field, recorded, planned)`` for every field that differs (``'<absent>'`` when a field
-  exists on one side only), ignoring :data:`IGNORED_FIELDS`.
+  exists on one side only), ignoring :data:`IGNORED_FIELDS` and the blocks of methods that
+  neither config switches on (a method reads only its own ``perturb.<name>`` block).
 
   >>> config_diff({"optim": {"lr": 0.1}}, {"optim": {"lr": 0.05}})
   [('optim.lr', 0.1, 0.05)]
   """
   a, b = _flat(config_dict(recorded)), _flat(config_dict(planned))
+  on = _methods_on(a) | _methods_on(b)
+
+  def matters(key):
+    parts = key.split(".")
+    off_block = len(parts) > 2 and parts[0] == "perturb" and parts[1] not in on
+    return key not in IGNORED_FIELDS and not off_block
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if k not in IGNORED_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>")]
+          if matters(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
 def describe_diff(diff, limit: int = 12) -> str:
