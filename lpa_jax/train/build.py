@@ -32,7 +32,7 @@ from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make
 
 class Methods(NamedTuple):
   """The run's perturbation methods, one per level (see :mod:`lpa_jax.perturb.registry`)."""
-  act: object       # ActivationMethod
+  act: object       # the activation method, placed in the network (perturb.place.Placed)
   logit: object     # LogitMethod (LPG's logit hook already chained in)
   grad: object      # GradientMethod
 
@@ -123,7 +123,11 @@ def init_state(config, model, input_shape, tx, methods: Methods, num_classes: in
 
 
 def make_epoch_perm(config, num_train: int) -> Callable:
-  """``epoch -> permutation`` of the training set, from ``fold_in(PRNGKey(seed + 1), epoch)``."""
+  """``epoch -> permutation`` of the training set, from ``fold_in(PRNGKey(seed + 1), epoch)``.
+
+  >>> make_epoch_perm(config, 1000)(0).shape      # batch size 128   # doctest: +SKIP
+  (7, 128)
+  """
   def epoch_perm(epoch: int):
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), epoch)
     return epoch_permutation(key, num_train, config.optim.batch_size)
@@ -153,7 +157,12 @@ def make_batch_fn(config, data, mesh, spe: int) -> Callable:
 
 
 def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
-  """``(state, uint8 images) -> predictions`` in inference mode, batched and sharded."""
+  """``(state, uint8 images) -> predictions`` in inference mode, batched and sharded.
+
+  >>> predict = make_predict(config, eval_step, mesh)              # doctest: +SKIP
+  >>> predict(state, data.x_test).shape                            # doctest: +SKIP
+  (10000,)
+  """
   n_dev = mesh.devices.size
   sharded = NamedSharding(mesh, P("data"))
   mean, std = (tuple(s) for s in dataset_stats(config.data.name))
