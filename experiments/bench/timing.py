@@ -66,10 +66,9 @@ def bench_data(batch_size: int, num_classes: int = 10, seed: int = 0) -> tuple[B
   not, so it is never built here); otherwise a deterministic synthetic batch.  With
   ``num_classes`` other than 10 the labels are synthetic, spread over all classes.
   """
-  from lpa_jax.data.sources import cache_path, load_raw, resolve_cache_dir
+  from lpa_jax.data.sources import cached_file, load_raw
   rng = np.random.default_rng(seed)
-  cache = resolve_cache_dir()
-  if any(cache_path(cache, "cifar10", k).exists() for k in ("official", "jpeg75")):
+  if cached_file("cifar10") is not None:
     raw = load_raw("cifar10", download=False)
     idx = rng.permutation(len(raw.y_train))[:batch_size]
     x, y = raw.x_train[idx], raw.y_train[idx]
