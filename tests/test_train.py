@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -110,3 +111,20 @@ def test_step_schedule_matches_the_longtail_protocol():
   np.testing.assert_allclose(float(sched(100)), 0.1, rtol=1e-6)
   np.testing.assert_allclose(float(sched(1600)), 0.1 * 0.01, rtol=1e-6)
   np.testing.assert_allclose(float(sched(1800)), 0.1 * 1e-4, rtol=1e-6)
+
+
+def test_a_nan_class_statistic_stops_the_run_naming_method_point_and_class(tmp_path, fmnist_lt,
+                                                                           monkeypatch):
+  """Fault injection: the epoch's statistic of class 2 turns NaN at the first refresh."""
+  from lpa_jax.perturb import classes
+  real = classes.refresh_split
+
+  def poisoned(rule, split, stats):
+    out = real(rule, split, stats)
+    return out._replace(q_C=out.q_C.at[2].set(jnp.nan))
+  monkeypatch.setattr(classes, "refresh_split", poisoned)
+  cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.split": "balanced",
+                        "perturb.lpa.point": "hidden1"})
+  with pytest.raises(FloatingPointError,
+                     match=r"lpa at point 'hidden1': non-finite class_stat_C at class\(es\) \[2\]"):
+    loop.train_and_evaluate(cfg, str(tmp_path), progress=False, data=fmnist_lt)

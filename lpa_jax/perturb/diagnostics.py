@@ -50,12 +50,15 @@ def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, 
   return out
 
 
-def nonfinite_classes(aux: dict) -> dict[str, list[int]]:
+CAUSES = ("class_stat_C", "radius_C")  # what the method reads; the rest are its outputs
+
+
+def nonfinite_classes(aux: dict, names=CHECKED) -> dict[str, list[int]]:
   """``{name: [class, ...]}`` for every checked per-class entry that is NaN/inf at a present
   class (host-side; ``aux`` as numpy)."""
   present = np.asarray(aux.get("present_C", 1.0)) > 0
   out = {}
-  for name in CHECKED:
+  for name in names:
     if name in aux:
       v = np.asarray(aux[name], np.float64)
       # The split's statistic matters for every class; the rest only where a class is present.
@@ -67,13 +70,14 @@ def nonfinite_classes(aux: dict) -> dict[str, list[int]]:
 
 
 def check_finite(aux: dict, step: int | None = None, method: str = "the activation method",
-                 point: str | None = None) -> None:
+                 point: str | None = None, names=CHECKED) -> None:
   """Raises ``FloatingPointError`` naming the method, point, quantity and classes when a class
-  statistic, radius, δ or diagnostic is NaN/inf; a no-op otherwise.
+  statistic, radius, δ or diagnostic (of ``names``) is NaN/inf; a no-op otherwise.
 
-  Call it on the host with a step's aux (the library's loop does, every step).
+  Call it on the host with a step's aux (the library's loop does, every step: first on the
+  :data:`CAUSES`, then on the loss, then on the rest).
   """
-  bad = nonfinite_classes(aux)
+  bad = nonfinite_classes(aux, names)
   if not bad:
     return
   where = f"{method}" + (f" at point {point!r}" if point else "")

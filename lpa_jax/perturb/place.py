@@ -86,13 +86,13 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
 
 
 def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None,
-          clean_pass: bool = True) -> Placed:
+          clean_pass: bool = True, diagnostics: bool = True) -> Placed:
   """Binds ``method`` to ``cut`` for the train step: ``forward(state, variables, batch, rng,
   train, loss_fn=None) -> Forward``.
 
   ``shape_of(variables, x, train) -> {point: per-example shape}`` supplies the activation
   shapes at a multi-layer method's extra points (abstract evaluation: no FLOPs at run time).
-  ``clean_pass``: see :func:`perturbed_apply`.
+  ``clean_pass``, ``diagnostics``: see :func:`perturbed_apply`.
 
   >>> placed = place(lpa(10, split="all_positive", eps=0.5), cut_staged(model, "stage3"))
   >>> fwd = placed.forward(placed.init(), variables, batch, rng, True)
@@ -101,5 +101,5 @@ def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None,
     shapes = shape_of(variables, batch.x, train) if shape_of is not None else None
     return perturbed_apply(method, cut, state, variables, batch.x, batch.labels_B, rng, train,
                            loss_fn=loss_fn, targets=batch.targets_BxC, extra_shapes=shapes,
-                           clean_pass=clean_pass)
+                           clean_pass=clean_pass, diagnostics=diagnostics)
   return Placed(method.init, forward, method.refresh)

@@ -49,6 +49,17 @@ def resolve_point(point: str, ctx: Context) -> str:
   return default_point(ctx.points) if point in ("auto", "default", None) else point
 
 
+def describe_activation(pcfg, points) -> tuple[str, str | None]:
+  """``(method, point)`` of a run's activation method, for messages (point ``None`` when the
+  method has none or picks among several)."""
+  name = pcfg.activation
+  block = getattr(pcfg, name, None) if name != "none" else None
+  point = block.get("point", None) if block is not None else None
+  if point in ("auto", "default"):
+    point = default_point(points)
+  return name, point
+
+
 def default_mixup_points(points) -> tuple[str, ...]:
   """Manifold Mixup's layer set: the input and up to two stage outputs below the last hidden
   stage (the paper's {0, 1, 2} for ResNets; a stem is skipped)."""
@@ -127,7 +138,7 @@ def _fields(factory, *fields):
 
 
 ACTIVATION: dict[str, Callable[..., Placed]] = {
-    "none": lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1])),
+    "none": lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1]), diagnostics=False),
     "lpa": _lpa,
     "lpa_adaptive": _lpa_adaptive,
     "dropout": _at_point(activation.dropout, "rate"),

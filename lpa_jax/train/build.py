@@ -48,6 +48,7 @@ class Run(NamedTuple):
   steps_per_epoch: int
   mesh: object
   data: object              # the TaskData trained and evaluated on
+  perturbation: tuple = ("none", None)  # (activation method, point), named in error messages
 
 
 def steps_per_epoch(config, num_train: int, mesh) -> int:
@@ -214,4 +215,5 @@ def build_run(config, data, mesh) -> Run:
   return Run(train_step=step, init_state=state, batch_fn=make_batch_fn(config, data, mesh, spe),
              epoch_perm=make_epoch_perm(config, data.num_train),
              predict=make_predict(config, eval_step, mesh), schedule=schedule,
-             steps_per_epoch=spe, mesh=mesh, data=data)
+             steps_per_epoch=spe, mesh=mesh, data=data,
+             perturbation=registry.describe_activation(config.perturb, model.points))

@@ -22,6 +22,7 @@ from lpa_jax.train.evaluate import evaluate_task
 from lpa_jax.train.history import (MetricLog, append_row, best_of, to_json_rows, trim_history,
                                    update_best)
 from lpa_jax.train.step import make_mesh
+from lpa_jax.perturb.diagnostics import CAUSES, check_finite
 from lpa_jax.train.workdir import claim, config_dict, finite_json, write_json_atomic
 
 try:  # optional: progress bars
@@ -30,13 +31,19 @@ except ImportError:  # pragma: no cover - GPU machines may lack tqdm
   tqdm = None
 
 
-def _check_finite(metrics: dict, step: int):
+def _check_finite(metrics: dict, step: int, perturbation=("none", None)):
+  """Stops on a non-finite loss, then on a non-finite class statistic, radius, δ or diagnostic
+  under a finite loss (naming the method, point and classes): that one would otherwise pass
+  silently, e.g. a NaN radius turning δ off.  A non-finite class statistic or radius is
+  reported first: it is the cause of what follows."""
+  check_finite(metrics, step, method=perturbation[0], point=perturbation[1], names=CAUSES)
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
     raise FloatingPointError(
         f"Training stopped: loss became {loss} at step {step}. Lower optim.lr, check the "
         "perturbation radius (perturb.*.eps) or enable gradient clipping "
         "(--config.perturb.gradient=clip). The last good checkpoint is kept in the work dir.")
+  check_finite(metrics, step, method=perturbation[0], point=perturbation[1])
 
 
 def _writer(workdir: str):
@@ -84,19 +91,19 @@ def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog
       break
     state, metrics = run.train_step(state, run.batch_fn(state, epoch, i, perm))
     if pending is not None:
-      _log_step(log, bar, *pending)
+      _log_step(log, bar, *pending, run.perturbation)
     pending = (epoch * spe + i, metrics)
     bar.update(1)
   else:
     i = spe
   if pending is not None:
-    _log_step(log, bar, *pending)
+    _log_step(log, bar, *pending, run.perturbation)
   return state, i
 
 
-def _log_step(log: MetricLog, bar, step: int, metrics):
+def _log_step(log: MetricLog, bar, step: int, metrics, perturbation=("none", None)):
   host = jax.device_get(metrics)
-  _check_finite(host, step)
+  _check_finite(host, step, perturbation)
   log.add(host)
   bar.set_postfix(loss=f"{float(host['loss']):.3f}", refresh=False)
 

@@ -15,7 +15,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lpa_jax.perturb.base import Batch, LogitMethod, Placed, pgd_loss_of
-from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.train.state import TrainState
 
@@ -44,7 +43,8 @@ def _refresh(state: TrainState, act: Placed, logit: LogitMethod, spe: int):
   """At an epoch boundary: every method re-splits from the epoch's statistics, which reset."""
   new_epoch = (state.step > 0) & (state.step % spe == 0)
   epoch = state.step // spe
-  act_state = jax.lax.cond(new_epoch, lambda: act.refresh(state.act_state, state.class_stats, epoch),
+  act_state = jax.lax.cond(new_epoch,
+                           lambda: act.refresh(state.act_state, state.class_stats, epoch),
                            lambda: state.act_state)
   logit_state = jax.lax.cond(new_epoch,
                              lambda: logit.refresh(state.logit_state, state.class_stats, epoch),
