@@ -8,8 +8,8 @@ import flax.linen as nn
 
 from lpa_jax.models.resnet import CifarResNet, PreActResNet18
 from lpa_jax.models.small import MLP, SmallCNN
-from lpa_jax.models.staged import (HEADS, check_point, depth_below_logits, intervene, run_stages,
-                                   stage_level)
+from lpa_jax.models.staged import (DTYPES, HEADS, check_point, compute_dtype,
+                                   depth_below_logits, intervene, run_stages, stage_level)
 from lpa_jax.models.wrn import WideResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -26,12 +26,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Builds a registered model, e.g. ``get_model("resnet32", num_classes=100)``."""
+  """Builds a registered model, e.g. ``get_model("resnet32", num_classes=100)``.
+
+  ``dtype`` (compute dtype, one of :data:`DTYPES`) may be given by name, as a config does:
+  ``get_model("resnet32", 10, dtype="bfloat16")``; parameters stay float32 either way.
+  """
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; registered models: {', '.join(MODELS)}")
+  if "dtype" in kwargs:
+    kwargs["dtype"] = compute_dtype(kwargs["dtype"], "model.kwargs.dtype")
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "HEADS", "get_model", "check_point", "depth_below_logits", "intervene",
-           "run_stages", "stage_level",
+__all__ = ["MODELS", "DTYPES", "HEADS", "get_model", "check_point", "compute_dtype",
+           "depth_below_logits", "intervene", "run_stages", "stage_level",
            "CifarResNet", "PreActResNet18", "WideResNet", "SmallCNN", "MLP"]

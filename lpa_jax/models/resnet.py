@@ -8,51 +8,55 @@ Points, bottom to top: ``stem``, then per stage ``stageS.block0 … stageS.block
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from lpa_jax.models.staged import GlobalPool, Layer, block_points, make_head, run_stages
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _bn(train: bool, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+def _bn(train: bool, dtype, name=None):
+  # Flax keeps the running statistics (and scale, bias) float32 for any compute dtype.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype, name=None):
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
   features: int
   stride: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, s, name: nn.Conv(f, (3, 3), (s, s), padding=1, use_bias=False,
-                                      kernel_init=conv_init, name=name)
-    y = nn.relu(_bn(train)(conv(self.features, self.stride, "conv1")(x)))
-    y = _bn(train)(conv(self.features, 1, "conv2")(y))
-    if x.shape[-1] != self.features or self.stride != 1:
-      x = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False,
-                  kernel_init=conv_init, name="shortcut")(x)
-      x = _bn(train, "shortcut_bn")(x)
+    f, dt = self.features, self.dtype
+    y = nn.relu(_bn(train, dt)(_conv(f, 3, self.stride, dt, "conv1")(x)))
+    y = _bn(train, dt)(_conv(f, 3, 1, dt, "conv2")(y))
+    if x.shape[-1] != f or self.stride != 1:
+      x = _bn(train, dt, "shortcut_bn")(_conv(f, 1, self.stride, dt, "shortcut")(x))
     return nn.relu(x + y)
 
 
 class PreActBlock(nn.Module):
   features: int
   stride: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    out = nn.relu(_bn(train)(x))
+    f, dt = self.features, self.dtype
+    out = nn.relu(_bn(train, dt)(x))
     shortcut = x
-    if x.shape[-1] != self.features or self.stride != 1:
-      shortcut = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False,
-                         kernel_init=conv_init, name="shortcut")(out)
-    y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding=1, use_bias=False,
-                kernel_init=conv_init)(out)
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
-                kernel_init=conv_init)(nn.relu(_bn(train)(y)))
+    if x.shape[-1] != f or self.stride != 1:
+      shortcut = _conv(f, 1, self.stride, dt, "shortcut")(out)
+    y = _conv(f, 3, self.stride, dt)(out)
+    y = _conv(f, 3, 1, dt)(nn.relu(_bn(train, dt)(y)))
     return y + shortcut
 
 
@@ -66,12 +70,14 @@ class Stage(nn.Module):
   features: int
   num_blocks: int
   stride: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool, blocks: tuple[int, int] | None = None):
     lo, hi = blocks if blocks is not None else (0, self.num_blocks)
     for i in range(lo, hi):
-      x = self.block(self.features, self.stride if i == 0 else 1, name=f"block{i}")(x, train)
+      x = self.block(self.features, self.stride if i == 0 else 1, self.dtype,
+                     name=f"block{i}")(x, train)
     return x
 
 
@@ -86,22 +92,26 @@ def stage_layers(name: str, stage: Stage) -> list[Layer]:
 class Stem(nn.Module):
   features: int
   bn_relu: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, kernel_init=conv_init)(x)
-    return nn.relu(_bn(train)(x)) if self.bn_relu else x
+    x = _conv(self.features, 3, 1, self.dtype)(x)
+    return nn.relu(_bn(train, self.dtype)(x)) if self.bn_relu else x
 
 
 class CifarResNet(nn.Module):
   """ResNet-(6n+2) for 32x32 inputs: three stages of ``n`` blocks, widths 16, 32, 64.
 
   ``head``: ``linear`` (default) or ``cosine`` (normalised classifier, for LDAM).
+  ``dtype``: compute dtype (parameters stay float32, logits are float32; see
+  :mod:`lpa_jax.models.staged`).
   """
   depth: int = 32
   num_classes: int = 10
   widths: Sequence[int] = (16, 32, 64)
   head: str = "linear"
+  dtype: Any = jnp.float32
 
   @property
   def num_blocks(self) -> int:
@@ -116,20 +126,24 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
-    n, w = self.num_blocks, self.widths
-    layers = [("stem", Stem(w[0], name="stem_layer"))]
+    n, w, dt = self.num_blocks, self.widths, self.dtype
+    layers = [("stem", Stem(w[0], dtype=dt, name="stem_layer"))]
     for i in range(3):
-      stage = Stage(BasicBlock, w[i], n, 1 if i == 0 else 2, name=f"stage{i + 1}_layer")
+      stage = Stage(BasicBlock, w[i], n, 1 if i == 0 else 2, dt, name=f"stage{i + 1}_layer")
       layers += stage_layers(f"stage{i + 1}", stage)
-    layers += [("features", GlobalPool(name="features_layer")),
-               ("logits", make_head(self.num_classes, self.head))]
+    layers += [("features", GlobalPool(dtype=dt, name="features_layer")),
+               ("logits", make_head(self.num_classes, self.head, dt))]
     return run_stages(self, layers, x, train, start, stop)
 
 
 class PreActResNet18(nn.Module):
-  """PreAct ResNet-18 (He et al. 2016b), CIFAR variant: four stages of two blocks."""
+  """PreAct ResNet-18 (He et al. 2016b), CIFAR variant: four stages of two blocks.
+
+  ``head`` and ``dtype`` as for :class:`CifarResNet`.
+  """
   num_classes: int = 10
   head: str = "linear"
+  dtype: Any = jnp.float32
 
   @property
   def points(self) -> tuple[str, ...]:
@@ -138,10 +152,12 @@ class PreActResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
-    layers = [("stem", Stem(64, bn_relu=False, name="stem_layer"))]
+    dt = self.dtype
+    layers = [("stem", Stem(64, bn_relu=False, dtype=dt, name="stem_layer"))]
     for i in range(4):
-      stage = Stage(PreActBlock, 64 * 2**i, 2, 1 if i == 0 else 2, name=f"stage{i + 1}_layer")
+      stage = Stage(PreActBlock, 64 * 2**i, 2, 1 if i == 0 else 2, dt,
+                    name=f"stage{i + 1}_layer")
       layers += stage_layers(f"stage{i + 1}", stage)
-    layers += [("features", GlobalPool(bn_relu=True, name="features_layer")),
-               ("logits", make_head(self.num_classes, self.head))]
+    layers += [("features", GlobalPool(bn_relu=True, dtype=dt, name="features_layer")),
+               ("logits", make_head(self.num_classes, self.head, dt))]
     return run_stages(self, layers, x, train, start, stop)

@@ -16,16 +16,43 @@ Residual networks also name every block: ``stage3.block0`` … ``stage3.block{n-
 like the parameter paths ``stage3_layer/block0``), listed bottom to top just before their stage;
 the stage name ``stage3`` stays valid and is the last block's output.  The head is ``linear`` or,
 for LDAM (Cao et al. 2019), ``cosine``: ℓ2-normalised features and class weights.
+
+Mixed precision: every model takes ``dtype``, the compute dtype of its convolutions, dense layers
+and BatchNorms (:data:`DTYPES`; default float32).  Parameters, optimiser state and BatchNorm
+statistics stay float32 (Flax's ``param_dtype``), so the parameter tree and checkpoints do not
+change; activations at the points are in ``dtype``; the logits are always float32:
+
+>>> model = get_model("resnet32", 10, dtype="bfloat16")   # a string from a config is fine
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Layer = tuple[str, Callable[..., jnp.ndarray]]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(value: Any, field: str = "dtype") -> jnp.dtype:
+  """The compute dtype named by ``value`` (a dtype, or its name as a config gives it).
+
+  ``field`` names the setting in the error raised for anything outside :data:`DTYPES`.
+
+  >>> compute_dtype("bfloat16")
+  dtype(bfloat16)
+  """
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in DTYPES:
+    raise ValueError(f"Invalid {field}={value!r}: the compute dtype must be one of "
+                     f"{', '.join(DTYPES)}")
+  return dtype
 
 
 def check_point(name: str | None, points: Sequence[str], what: str = "point") -> None:
@@ -60,9 +87,12 @@ def run_stages(module: nn.Module, layers: Sequence[Layer], x, train: bool,
   hi = names.index(stop) if stop is not None else len(names) - 1
   if lo > hi + 1:
     raise ValueError(f"start={start!r} lies above stop={stop!r}; points run {names}")
+  # Each layer takes its input in the module's compute dtype: a method's float32 perturbation
+  # (noise, mixup weights) would otherwise keep a residual stream in float32 above the point.
+  dtype = getattr(module, "dtype", None)
   h = x
   for name, fn in layers[lo:hi + 1]:
-    h = intervene(module, name, fn(h, train))
+    h = intervene(module, name, fn(h if dtype is None else h.astype(dtype), train))
   return h
 
 
@@ -107,11 +137,13 @@ def depth_below_logits(points: Sequence[str], point: str) -> int | float:
 class GlobalPool(nn.Module):
   """Optional BN-ReLU (pre-activation nets) then global average pooling to a feature vector."""
   bn_relu: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.bn_relu:
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      x = nn.relu(x)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -130,24 +162,44 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis, keepdims=True), eps * eps))
 
 
+# The head's products accumulate and come out in float32 whatever the compute dtype: the loss
+# (and LDAM's scale s ≈ 30 on cosines) would otherwise see logits rounded to 8 mantissa bits.
+f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
 class CosineHead(nn.Module):
   """Normalised classifier: ``z_c = cos(h, w_c) ∈ [-1, 1]``; no bias (LDAM, Cao et al. 2019).
+
+  The norms are taken in float32 (a ``B×D`` and a ``D×C`` array: no cost worth saving), the
+  product runs on ``dtype`` operands with float32 accumulation, and the cosines are float32.
 
   >>> CosineHead(10).apply(variables, features_BxD)   # every entry in [-1, 1]
   """
   num_classes: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h_BxD):
     w_DxC = self.param("kernel", unit_columns, (h_BxD.shape[-1], self.num_classes))
-    return l2_normalize(h_BxD) @ l2_normalize(w_DxC, axis=0)
+    h_BxD = l2_normalize(h_BxD.astype(jnp.float32)).astype(self.dtype)
+    w_DxC = l2_normalize(w_DxC.astype(jnp.float32), axis=0).astype(self.dtype)
+    return f32_dot(h_BxD, w_DxC, (((1,), (0,)), ((), ())))
 
 
-def make_head(num_classes: int, head: str = "linear"):
+def make_head(num_classes: int, head: str = "linear", dtype: Any = jnp.float32):
   """The ``logits`` layer of every staged model (built lazily inside the parent's compact call):
-  ``linear`` (default) or ``cosine`` (:class:`CosineHead`, for LDAM)."""
+  ``linear`` (default) or ``cosine`` (:class:`CosineHead`, for LDAM).
+
+  Its operands are in the compute ``dtype``; the logits are float32 (accumulated in float32,
+  then cast, so even a float16 product is safe for the loss).
+
+  >>> make_head(10, "linear", "bfloat16")(features_BxD, True).dtype   # doctest: +SKIP
+  dtype('float32')
+  """
   if head not in HEADS:
     raise ValueError(f"Unknown head {head!r}; valid heads are: {', '.join(HEADS)}")
+  dtype = compute_dtype(dtype)
   if head == "cosine":
-    return lambda h, train: CosineHead(num_classes, name="logits_layer")(h)
-  return lambda h, train: nn.Dense(num_classes, name="logits_layer")(h)
+    return lambda h, train: CosineHead(num_classes, dtype, name="logits_layer")(h)
+  return lambda h, train: nn.Dense(num_classes, dtype=dtype, dot_general=f32_dot,
+                                   name="logits_layer")(h).astype(jnp.float32)

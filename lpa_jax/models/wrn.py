@@ -5,7 +5,10 @@ then ``features, logits`` (as the CIFAR ResNets; WRN-28-10 has ``n = 4``).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
+import jax.numpy as jnp
 
 from lpa_jax.models.resnet import PreActBlock, Stage, Stem, stage_layers
 from lpa_jax.models.staged import GlobalPool, block_points, make_head, run_stages
@@ -15,11 +18,13 @@ class WideResNet(nn.Module):
   """WRN-depth-k: pre-activation blocks, stage widths 16k, 32k, 64k.
 
   ``head``: ``linear`` (default) or ``cosine`` (normalised classifier, for LDAM).
+  ``dtype``: compute dtype (parameters stay float32, logits are float32).
   """
   depth: int = 28
   widen: int = 10
   num_classes: int = 10
   head: str = "linear"
+  dtype: Any = jnp.float32
 
   @property
   def num_blocks(self) -> int:
@@ -34,11 +39,12 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
-    layers = [("stem", Stem(16, bn_relu=False, name="stem_layer"))]
+    dt = self.dtype
+    layers = [("stem", Stem(16, bn_relu=False, dtype=dt, name="stem_layer"))]
     for i in range(3):
       stage = Stage(PreActBlock, 16 * self.widen * 2**i, self.num_blocks, 1 if i == 0 else 2,
-                    name=f"stage{i + 1}_layer")
+                    dt, name=f"stage{i + 1}_layer")
       layers += stage_layers(f"stage{i + 1}", stage)
-    layers += [("features", GlobalPool(bn_relu=True, name="features_layer")),
-               ("logits", make_head(self.num_classes, self.head))]
+    layers += [("features", GlobalPool(bn_relu=True, dtype=dt, name="features_layer")),
+               ("logits", make_head(self.num_classes, self.head, dt))]
     return run_stages(self, layers, x, train, start, stop)
