@@ -47,7 +47,7 @@ AUGMENTS = ("none", "crop_flip")
 
 def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """Rejects invalid values with a message naming the field."""
-  from lpa_jax.models import MODELS
+  from lpa_jax.models import DTYPES, MODELS
   from lpa_jax.perturb import registry
   checks = [
       (c.optim.batch_size > 0, "optim.batch_size", "must be positive"),
@@ -59,6 +59,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       (c.train.eval_every > 0, "train.eval_every", "must be positive"),
       (c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive"),
       (c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}"),
+      (c.model.kwargs.get("dtype", "float32") in DTYPES, "model.kwargs.dtype",
+       f"the compute dtype must be one of {', '.join(DTYPES)}"),
       (c.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1 (1 = balanced)"),
       (0 <= c.data.noise_rate < 1, "data.noise_rate", "must lie in [0, 1)"),
   ]
