@@ -1,9 +1,12 @@
 """The training loop: ``train_and_evaluate(config, workdir) -> results``.
 
-Resumable (orbax, automatic from ``workdir``), with a progress bar, JSON-lines metrics (and
-TensorBoard when ``tensorboardX`` is installed), and a clear stop on a non-finite loss.
-The loop dispatches step ``t`` before reading step ``t-1``'s metrics, so the device never waits
-on the host.  Everything it drives is built by :mod:`lpa_jax.train.build`.
+Resumable (orbax, automatic from ``workdir``, from the newest checkpoint that passes its
+integrity check), with a progress bar, JSON-lines metrics (one row per epoch, also across
+kills and resumes; TensorBoard when ``tensorboardX`` is installed), and a clear stop on a
+non-finite loss.  The work dir belongs to one config (:mod:`lpa_jax.train.workdir`); Ctrl-C
+stops at a step boundary with a checkpoint.  The loop dispatches step ``t`` before reading step
+``t-1``'s metrics, so the device never waits on the host.  Everything it drives is built by
+:mod:`lpa_jax.train.build`.
 """
 from __future__ import annotations
 
@@ -16,13 +19,13 @@ import time
 import jax
 
 from lpa_jax import data as lpa_data
+from lpa_jax.perturb.diagnostics import CAUSES, check_finite
 from lpa_jax.train import checkpoint
 from lpa_jax.train.build import Run, build_run
 from lpa_jax.train.evaluate import evaluate_task
 from lpa_jax.train.history import (MetricLog, append_row, best_of, to_json_rows, trim_history,
                                    update_best)
 from lpa_jax.train.step import make_mesh
-from lpa_jax.perturb.diagnostics import CAUSES, check_finite
 from lpa_jax.train.workdir import claim, config_dict, finite_json, write_json_atomic
 
 try:  # optional: progress bars
