@@ -134,3 +134,18 @@ def test_stale_check_compares_what_the_run_trains_with():
   assert config_diff(rec, now) == [("perturb.logit", "none", "ldam,lpl"),
                                    ("perturb.lpa.eps", 0.1, 0.2),
                                    ("perturb.lpl.alpha", "<absent>", 0.1)]
+
+
+def test_runs_made_under_other_defaults_count_as_stale():
+  """A run recorded before a default changed what ``point=auto`` trains is not reused."""
+  from experiments.configs import longtail
+  from lpa_jax.train.workdir import config_diff, config_dict
+  c = longtail.get_config("quick")
+  c.perturb.activation = "lpa"
+  now = config_dict(c)
+  before = json.loads(json.dumps(now))
+  del before["resolved"]  # what runs recorded before the defaults were versioned look like
+  assert any(k.startswith("resolved.") for k, _, _ in config_diff(before, now))
+  older = json.loads(json.dumps(now))
+  older["resolved"]["activation_point"] = "stage3"
+  assert [k for k, _, _ in config_diff(older, now)] == ["resolved.activation_point"]

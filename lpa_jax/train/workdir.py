@@ -65,11 +65,34 @@ def read_json(path: str):
     raise ValueError(f"{path} is not valid JSON ({e}); it was probably cut short") from e
 
 
+# Bumped whenever a default changes what an unchanged config trains (2: the default point is
+# the highest with a non-linear f_up; one long-tail head round(0.4·C) for LPA, LPL and LPG).
+DEFAULTS_VERSION = 2
+
+
 def config_dict(config) -> dict:
-  """A ConfigDict (or a dict) as plain JSON values."""
+  """A ConfigDict (or a dict) as plain JSON values.
+
+  A ConfigDict also records ``resolved``: the library's defaults version and the point an
+  ``auto`` activation method resolves to, so a run made under other defaults counts as made
+  with another config (the work dir and the sweep then say which field differs).
+  """
   if isinstance(config, dict):
     return json.loads(json.dumps(config, default=list))
-  return json.loads(config.to_json_best_effort())
+  out = json.loads(config.to_json_best_effort())
+  out["resolved"] = _resolved(config)
+  return out
+
+
+def _resolved(config) -> dict:
+  from lpa_jax.models import get_model
+  from lpa_jax.perturb.registry import describe_activation
+  try:
+    points = get_model(config.model.name, 10, **dict(config.model.kwargs)).points
+    _, point = describe_activation(config.perturb, points)
+  except (AttributeError, KeyError, TypeError, ValueError):
+    point = None  # not a full run config (a unit test's partial one): nothing to resolve
+  return {"defaults_version": DEFAULTS_VERSION, "activation_point": point}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
