@@ -150,7 +150,7 @@ def calibrate(config, data, points=None, grids=None, methods=("lpa", "adversaria
     pts = list(points or [resolve_point(config.perturb.lpa.point, setup.ctx)])
     runs.append(measure_setup(setup, pts, grids, methods, bar))
   bar.close()
-  return {"command": " ".join(sys.argv), "machine": machine(), "wall_s": time.time() - t0,
+  return {"command": " ".join(["python -m experiments.calibrate"] + sys.argv[1:]), "machine": machine(), "wall_s": time.time() - t0,
           "threshold_nats": cm.THRESHOLD, "config": config.to_dict(),
           "data": {"name": data.name, "num_train": int(data.num_train),
                    "class_counts": [int(c) for c in data.class_counts()],

@@ -10,6 +10,7 @@ Variants:
   paper_wrn_cifar100, paper_r110_cifar100   the same on CIFAR-100
 """
 from experiments.configs.common import base_config, paper_protocol, validate
+from experiments.configs.methods import network_radii
 
 PAPER = {"wrn": "wrn28_10", "r110": "resnet110"}
 
@@ -34,4 +35,4 @@ def get_config(arg: str = "quick"):
   else:
     raise ValueError(f"Unknown balanced variant {arg!r}; choose quick, quick_fmnist or "
                      "paper_{wrn,r110}_{cifar10,cifar100}")
-  return validate(c)
+  return validate(network_radii(c))  # the paper networks' calibrated radii

@@ -10,6 +10,7 @@ Variants:
 Override anything, e.g. ``--config.perturb.activation=lpa --config.data.imbalance_ratio=50``.
 """
 from experiments.configs.common import base_config, validate
+from experiments.configs.methods import network_radii
 
 
 def get_config(arg: str = "quick"):
@@ -35,4 +36,4 @@ def get_config(arg: str = "quick"):
   else:
     raise ValueError(f"Unknown longtail variant {arg!r}; choose quick, quick_cifar10, "
                      "paper_cifar10 or paper_cifar100")
-  return validate(c)
+  return validate(network_radii(c))  # the paper networks' calibrated radii

@@ -11,6 +11,7 @@ Variants:
                       deer→horse, cat↔dog)
 """
 from experiments.configs.common import base_config, paper_protocol, validate
+from experiments.configs.methods import network_radii
 
 
 def get_config(arg: str = "quick"):
@@ -28,4 +29,4 @@ def get_config(arg: str = "quick"):
   else:
     raise ValueError(f"Unknown noisy variant {arg!r}; choose quick, paper_cifar10 or "
                      "paper_cifar10_asym")
-  return validate(c)
+  return validate(network_radii(c))  # the paper networks' calibrated radii
