@@ -44,6 +44,14 @@ def test_bf16_compute_keeps_params_stats_and_logits_f32(name):
   assert points["logits"][0].dtype == jnp.float32
   for leaf in jax.tree.leaves(state.get("batch_stats", {})):  # updated running statistics
     assert leaf.dtype == jnp.float32
+  # A method's f32 activation (noise, mixup) handed in at a point: the layers above still run
+  # in bf16 (no f32 residual stream up to the next downsampling).
+  point = model.points[0]
+  act = jax.ShapeDtypeStruct(points[point][0].shape, jnp.float32)
+  above = jax.eval_shape(lambda v, a: model.apply(v, a, train=True, start=point,
+                                                  mutable=["batch_stats", "intermediates"]),
+                         variables, act)[1]["intermediates"]
+  assert {above[p][0].dtype for p in above if p != "logits"} == {jnp.dtype(jnp.bfloat16)}
 
 
 @pytest.mark.parametrize("head", ["linear", "cosine"])
