@@ -96,7 +96,7 @@ def measure_setup(setup, points, grids, methods, bar) -> dict:
     for alpha in grids["lpl"]:
       pc = cm.measure_lpl(setup, alpha)
       out["lpl"].append({"alpha": alpha, "steps": setup.config.perturb.lpl.steps,
-                         **cm.summarize(pc), **lpl_offsets(pc, setup.ctx.class_counts),
+                         **cm.summarize(pc), **cm.lpl_offsets(pc, setup.ctx.class_counts),
                          "per_class": _tolist(pc)})
       bar.update(1)
   if "configured" in methods:
@@ -104,27 +104,6 @@ def measure_setup(setup, points, grids, methods, bar) -> dict:
     out["configured"] = {**cm.summarize(pc), "per_class": _tolist(pc)}
     bar.update(1)
   return out
-
-
-def lpl_offsets(pc: dict, counts) -> dict:
-  """LPL's head-vs-tail logit offset against logit adjustment's at the split.
-
-  Training on ``z + δ_y`` asks class ``y`` for a margin ``−δ_y[y]``; a model that meets the
-  margins favours a tail class ``t`` over a head class ``h`` by about ``(δ_h[h] − δ_t[t])/2``
-  logits.  The Bayes-consistent offset (logit adjustment, τ = 1) is ``log(n_h/n_t)``: between
-  the last head and the first tail class it is small, so an offset far above it hands the
-  last head classes' examples to the first tail classes.
-  """
-  import numpy as np
-  own, sign = np.asarray(pc["own_logit_shift_C"]), np.asarray(pc["sign_C"])
-  present = np.asarray(pc["count_C"]) > 0
-  head, tail = present & (sign < 0), present & (sign > 0)
-  if not head.any() or not tail.any():
-    return {"head_tail_offset": None, "boundary_log_prior_ratio": None}
-  counts = np.asarray(counts, np.float64)
-  boundary = np.log(counts[sign < 0].min() / max(counts[sign > 0].max(), 1.0))
-  return {"head_tail_offset": float((own[head].mean() - own[tail].mean()) / 2),
-          "boundary_log_prior_ratio": float(boundary)}
 
 
 def calibrate(config, data, points=None, grids=None, methods=("lpa", "adversarial", "lpl",

@@ -210,3 +210,23 @@ def measure_lpl(setup: Setup, alpha: float, steps: int | None = None) -> dict:
           "delta_norm_C": norm / np.maximum(sum(np.asarray(b.targets_BxC.sum(0) > 0)
                                                 for b in setup.batches), 1),
           "sign_C": np.asarray(state.sign_C), "count_C": count}
+
+
+def lpl_offsets(pc: dict, counts) -> dict:
+  """LPL's head-vs-tail logit offset against logit adjustment's at the split.
+
+  Training on ``z + δ_y`` asks class ``y`` for a margin ``−δ_y[y]``; a model that meets the
+  margins favours a tail class ``t`` over a head class ``h`` by about ``(δ_h[h] − δ_t[t])/2``
+  logits.  The Bayes-consistent offset (logit adjustment, τ = 1) is ``log(n_h/n_t)``: between
+  the last head and the first tail class it is small, so an offset far above it hands the
+  last head classes' examples to the first tail classes.
+  """
+  own, sign = np.asarray(pc["own_logit_shift_C"]), np.asarray(pc["sign_C"])
+  present = np.asarray(pc["count_C"]) > 0
+  head, tail = present & (sign < 0), present & (sign > 0)
+  if not head.any() or not tail.any():
+    return {"head_tail_offset": None, "boundary_log_prior_ratio": None}
+  counts = np.asarray(counts, np.float64)
+  boundary = np.log(counts[sign < 0].min() / max(counts[sign > 0].max(), 1.0))
+  return {"head_tail_offset": float((own[head].mean() - own[tail].mean()) / 2),
+          "boundary_log_prior_ratio": float(boundary)}

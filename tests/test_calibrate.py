@@ -48,6 +48,21 @@ def test_the_check_fails_on_the_spec_absolute_radius():
   assert cc.check(config)["mean_abs_signed"] < THRESHOLD
 
 
+def test_longtail_lpl_default_perturbs_without_collapsing():
+  # α·K of the long-tail default: a loss change above the floor, and a head-vs-tail logit
+  # offset within twice the log-prior ratio at the split (α 0.15 gave 5x and collapsed the
+  # last head classes; experiments/results/calibrate/README.md).
+  from experiments import calibrate_measure as cm
+  config = cc.shrink(next(c for labels, c in GROUPS if "longtail.py:quick" in labels))
+  setup = cm.prepare(config, cc.load_data(config), batches=2)
+  pc = cm.measure_lpl(setup, config.perturb.lpl.alpha)
+  off = cm.lpl_offsets(pc, setup.ctx.class_counts)
+  assert cm.summarize(pc)["mean_abs_signed"] >= THRESHOLD
+  assert 0 < off["head_tail_offset"] <= 2 * off["boundary_log_prior_ratio"], off
+  old = cm.lpl_offsets(cm.measure_lpl(setup, 0.15), setup.ctx.class_counts)
+  assert old["head_tail_offset"] > 2 * old["boundary_log_prior_ratio"], old
+
+
 def test_every_task_variant_and_suite_lpa_method_is_enumerated():
   labels = {label for group, _ in GROUPS for label in group}
   # The variants each get_config's error message offers, and a suite method of each kind.
