@@ -129,7 +129,8 @@ def calibrate(config, data, points=None, grids=None, methods=("lpa", "adversaria
     pts = list(points or [resolve_point(config.perturb.lpa.point, setup.ctx)])
     runs.append(measure_setup(setup, pts, grids, methods, bar))
   bar.close()
-  return {"command": " ".join(["python -m experiments.calibrate"] + sys.argv[1:]), "machine": machine(), "wall_s": time.time() - t0,
+  return {"command": " ".join(["python -m experiments.calibrate"] + sys.argv[1:]),
+          "machine": machine(), "wall_s": time.time() - t0,
           "threshold_nats": cm.THRESHOLD, "config": config.to_dict(),
           "data": {"name": data.name, "num_train": int(data.num_train),
                    "class_counts": [int(c) for c in data.class_counts()],
@@ -168,8 +169,9 @@ def table(report: dict) -> str:
       norm = [v for v in e["act_norm_C"] if v > 0]
       lines.append(f"{point}: depth {e['depth']}, mean ‖a‖ {sum(norm) / max(len(norm), 1):.2f}")
       for r in e["lpa"]:
-        lines.append(f"  lpa {r['radius_mode']:8s} ε={r['eps']:<7g} |Δ| {r['mean_abs_signed']:.3f}"
-                     f"  P {_fmt(r['mean_change_P'])}  N {_fmt(r['mean_change_N'])}")
+        lines.append(f"  lpa {r['radius_mode']:8s} ε={r['eps']:<7g} "
+                     f"|Δ| {r['mean_abs_signed']:.3f}  P {_fmt(r['mean_change_P'])}  "
+                     f"N {_fmt(r['mean_change_N'])}")
       for r in e["adversarial"]:
         lines.append(f"  adversarial       ε={r['eps']:<7g} |Δ| {r['mean_abs_signed']:.3f}")
     for r in run.get("lpl", []):

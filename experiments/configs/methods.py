@@ -71,9 +71,10 @@ def activation_blocks() -> dict[str, mlc.ConfigDict]:
   below the default one) follow its paper's CIFAR setting.
 
   The adversarial feature baseline's radius is absolute and per sample (the library has no
-  relative mode for it): ε 4.0 ≈ LPA's relative 0.1 times ‖a‖ at the small CNNs' default
-  point (‖a‖ ≈ 30-65 at initialisation), so both methods get the same radius β^(L−l)·ε for
-  an average class; it moves the loss by 0.14-0.15 nats there (CIFAR-10 CNNs, measured).
+  relative mode for it): ε 4.0 ≈ LPA's relative 0.1 times ‖a‖ at the small CNNs'
+  default point (‖a‖ ≈ 30-65 at initialisation), so both methods get the same radius
+  β^(L−l)·ε for an average class; it moves the loss by 0.14-0.15 nats there (CIFAR-10
+  CNNs, measured).
   :data:`RADII` holds the paper networks' values (same rule: ResNet-32 3.0, 0.21 nats)."""
   B = lambda **kw: mlc.ConfigDict(kw)  # noqa: E731
   return {
