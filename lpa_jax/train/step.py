@@ -107,6 +107,29 @@ def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
+# A K-run state: every field carries a leading run axis except the step, which the runs share
+# (they advance together), so step-dependent branches stay real branches under vmap.
+PARALLEL_AXES = TrainState(step=None, params=0, model_state=0, opt_state=0, act_state=0,
+                           logit_state=0, class_stats=0, rng=0)
+
+
+def jit_parallel_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """Jits K runs of ``step_fn`` as one program: ``jax.vmap`` over a leading run axis of the
+  state (all fields but ``step``, see :data:`PARALLEL_AXES`) and of the batch.
+
+  The K-run state is replicated and donated; the ``[K, B, ...]`` batch is sharded over
+  ``'data'`` along its batch axis (``P(None, 'data')``).  Each run keeps its own parameters,
+  optimiser state, class tables and rng, so class-level quantities stay per run.
+
+  >>> step_K = jit_parallel_train_step(make_train_step(act, logit, tx, cfg), make_mesh())  # doctest: +SKIP
+  >>> state_K, metrics_K = step_K(state_K, batch_K)     # metrics_K["loss"].shape == (K,)  # doctest: +SKIP
+  """
+  step_K = jax.vmap(step_fn, in_axes=(PARALLEL_AXES, 0), out_axes=(PARALLEL_AXES, 0))
+  rep = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P(None, "data"))
+  return jax.jit(step_K, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
 def make_eval_step(cut: Cut, logit: LogitMethod, cfg: StepConfig, mesh: Mesh) -> Callable:
   """``(state, x) -> logits`` in inference mode (running BN statistics); ``x`` is float input
   normalised by the input pipeline (:func:`lpa_jax.data.pipeline.normalize`)."""

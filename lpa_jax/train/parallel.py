@@ -1,0 +1,284 @@
+"""K runs as one program: the seeds of one config trained by one vmapped, jitted step.
+
+Each run keeps its own parameters, optimiser state, class statistics, rng and batch order (its
+own epoch permutation and data keys), and its own work dir, written as a separate run writes it
+(``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``results.json``, ``tensorboard/``): a
+run started here can be continued alone by :func:`lpa_jax.train.loop.train_and_evaluate`, and
+the other way round.  The K runs share one compile and advance together, so they are always
+checkpointed at the same steps.
+
+Resume: each run restores its newest usable checkpoint.  If those steps differ (a kill between
+two runs' saves, a corrupt checkpoint that fell back to an older one, a run continued alone),
+the runs behind are first brought up to the furthest one as separate runs, then the group
+continues as one program.  Either way every run's result is that of a separate run.
+
+  >>> results = train_and_evaluate_parallel([cfg0, cfg1, cfg2], ["r/s0", "r/s1", "r/s2"])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lpa_jax import data as lpa_data
+from lpa_jax.data.pipeline import dataset_stats, prepare_batch
+from lpa_jax.train import checkpoint, loop
+from lpa_jax.train.build import (Run, build_methods, build_model, build_optimizer, build_run,
+                                 init_state, make_epoch_perm)
+from lpa_jax.train.history import MetricLog, append_row, best_of, trim_history
+from lpa_jax.train.state import TrainState
+from lpa_jax.train.step import (StepConfig, jit_parallel_train_step, make_mesh, make_train_step,
+                                step_keys)
+from lpa_jax.train.workdir import claim, config_diff, finite_json, write_json_atomic
+
+# Fields with a leading run axis in a K-run state; the step is shared.
+_MAPPED = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "step")
+
+
+class ParallelRun(NamedTuple):
+  """What :func:`train_and_evaluate_parallel` drives for K runs of one config."""
+  run: Run                # run 0's pieces: predict, schedule, steps per epoch, mesh, data
+  train_step: Callable    # jitted (state_K, batch_K) -> (state_K, metrics_K)
+  init_states: list       # each run's own step-0 TrainState (its own seed)
+  batch_fn: Callable      # (state_K, epoch, i, perm_KxSxB) -> batch_K
+  epoch_perm: Callable    # epoch -> int32 [K, steps_per_epoch, batch_size]
+
+
+def check_group(configs) -> None:
+  """Refuses configs that differ in anything but ``seed``: one program trains them all with
+  run 0's methods and optimiser, so only what enters through the initial state may differ."""
+  for k, c in enumerate(configs[1:], 1):
+    other = [f"{f}: {a!r} vs {b!r}" for f, a, b in config_diff(configs[0], c) if f != "seed"]
+    if other:
+      raise ValueError(f"Parallel runs must differ only by seed; run {k} differs from run 0 "
+                       f"in:\n  " + "\n  ".join(other[:12]))
+
+
+def stack_states(states, mesh) -> TrainState:
+  """K single-run states (same step) -> one K-run state, replicated over ``mesh``.
+
+  >>> stack_states([s0, s1, s2], mesh).params["Dense_0"]["kernel"].shape[0]   # doctest: +SKIP
+  3
+  """
+  fields = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[getattr(s, name) for s in states])
+            for name in _MAPPED}
+  return jax.device_put(TrainState(step=states[0].step, **fields), NamedSharding(mesh, P()))
+
+
+def unstack_state(state_K: TrainState, k: int) -> TrainState:
+  """Run ``k`` of a K-run state, shaped as a separate run's state (same checkpoint layout).
+
+  >>> unstack_state(state_K, 1).step == state_K.step                      # doctest: +SKIP
+  True
+  """
+  fields = {name: jax.tree.map(lambda x: x[k], getattr(state_K, name)) for name in _MAPPED}
+  return TrainState(step=state_K.step, **fields)
+
+
+def make_parallel_batch_fn(config, data, mesh, spe: int) -> Callable:
+  """``(state_K, epoch, i, perm_KxSxB) -> batch_K``: each run's step ``epoch * spe + i`` batch
+  from its own permutation and data key, as :func:`~lpa_jax.train.build.make_batch_fn` makes
+  it for a separate run; ``[K, B, ...]``, sharded over ``'data'`` along B.
+
+  >>> batch_K = make_parallel_batch_fn(config, data, mesh, 7)(state_K, 0, 0, perm_K)  # doctest: +SKIP
+  """
+  rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
+  mean, std = (tuple(s) for s in dataset_stats(config.data.name))
+  augment = config.train.augment
+
+  def one(x, y, idx_B, rng, step):
+    r_data, _ = step_keys(rng, step)
+    return prepare_batch(r_data, x[idx_B], y[idx_B], augment, mean, std)
+  gather = jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, None)), out_shardings=sharded)
+  x_train = jax.device_put(data.x_train, rep)
+  y_train = jax.device_put(np.asarray(data.y_train, np.int32), rep)
+
+  def batch_fn(state_K: TrainState, epoch: int, i: int, perm_KxSxB):
+    return gather(x_train, y_train, perm_KxSxB[:, i], state_K.rng, epoch * spe + i)
+  return batch_fn
+
+
+def build_parallel(configs, data, mesh) -> ParallelRun:
+  """The pieces of K runs of one config (differing only by seed) trained as one program.
+
+  >>> prun = build_parallel([cfg0, cfg1], data, make_mesh())               # doctest: +SKIP
+  >>> state_K = stack_states(prun.init_states, prun.run.mesh)              # doctest: +SKIP
+  """
+  check_group(configs)
+  run = build_run(configs[0], data, mesh)
+  spe = run.steps_per_epoch
+  model, cut_fn = build_model(configs[0], data.num_classes)
+  states, step_fn = [], None
+  for c in configs:  # each run's own initial state: parameters, rng, optimiser state
+    methods = build_methods(c, data, cut_fn, model.points, spe)
+    _, tx = build_optimizer(c, spe, methods.grad)
+    states.append(init_state(c, model, data.x_train.shape[1:], tx, methods, data.num_classes,
+                             mesh))
+    if step_fn is None:
+      step_cfg = StepConfig(spe, data.num_classes, methods.grad.needs_grad_fn)
+      step_fn = make_train_step(methods.act, methods.logit, tx, step_cfg)
+  perms = [make_epoch_perm(c, data.num_train) for c in configs]
+  return ParallelRun(run=run, train_step=jit_parallel_train_step(step_fn, mesh),
+                     init_states=states,
+                     batch_fn=make_parallel_batch_fn(configs[0], data, mesh, spe),
+                     epoch_perm=lambda epoch: jnp.stack([p(epoch) for p in perms]))
+
+
+def _log_steps(logs, bar, step: int, metrics_K, run: Run, workdirs) -> None:
+  host = jax.device_get(metrics_K)
+  for k, log in enumerate(logs):
+    host_k = {name: v[k] for name, v in host.items()}
+    try:
+      loop._check_finite(host_k, step, run.perturbation)
+    except FloatingPointError as e:  # the other runs keep their last checkpoints
+      raise FloatingPointError(f"{workdirs[k]}: {e}") from None
+    log.add(host_k)
+  bar.set_postfix(loss=f"{float(np.mean(host['loss'])):.3f}", refresh=False)
+
+
+def _epoch(prun: ParallelRun, state_K, epoch: int, first: int, stop_at: int, logs, bar, stop,
+           workdirs):
+  """Steps ``first..`` of ``epoch`` for all K runs (up to ``stop_at`` or a Ctrl-C); returns
+  ``(state_K, steps_done)``.  Step ``t`` is dispatched before step ``t-1``'s metrics are read."""
+  spe, perm_K, pending = prun.run.steps_per_epoch, prun.epoch_perm(epoch), None
+  i = first
+  for i in range(first, spe):
+    if epoch * spe + i >= stop_at or stop.set:
+      break
+    state_K, metrics_K = prun.train_step(state_K, prun.batch_fn(state_K, epoch, i, perm_K))
+    if pending is not None:
+      _log_steps(logs, bar, *pending, prun.run, workdirs)
+    pending = (epoch * spe + i, metrics_K)
+    bar.update(1)
+  else:
+    i = spe
+  if pending is not None:
+    _log_steps(logs, bar, *pending, prun.run, workdirs)
+  return state_K, i
+
+
+class _NoBar:
+  def __getattr__(self, _):
+    return lambda *a, **k: None
+
+
+def _save_all(mgrs, state_K, logs, force: bool = False) -> None:
+  for k, (mgr, log) in enumerate(zip(mgrs, logs)):
+    loop._save(mgr, unstack_state(state_K, k), log, force=force)
+
+
+def _finish_epoch(prun, configs, state_K, epoch, logs, bests, workdirs, tbs) -> None:
+  """Each run's epoch row (its own evaluation) into its own ``metrics.jsonl``."""
+  for k, (config, workdir, tb) in enumerate(zip(configs, workdirs, tbs)):
+    row, bests[k] = loop._epoch_row(prun.run, config, unstack_state(state_K, k), epoch,
+                                    logs[k], bests[k])
+    append_row(os.path.join(workdir, "metrics.jsonl"), row)
+    if tb is not None:
+      for name, v in row.items():
+        if isinstance(v, float):
+          tb.add_scalar(name, v, row["step"])
+
+
+def _train(prun: ParallelRun, configs, state_K, workdirs, mgrs, logs, bests, stop_at, progress):
+  """Runs epochs until ``stop_at``; returns ``(state_K, finished)`` (``bests`` in place)."""
+  spe, n_epochs = prun.run.steps_per_epoch, configs[0].optim.num_epochs
+  start = int(jax.device_get(state_K.step))
+  tbs = [loop._writer(w) for w in workdirs]
+  bar = (loop.tqdm(total=spe * n_epochs, initial=start, dynamic_ncols=True,
+                   disable=not progress, desc=f"{len(workdirs)} runs")
+         if loop.tqdm is not None else _NoBar())
+  failing = True
+  try:
+    with loop._StopFlag() as stop:
+      for epoch in range(start // spe, n_epochs):
+        first = start % spe if epoch == start // spe else 0
+        state_K, done = _epoch(prun, state_K, epoch, first, stop_at, logs, bar, stop, workdirs)
+        if done < spe:
+          _save_all(mgrs, state_K, logs, force=True)
+          if stop.set:
+            raise KeyboardInterrupt(
+                f"Interrupted: checkpoints saved at step {int(jax.device_get(state_K.step))} "
+                f"in {', '.join(workdirs)}; rerun the same command to resume.")
+          failing = False
+          return state_K, False
+        _finish_epoch(prun, configs, state_K, epoch, logs, bests, workdirs, tbs)
+        if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
+          _save_all(mgrs, state_K, logs)
+    failing = False
+  finally:
+    loop._close(bar, None, failing)
+    for tb in tbs:
+      loop._close(None, tb, failing)
+  return state_K, True
+
+
+def _restore_all(mgrs, prun: ParallelRun):
+  restored = [checkpoint.restore_latest(m, s) for m, s in zip(mgrs, prun.init_states)]
+  return restored, [int(jax.device_get(s.step)) for s, _ in restored]
+
+
+def _catch_up(configs, workdirs, steps, data, mesh) -> None:
+  """Brings the runs behind the furthest one up to its step, each as a separate run."""
+  target = max(steps)
+  for config, workdir, step in zip(configs, workdirs, steps):
+    if step < target:
+      loop.train_and_evaluate(config, workdir, progress=False, max_steps=target - step,
+                              data=data, mesh=mesh)
+
+
+def train_and_evaluate_parallel(configs, workdirs, progress: bool = True,
+                                max_steps: int | None = None, data=None, mesh=None,
+                                fresh=False) -> list[dict] | None:
+  """Trains K configs that differ only by seed as one program, each run in its own work dir
+  (resuming each from its checkpoint), and writes each run's ``results.json``; returns the
+  K results dicts, or ``None`` when ``max_steps`` stopped this invocation first.
+
+  Arguments are those of :func:`lpa_jax.train.loop.train_and_evaluate`, one config and work
+  dir per run; ``fresh`` is one bool or one per run.  Each ``results.json`` records the run's
+  share of the group's wall time and ``parallel: {runs, group_wall_time_s}``.
+
+  >>> res = train_and_evaluate_parallel([c0, c1], ["runs/s0", "runs/s1"])   # doctest: +SKIP
+  >>> [r["test_accuracy"] for r in res]                                     # doctest: +SKIP
+  [0.71, 0.70]
+  """
+  t0, n_runs = time.time(), len(configs)
+  if len(workdirs) != n_runs or len(set(map(os.path.abspath, workdirs))) != n_runs:
+    raise ValueError(f"Give one distinct work dir per config; got {list(workdirs)}")
+  data = data if data is not None else lpa_data.load_task_data(configs[0].data)
+  mesh = mesh if mesh is not None else make_mesh()
+  prun = build_parallel(configs, data, mesh)
+  fresh_K = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh] * n_runs
+  for config, workdir, f in zip(configs, workdirs, fresh_K):
+    claim(workdir, config, f)
+  mgrs = [checkpoint.manager(w) for w in workdirs]
+  restored, steps = _restore_all(mgrs, prun)
+  if len(set(steps)) > 1:
+    _catch_up(configs, workdirs, steps, data, mesh)
+    restored, steps = _restore_all(mgrs, prun)
+  start, spe = steps[0], prun.run.steps_per_epoch
+  logs = [MetricLog((extra or {}).get("epoch_rows", []) if start % spe else [])
+          for _, extra in restored]
+  bests = [best_of(trim_history(os.path.join(w, "metrics.jsonl"), start)) for w in workdirs]
+  total = spe * configs[0].optim.num_epochs
+  stop_at = total if max_steps is None else min(total, start + max_steps)
+  state_K = stack_states([s for s, _ in restored], mesh)
+  state_K, finished = _train(prun, configs, state_K, workdirs, mgrs, logs, bests, stop_at,
+                             progress)
+  if not finished:
+    return None
+  wall = time.time() - t0
+  out = []
+  for k, (config, workdir) in enumerate(zip(configs, workdirs)):
+    res = loop._results(config, prun.run, data, unstack_state(state_K, k), bests[k], workdir,
+                        wall / n_runs)
+    res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
+    res = finite_json(res)
+    write_json_atomic(os.path.join(workdir, "results.json"), res)
+    out.append(res)
+  return out
