@@ -24,6 +24,7 @@ from lpa_jax.perturb import registry
 from lpa_jax.perturb.base import Context, chain_logits
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import cut_staged
+from lpa_jax.train import distributed
 from lpa_jax.train.schedules import make_optimizer, make_schedule
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make_train_step,
@@ -120,7 +121,10 @@ def init_state(config, model, input_shape, tx, methods: Methods, num_classes: in
                      opt_state=tx.init(params), act_state=methods.act.init(),
                      logit_state=methods.logit.init(),
                      class_stats=ClassStats.zeros(num_classes), rng=k_run)
-  return jax.device_put(state, NamedSharding(mesh, P()))
+  rep = NamedSharding(mesh, P())
+  if jax.process_count() > 1:  # every process made the same state: each places its copies
+    return jax.tree.map(lambda x: distributed.host_array(np.asarray(x), rep), state)
+  return jax.device_put(state, rep)
 
 
 def make_epoch_perm(config, num_train: int) -> Callable:
@@ -141,6 +145,9 @@ def make_batch_fn(config, data, mesh, spe: int) -> Callable:
 
   >>> batch = make_batch_fn(config, data, mesh, 7)(state, 0, 0)   # doctest: +SKIP
   """
+  if jax.process_count() > 1:  # each process reads only its devices' rows of the batch
+    return distributed.make_process_batch_fn(config, data, mesh, spe,
+                                             make_epoch_perm(config, data.num_train))
   rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   mean, std = (tuple(s) for s in dataset_stats(config.data.name))
   augment = config.train.augment
@@ -169,6 +176,9 @@ def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
   mean, std = (tuple(s) for s in dataset_stats(config.data.name))
   norm = jax.jit(lambda x: normalize(x, mean, std), out_shardings=sharded)
   bs = max(n_dev, batch_size - batch_size % n_dev)
+  # Over several processes a host array must be placed slice by slice, and the sharded
+  # predictions gathered from all of them.
+  put = jax.device_put if jax.process_count() == 1 else distributed.host_array
 
   def predict(state: TrainState, images: np.ndarray) -> np.ndarray:
     preds = []
@@ -177,8 +187,8 @@ def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
       pad = (-len(chunk)) % n_dev  # every device gets the same share
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      logits = eval_step(state, norm(jax.device_put(chunk, sharded)))
-      preds.append(np.asarray(jnp.argmax(logits, -1))[:len(chunk) - pad])
+      logits = eval_step(state, norm(put(chunk, sharded)))
+      preds.append(distributed.fetch(jnp.argmax(logits, -1))[:len(chunk) - pad])
     return np.concatenate(preds) if preds else np.zeros((0,), np.int64)
   return predict
 

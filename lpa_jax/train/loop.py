@@ -20,11 +20,11 @@ import jax
 
 from lpa_jax import data as lpa_data
 from lpa_jax.perturb.diagnostics import CAUSES, check_finite
-from lpa_jax.train import checkpoint
+from lpa_jax.train import checkpoint, distributed
 from lpa_jax.train.build import Run, build_run
 from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.history import (MetricLog, append_row, best_of, to_json_rows, trim_history,
-                                   update_best)
+from lpa_jax.train.history import (MetricLog, append_row, best_of, read_history, to_json_rows,
+                                   trim_history, update_best)
 from lpa_jax.train.step import make_mesh
 from lpa_jax.train.workdir import claim, config_dict, finite_json, write_json_atomic
 
@@ -144,8 +144,10 @@ def _train(run: Run, config, state, workdir, mgr, log: MetricLog, best, stop_at,
   spe, n_epochs = run.steps_per_epoch, config.optim.num_epochs
   start = int(jax.device_get(state.step))
   history_path = os.path.join(workdir, "metrics.jsonl")
-  tb = _writer(workdir)
-  bar = tqdm(total=spe * n_epochs, initial=start, disable=not progress or tqdm is None,
+  main = distributed.is_main()  # under jax.distributed, one process writes the run's files
+  tb = _writer(workdir) if main else None
+  bar = tqdm(total=spe * n_epochs, initial=start,
+             disable=not (progress and main) or tqdm is None,
              desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
   failing = True
   try:
@@ -159,7 +161,8 @@ def _train(run: Run, config, state, workdir, mgr, log: MetricLog, best, stop_at,
           failing = False
           return state, best, False
         row, best = _epoch_row(run, config, state, epoch, log, best)
-        append_row(history_path, row)
+        if main:
+          append_row(history_path, row)
         if tb is not None:
           for k, v in row.items():
             if isinstance(v, float):
@@ -204,11 +207,17 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   t0 = time.time()
   data = data if data is not None else lpa_data.load_task_data(config.data)
   run = build_run(config, data, mesh if mesh is not None else make_mesh())
-  claim(workdir, config, fresh)  # only now: a config that fails to build leaves no work dir
+  if distributed.is_main():  # only now: a config that fails to build leaves no work dir
+    claim(workdir, config, fresh)
+  distributed.sync("lpa_jax.claim")  # the others restore only once the work dir is checked
   mgr = checkpoint.manager(workdir)
   state, extra = checkpoint.restore_latest(mgr, run.init_state)
   start = int(jax.device_get(state.step))
-  rows = trim_history(os.path.join(workdir, "metrics.jsonl"), start)
+  history_path = os.path.join(workdir, "metrics.jsonl")
+  if distributed.is_main():
+    rows = trim_history(history_path, start)
+  else:  # process 0 trims the file; the others read the rows it keeps
+    rows = [r for r in read_history(history_path) if r.get("step", 0) <= start] if start else []
   log = MetricLog((extra or {}).get("epoch_rows", []) if start % run.steps_per_epoch else [])
   total = run.steps_per_epoch * config.optim.num_epochs
   stop_at = total if max_steps is None else min(total, start + max_steps)
@@ -218,7 +227,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     return None
   # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
   results = finite_json(_results(config, run, data, state, best, workdir, time.time() - t0))
-  write_json_atomic(os.path.join(workdir, "results.json"), results)
+  if distributed.is_main():
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
 
 
