@@ -260,6 +260,9 @@ def train_and_evaluate_parallel(configs, workdirs, progress: bool = True,
   restored, steps = _restore_all(mgrs, prun)
   if len(set(steps)) > 1:
     _catch_up(configs, workdirs, steps, data, mesh)
+    for mgr in mgrs:  # a manager caches its steps: read those the catch-up wrote afresh
+      mgr.close()
+    mgrs = [checkpoint.manager(w) for w in workdirs]
     restored, steps = _restore_all(mgrs, prun)
   start, spe = steps[0], prun.run.steps_per_epoch
   logs = [MetricLog((extra or {}).get("epoch_rows", []) if start % spe else [])
