@@ -118,7 +118,7 @@ def calibrate(config, data, points=None, grids=None, methods=("lpa", "adversaria
   from lpa_jax.perturb.registry import resolve_point
   config = with_lpa(config)
   grids = grids or GRIDS
-  n_point = len(grids["absolute"]) * ("lpa" in methods) * 2 \
+  n_point = (len(grids["absolute"]) + len(grids["relative"])) * ("lpa" in methods) \
       + len(grids["adversarial"]) * ("adversarial" in methods)
   total = len(train_steps) * ((len(points) if points else 1) * n_point
                               + len(grids["lpl"]) * ("lpl" in methods) + ("configured" in methods))
