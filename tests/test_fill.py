@@ -48,3 +48,16 @@ def test_bench_block_of_a_fractions_run_names_the_block_nearest_the_paper(tmp_pa
   assert text.startswith("resnet32, 10 classes, batch 128")
   assert "| stage3.block3 | 0.0616 | 1.123 |" in text
   assert text.endswith("stage3.block3.")
+
+
+def test_compare_reports_identical_and_different_runs(tmp_path):
+  import json as _json
+  from experiments import compare
+  for root, acc in (("a", 0.5), ("b", 0.5), ("c", 0.6)):
+    d = tmp_path / root / "runs" / "ce" / "seed0"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(_json.dumps({"test_accuracy": acc,
+                                                 "per_class_accuracy": [acc, acc]}))
+  assert compare.compare(str(tmp_path / "a"), str(tmp_path / "b")) == [("ce/seed0", 0.5, 0.5,
+                                                                         True)]
+  assert compare.main(["x", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
