@@ -3,6 +3,7 @@
   python -m experiments.sweep --config=experiments/configs/suites.py:longtail_fmnist
   python -m experiments.sweep --config=experiments/configs/suites.py:all --seeds=0
   python -m experiments.sweep --config=experiments/configs/suites.py:smoke --root=/tmp/smoke
+  python -m experiments.sweep --config=experiments/configs/suites.py:longtail_fmnist --parallel=3
 
 Layout of a suite root (default ``experiments/results/<suite>``)::
 
@@ -15,6 +16,8 @@ an interrupted run resumes from its checkpoint.  Runs made with another config s
 with the differing fields listed (``--stale=rerun`` redoes them); an unreadable
 ``results.json`` is named and its run redone.  Every file written here is replaced atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
 so the committed results stay small.  The dataset is loaded once per suite and shared.
+``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
+vmapped step, :mod:`lpa_jax.train.parallel`); each run's files are those a serial sweep writes.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ flags.DEFINE_bool("progress", True, "Show the overall progress bar.")
 flags.DEFINE_bool("report", True, "Write the report after the runs.")
 flags.DEFINE_enum("stale", "refuse", ["refuse", "rerun"], "Runs whose recorded config differs "
                   "from the suite's plan: stop and list them (refuse), or redo them (rerun).")
+flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one program (one "
+                     "vmapped step, lpa_jax.train.parallel); 1 trains them one by one.",
+                     lower_bound=1)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 META_KEYS = ("name", "point")  # method-dict keys that are labels, not config overrides
@@ -158,27 +164,24 @@ def _write_meta(suite, runs, root) -> None:
 
 
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
-              stale: str = "refuse") -> dict:
+              stale: str = "refuse", parallel: int = 1) -> dict:
   """Runs every unfinished (method, seed) of ``suite`` under ``root``; returns counts
   ``{"ran": n, "skipped": m}``.  Writes the report at the end when ``report``.
 
   A finished run counts only if its recorded config is the planned one: stale runs stop the
   sweep before anything runs (:class:`StaleRuns`), or are rerun afresh with
   ``stale='rerun'``.  A ``results.json`` that cannot be read is named and its run redone.
+  ``parallel`` K > 1 trains a method's unfinished seeds in groups of up to K as one program.
   """
-  from lpa_jax import data as lpa_data
-  from lpa_jax.train.loop import train_and_evaluate
-  from lpa_jax.train.workdir import write_json_atomic
   runs = plan(suite, seeds)
   workdirs = [_workdir(root, r) for r in runs]
   statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
   _check_stale(runs, statuses, root, stale)
   os.makedirs(root, exist_ok=True)
   _write_meta(suite, runs, root)
-  cache, counts = {}, {"ran": 0, "skipped": 0}
+  cache, counts, todo = {}, {"ran": 0, "skipped": 0}, []
   bar = _bar(len(runs), suite.name, progress)
   for r, workdir, (status, detail) in zip(runs, workdirs, statuses):
-    bar.set_postfix_str(f"{r['name']} seed {r['seed']}")
     if status == "finished":
       _clean(workdir)  # a kill between results.json and the clean-up left checkpoints
       counts["skipped"] += 1
@@ -186,25 +189,62 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
       continue
     if status == "unreadable":
       _say(f"{suite.name}: running {r['name']} seed {r['seed']} again: {detail}")
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "method.json"),
-                      {k: r[k] for k in ("name", "slug", "seed", "point")})
-    # Methods may override data fields; share one load per distinct data config.
-    key = r["config"].data.to_json_best_effort(sort_keys=True)
-    if key not in cache:
-      cache[key] = lpa_data.load_task_data(r["config"].data)
-    res = train_and_evaluate(r["config"], workdir, progress=False, data=cache[key],
-                             fresh=status == "stale")
-    _clean(workdir)
-    counts["ran"] += 1
-    bar.update(1)
-    _say(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
-         f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
+    todo.append((r, workdir, status))
+  for group in groups(todo, parallel):
+    bar.set_postfix_str(f"{group[0][0]['name']} seed "
+                        f"{','.join(str(r['seed']) for r, _, _ in group)}")
+    for (r, workdir, _), res in zip(group, _run_group(group, cache)):
+      _clean(workdir)
+      counts["ran"] += 1
+      bar.update(1)
+      _say(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
+           f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
   bar.close()
   if report:
     from experiments import report as report_mod
     report_mod.write_report(root)
   return counts
+
+
+def groups(todo: list, size: int) -> list[list]:
+  """Consecutive runs of the same method in groups of up to ``size`` (their configs differ
+  only by seed, so each group can train as one program).
+
+  >>> [[r["seed"] for r, *_ in g] for g in groups(todo, 2)]         # doctest: +SKIP
+  [[0, 1], [2], [0, 1], [2]]
+  """
+  out = []
+  for item in todo:
+    last = out[-1] if out else None
+    if last and len(last) < size and last[0][0]["slug"] == item[0]["slug"]:
+      last.append(item)
+    else:
+      out.append([item])
+  return out
+
+
+def _run_group(group: list, cache: dict) -> list[dict]:
+  """Trains one group of ``(run, workdir, status)``: alone, or as one program when several."""
+  from lpa_jax import data as lpa_data
+  from lpa_jax.train.loop import train_and_evaluate
+  from lpa_jax.train.parallel import train_and_evaluate_parallel
+  from lpa_jax.train.workdir import write_json_atomic
+  for r, workdir, _ in group:
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "method.json"),
+                      {k: r[k] for k in ("name", "slug", "seed", "point")})
+  configs = [r["config"] for r, _, _ in group]
+  workdirs = [w for _, w, _ in group]
+  fresh = [status == "stale" for *_, status in group]
+  # Methods may override data fields; share one load per distinct data config.
+  key = configs[0].data.to_json_best_effort(sort_keys=True)
+  if key not in cache:
+    cache[key] = lpa_data.load_task_data(configs[0].data)
+  if len(group) == 1:
+    return [train_and_evaluate(configs[0], workdirs[0], progress=False, data=cache[key],
+                               fresh=fresh[0])]
+  return train_and_evaluate_parallel(configs, workdirs, progress=False, data=cache[key],
+                                     fresh=fresh)
 
 
 def _bar(total, desc, progress):
@@ -256,7 +296,8 @@ def _run_all(config, names, suites) -> None:
       root = os.path.join(FLAGS.root, name)
     else:
       root = FLAGS.root or os.path.join(RESULTS_DIR, suite.name)
-    counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report, FLAGS.stale)
+    counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report, FLAGS.stale,
+                       FLAGS.parallel)
     print(f"{suite.name}: ran {counts['ran']}, skipped {counts['skipped']} finished; "
           f"report: {root}/report.md", flush=True)
 

@@ -112,3 +112,46 @@ def test_plain_ce_parallel_equals_separate_when_resumed_from_different_steps(tmp
                                  data=fmnist_lt) is None
   par_res = parallel.train_and_evaluate_parallel(cfgs, par_dirs, progress=False, data=fmnist_lt)
   _assert_same_runs(cfgs, fmnist_lt, sep_dirs, par_dirs, sep_res, par_res)
+
+
+def test_sweep_groups_consecutive_seeds_of_one_method():
+  from experiments import sweep
+  todo = [({"slug": m, "seed": s}, f"{m}/{s}", "todo") for m in ("ce", "lpa") for s in (0, 1, 2)]
+  seeds = lambda gs: [[r["seed"] for r, *_ in g] for g in gs]  # noqa: E731
+  assert seeds(sweep.groups(todo, 2)) == [[0, 1], [2], [0, 1], [2]]
+  assert seeds(sweep.groups(todo, 8)) == [[0, 1, 2], [0, 1, 2]]
+  assert seeds(sweep.groups(todo, 1)) == [[s] for s in (0, 1, 2, 0, 1, 2)]
+  assert [g[0][0]["slug"] for g in sweep.groups(todo, 8)] == ["ce", "lpa"]
+
+
+# Fields of results.json that say how and where a run was made, not what it trained.
+_HOW = ("wall_time_s", "workdir", "parallel")
+
+
+@pytest.mark.slow
+def test_sweep_parallel_writes_the_serial_sweeps_files(tmp_path):
+  from experiments import sweep
+  from experiments.configs import suites
+  suite = suites.get_config("smoke")
+  roots = {k: str(tmp_path / f"k{k}") for k in (1, 2)}
+  for k, root in roots.items():
+    assert sweep.run_suite(suite, root, seeds=[0, 1], progress=False, report=False,
+                           parallel=k) == {"ran": 4, "skipped": 0}
+  for slug in ("ce", "lpa"):
+    for seed in (0, 1):
+      a, b = (os.path.join(roots[k], "runs", slug, f"seed{seed}") for k in (1, 2))
+      assert sorted(os.listdir(a)) == sorted(os.listdir(b))  # checkpoints cleaned in both
+      ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (a, b))
+      assert rb["parallel"]["runs"] == 2 and "parallel" not in ra
+      assert {k: v for k, v in ra.items() if k not in _HOW} == \
+          {k: v for k, v in rb.items() if k not in _HOW}, (slug, seed)
+      for x, y in zip(_rows(a), _rows(b)):
+        assert x.keys() == y.keys()
+        for key in x:
+          np.testing.assert_allclose(np.asarray(y[key], float), np.asarray(x[key], float),
+                                     rtol=1e-5, atol=1e-6, err_msg=f"{slug} {seed} {key}")
+      assert json.load(open(os.path.join(a, "config.json"))) == \
+          json.load(open(os.path.join(b, "config.json")))
+  # Rerunning with --parallel skips what either sweep finished.
+  assert sweep.run_suite(suite, roots[2], seeds=[0, 1], progress=False, report=False,
+                         parallel=2) == {"ran": 0, "skipped": 4}
