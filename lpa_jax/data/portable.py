@@ -1,0 +1,138 @@
+"""A task's arrays in one compact file that loads with numpy and the standard library alone.
+
+For machines without TensorFlow or the offline copies (e.g. a lent GPU box, whose whole
+working tree must fit in 64 MiB): :func:`save_portable` writes a :class:`TaskData` — e.g.
+CIFAR-10 (JPEG-75)-LT IR 100 (12,406 training images) and its 10,000 test images, 40 MiB
+instead of 69 MB of pixels — and :func:`load_portable` gives back the same arrays, bit for bit
+(a SHA-256 of the pixels and labels is checked on load).
+
+Images are stored losslessly: per channel, each pixel minus the LOCO-I/JPEG-LS median
+predictor of its left, upper and upper-left neighbours (mod 256), then LZMA.  The residuals
+of natural images are small, so LZMA packs them to ~61 % of the raw bytes (deflate: ~93 %).
+
+  >>> save_portable(load_task_data(config.data), ".device_data/cifar10_lt.npz")  # doctest: +SKIP
+  >>> data = load_portable(".device_data/cifar10_lt.npz")                          # doctest: +SKIP
+  >>> data.name, data.x_train.shape                                                # doctest: +SKIP
+  ('CIFAR-10-LT (IR=100, JPEG-75)', (12406, 32, 32, 3))
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+
+import numpy as np
+
+from lpa_jax.data.task import TaskData
+
+FORMAT = 1
+
+
+def _neighbours(p_NxCxHxW: np.ndarray):
+  """Left, upper and upper-left neighbours (0 outside the image), as int16."""
+  p = p_NxCxHxW.astype(np.int16)
+  padded = np.pad(p, ((0, 0), (0, 0), (1, 0), (1, 0)))
+  return padded[..., 1:, :-1], padded[..., :-1, 1:], padded[..., :-1, :-1]
+
+
+def _median_predict(left, up, upleft):
+  """LOCO-I median edge detector: min/max of left and up at an edge, else the plane."""
+  hi, lo = np.maximum(left, up), np.minimum(left, up)
+  return np.where(upleft >= hi, lo, np.where(upleft <= lo, hi, left + up - upleft))
+
+
+def encode_images(x_NxHxWxC: np.ndarray) -> bytes:
+  """Lossless, compact bytes of a uint8 image batch (see the module docstring).
+
+  >>> x = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  >>> bool((decode_images(encode_images(x), x.shape) == x).all())
+  True
+  """
+  p = np.ascontiguousarray(np.asarray(x_NxHxWxC, np.uint8).transpose(0, 3, 1, 2))
+  residual = (p.astype(np.int16) - _median_predict(*_neighbours(p))) % 256
+  return lzma.compress(residual.astype(np.uint8).tobytes(), preset=6)
+
+
+def decode_images(blob: bytes, shape) -> np.ndarray:
+  """The uint8 ``[N, H, W, C]`` batch :func:`encode_images` packed.
+
+  Pixels are rebuilt row by row, each row left to right, every image and channel at once
+  (H·W vectorised numpy steps, about a second for 22k CIFAR images).
+  """
+  n, h, w, c = shape
+  residual_HxWxNxC = np.frombuffer(lzma.decompress(blob), np.uint8).reshape(
+      n, c, h, w).transpose(2, 3, 0, 1).astype(np.int16)
+  # Pixel-major layout: each step reads and writes contiguous [N, C] planes.
+  p = np.zeros((h + 1, w + 1, n, c), np.int16)  # row 0 and column 0: the zero padding
+  for i in range(1, h + 1):
+    for j in range(1, w + 1):
+      pred = _median_predict(p[i, j - 1], p[i - 1, j], p[i - 1, j - 1])
+      p[i, j] = (pred + residual_HxWxNxC[i - 1, j - 1]) % 256
+  return np.ascontiguousarray(p[1:, 1:].transpose(2, 0, 1, 3).astype(np.uint8))
+
+
+def _digest(data: TaskData) -> str:
+  h = hashlib.sha256()
+  for a in (data.x_train, data.y_train, data.x_test, data.y_test):
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def save_portable(data: TaskData, path: str, meta: dict | None = None) -> int:
+  """Writes ``data`` (training and test split, class names and counts) to ``path`` (.npz);
+  ``meta`` (JSON) is kept beside, e.g. the data config it came from.  Returns the file size.
+
+  Validation splits and per-example extras (domains, noise masks) are not stored: a task that
+  has them is refused rather than silently cut.
+  """
+  extra = sorted(set(data.extras) - {"class_counts", "source"})
+  extra += ["x_val"] if data.x_val is not None else []
+  if extra:
+    raise ValueError(f"save_portable stores train/test tasks only; {data.name!r} also has "
+                     f"{extra}")
+  header = {"format": FORMAT, "name": data.name, "num_classes": int(data.num_classes),
+            "class_names": list(data.class_names), "source": data.extras.get("source"),
+            "sha256": _digest(data), "x_train_shape": list(data.x_train.shape),
+            "x_test_shape": list(data.x_test.shape), "meta": meta or {}}
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(tmp, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+           x_train=np.frombuffer(encode_images(data.x_train), np.uint8),
+           x_test=np.frombuffer(encode_images(data.x_test), np.uint8),
+           y_train=np.asarray(data.y_train, np.int32), y_test=np.asarray(data.y_test, np.int32))
+  os.replace(tmp, path)
+  return os.path.getsize(path)
+
+
+def read_header(path: str) -> dict:
+  """The file's description: name, shapes, class names, checksum and the saved ``meta``."""
+  with np.load(path) as z:
+    return json.loads(z["header"].tobytes().decode())
+
+
+def load_portable(path: str) -> TaskData:
+  """The :class:`TaskData` saved by :func:`save_portable`, checked against its SHA-256."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"No portable data file at {path}. Make it where the dataset's cache is, e.g. "
+        "`python -m experiments.gpu.longtail_paper export`, and copy it here.")
+  with np.load(path) as z:
+    header = json.loads(z["header"].tobytes().decode())
+    if header.get("format") != FORMAT:
+      raise ValueError(f"{path}: portable format {header.get('format')}, this version reads "
+                       f"{FORMAT}; export it again")
+    y_train, y_test = z["y_train"], z["y_test"]
+    x_train = decode_images(z["x_train"].tobytes(), header["x_train_shape"])
+    x_test = decode_images(z["x_test"].tobytes(), header["x_test_shape"])
+  counts = np.bincount(y_train, minlength=header["num_classes"])
+  data = TaskData(name=header["name"], x_train=x_train, y_train=y_train, x_test=x_test,
+                  y_test=y_test, num_classes=header["num_classes"],
+                  class_names=list(header["class_names"]),
+                  extras={"class_counts": counts, "source": header["source"]})
+  if _digest(data) != header["sha256"]:
+    raise ValueError(f"{path} is corrupt: its arrays do not match the checksum saved with "
+                     "them; copy or export it again")
+  return data
