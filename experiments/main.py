@@ -2,6 +2,9 @@
 
   python -m experiments.main --config=experiments/configs/longtail.py:quick --workdir=runs/lt
 
+Several hosts: run the same command on each, adding ``--distributed`` (TPU slices, SLURM) or
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I``.
+
 A work dir belongs to one config: rerunning it with different values stops with the fields
 that differ; ``--fresh`` deletes that run and starts afresh.  Ctrl-C saves a checkpoint, says
 so in one line and exits with status 130.
@@ -20,6 +23,12 @@ flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, results.js
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("fresh", False, "Delete the run already in --workdir (checkpoints, metrics, "
                   "results) and start afresh, even if it was made with another config.")
+flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed): on a TPU "
+                  "slice, under SLURM or Open MPI the processes are found automatically; "
+                  "elsewhere give the three flags below (every process, same command).")
+flags.DEFINE_string("coordinator_address", None, "Process 0's host:port (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a --distributed run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
 def run(config, workdir: str, progress: bool, fresh: bool) -> int:
@@ -28,16 +37,23 @@ def run(config, workdir: str, progress: bool, fresh: bool) -> int:
   from experiments.report import results_table
   from lpa_jax.train.loop import train_and_evaluate
   config = validate(config)
-  print(f"lpa_jax: {jax.device_count()} device(s): {jax.devices()}", flush=True)
+  main_process = jax.process_index() == 0
+  if main_process:
+    print(f"lpa_jax: {jax.device_count()} device(s) over {jax.process_count()} process(es): "
+          f"{jax.devices()}", flush=True)
   results = train_and_evaluate(config, workdir, progress=progress, fresh=fresh)
-  print(results_table([results]))
-  print(f"results: {workdir}/results.json")
+  if main_process:  # every process trained; process 0 wrote the files
+    print(results_table([results]))
+    print(f"results: {workdir}/results.json")
   return 0
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
+  if FLAGS.distributed or FLAGS.coordinator_address:  # before anything starts a JAX backend
+    from lpa_jax.train.distributed import initialize
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     return run(FLAGS.config, FLAGS.workdir or "runs/default", FLAGS.progress, FLAGS.fresh)
   except KeyboardInterrupt as e:
