@@ -20,7 +20,8 @@ def base_config(split: str = "balanced") -> mlc.ConfigDict:
       imbalance_ratio=1.0, n_max=mlc.FieldReference(None, field_type=int),
       test_subset=mlc.FieldReference(None, field_type=int), noise_type="none", noise_rate=0.0,
       test_domain=0, holdout_fraction=0.2, seed=0))
-  c.model = mlc.ConfigDict(dict(name="cnn", kwargs=mlc.ConfigDict()))
+  # dtype: the compute dtype (bfloat16 = mixed precision, f32 parameters and statistics).
+  c.model = mlc.ConfigDict(dict(name="cnn", kwargs=mlc.ConfigDict(dict(dtype="float32"))))
   c.optim = mlc.ConfigDict(dict(
       batch_size=128, num_epochs=10, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
       schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factors=()))

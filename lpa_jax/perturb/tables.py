@@ -16,8 +16,10 @@ import jax.numpy as jnp
 
 
 def row_norms(x_NxD: jax.Array) -> jax.Array:
-  """ℓ2 norm of each row (everything after the leading axis), as ``x``'s dtype."""
-  return jnp.sqrt(jnp.sum(jnp.square(x_NxD.reshape(x_NxD.shape[0], -1)), -1))
+  """ℓ2 norm of each row (everything after the leading axis), summed in float32 (a bf16
+  activation's squares would otherwise be accumulated in bf16)."""
+  flat = x_NxD.reshape(x_NxD.shape[0], -1).astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(jnp.square(flat), -1))
 
 
 def rowwise(v_N: jax.Array, like_NxD: jax.Array) -> jax.Array:
