@@ -1,6 +1,7 @@
 """The perturbation family (issue 4): one defining property per method, plus composition."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -105,8 +106,8 @@ def test_fgsm_delta_has_norm_eps_and_raises_each_loss():
   ce = lambda z: optax.softmax_cross_entropy(z, batch.targets_BxC)  # noqa: E731
   assert (ce(fwd.logits_BxC) > ce(clean)).all()
   # Deeper, through the layers above: every class's loss still goes up, δ has norm β^(L−l)·ε.
-  fwd = run(at(ctx, "hidden1", activation.adversarial(eps=0.2, beta=0.5, depth=2, method="pgd", steps=3)),
-            v, batch, rng)
+  adv = activation.adversarial(eps=0.2, beta=0.5, depth=2, method="pgd", steps=3)
+  fwd = run(at(ctx, "hidden1", adv), v, batch, rng)
   np.testing.assert_allclose(fwd.aux["delta_norm_C"], 0.2 * 0.5 ** 2, rtol=1e-4)
   assert (fwd.aux["loss_change_C"] > 0).all() and (fwd.aux["expansive_share_C"] >= 0).all()
 
@@ -125,7 +126,7 @@ def test_deep_augmentation_pca_projects_and_passes_gradients_straight_through():
   g_aug = jax.grad(lambda p: m.forward((), w(p), batch, rng, True).logits_BxC.sum())(v["params"])
   g_ref = jax.grad(lambda p: cut.upper(w(p), cut.lower(w(p), batch.x, True)[0] + shift,
                                        True)[0].sum())(v["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_aug, g_ref)
+  chex.assert_trees_all_close(g_aug, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_every_registered_activation_method_builds_from_config_and_differentiates():
@@ -264,8 +265,7 @@ def test_sam_step_matches_a_two_pass_reference():
   g = jax.grad(loss)(params)
   adv = jax.tree.map(lambda w, d: w + rho * d / optax.tree.norm(g), params, g)
   expect = jax.tree.map(lambda w, d: w - lr * d, params, jax.grad(loss)(adv))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               new.params, expect)
+  chex.assert_trees_all_close(new.params, expect, rtol=1e-5, atol=1e-6)
 
 
 def test_optax_gradient_methods_act_where_they_should():

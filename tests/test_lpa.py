@@ -2,6 +2,7 @@
 absent classes, stop-gradient, and the logit-level closed form."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +118,7 @@ def test_training_loss_sees_delta_as_a_constant(setup):
   np.testing.assert_allclose(cut.upper(variables, act + pert, True)[0], fwd.logits_BxC,
                              rtol=1e-5, atol=1e-5)
   g_ref = jax.grad(loss_frozen)(variables["params"], pert)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_lpa, g_ref)
+  chex.assert_trees_all_close(g_lpa, g_ref, rtol=1e-5, atol=1e-6)
 
 
 def _hidden1_loss(variables, batch, ctx):

@@ -2,6 +2,7 @@
 noise per run seed, and the branch selection of multi-point methods."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -104,7 +105,7 @@ def test_branch_selection_mask_and_switch_compute_the_same_step(name):
   (l_s, f_s), g_s = outs["switch"]
   np.testing.assert_allclose(l_m, l_s, rtol=1e-5)
   np.testing.assert_allclose(f_m.logits_BxC, f_s.logits_BxC, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_m, g_s)
+  chex.assert_trees_all_close(g_m, g_s, rtol=1e-4, atol=1e-5)
   key = "mix_select_switch" if name == "manifold_mixup" else "layer_select_switch"
   assert float(f_m.aux[key]) == 0.0 and float(f_s.aux[key]) == 1.0
 

@@ -2,6 +2,7 @@
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,7 @@ def test_eight_devices_match_one(fmnist_lt, activation):
                         "perturb.lpa.split": "longtail"})
   s1, m1 = _steps(cfg, fmnist_lt, make_mesh(jax.devices()[:1]), 3)
   s8, m8 = _steps(cfg, fmnist_lt, make_mesh(), 3)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-               s1.params, s8.params)
+  chex.assert_trees_all_close(s1.params, s8.params, rtol=2e-4, atol=2e-5)
   if activation == "lpa":  # δ comes from the global batch on both
     np.testing.assert_allclose(m1["delta_norm_C"], m8["delta_norm_C"], rtol=1e-4, atol=1e-6)
     assert np.max(m1["delta_norm_C"]) > 0
@@ -107,7 +107,7 @@ def test_step_schedule_matches_the_longtail_protocol():
   from experiments.configs import longtail
   cfg = longtail.get_config("paper_cifar10").optim
   sched = make_schedule(cfg, steps_per_epoch=10, num_epochs=200)
-  np.testing.assert_allclose(float(sched(0)), 0.1 / 50, rtol=1e-5)         # linear warm-up, 5 epochs
+  np.testing.assert_allclose(float(sched(0)), 0.1 / 50, rtol=1e-5)  # linear warm-up, 5 epochs
   np.testing.assert_allclose(float(sched(100)), 0.1, rtol=1e-6)
   np.testing.assert_allclose(float(sched(1600)), 0.1 * 0.01, rtol=1e-6)
   np.testing.assert_allclose(float(sched(1800)), 0.1 * 1e-4, rtol=1e-6)
