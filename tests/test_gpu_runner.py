@@ -112,3 +112,20 @@ def test_dry_run_trains_in_chunks_that_resume_elsewhere(tmp_path):
   assert json.loads((root / "suite.json").read_text())["suite"] == "paper_longtail_cifar10"
   # A third call finds everything finished and trains nothing.
   assert runner.main(common + ["--root", str(tmp_path / "c"), "--state", state]) == 0
+
+
+def test_packed_state_keeps_each_runs_newest_checkpoint(tmp_path):
+  import tarfile
+  for run, steps in (("ce/seed0", (96, 192)), ("lpa/seed0", (5,))):
+    for step in steps:
+      d = tmp_path / "root" / "runs" / run / "checkpoints" / str(step)
+      d.mkdir(parents=True)
+      (d / "state").write_text(str(step))
+  (tmp_path / "root" / "suite.json").write_text("{}")
+  runner.pack_state(str(tmp_path / "root"), str(tmp_path / "s.tar.gz"))
+  with tarfile.open(tmp_path / "s.tar.gz") as tar:
+    files = sorted(m.name for m in tar.getmembers() if m.isfile())
+  assert files == ["runs/ce/seed0/checkpoints/192/state", "runs/lpa/seed0/checkpoints/5/state",
+                   "suite.json"]
+  runner.unpack_state(str(tmp_path / "s.tar.gz"), str(tmp_path / "again"))
+  assert (tmp_path / "again" / "runs/ce/seed0/checkpoints/192/state").read_text() == "192"

@@ -36,6 +36,7 @@ import time
 DATA_FILE = ".device_data/cifar10_lt100_jpeg75.npz"
 TASK = "longtail.py:paper_cifar10"
 LIMIT_BYTES = 48 * 2**20  # leaves room for the checkout, the run state and .device_deps
+STATE_LIMIT_BYTES = 16 * 2**20  # the largest file a device call brings back
 # Config fields that decide which images the portable file holds.
 DATA_FIELDS = ("name", "imbalance_ratio", "n_max", "test_subset", "noise_type", "noise_rate",
                "seed")
@@ -89,12 +90,30 @@ def check_data(header: dict, config) -> None:
                      + "\n  ".join(diff) + "\nExport it again for this config.")
 
 
+def _older_checkpoints(root: str) -> set[str]:
+  """Checkpoint dirs (relative to ``root``) older than their run's newest one."""
+  old = set()
+  for parent, dirs, _ in os.walk(root):
+    if os.path.basename(parent) == "checkpoints":
+      steps = sorted((int(d) for d in dirs if d.isdigit()), reverse=True)
+      old |= {os.path.relpath(os.path.join(parent, str(s)), root) for s in steps[1:]}
+      dirs.clear()
+  return old
+
+
 def pack_state(root: str, path: str) -> int:
-  """Tars ``root`` (runs, their checkpoints and metrics) into ``path``; returns its size."""
+  """Tars ``root`` (runs, metrics, each unfinished run's newest checkpoint) into ``path``;
+  returns its size.  One checkpoint per run keeps the file under what a call returns."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  old = _older_checkpoints(root)
+
+  def keep(member):
+    name = os.path.normpath(member.name)
+    return None if any(name == o or name.startswith(o + os.sep) for o in old) else member
   tmp = f"{path}.tmp{os.getpid()}"
   with tarfile.open(tmp, "w:gz") as tar:
-    tar.add(root, arcname=".")
+    for entry in sorted(os.listdir(root)):
+      tar.add(os.path.join(root, entry), arcname=entry, filter=keep)
   os.replace(tmp, path)
   return os.path.getsize(path)
 
@@ -222,6 +241,9 @@ def train(args) -> int:
   if args.save_state:
     size = pack_state(args.root, args.save_state)
     print(f"state: {args.save_state} ({size / 2**20:.1f} MiB)", flush=True)
+    if size > STATE_LIMIT_BYTES:
+      print(f"warning: over the {STATE_LIMIT_BYTES >> 20} MiB a device call returns per file; "
+            "use a smaller --parallel", flush=True)
   return 0
 
 
