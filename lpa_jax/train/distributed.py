@@ -8,8 +8,8 @@ global array.  The train step is jitted over that global batch, so class-level q
 one host.  State, metrics and predictions are replicated; orbax checkpoints are written by all
 processes together, metrics and results by process 0 alone (:func:`is_main`).
 
-  >>> initialize("10.0.0.1:1234", num_processes=2, process_id=0)   # before any JAX call  # doctest: +SKIP
-  >>> results = train_and_evaluate(config, "runs/lt")               # on every process   # doctest: +SKIP
+  >>> initialize("10.0.0.1:1234", num_processes=2, process_id=0)   # first   # doctest: +SKIP
+  >>> results = train_and_evaluate(config, "runs/lt")   # on every process    # doctest: +SKIP
 """
 from __future__ import annotations
 
