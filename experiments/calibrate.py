@@ -9,7 +9,7 @@ clean cross-entropy, nats) that LPA causes over a grid of radii, absolute (``ε`
 activation's units) and relative (``ε`` a fraction of the class's mean ‖a‖), each times
 ``β^(L−l)``; the same for the adversarial feature baseline (absolute radius), LPL's step ``α``
 at the configured ``K`` (logit level), and the config's own methods as a run builds them
-(``--config.perturb.activation=lpa`` is implied when the config selects no LPA).  Model at
+(``--config.perturb.activation=lpa`` is implied when the config selects none).  Model at
 initialisation and after each ``--train-steps`` count of plain training (the first epoch),
 on real training batches of the config's data.  Writes JSON (machine, config, data) and prints
 a table.  ``--small``: two batches of 32, a short grid, the configured point only (CPU, tests).
@@ -50,8 +50,9 @@ SMALL = dict(batches=2, batch_size=32, grids={"absolute": (0.1, 1.0), "relative"
 
 
 def with_lpa(config):
-  """``config`` with LPA switched on when it selects no LPA (its own LPA block unchanged)."""
-  if config.perturb.activation not in ("lpa", "lpa_adaptive"):
+  """``config`` with LPA switched on when it selects no activation method (its own LPA block
+  unchanged); another selected method (adversarial, ...) is what ``configured`` measures."""
+  if config.perturb.activation == "none":
     config.perturb.activation = "lpa"
   return config
 
