@@ -1,23 +1,24 @@
-"""The paper-scale long-tail table on a lent GPU machine, in resumable chunks.
+"""The paper-scale long-tail table on a GPU machine, in resumable chunks.
 
 ResNet-32 on CIFAR-10 (JPEG-75)-LT, IR 100, 200 epochs, the SPEC schedule
 (``experiments/configs/longtail.py:paper_cifar10``); CE, LA, LDAM-DRW, LPL, LA+LPL, LPA and
 LPA+LPL, seeds 0-2, a method's seeds trained as one program (:mod:`lpa_jax.train.parallel`).
-GPU machines here have no TensorFlow, no internet and a 64 MiB working tree, so:
+The GPU machines have no TensorFlow, no internet and room for a 64 MiB working tree, so:
 
 1. Here, where the CIFAR-10 (JPEG-75) cache is, once:
 
      python -m experiments.gpu.longtail_paper export     # .device_data/cifar10_lt100_jpeg75.npz
      pip install --no-deps --target .device_deps ml-collections
 
-2. On the GPU machine, one chunk per call (``carry: [".device_data", ".device_deps"]``)::
+2. On the GPU machine, with ``.device_data`` and ``.device_deps`` beside the checkout, one
+   chunk per session (``$OUT``: a folder that comes back)::
 
-     PYTHONPATH=.device_deps python3 -m experiments.gpu.longtail_paper train --budget_s=540 \
+     PYTHONPATH=.device_deps python3 -m experiments.gpu.longtail_paper train --budget_s=520 \
          --state=.device_data/paper_lt_state.tar.gz --save_state=$OUT/paper_lt_state.tar.gz
 
    It trains until the budget is spent (stopping at a step boundary with a checkpoint) and
    packs the runs (finished ones without checkpoints) into ``--save_state``.  Copy that file
-   back to ``.device_data/`` and call again: finished runs are skipped, the others resume.
+   back to ``.device_data/`` and run again: finished runs are skipped, the others resume.
 3. ``python -m experiments.report --root=<root>`` writes the table from the unpacked runs.
 
 The layout of ``--root`` is a sweep's (``runs/<method>/seed<k>/``, ``suite.json``).
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
   tr.add_argument("--methods", type=lambda s: s.split(","), default=list(methods()))
   tr.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
   tr.add_argument("--parallel", type=int, default=3, help="seeds of a method per program")
-  tr.add_argument("--budget_s", type=float, default=540.0,
+  tr.add_argument("--budget_s", type=float, default=520.0,
                   help="stop (with checkpoints) after this many seconds")
   tr.add_argument("--min_group_s", type=float, default=60.0,
                   help="start no group with less time left (its compile alone takes ~30 s)")
