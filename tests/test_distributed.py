@@ -1,8 +1,9 @@
 """Training under ``jax.distributed``: 2 processes × 4 CPU devices train as 1 process × 8.
 
-The 2-process run is started here as two subprocesses on localhost (this file is also their
-script); in the slow variant it is cut once mid-epoch and resumed, so orbax also restores
-from both processes.  The reference is the unbroken 8-device run in this (pytest) process.
+The 2 processes are started here as subprocesses on localhost (this file is also their
+script).  By default they take 3 jitted steps; the slow tests run the whole loop (evaluation,
+orbax checkpoints from both processes, metrics and results from process 0), once cut
+mid-epoch and resumed.  The reference is the 8-device run in this (pytest) process.
 """
 import json
 import os
@@ -35,13 +36,30 @@ def _worker(process_id: int, port: int, workdir: str, cut: int) -> None:
   print("worker", process_id, "test_accuracy", results["test_accuracy"], flush=True)
 
 
+def _step_worker(process_id: int, port: int, out: str) -> None:
+  """One of the 2 processes: 3 train steps of the jitted step alone (no loop, no evaluation);
+  process 0 saves the parameters and the last step's δ norms."""
+  from lpa_jax.data import load_task_data
+  from lpa_jax.train import distributed
+  from lpa_jax.train.build import build_train_step
+  from lpa_jax.train.step import make_mesh
+  distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+  cfg = small_config(**OVERRIDES)
+  step, state, batch_fn = build_train_step(cfg, load_task_data(cfg.data), make_mesh())
+  for i in range(3):
+    state, metrics = step(state, batch_fn(state, 0, i))
+  leaves = jax.tree.leaves(jax.device_get(state.params))
+  if distributed.is_main():
+    np.savez(out, *leaves, delta_norm_C=jax.device_get(metrics["delta_norm_C"]))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
-def _start_two_processes(workdir: str, cut: int) -> list[subprocess.Popen]:
+def _start_two_processes(workdir: str, cut) -> list[subprocess.Popen]:
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
              [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
@@ -105,6 +123,30 @@ def test_two_processes_match_one(tmp_path, fmnist_lt, cut):
                s1.params, s2.params)
 
 
+def test_two_processes_step_as_one(tmp_path, fmnist_lt):
+  """3 steps over 2 processes × 4 devices equal 3 steps over 1 × 8: parameters, and δ from
+  the global batch (its class norms)."""
+  from lpa_jax.train.build import build_train_step
+  from lpa_jax.train.step import make_mesh
+  out = str(tmp_path / "two.npz")
+  procs = _start_two_processes(out, "steps")
+  try:  # the reference steps while the two processes start
+    step, state, batch_fn = build_train_step(small_config(**OVERRIDES), fmnist_lt, make_mesh())
+    for i in range(3):
+      state, metrics = step(state, batch_fn(state, 0, i))
+    want = jax.tree.leaves(jax.device_get(state.params))
+  finally:
+    _wait(procs)
+  with np.load(out) as got:
+    assert len(got.files) == len(want) + 1
+    for k, a in enumerate(want):
+      np.testing.assert_allclose(got[f"arr_{k}"], a, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got["delta_norm_C"], jax.device_get(metrics["delta_norm_C"]),
+                               rtol=1e-3, atol=1e-6)
+    assert np.max(got["delta_norm_C"]) > 0
+
+
+@pytest.mark.slow  # the 2-process step test above covers this path; here, bit for bit
 def test_process_local_batches_equal_the_device_gather(fmnist_lt):
   """The multi-process input path, run in one process: the same global batch, bit for bit."""
   from lpa_jax.train import distributed
@@ -124,4 +166,7 @@ def test_process_local_batches_equal_the_device_gather(fmnist_lt):
 
 
 if __name__ == "__main__":
-  _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+  if sys.argv[4] == "steps":
+    _step_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  else:
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
