@@ -44,7 +44,8 @@ flags.DEFINE_bool("report", True, "Write the report after the runs.")
 flags.DEFINE_enum("stale", "refuse", ["refuse", "rerun"], "Runs whose recorded config differs "
                   "from the suite's plan: stop and list them (refuse), or redo them (rerun).")
 flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one program (one "
-                     "vmapped step, lpa_jax.train.parallel); 1 trains them one by one.",
+                     "vmapped step, lpa_jax.train.parallel); 1 trains them one by one. For "
+                     "accelerators: XLA:CPU runs vmapped convolutions slower than K plain ones.",
                      lower_bound=1)
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
