@@ -40,6 +40,21 @@ def test_every_lpa_config_measurably_perturbs(labels, config):
       f"{s['mean_abs_signed']:.4f} nats on average over signed classes, below {THRESHOLD}")
 
 
+ADV_GROUPS = cc.distinct(cc.lpa_configs("adversarial"))
+
+
+@pytest.mark.parametrize("labels,config", [
+    pytest.param(labels, config, id=labels[0],
+                 marks=() if "longtail.py:quick" in labels else (pytest.mark.slow,))
+    for labels, config in ADV_GROUPS])
+def test_every_adversarial_config_measurably_perturbs(labels, config):
+  try:
+    s = cc.check(config)
+  except FileNotFoundError as e:
+    pytest.skip(f"{labels[0]}: {str(e).splitlines()[0]}")
+  assert s["mean_abs_signed"] >= THRESHOLD, (labels, config.perturb.adversarial.eps, s)
+
+
 def test_the_check_fails_on_the_spec_absolute_radius():
   # The SPEC's absolute ε = 0.1 is inert on these networks: the check above must catch it.
   labels, config = next(g for g in GROUPS if "longtail.py:quick" in g[0])
