@@ -31,14 +31,15 @@ def lpa_block(split: str = "balanced") -> mlc.ConfigDict:
   (ResNet-32, CIFAR-10 (JPEG-75)-LT, initialisation) measures a mean |loss change| of the
   signed classes of 0.003-0.007 nats at stage2, stage3.block1, stage3.block3 and stage3, far
   below SPEC §1's 0.05, because ‖a‖ there is 75-175.  A relative radius follows the
-  activation's scale, so one ε means the same across points and datasets.
+  activation's scale: one ε moves the loss about as much at every one of those points
+  (within 2×; ResNet-32 at ε 0.1: 0.40-0.74 nats).
 
   Why 0.1 (and less on deep networks): ε is chosen per network so that LPA moves the loss
   of its signed classes by roughly 0.1-0.3 nats at initialisation (2-6× the floor, well below
   the loss itself).  On the small CNNs ε 0.1 gives 0.09-0.28 (0.09-0.11 after 30 steps); the
   deeper networks are more sensitive, so :data:`RADII` sets ResNet-32 0.03 (0.17 at
-  stage3.block3, 0.12 after 50 steps; 0.12-0.22 at the other points), ResNet-110 0.01 (0.24)
-  and WRN-28-10 0.03 (0.22); at ε 0.1 they would move it by 0.57, 1.36 and 0.67 nats.
+  stage3.block3, 0.12 after 50 steps; 0.09-0.22 at the other points), ResNet-110 0.01
+  (0.14-0.24) and WRN-28-10 0.03 (0.22); at ε 0.1 they would move it by 0.57, 1.36 and 0.67.
   Δε = ε keeps the varied radius within [ε, ~1.6ε].  ``python -m experiments.calibrate_check``
   checks every committed config; ``tests/test_calibrate.py`` enforces the floor.
   """
