@@ -12,7 +12,7 @@ two runs' saves, a corrupt checkpoint that fell back to an older one, a run cont
 the runs behind are first brought up to the furthest one as separate runs, then the group
 continues as one program.  Either way every run's result is that of a separate run.
 
-  >>> results = train_and_evaluate_parallel([cfg0, cfg1, cfg2], ["r/s0", "r/s1", "r/s2"])  # doctest: +SKIP
+  >>> res = train_and_evaluate_parallel([c0, c1, c2], ["r/s0", "r/s1", "r/s2"])  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def make_parallel_batch_fn(config, data, mesh, spe: int) -> Callable:
   from its own permutation and data key, as :func:`~lpa_jax.train.build.make_batch_fn` makes
   it for a separate run; ``[K, B, ...]``, sharded over ``'data'`` along B.
 
-  >>> batch_K = make_parallel_batch_fn(config, data, mesh, 7)(state_K, 0, 0, perm_K)  # doctest: +SKIP
+  >>> batch_fn = make_parallel_batch_fn(config, data, mesh, 7)             # doctest: +SKIP
+  >>> batch_K = batch_fn(state_K, 0, 0, perm_K)                           # doctest: +SKIP
   """
   rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
   mean, std = (tuple(s) for s in dataset_stats(config.data.name))

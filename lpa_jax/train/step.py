@@ -123,8 +123,9 @@ def jit_parallel_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   accelerators: on XLA:CPU vmapped convolutions with per-run kernels become grouped
   convolutions, several times slower than K plain ones (dense layers gain there too).
 
-  >>> step_K = jit_parallel_train_step(make_train_step(act, logit, tx, cfg), make_mesh())  # doctest: +SKIP
-  >>> state_K, metrics_K = step_K(state_K, batch_K)     # metrics_K["loss"].shape == (K,)  # doctest: +SKIP
+  >>> step_fn = make_train_step(act, logit, tx, cfg)                      # doctest: +SKIP
+  >>> step_K = jit_parallel_train_step(step_fn, make_mesh())              # doctest: +SKIP
+  >>> state_K, metrics_K = step_K(state_K, batch_K)   # loss: shape (K,)   # doctest: +SKIP
   """
   step_K = jax.vmap(step_fn, in_axes=(PARALLEL_AXES, 0), out_axes=(PARALLEL_AXES, 0))
   rep = NamedSharding(mesh, P())
