@@ -169,3 +169,19 @@ def test_random_methods_skip_the_clean_pass_unless_a_class_split_needs_it(name):
   fwd_b, flops_b = run("lpl", "balanced")   # LPL re-splits from clean statistics
   assert fwd_b.clean_logits is not None and "loss_change_C" in fwd_b.aux
   assert flops < flops_b
+
+
+def test_lpa_with_logit_adjust_then_lpl_trains_and_results_record_the_chain(tmp_path,
+                                                                           fmnist_lt):
+  import json
+  from conftest import small_config
+  from lpa_jax.train.loop import train_and_evaluate
+  cfg = small_config(**{"perturb.activation": "lpa", "perturb.logit": "logit_adjust,lpl",
+                        "optim.num_epochs": 1})
+  res = train_and_evaluate(cfg, str(tmp_path), progress=False, data=fmnist_lt)
+  assert res["config"]["perturb"]["logit"] == "logit_adjust,lpl"
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["config"]["perturb"]["logit"] == "logit_adjust,lpl"
+  with open(tmp_path / "metrics.jsonl") as f:
+    row = json.loads(f.readline())
+  assert max(row["lpl_delta_norm_C"]) > 0 and max(row["delta_norm_C"]) > 0
