@@ -7,7 +7,8 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run
   (or, for a ``--fractions`` run, its F_up/F table);
-* ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise).
+* ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise);
+* ``bench-throughput:<path.json>`` — the runs/hour table of a ``--throughput`` run.
 
     python -m experiments.fill README.md experiments/results/README.md
 """
@@ -94,6 +95,20 @@ def bench_diff(paths: str) -> str:
           f"({label(worst)}).")
 
 
+def throughput_table(path: str) -> str:
+  """A ``python -m experiments.bench --throughput`` run: its machine, protocol and table."""
+  from experiments.bench import throughput
+  with open(os.path.join(ROOT, path)) as f:
+    run = json.load(f)
+  m, st = run["machine"], run["settings"]
+  device = m["device_kind"] if m["backend"] != "cpu" else m.get("processor", "?")
+  return (f"Machine: {device} ({m['backend']}, {m['cpu_count']} cores, {len(m['devices'])} "
+          f"device(s)), jax {m['jax']}; {st['model']} on {st['dataset']}, batch {st['batch']}, "
+          f"{st['steps_per_epoch']} steps per epoch, {st['num_epochs']} epochs, {st['n_evals']} "
+          f"evaluations of {st['test_images']} test images per run. Excluded: {st['excluded']}."
+          "\n\n" + throughput.markdown(run))
+
+
 def render(key: str) -> str:
   kind, _, arg = key.partition(":")
   if kind == "suite":
@@ -104,8 +119,10 @@ def render(key: str) -> str:
     return bench_table(arg)
   if kind == "bench-diff":
     return bench_diff(arg)
+  if kind == "bench-throughput":
+    return throughput_table(arg)
   raise ValueError(f"unknown block {key!r}; known: suite:<name>, suites-time, bench:<json>, "
-                   "bench-diff:<json>,<json>")
+                   "bench-diff:<json>,<json>, bench-throughput:<json>")
 
 
 def fill(path: str) -> int:

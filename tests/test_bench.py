@@ -262,3 +262,56 @@ def test_default_grid_covers_two_points_inside_the_last_stage():
   assert frac["stage2"] > frac["stage3.block0"] > frac["stage3.block1"] > frac["stage3"]
   explicit, _, _ = cli.grid_points(model, "stage3,stage3.block1,stage2", batch_size=4)
   assert explicit == ("stage2", "stage3.block1", "stage3")
+
+
+def test_throughput_protocol_formula_and_evaluation_count():
+  from experiments.bench import throughput
+  # 200 epochs evaluated every 10th (20) plus the final evaluation.
+  assert throughput.n_evaluations(200, 10) == 21
+  assert throughput.n_evaluations(7, 1) == 8
+  p = throughput.protocol(4, step_s=0.5, eval_s=20.0, num_epochs=10, spe=100, n_evals=3,
+                          batch=128)
+  assert p["protocol_s"] == pytest.approx(10 * 100 * 0.5 + 3 * 20.0)
+  assert p["runs_per_hour"] == pytest.approx(4 * 3600 / 560.0)
+  assert p["images_per_s"] == pytest.approx(4 * 10 * 100 * 128 / 560.0)
+  assert p["train_images_per_s"] == pytest.approx(4 * 128 / 0.5)
+
+
+def test_throughput_times_k_parallel_runs_and_labels_fixed_steps(fmnist_lt, tmp_path):
+  from conftest import small_config
+  from experiments.bench import throughput
+  from experiments.fill import render
+  config = small_config()
+  res = throughput.run(config, ks=(1, 2), dtypes=("float32", "bfloat16"), steps=2,
+                       test_subset=100, data=fmnist_lt, log=lambda *_: None)
+  rows = res["rows"]
+  assert [(r["dtype"], r["K"]) for r in rows] == [("float32", 1), ("float32", 2),
+                                                  ("bfloat16", 1), ("bfloat16", 2)]
+  spe = fmnist_lt.num_train // config.optim.batch_size
+  assert res["settings"]["steps_per_epoch"] == spe and res["settings"]["n_evals"] == 3
+  for r in rows:
+    assert r["timed_steps"] == min(2, spe) and r["step_ms"] > 0 and r["compile_s"] >= 0
+    assert "steps" in r["mode"] and f"eval of 100 test images scaled to" in r["mode"]
+    # The extrapolated protocol is made of the measured pieces.
+    assert r["protocol_s"] == pytest.approx(2 * spe * r["step_ms"] / 1e3 + 3 * r["eval_s"])
+    assert r["runs_per_hour"] == pytest.approx(r["K"] * 3600 / r["protocol_s"])
+  assert rows[0]["vs_k1"] == 1.0 and rows[1]["vs_k1"] == pytest.approx(
+      rows[1]["runs_per_hour"] / rows[0]["runs_per_hour"])
+  assert rows[0]["vs_float32"] is None and rows[3]["vs_float32"] == pytest.approx(
+      rows[3]["runs_per_hour"] / rows[1]["runs_per_hour"])
+  assert [c["ok"] for c in res["checks"]] == [None, None]  # K = 8 not run
+  table = throughput.markdown(res)
+  assert table.count("\n| bfloat16 |") == 2 and "not run: float32: K=8" in table
+  path = tmp_path / "tp.json"
+  path.write_text(json.dumps(res))
+  filled = render(f"bench-throughput:{path}")
+  assert filled.startswith("Machine: ") and filled.endswith(table)
+
+
+def test_throughput_flags_parse_and_leave_steps_unset():
+  a = cli.parse_args(["--throughput", "--k", "1,8", "--dtype", "float32,bfloat16",
+                      "--n-max", "500", "--test-subset", "1000"])
+  assert (a.throughput, a.k, a.dtype, a.n_max, a.test_subset) == (
+      True, "1,8", "float32,bfloat16", 500, 1000)
+  assert a.steps is None and a.model is None  # a whole epoch of the config's own model
+  assert cli.parse_args(["--quick"]).steps == 1

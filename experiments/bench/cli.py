@@ -6,6 +6,10 @@
     python -m experiments.bench --points stage2,stage3.block1,stage3.block4,stage3 --only plain,lpa
     python -m experiments.bench --rescore experiments/results/bench_gpu.json --check
     python -m experiments.bench --fractions --model resnet110    # F_up/F per point, no timing
+    python -m experiments.bench --throughput --k 1,2,4,8 --dtype float32,bfloat16 --out FILE.json
+
+``--throughput`` times whole training runs instead: images/s and runs/hour of K seeds as one
+program (:mod:`experiments.bench.throughput`).
 
 Every configuration is built by the library's own run builder and jitted step, handed a
 stand-in dataset (:class:`~experiments.bench.timing.BenchData`: one fixed batch, long-tail
@@ -31,6 +35,7 @@ import jax
 
 from experiments.bench import points as pts
 from experiments.bench import report
+from experiments.bench import throughput as tput
 from experiments.bench.flops import PAPER_FRACTION, cost_model, flop_fractions, flop_source
 from experiments.bench.timing import (SPLIT, bench_data, configurations, decompose,
                                       experiment_config, fixed_batch, time_all)
@@ -74,7 +79,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--rescore", metavar="FILE.json",
                  help="recount FLOP fractions, cost model and checks of an earlier run's JSON "
                       "(timings kept) and write it to --out (default: FILE.json itself)")
+  t = p.add_argument_group("--throughput: whole runs of experiments/configs/longtail.py:"
+                           "paper_cifar10 (--model, --batch override its own)")
+  t.add_argument("--throughput", action="store_true",
+                 help="images/s and runs/hour of K parallel runs, input pipeline and "
+                      "evaluation included (--steps N: N steps instead of a whole epoch)")
+  t.add_argument("--k", default="1,2,4,8", help="comma list of parallel runs (seeds)")
+  t.add_argument("--dtype", default="float32", help="comma list of compute dtypes, e.g. "
+                 "float32,bfloat16 (model.kwargs.dtype)")
+  t.add_argument("--n-max", type=int, default=None,
+                 help="train on the long tail with this many head-class images (shorter epoch)")
+  t.add_argument("--test-subset", type=int, default=None,
+                 help="evaluate this many test images and scale the time to the full test set")
   a = p.parse_args(argv)
+  if a.throughput:  # --steps stays None (a whole epoch); the config gives model and batch
+    return a
   quick = dict(model="resnet20", batch=32, T="1,3", steps=1, repeats=2)
   # ~35 configurations: compiling them all takes minutes on 2 CPU cores, so the defaults keep
   # the timed part to a similar budget.  Raise --repeats where steps are fast (GPU).
@@ -200,9 +219,39 @@ def _show(result: dict, with_checks: bool) -> None:
       print(f"[{state}] {c['target']}: {c['detail']}")
 
 
+def throughput(args: argparse.Namespace, write=None) -> dict:
+  """``--throughput``: :func:`experiments.bench.throughput.run` on the paper long-tail config;
+  ``write(result)`` saves the partial results after every row."""
+  from experiments.configs import longtail
+  config = longtail.get_config("paper_cifar10")
+  if args.model:
+    config.model.name = args.model
+  if args.batch:
+    config.optim.batch_size = args.batch
+  return tput.run(config, ks=[int(k) for k in args.k.split(",")],
+                  dtypes=[d.strip() for d in args.dtype.split(",")], steps=args.steps,
+                  n_max=args.n_max, test_subset=args.test_subset,
+                  source="experiments/configs/longtail.py:paper_cifar10", log=_print,
+                  on_row=write)
+
+
+def _write(path: str | None, result: dict) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> dict:
   """The command line (see the module docstring); returns the results it printed and wrote."""
   args = parse_args(argv)
+  if args.throughput:
+    result = throughput(args, functools.partial(_write, args.out))
+    print(tput.markdown(result))
+    _write(args.out, result)
+    if args.out:
+      print(f"wrote {args.out}")
+    return result
   if args.rescore:
     with open(args.rescore) as f:
       result = rescore(json.load(f))
