@@ -100,6 +100,7 @@ def _finite(obj):
   return not isinstance(obj, float) or math.isfinite(obj)
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_calibrate_command_writes_its_report(tmp_path):
   out = tmp_path / "cal.json"
   cmd = [sys.executable, "-m", "experiments.calibrate",

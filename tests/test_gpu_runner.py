@@ -85,6 +85,7 @@ def test_deadline_stops_the_loop_like_ctrl_c():
   assert stop.set and time.time() - t0 < 5
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_dry_run_trains_in_chunks_that_resume_elsewhere(tmp_path):
   data_file = str(tmp_path / "data.npz")
   task = _tiny_task(np.random.default_rng(2))

@@ -11,7 +11,9 @@ from lpa_jax.perturb.hooks import cut_staged, full_apply
 SMALL = {"resnet20": {}, "wrn16_8": {"widen": 1}, "cnn": {"widths": (8, 16)},
          "mlp": {"widths": (16, 8)}}
 # Big models are checked abstractly (jax.eval_shape): same code path, no FLOPs.
-BIG = ["resnet32", "resnet56", "resnet110", "wrn28_10", "preact_resnet18"]
+# The deepest ones compile for long on 2 CPU cores: they run with -m slow.
+BIG = ["resnet32", pytest.param("resnet56", marks=pytest.mark.slow),
+       pytest.param("resnet110", marks=pytest.mark.slow), "wrn28_10", "preact_resnet18"]
 RESNETS = ["resnet20", "wrn16_8"]  # the small models with block points
 
 

@@ -251,7 +251,7 @@ def test_a_users_jitted_step_compiles_once_across_steps_and_refreshes(batch):
     return optax.apply_updates(params, upd), opt, out.state, loss
 
   opt, pstate = tx.init(params), method.init()
-  for epoch in range(2):
+  for _epoch in range(2):
     for i in range(3):
       sl = slice(32 * i, 32 * (i + 1))
       params, opt, pstate, loss = step(params, opt, pstate, x[sl], y[sl], jax.random.key(i))
