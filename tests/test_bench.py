@@ -51,6 +51,7 @@ def test_quick_bench_writes_rows_and_survives_a_broken_method(tmp_path, monkeypa
   assert abs(logits["step_gflops"] - plain["step_gflops"]) < 0.02 * plain["step_gflops"]
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_flop_fractions_fall_towards_the_logits():
   model = get_model("resnet20", 10)
   full, frac = flops.flop_fractions(model, model.points, batch_size=4)
@@ -104,6 +105,7 @@ def test_flop_check_catches_recomputed_lower_layers():
                          "stage3", gflops_forward=10.0)) == 2
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_rescore_recounts_fractions_on_the_cpu_and_keeps_timings(tmp_path):
   out = tmp_path / "bench.json"
   cli.main(["--quick", "--points", "stem,stage3", "--T", "1", "--repeats", "1", "--steps", "1",
@@ -129,6 +131,7 @@ def test_rescore_recounts_fractions_on_the_cpu_and_keeps_timings(tmp_path):
   assert "XLA:CPU" in counted_by and "--rescore" in counted_by
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_decompose_times_each_piece_of_the_cost_model():
   model = get_model("resnet20", 10)
   pts = ("stem", "stage3", "logits")
