@@ -37,7 +37,8 @@ def make_schedule(cfg, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
                               [warmup])
 
 
-def make_optimizer(cfg, schedule: optax.Schedule, grad_pre: optax.GradientTransformation | None = None,
+def make_optimizer(cfg, schedule: optax.Schedule,
+                   grad_pre: optax.GradientTransformation | None = None,
                    grad_post: optax.GradientTransformation | None = None):
   """``grad_pre`` acts on raw gradients (clipping, noise, GAF), ``grad_post`` on the momentum
   output (GAF on momentum); weight decay is coupled, as in the SPEC's SGD protocols."""
