@@ -14,7 +14,8 @@ Layout of a suite root (default ``experiments/results/<suite>``)::
 Finished runs (``results.json`` readable, its recorded config the planned one) are skipped;
 an interrupted run resumes from its checkpoint.  Runs made with another config stop the sweep
 with the differing fields listed (``--stale=rerun`` redoes them); an unreadable
-``results.json`` is named and its run redone.  Every file written here is replaced atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
+``results.json`` is named and its run redone.  Every file written here is replaced
+atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
 so the committed results stay small.  The dataset is loaded once per suite and shared.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
 vmapped step, :mod:`lpa_jax.train.parallel`); each run's files are those a serial sweep writes.
