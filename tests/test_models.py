@@ -11,9 +11,10 @@ from lpa_jax.perturb.hooks import cut_staged, full_apply
 SMALL = {"resnet20": {}, "wrn16_8": {"widen": 1}, "cnn": {"widths": (8, 16)},
          "mlp": {"widths": (16, 8)}}
 # Big models are checked abstractly (jax.eval_shape): same code path, no FLOPs.
+BIG = ["resnet32", "resnet56", "resnet110", "wrn28_10", "preact_resnet18"]
 # The deepest ones compile for long on 2 CPU cores: they run with -m slow.
-BIG = ["resnet32", pytest.param("resnet56", marks=pytest.mark.slow),
-       pytest.param("resnet110", marks=pytest.mark.slow), "wrn28_10", "preact_resnet18"]
+BIG_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet56", "resnet110") else n
+              for n in BIG]
 RESNETS = ["resnet20", "wrn16_8"]  # the small models with block points
 
 
@@ -91,7 +92,7 @@ def test_flax_perturbations_reach_block_points_and_stage_aliases():
                              model.apply(variables, last + 3.0, start="stage3"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", BIG)
+@pytest.mark.parametrize("name", BIG_PARAMS)
 def test_big_models_have_logits_from_every_kind_of_point(name):
   model = get_model(name, 100)
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lpa_jax.models.staged import GlobalPool, Layer, block_points, make_head, run_stages
+from lpa_jax.models.staged import (GlobalPool, Layer, block_points, make_head, run_stages,
+                                   staged_points)
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -121,8 +122,7 @@ class CifarResNet(nn.Module):
 
   @property
   def points(self) -> tuple[str, ...]:
-    stages = sum((block_points(f"stage{i + 1}", self.num_blocks) for i in range(3)), ())
-    return ("stem",) + stages + ("features", "logits")
+    return staged_points(3, self.num_blocks)
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):

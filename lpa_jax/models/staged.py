@@ -113,6 +113,16 @@ def stage_level(points: Sequence[str]) -> tuple[str, ...]:
   return tuple(p for p in points if "." not in p)
 
 
+def staged_points(num_stages: int, num_blocks: int) -> tuple[str, ...]:
+  """``stem``, every stage's blocks and output, ``features``, ``logits``: a staged ResNet's points.
+
+  >>> staged_points(2, 1)
+  ('stem', 'stage1.block0', 'stage1', 'stage2.block0', 'stage2', 'features', 'logits')
+  """
+  stages = sum((block_points(f"stage{i + 1}", num_blocks) for i in range(num_stages)), ())
+  return ("stem",) + stages + ("features", "logits")
+
+
 def block_points(stage: str, num_blocks: int) -> tuple[str, ...]:
   """A stage's points, bottom to top: its blocks (0-based), then the stage output itself."""
   return tuple(f"{stage}.block{j}" for j in range(num_blocks)) + (stage,)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lpa_jax.models.resnet import PreActBlock, Stage, Stem, stage_layers
-from lpa_jax.models.staged import GlobalPool, block_points, make_head, run_stages
+from lpa_jax.models.staged import GlobalPool, make_head, run_stages, staged_points
 
 
 class WideResNet(nn.Module):
@@ -34,8 +34,7 @@ class WideResNet(nn.Module):
 
   @property
   def points(self) -> tuple[str, ...]:
-    stages = sum((block_points(f"stage{i + 1}", self.num_blocks) for i in range(3)), ())
-    return ("stem",) + stages + ("features", "logits")
+    return staged_points(3, self.num_blocks)
 
   @nn.compact
   def __call__(self, x, train: bool = False, start: str | None = None, stop: str | None = None):
