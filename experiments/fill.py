@@ -106,7 +106,9 @@ def throughput_table(path: str) -> str:
           f"device(s)), jax {m['jax']}; {st['model']} on {st['dataset']}, batch {st['batch']}, "
           f"{st['steps_per_epoch']} steps per epoch, {st['num_epochs']} epochs, {st['n_evals']} "
           f"evaluations of {st['test_images']} test images per run. Excluded: {st['excluded']}."
-          "\n\n" + throughput.markdown(run))
+          + (f" Load average (1, 5, 15 min) at the start: {m['load_average_start']}."
+             if m.get("load_average_start") else "")
+          + "\n\n" + throughput.markdown(run))
 
 
 def render(key: str) -> str:

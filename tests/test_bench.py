@@ -303,6 +303,7 @@ def test_throughput_times_k_parallel_runs_and_labels_fixed_steps(fmnist_lt, tmp_
   assert rows[0]["vs_float32"] is None and rows[3]["vs_float32"] == pytest.approx(
       rows[3]["runs_per_hour"] / rows[1]["runs_per_hour"])
   assert [c["ok"] for c in res["checks"]] == [None, None]  # K = 8 not run
+  assert len(res["machine"]["load_average_start"]) == 3
   table = throughput.markdown(res)
   assert table.count("\n| bfloat16 |") == 2 and "not run: float32: K=8" in table
   path = tmp_path / "tp.json"

@@ -31,6 +31,7 @@ epoch and ``--n-max`` trains on a smaller long tail (both recorded in the row's 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Callable
 
@@ -206,6 +207,8 @@ def run(config, ks=(1, 2, 4, 8), dtypes=("float32",), steps: int | None = None,
   result = dict(settings=_settings(config, data_full, spe_full, steps, n_max, test_subset,
                                    source),
                 machine=report.machine_info(mesh), rows=[], checks=[])
+  # Other jobs on the machine slow every row; the load says how busy it was.
+  result["machine"]["load_average_start"] = list(os.getloadavg())
   log(f"throughput: {config.model.name} on {data_full.name}, batch {config.optim.batch_size}, "
       f"K in {list(ks)}, dtypes {list(dtypes)}, on {jax.devices()}")
   for dtype in dtypes:
@@ -216,6 +219,7 @@ def run(config, ks=(1, 2, 4, 8), dtypes=("float32",), steps: int | None = None,
       result["rows"].append(row)
       add_ratios(result["rows"])
       result["checks"] = check(result["rows"])
+      result["machine"]["load_average_now"] = list(os.getloadavg())
       log(f"  {dtype} K={k}: {row['step_ms']:.0f} ms/step, eval {row['eval_s']:.1f} s, "
           f"{row['runs_per_hour']:.3g} runs/h, {row['images_per_s']:.0f} img/s "
           f"(warm-up {row['warmup_s']:.0f} s; {row['mode']})")
@@ -225,15 +229,17 @@ def run(config, ks=(1, 2, 4, 8), dtypes=("float32",), steps: int | None = None,
 
 
 def markdown(result: dict) -> str:
-  """The throughput table and its checks, as the README shows them."""
+  """The throughput table and its checks, as the README shows them.  ``warm-up s`` is the
+  first step and first evaluation (compiling both); ``compile s`` is that less a timed step's
+  and evaluation's time, an estimate."""
   f = lambda v, fmt: "" if v is None else format(v, fmt)
   out = ["| dtype | K | timed | ms/step | eval s (K runs) | images/s | runs/hour | x K=1 | "
-         "x float32 | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "x float32 | warm-up s | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
     out.append(f"| {r['dtype']} | {r['K']} | {r['mode']} | {r['step_ms']:.0f} | "
                f"{r['eval_s']:.1f} | {r['images_per_s']:.1f} | {r['runs_per_hour']:.3g} | "
                f"{f(r['vs_k1'], '.2f')} | {f(r['vs_float32'], '.2f')} | "
-               f"{r['compile_s']:.0f} |")
+               f"{r['warmup_s']:.0f} | {r['compile_s']:.0f} |")
   checks = [f"* {({True: 'met', False: 'NOT met', None: 'not run'})[c['ok']]}: {c['target']} "
             f"({c['detail']})" for c in result.get("checks", [])]
   return "\n".join(out + ([""] + checks if checks else []))
