@@ -294,7 +294,7 @@ def test_throughput_times_k_parallel_runs_and_labels_fixed_steps(fmnist_lt, tmp_
   assert res["settings"]["steps_per_epoch"] == spe and res["settings"]["n_evals"] == 3
   for r in rows:
     assert r["timed_steps"] == min(2, spe) and r["step_ms"] > 0 and r["compile_s"] >= 0
-    assert "steps" in r["mode"] and f"eval of 100 test images scaled to" in r["mode"]
+    assert "steps" in r["mode"] and "eval of 100 test images scaled to" in r["mode"]
     # The extrapolated protocol is made of the measured pieces.
     assert r["protocol_s"] == pytest.approx(2 * spe * r["step_ms"] / 1e3 + 3 * r["eval_s"])
     assert r["runs_per_hour"] == pytest.approx(r["K"] * 3600 / r["protocol_s"])
