@@ -156,9 +156,15 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, fmnist_lt
     return ctrl_c_at_tenth
   monkeypatch.setattr(build, "make_batch_fn", make_batch_fn)
   part = str(tmp_path / "part")
-  with pytest.raises(KeyboardInterrupt, match="checkpoint saved at step 10 in .*rerun"):
-    loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_lt)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+  # Other tests in this process may have left SIGINT ignored: start from Python's default
+  # handler, and check the loop puts back the one it found.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt, match="checkpoint saved at step 10 in .*rerun"):
+      loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_lt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+  finally:
+    signal.signal(signal.SIGINT, previous)
   _same_run(loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_lt), full)
   assert _rows(part) == _rows(tmp_path / "full")
 
