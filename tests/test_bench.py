@@ -17,6 +17,7 @@ def _broken(cfg, ctx):
   raise RuntimeError("deliberately broken factory")
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_quick_bench_writes_rows_and_survives_a_broken_method(tmp_path, monkeypatch):
   # A method added to the registry at bench time appears; one that fails to build is a row
   # with an error note, not a crash.
@@ -280,6 +281,7 @@ def test_throughput_protocol_formula_and_evaluation_count():
   assert p["train_images_per_s"] == pytest.approx(4 * 128 / 0.5)
 
 
+@pytest.mark.slow  # default-suite time on 2 cores; run with -m slow
 def test_throughput_times_k_parallel_runs_and_labels_fixed_steps(fmnist_lt, tmp_path):
   from conftest import small_config
   from experiments.bench import throughput

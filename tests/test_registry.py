@@ -76,7 +76,8 @@ def test_gradient_noise_draws_from_the_run_seed():
   assert np.abs(a - b).max() > 0 and np.abs(a).max() > 0
 
 
-@pytest.mark.parametrize("name", ["manifold_mixup", "lpa_adaptive"])
+@pytest.mark.parametrize("name", [pytest.param("manifold_mixup", marks=pytest.mark.slow),
+                                  "lpa_adaptive"])
 def test_branch_selection_mask_and_switch_compute_the_same_step(name):
   """The two selections are one algorithm: identical outputs and states, and the one used is
   reported in the diagnostics."""
