@@ -79,29 +79,36 @@ class _StopFlag:
       signal.signal(signal.SIGINT, self._previous)
 
 
-def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog, bar,
-           stop: _StopFlag):
+def run_steps(train_step, batch_fn, perm, spe: int, state, epoch: int, first: int,
+              stop_at: int, log_fn, bar, stop: _StopFlag):
   """Steps ``first..`` of ``epoch`` (up to ``stop_at`` or a Ctrl-C); returns
-  ``(state, steps_done)``.
+  ``(state, steps_done)``.  Shared by the single-run and the K-parallel loop.
 
-  Step ``t`` is dispatched before step ``t-1``'s metrics are read, so the host never stalls
-  the device; every finished step's metrics are in ``log`` on return.
+  Step ``t`` is dispatched before step ``t-1``'s metrics are read (``log_fn(step, metrics)``),
+  so the host never stalls the device; every finished step is logged on return.
   """
-  spe, perm, pending = run.steps_per_epoch, run.epoch_perm(epoch), None
-  i = first
+  pending, i = None, first
   for i in range(first, spe):
     if epoch * spe + i >= stop_at or stop.set:
       break
-    state, metrics = run.train_step(state, run.batch_fn(state, epoch, i, perm))
+    state, metrics = train_step(state, batch_fn(state, epoch, i, perm))
     if pending is not None:
-      _log_step(log, bar, *pending, run.perturbation)
+      log_fn(*pending)
     pending = (epoch * spe + i, metrics)
     bar.update(1)
   else:
     i = spe
   if pending is not None:
-    _log_step(log, bar, *pending, run.perturbation)
+    log_fn(*pending)
   return state, i
+
+
+def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog, bar,
+           stop: _StopFlag):
+  """:func:`run_steps` for one run, logging into ``log``."""
+  return run_steps(run.train_step, run.batch_fn, run.epoch_perm(epoch), run.steps_per_epoch,
+                   state, epoch, first, stop_at,
+                   lambda step, m: _log_step(log, bar, step, m, run.perturbation), bar, stop)
 
 
 def _log_step(log: MetricLog, bar, step: int, metrics, perturbation=("none", None)):

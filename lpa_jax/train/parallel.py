@@ -145,23 +145,11 @@ def _log_steps(logs, bar, step: int, metrics_K, run: Run, workdirs) -> None:
 
 def _epoch(prun: ParallelRun, state_K, epoch: int, first: int, stop_at: int, logs, bar, stop,
            workdirs):
-  """Steps ``first..`` of ``epoch`` for all K runs (up to ``stop_at`` or a Ctrl-C); returns
-  ``(state_K, steps_done)``.  Step ``t`` is dispatched before step ``t-1``'s metrics are read."""
-  spe, perm_K, pending = prun.run.steps_per_epoch, prun.epoch_perm(epoch), None
-  i = first
-  for i in range(first, spe):
-    if epoch * spe + i >= stop_at or stop.set:
-      break
-    state_K, metrics_K = prun.train_step(state_K, prun.batch_fn(state_K, epoch, i, perm_K))
-    if pending is not None:
-      _log_steps(logs, bar, *pending, prun.run, workdirs)
-    pending = (epoch * spe + i, metrics_K)
-    bar.update(1)
-  else:
-    i = spe
-  if pending is not None:
-    _log_steps(logs, bar, *pending, prun.run, workdirs)
-  return state_K, i
+  """:func:`lpa_jax.train.loop.run_steps` for all K runs, each logging into its own log."""
+  return loop.run_steps(prun.train_step, prun.batch_fn, prun.epoch_perm(epoch),
+                        prun.run.steps_per_epoch, state_K, epoch, first, stop_at,
+                        lambda step, m: _log_steps(logs, bar, step, m, prun.run, workdirs),
+                        bar, stop)
 
 
 class _NoBar:
