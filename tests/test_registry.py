@@ -76,17 +76,21 @@ def test_gradient_noise_draws_from_the_run_seed():
   assert np.abs(a - b).max() > 0 and np.abs(a).max() > 0
 
 
+def _cnn_setup():
+  """A small CNN's context, variables and a 20-example batch covering every class."""
+  model = get_model("cnn", 10, widths=(4, 8, 8))
+  x = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
+  y = jnp.arange(20) % 10
+  return _ctx(model=model), model.init(jax.random.key(1), x[:1]), Batch(x, y,
+                                                                      jax.nn.one_hot(y, 10))
+
+
 @pytest.mark.parametrize("name", [pytest.param("manifold_mixup", marks=pytest.mark.slow),
                                   "lpa_adaptive"])
 def test_branch_selection_mask_and_switch_compute_the_same_step(name):
   """The two selections are one algorithm: identical outputs and states, and the one used is
   reported in the diagnostics."""
-  model = get_model("cnn", 10, widths=(4, 8, 8))
-  ctx = _ctx(model=model)
-  x = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
-  y = jnp.arange(20) % 10
-  v = model.init(jax.random.key(1), x[:1])
-  batch = Batch(x, y, jax.nn.one_hot(y, 10))
+  ctx, v, batch = _cnn_setup()
   outs = {}
   for select in ("mask", "switch"):
     pc = _pc(activation=name)
@@ -151,12 +155,7 @@ def test_gaf_doubles_small_gradients_and_the_unit_slope_control_does_not():
 
 @pytest.mark.parametrize("name", ["dropout", "noise", "deep_augmentation", "manifold_mixup"])
 def test_random_methods_skip_the_clean_pass_unless_a_class_split_needs_it(name):
-  model = get_model("cnn", 10, widths=(4, 8, 8))
-  ctx = _ctx(model=model)
-  x = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
-  y = jnp.arange(20) % 10
-  v = model.init(jax.random.key(1), x[:1])
-  batch = Batch(x, y, jax.nn.one_hot(y, 10))
+  ctx, v, batch = _cnn_setup()
 
   def run(logit, split):
     pc = _pc(activation=name, logit=logit)
