@@ -44,6 +44,9 @@ flags.DEFINE_bool("progress", True, "Show the overall progress bar.")
 flags.DEFINE_bool("report", True, "Write the report after the runs.")
 flags.DEFINE_enum("stale", "refuse", ["refuse", "rerun"], "Runs whose recorded config differs "
                   "from the suite's plan: stop and list them (refuse), or redo them (rerun).")
+flags.DEFINE_string("shard", None, "I/N: run only the planned runs whose index is I modulo N "
+                    "(0-based), so N processes share one suite, e.g. one XLA thread each on N "
+                    "cores; each still checks every run for staleness.")
 flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one program (one "
                      "vmapped step, lpa_jax.train.parallel); 1 trains them one by one. For "
                      "accelerators: XLA:CPU runs vmapped convolutions slower than K plain ones.",
@@ -165,8 +168,26 @@ def _write_meta(suite, runs, root) -> None:
       "seeds": sorted({r["seed"] for r in runs}), "machine": machine()})
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+  """``"1/2"`` -> ``(1, 2)``; ``None`` -> ``(0, 1)`` (every run).
+
+  >>> parse_shard("1/2")
+  (1, 2)
+  """
+  if text is None:
+    return 0, 1
+  try:
+    i, n = (int(p) for p in text.split("/"))
+  except ValueError:
+    raise ValueError(f"--shard must be I/N with integers, e.g. 0/2; got {text!r}") from None
+  if not (n >= 1 and 0 <= i < n):
+    raise ValueError(f"--shard={text}: need N >= 1 and 0 <= I < N")
+  return i, n
+
+
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
-              stale: str = "refuse", parallel: int = 1) -> dict:
+              stale: str = "refuse", parallel: int = 1, shard: tuple[int, int] = (0, 1)
+              ) -> dict:
   """Runs every unfinished (method, seed) of ``suite`` under ``root``; returns counts
   ``{"ran": n, "skipped": m}``.  Writes the report at the end when ``report``.
 
@@ -174,6 +195,7 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   sweep before anything runs (:class:`StaleRuns`), or are rerun afresh with
   ``stale='rerun'``.  A ``results.json`` that cannot be read is named and its run redone.
   ``parallel`` K > 1 trains a method's unfinished seeds in groups of up to K as one program.
+  ``shard`` ``(i, n)`` runs only the planned runs with index ``i`` modulo ``n``.
   """
   runs = plan(suite, seeds)
   workdirs = [_workdir(root, r) for r in runs]
@@ -183,7 +205,10 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   _write_meta(suite, runs, root)
   cache, counts, todo = {}, {"ran": 0, "skipped": 0}, []
   bar = _bar(len(runs), suite.name, progress)
-  for r, workdir, (status, detail) in zip(runs, workdirs, statuses):
+  for k, (r, workdir, (status, detail)) in enumerate(zip(runs, workdirs, statuses)):
+    if k % shard[1] != shard[0]:
+      bar.update(1)
+      continue
     if status == "finished":
       _clean(workdir)  # a kill between results.json and the clean-up left checkpoints
       counts["skipped"] += 1
@@ -299,7 +324,7 @@ def _run_all(config, names, suites) -> None:
     else:
       root = FLAGS.root or os.path.join(RESULTS_DIR, suite.name)
     counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report, FLAGS.stale,
-                       FLAGS.parallel)
+                       FLAGS.parallel, parse_shard(FLAGS.shard))
     print(f"{suite.name}: ran {counts['ran']}, skipped {counts['skipped']} finished; "
           f"report: {root}/report.md", flush=True)
 

@@ -357,3 +357,23 @@ def test_longtail_leaving_a_class_empty_is_an_error(mnist, cache_dir):
   with pytest.raises(ValueError, match=r"class\(es\) \[8, 9\] with 0 training images.*"
                                        r"n_max >= 100"):
     D.load_task_data(cfg(cache_dir, name="mnist", imbalance_ratio=100, n_max=50))
+
+
+@needs_shared
+def test_val_fraction_holds_out_a_stratified_part_of_the_training_set(cache_dir):
+  full = D.load_task_data(cfg(cache_dir, name="fashion_mnist", imbalance_ratio=100))
+  d = D.load_task_data(cfg(cache_dir, name="fashion_mnist", imbalance_ratio=100,
+                           val_fraction=0.1))
+  counts = np.bincount(full.y_train, minlength=10)
+  val_counts = np.bincount(d.y_val, minlength=10)
+  np.testing.assert_array_equal(val_counts, np.maximum(np.round(0.1 * counts), 1))
+  np.testing.assert_array_equal(d.class_counts(), counts - val_counts)
+  np.testing.assert_array_equal(d.extras["class_counts"], counts - val_counts)
+  # Carved from the training images (disjoint from what is trained on); the test set untouched.
+  key = lambda x: {row.tobytes() for row in x.reshape(len(x), -1)}
+  assert key(d.x_val) | key(d.x_train) == key(full.x_train)
+  assert not key(d.x_val) & key(d.x_train)
+  np.testing.assert_array_equal(d.y_test, full.y_test)
+  assert "10% held out for validation" in d.name
+  with pytest.raises(ValueError, match="data.val_fraction"):
+    D.load_task_data(cfg(cache_dir, name="fashion_mnist", val_fraction=1.0))

@@ -73,6 +73,12 @@ def test_smoke_suite_end_to_end(tmp_path):
     run = os.path.join(root, "runs", slug, "seed0")
     assert not os.path.exists(os.path.join(run, "checkpoints"))  # cleaned after finishing
     assert os.path.exists(os.path.join(run, "metrics.jsonl"))
+    # Per-sample predictions with their labels, for paired tests between runs.
+    pred = np.load(os.path.join(run, "predictions.npz"))
+    assert pred["test_pred"].shape == pred["test_label"].shape == (200,)
+    assert np.mean(pred["test_pred"] == pred["test_label"]) == pytest.approx(
+        files[slug]["test_accuracy"])
+    assert len(files[slug]["code"]["commit"]) == 40  # the code that ran is recorded
 
   # The tables' numbers are those of the run files.
   with open(os.path.join(root, "results.csv")) as f:
@@ -117,6 +123,17 @@ def test_smoke_suite_end_to_end(tmp_path):
   assert "runs/lpa/seed0/results.json" in md and "| LPA |" not in md
   assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
   assert json.load(open(lpa))["steps"] > 0
+
+  # Two shards split the plan: shard 1/2 of (CE, LPA) runs LPA only and leaves CE alone.
+  ce_res = os.path.join(ce, "results.json")
+  os.remove(ce_res)
+  os.remove(lpa)
+  assert sweep.run_suite(suite, root, progress=False, report=False, shard=(1, 2)) == {
+      "ran": 1, "skipped": 0}
+  assert os.path.exists(lpa) and not os.path.exists(ce_res)
+  assert sweep.parse_shard("0/2") == (0, 2)
+  with pytest.raises(ValueError, match="--shard=2/2"):
+    sweep.parse_shard("2/2")
 
 
 def test_stale_check_compares_what_the_run_trains_with():

@@ -19,7 +19,7 @@ def base_config(split: str = "balanced") -> mlc.ConfigDict:
       cache_dir=mlc.FieldReference(None, field_type=str), download=True,
       imbalance_ratio=1.0, n_max=mlc.FieldReference(None, field_type=int),
       test_subset=mlc.FieldReference(None, field_type=int), noise_type="none", noise_rate=0.0,
-      test_domain=0, holdout_fraction=0.2, seed=0))
+      test_domain=0, holdout_fraction=0.2, val_fraction=0.0, seed=0))
   # dtype: the compute dtype (bfloat16 = mixed precision, f32 parameters and statistics).
   c.model = mlc.ConfigDict(dict(name="cnn", kwargs=mlc.ConfigDict(dict(dtype="float32"))))
   c.optim = mlc.ConfigDict(dict(

@@ -65,3 +65,21 @@ def stratified_subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
   # Ties (same fraction in different classes) are broken by the random order.
   keep = np.lexsort((np.argsort(order), rank))[:size]
   return np.sort(keep)
+
+
+def holdout_per_class(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """A seeded boolean mask holding out ``round(fraction·n_c)`` examples of every class ``c``,
+  at least one and at most ``n_c − 1`` (every class stays on both sides; a class with a
+  single example stays in training).
+
+  >>> y = np.repeat(np.arange(3), [100, 10, 2])
+  >>> np.bincount(y[holdout_per_class(y, 0.1, seed=0)]).tolist()
+  [10, 1, 1]
+  """
+  rng = np.random.default_rng(seed)
+  mask = np.zeros(y.size, bool)
+  for c in np.unique(y):
+    idx = np.flatnonzero(y == c)
+    n_val = min(max(int(round(fraction * idx.size)), 1), idx.size - 1)
+    mask[rng.permutation(idx)[:n_val]] = True
+  return mask

@@ -13,6 +13,9 @@ The config is an ``ml_collections.ConfigDict`` (or any object with attributes):
   noise_type        'none' | 'symmetric' | 'asymmetric' (CIFAR-10 only); noise_rate in [0, 1)
   test_domain       DG: index of the held-out domain; holdout_fraction (0.2) of every
                     training domain goes to the validation split
+  val_fraction      standard tasks: this fraction of every class's training images (at least
+                    one, leaving at least one) held out as a stratified validation split,
+                    after long-tail subsampling and label noise (0 = none, the default)
   seed              int; seeds subsampling, noise and splits
 
 Example:
@@ -84,6 +87,7 @@ class _Options:
   noise_rate: float
   test_domain: int
   holdout_fraction: float
+  val_fraction: float
   seed: int
 
 
@@ -119,6 +123,12 @@ def _options(cfg) -> _Options:
   holdout = float(get("holdout_fraction", 0.2))
   if not 0.0 < holdout < 1.0:
     raise ValueError(f"data.holdout_fraction must be in (0, 1), got {holdout}")
+  val_fraction = get("val_fraction", 0.0) or 0.0
+  if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+    raise ValueError(f"data.val_fraction must be a number in [0, 1), got {val_fraction!r}")
+  if val_fraction and name in DOMAIN:
+    raise ValueError("data.val_fraction: domain tasks hold out data.holdout_fraction of every "
+                     "training domain instead")
   test_domain = get("test_domain", 0) or 0
   if name in DOMAIN and test_domain not in range(len(DOMAIN_NAMES[name])):
     raise ValueError(f"data.test_domain={test_domain!r} out of range for {name!r}: valid "
@@ -132,7 +142,7 @@ def _options(cfg) -> _Options:
                   test_subset=_positive_int_or_none("test_subset", get("test_subset", None)),
                   noise_type=noise_type, noise_rate=rate,
                   test_domain=int(test_domain), holdout_fraction=holdout,
-                  seed=int(seed))
+                  val_fraction=float(val_fraction), seed=int(seed))
 
 
 def _subseed(seed: int, purpose: str) -> int:
@@ -185,6 +195,17 @@ def _standard_task(opts: _Options) -> TaskData:
     extras.update(y_train_clean=y, noise_mask=mask)
     tags.append(f"{opts.noise_rate:.0%} {opts.noise_type} noise")
     y = y_noisy
+  x_val = y_val = None
+  if opts.val_fraction > 0:
+    val = longtail.holdout_per_class(y, opts.val_fraction, _subseed(opts.seed, "val"))
+    x_val, y_val = x[val], y[val].astype(np.int32)
+    x, y = x[~val], y[~val]
+    for k in ("y_train_clean", "noise_mask"):
+      if k in extras:
+        extras[k] = extras[k][~val]
+    extras["class_counts"] = np.bincount(
+        extras.get("y_train_clean", y), minlength=num_classes)
+    tags.append(f"{opts.val_fraction:.0%} held out for validation")
   x_test, y_test = raw.x_test, raw.y_test
   if opts.test_subset is not None:
     keep = longtail.stratified_subset(y_test, opts.test_subset, _subseed(opts.seed, "test"))
@@ -192,7 +213,7 @@ def _standard_task(opts: _Options) -> TaskData:
   name = base + (f" ({', '.join(tags)})" if tags else "")
   return TaskData(name=name, x_train=x, y_train=y.astype(np.int32), x_test=x_test,
                   y_test=y_test.astype(np.int32), num_classes=num_classes,
-                  class_names=list(raw.class_names), extras=extras)
+                  class_names=list(raw.class_names), x_val=x_val, y_val=y_val, extras=extras)
 
 
 def _domain_task(opts: _Options) -> TaskData:

@@ -43,9 +43,12 @@ def per_domain_accuracy(pred, labels, domains, names) -> dict[str, float]:
           for k in np.unique(domains)}
 
 
-def evaluate_task(predict, state, data, full: bool = True) -> dict:
+def evaluate_task(predict, state, data, full: bool = True, predictions: dict | None = None
+                  ) -> dict:
   """Test accuracy, per-class accuracy and the task's breakdowns (long-tail shots, in-domain
   validation, per-domain, noisy-label memorisation); ``full=False`` skips the costly ones.
+  ``predictions``, when given, receives the per-sample predicted labels (``test``, and
+  ``val`` when the task has a validation split), e.g. for paired tests between runs.
 
   ``predict(state, uint8_images) -> labels`` (see :func:`lpa_jax.train.build.make_predict`).
 
@@ -58,13 +61,17 @@ def evaluate_task(predict, state, data, full: bool = True) -> dict:
   counts = data.class_counts()
   if counts.max() > 2 * max(counts.min(), 1):
     out["shot_accuracy"] = shot_accuracy(out["per_class_accuracy"], counts)
-  if data.x_val is not None:
-    out["val_accuracy"] = accuracy(predict(state, data.x_val), data.y_val)
+  pred_val = predict(state, data.x_val) if data.x_val is not None else None
+  if pred_val is not None:
+    out["val_accuracy"] = accuracy(pred_val, data.y_val)
+  if predictions is not None:
+    predictions.update(test=np.asarray(pred), **({} if pred_val is None else
+                                                 {"val": np.asarray(pred_val)}))
   extras = data.extras
   if full and "noise_mask" in extras:
     out.update(noisy_label_metrics(predict(state, data.x_train), data.y_train,
                                    extras["y_train_clean"], extras["noise_mask"]))
-  if full and "train_domain" in extras and data.x_val is not None:
+  if full and "train_domain" in extras and pred_val is not None:
     out["val_domain_accuracy"] = per_domain_accuracy(
-        predict(state, data.x_val), data.y_val, extras["val_domain"], extras["domain_names"])
+        pred_val, data.y_val, extras["val_domain"], extras["domain_names"])
   return out

@@ -239,8 +239,17 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   return results
 
 
+PREDICTIONS_FILE = "predictions.npz"
+
+
 def _results(config, run: Run, data, state, best, workdir, wall) -> dict:
-  res = evaluate_task(run.predict, state, data, full=True)
+  """The final evaluation as ``results.json`` holds it; also writes the per-sample test (and
+  validation) predictions with their labels to ``predictions.npz`` beside it (paired tests
+  between runs, e.g. McNemar's, need them)."""
+  preds = {}
+  res = evaluate_task(run.predict, state, data, full=True, predictions=preds)
+  if distributed.is_main():
+    _write_predictions(os.path.join(workdir, PREDICTIONS_FILE), preds, data)
   if best is not None:
     res["selected_by_val"] = best
   res.update({
@@ -248,6 +257,36 @@ def _results(config, run: Run, data, state, best, workdir, wall) -> dict:
       "class_names": list(data.class_names), "train_class_counts": data.class_counts().tolist(),
       "steps": int(jax.device_get(state.step)), "config": config_dict(config),
       "devices": [str(x) for x in run.mesh.devices.flat],
-      "wall_time_s": wall, "workdir": os.path.abspath(workdir),
+      "wall_time_s": wall, "workdir": os.path.abspath(workdir), "code": code_version(),
   })
   return res
+
+
+def _write_predictions(path: str, preds: dict, data) -> None:
+  import numpy as np
+  arrays = {f"{k}_pred": np.asarray(v, np.int16) for k, v in preds.items()}
+  arrays["test_label"] = np.asarray(data.y_test, np.int16)
+  if "val" in preds:
+    arrays["val_label"] = np.asarray(data.y_val, np.int16)
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def code_version() -> dict:
+  """The git commit of the code that ran (``dirty`` when it had uncommitted changes; ``None``
+  outside a git checkout) and ``XLA_FLAGS``: every run records what produced it (on XLA:CPU
+  the thread count changes the floating-point sums, so a rerun matches exactly only under the
+  same flags)."""
+  import subprocess
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                            cwd=here, capture_output=True, text=True, timeout=10,
+                            check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    commit, status = None, None
+  return {"commit": commit, "dirty": None if status is None else bool(status.strip()),
+          "xla_flags": os.environ.get("XLA_FLAGS")}
