@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 
 CONFIG_FILE = "config.json"
@@ -22,7 +23,12 @@ IGNORED_FIELDS = ("data.cache_dir", "train.checkpoint_every")
 
 
 class ConfigMismatch(ValueError):
-  """A work dir holds a run of a different config."""
+  """A work dir holds a run of a different config; ``detail`` lists the differing fields (empty
+  when the work dir has checkpoints but no recorded config)."""
+
+  def __init__(self, message: str, workdir: str = "", detail: str = ""):
+    super().__init__(message)
+    self.workdir, self.detail = workdir, detail
 
 
 def finite_json(obj):
@@ -179,13 +185,57 @@ def claim(workdir: str, config, fresh: bool = False) -> None:
     if diff:
       raise ConfigMismatch(
           f"Work dir {workdir} holds a run of a different config:\n{describe_diff(diff)}\n"
-          "Use another --workdir, or pass --fresh to delete that run and start afresh here.")
+          "Use another --workdir, or pass --fresh to delete that run and start afresh here.",
+          workdir, describe_diff(diff))
   elif os.path.isdir(ckpt := os.path.join(workdir, "checkpoints")) and os.listdir(ckpt):
     raise ConfigMismatch(
         f"Work dir {workdir} has checkpoints but no recorded config ({CONFIG_FILE}), so they "
-        "cannot be checked against this run. Use another --workdir, or pass --fresh.")
+        "cannot be checked against this run. Use another --workdir, or pass --fresh.", workdir)
   os.makedirs(workdir, exist_ok=True)
+  remove_leftovers(workdir)
   write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict(config))
+
+
+# What write_json_atomic and the other writers leave when killed mid-write: ``name.tmp<pid>``,
+# or ``name.tmp<pid>.npz`` (numpy insists on the suffix).
+_LEFTOVER = re.compile(r"^.+\.tmp(\d+)(\.npz)?$")
+
+
+def pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists on this host.
+
+  >>> pid_alive(os.getpid())
+  True
+  """
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+def remove_leftovers(directory: str) -> list[str]:
+  """Deletes the temporary files of writers that died mid-write in ``directory``; returns their
+  names.  Those of another live process are kept (about to be renamed into place); call it
+  where this process is not writing at the moment (its own pid may be a dead one's reused).
+
+  >>> remove_leftovers("/tmp/no_such_dir")
+  []
+  """
+  if not os.path.isdir(directory):
+    return []
+  gone = []
+  for name in sorted(os.listdir(directory)):
+    m = _LEFTOVER.match(name)
+    if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
+      try:
+        os.remove(os.path.join(directory, name))
+        gone.append(name)
+      except (FileNotFoundError, IsADirectoryError):
+        pass
+  return gone
 
 
 def disk_full(e: BaseException) -> str | None:
