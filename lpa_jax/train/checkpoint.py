@@ -12,9 +12,12 @@ digest; a state of another shape (another method or model) is refused with a cle
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import logging
 import os
+import sys
 import warnings
 
 import jax
@@ -107,6 +110,33 @@ def _restore_step(mgr, step: int, state):
   return restored, extra
 
 
+@contextlib.contextmanager
+def _quiet_failures():
+  """While a damaged checkpoint is read: orbax's abandoned read coroutines report the same
+  failure again as 'Exception ignored in ...' (tens of lines each) and its logger logs it; the
+  caller reports it once."""
+  hook, absl_logger = sys.unraisablehook, logging.getLogger("absl")
+  level = absl_logger.level
+
+  def drop_coroutines(unraisable):
+    if "coroutine" not in repr(unraisable.object):
+      hook(unraisable)
+  sys.unraisablehook = drop_coroutines
+  absl_logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()  # the abandoned coroutines are reported when collected: do it here
+    sys.unraisablehook = hook
+    absl_logger.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+  """The gist of ``e``: its first line, without TensorStore's spec dump."""
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return first.split(" See full TensorStore details")[0][:300]
+
+
 def restore_latest(mgr: ocp.CheckpointManager, state):
   """``(state, extra)`` from the newest usable checkpoint, restored into ``state``'s structure
   and shardings; ``(state, None)`` when the work dir has none.
@@ -118,11 +148,12 @@ def restore_latest(mgr: ocp.CheckpointManager, state):
   errors = []
   for step in steps:
     try:
-      return _restore_step(mgr, step, state)
+      with _quiet_failures():
+        return _restore_step(mgr, step, state)
     except CheckpointMismatch:
       raise
     except Exception as e:  # noqa: BLE001 - any failure to read one checkpoint: try the next
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      first = _first_line(e)
       errors.append(f"step {step}: {type(e).__name__}: {first}")
       warnings.warn(f"Checkpoint {os.path.join(str(mgr.directory), str(step))} is unusable "
                     f"({type(e).__name__}: {first}); trying an older one.", stacklevel=2)

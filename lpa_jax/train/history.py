@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
+
+
+class HistoryDamaged(ValueError):
+  """``metrics.jsonl`` lacks rows of epochs the checkpoint has finished, with no copy to
+  restore them from."""
 
 
 class MetricLog:
@@ -73,17 +79,62 @@ def to_json_rows(rows: list[dict]) -> list[dict]:
   return [{k: np.asarray(v).tolist() for k, v in r.items()} for r in rows]
 
 
-def trim_history(path: str, step: int) -> list[dict]:
-  """Keeps the rows of epochs finished by ``step`` (those after it are redone on resume) and
-  rewrites ``metrics.jsonl`` atomically; returns the kept rows."""
-  rows = [r for r in read_history(path) if r.get("step", 0) <= step] if step else []
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, path)
-  return rows
+def _lines(path: str, step: int) -> list[str]:
+  """The lines of the rows of epochs finished by ``step``, as :func:`read_history` reads them."""
+  if not step or not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        break
+      if row.get("step", 0) <= step:
+        out.append(line.rstrip("\n"))
+  return out
 
 
-def append_row(path: str, row: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(row) + "\n")
+def resume_history(path: str, step: int, steps_per_epoch: int, saved: list[str] | None,
+                   write: bool = True) -> list[str]:
+  """The lines of ``metrics.jsonl`` for the epochs finished by checkpoint ``step`` (the rows
+  after it are redone on resume), checked against ``saved``, the copy that checkpoint holds;
+  with ``write``, the file is rewritten atomically to hold exactly them.
+
+  A file that disagrees with the copy (deleted, a row torn or lost in the middle, rows written
+  twice) is restored from it, with a warning.  A checkpoint without a copy (older versions)
+  only passes a file holding each finished epoch once, in order; else :class:`HistoryDamaged`.
+
+  >>> resume_history("/tmp/none/metrics.jsonl", 0, 10, None, write=False)
+  []
+  """
+  lines = _lines(path, step)
+  if saved is not None:
+    if lines != saved:
+      warnings.warn(f"{path} does not match the history saved with the checkpoint at step "
+                    f"{step} ({len(lines)} good rows in the file, {len(saved)} saved: deleted, "
+                    "torn or written twice); restored the saved rows.", stacklevel=2)
+      lines = list(saved)
+  else:
+    epochs = [json.loads(x).get("epoch") for x in lines]
+    if epochs != list(range(1, step // steps_per_epoch + 1)):
+      raise HistoryDamaged(
+          f"{path} lacks rows of the epochs finished by the checkpoint at step {step} (it holds "
+          f"epochs {epochs}, expected 1..{step // steps_per_epoch}), and that checkpoint holds "
+          "no copy to restore them from. Put the file back, or start afresh with --fresh.")
+  if write:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(x + "\n" for x in lines)
+    os.replace(tmp, path)
+  return lines
+
+
+def append_row(path: str | None, row: dict) -> str:
+  """Appends ``row`` to ``metrics.jsonl`` (``path=None``: writes nothing); returns its line,
+  which the checkpoints keep as the history's durable copy."""
+  line = json.dumps(row)
+  if path is not None:
+    with open(path, "a") as f:
+      f.write(line + "\n")
+  return line

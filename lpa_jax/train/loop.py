@@ -3,13 +3,17 @@
 Resumable (orbax, automatic from ``workdir``, from the newest checkpoint that passes its
 integrity check), with a progress bar, JSON-lines metrics (one row per epoch, also across
 kills and resumes; TensorBoard when ``tensorboardX`` is installed), and a clear stop on a
-non-finite loss.  The work dir belongs to one config (:mod:`lpa_jax.train.workdir`); Ctrl-C
-stops at a step boundary with a checkpoint.  The loop dispatches step ``t`` before reading step
-``t-1``'s metrics, so the device never waits on the host.  Everything it drives is built by
-:mod:`lpa_jax.train.build`.
+non-finite loss or an activation method that perturbs nothing.  The work dir belongs to one
+config (:mod:`lpa_jax.train.workdir`) and to one process at a time (:mod:`lpa_jax.train.lock`);
+each checkpoint keeps a copy of the history, which restores a damaged ``metrics.jsonl``.
+Ctrl-C stops at a step boundary with a checkpoint.  The loop dispatches step ``t`` before
+reading step ``t-1``'s metrics, so the device never waits on the host.  Everything it drives is
+built by :mod:`lpa_jax.train.build`.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import signal
@@ -20,11 +24,12 @@ import jax
 
 from lpa_jax import data as lpa_data
 from lpa_jax.perturb.diagnostics import CAUSES, check_finite
-from lpa_jax.train import checkpoint, distributed
+from lpa_jax.train import checkpoint, distributed, lock
 from lpa_jax.train.build import Run, build_run
 from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.history import (MetricLog, append_row, best_of, read_history, to_json_rows,
-                                   trim_history, update_best)
+from lpa_jax.train.guards import check_perturbing
+from lpa_jax.train.history import (MetricLog, append_row, best_of, resume_history, to_json_rows,
+                                   update_best)
 from lpa_jax.train.step import make_mesh
 from lpa_jax.train.workdir import claim, config_dict, finite_json, write_json_atomic
 
@@ -125,13 +130,16 @@ def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
   if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.optim.num_epochs:
     ev = evaluate_task(run.predict, state, run.data, full=False)
     row.update({k: v for k, v in ev.items() if k in ("test_accuracy", "val_accuracy")})
+  check_perturbing(row, epoch + 1, run.perturbation)
   return row, update_best(best, row)
 
 
-def _save(mgr, state, log: MetricLog, force: bool = False):
+def _save(mgr, state, log: MetricLog, history: list[str], force: bool = False):
   # The steps of a partly done epoch travel with the checkpoint, so the epoch's row after a
-  # resume averages over all of its steps, not only those after the resume.
-  checkpoint.save(mgr, state, extra={"epoch_rows": to_json_rows(log.rows)}, force=force)
+  # resume averages over all of its steps, not only those after the resume; so do the rows of
+  # the finished epochs, the durable copy of metrics.jsonl.
+  checkpoint.save(mgr, state, extra={"epoch_rows": to_json_rows(log.rows),
+                                     "history": list(history)}, force=force)
 
 
 def _close(bar, tb, failing: bool):
@@ -146,8 +154,10 @@ def _close(bar, tb, failing: bool):
         raise
 
 
-def _train(run: Run, config, state, workdir, mgr, log: MetricLog, best, stop_at, progress):
-  """Runs epochs until ``stop_at``; returns ``(state, best, finished)``."""
+def _train(run: Run, config, state, workdir, mgr, log: MetricLog, history: list[str], best,
+           stop_at, progress):
+  """Runs epochs until ``stop_at``, appending each epoch's row to ``history`` (its lines);
+  returns ``(state, best, finished)``."""
   spe, n_epochs = run.steps_per_epoch, config.optim.num_epochs
   start = int(jax.device_get(state.step))
   history_path = os.path.join(workdir, "metrics.jsonl")
@@ -163,19 +173,18 @@ def _train(run: Run, config, state, workdir, mgr, log: MetricLog, best, stop_at,
         first = start % spe if epoch == start // spe else 0
         state, done = _epoch(run, state, epoch, first, stop_at, log, bar, stop)
         if done < spe:
-          _save(mgr, state, log, force=True)
+          _save(mgr, state, log, history, force=True)
           _raise_if_stopped(stop, state, workdir)
           failing = False
           return state, best, False
         row, best = _epoch_row(run, config, state, epoch, log, best)
-        if main:
-          append_row(history_path, row)
+        history.append(append_row(history_path if main else None, row))
         if tb is not None:
           for k, v in row.items():
             if isinstance(v, float):
               tb.add_scalar(k, v, row["step"])
         if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-          _save(mgr, state, log)
+          _save(mgr, state, log, history)
     failing = False
   except KeyboardInterrupt as e:
     if e.args:  # the clean stop's own message
@@ -207,28 +216,45 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   steps with a checkpoint (for jobs under a time limit); it returns ``None`` then, and the same
   call later continues the run.  ``data`` (a :class:`~lpa_jax.data.TaskData`) skips loading,
   e.g. when a sweep shares one.  Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``
-  whose message says so.
+  whose message says so.  Another process working in ``workdir`` makes it raise
+  :class:`~lpa_jax.train.lock.Busy` naming that process.
 
   >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")   # doctest: +SKIP
   """
   t0 = time.time()
   data = data if data is not None else lpa_data.load_task_data(config.data)
   run = build_run(config, data, mesh if mesh is not None else make_mesh())
-  if distributed.is_main():  # only now: a config that fails to build leaves no work dir
-    claim(workdir, config, fresh)
-  distributed.sync("lpa_jax.claim")  # the others restore only once the work dir is checked
+  main = distributed.is_main()
+  # Only now: a config that fails to build leaves no work dir.  Under jax.distributed process 0
+  # holds the lock for all of them.
+  with lock.hold(workdir) if main else contextlib.nullcontext():
+    if main:
+      claim(workdir, config, fresh)
+    distributed.sync("lpa_jax.claim")  # the others restore only once the work dir is checked
+    return _resume_and_train(run, config, data, workdir, progress, max_steps, t0)
+
+
+def resume(run: Run, workdir: str):
+  """``(mgr, state, log, history)`` of the run in ``workdir``: its newest usable checkpoint,
+  the metrics of a partly done epoch and the history's lines, ``metrics.jsonl`` checked (and
+  restored if damaged) against the copy in the checkpoint."""
   mgr = checkpoint.manager(workdir)
   state, extra = checkpoint.restore_latest(mgr, run.init_state)
+  extra = extra or {}
   start = int(jax.device_get(state.step))
-  history_path = os.path.join(workdir, "metrics.jsonl")
-  if distributed.is_main():
-    rows = trim_history(history_path, start)
-  else:  # process 0 trims the file; the others read the rows it keeps
-    rows = [r for r in read_history(history_path) if r.get("step", 0) <= start] if start else []
-  log = MetricLog((extra or {}).get("epoch_rows", []) if start % run.steps_per_epoch else [])
+  history = resume_history(os.path.join(workdir, "metrics.jsonl"), start, run.steps_per_epoch,
+                           extra.get("history"), write=distributed.is_main())
+  log = MetricLog(extra.get("epoch_rows", []) if start % run.steps_per_epoch else [])
+  return mgr, state, log, history
+
+
+def _resume_and_train(run: Run, config, data, workdir, progress, max_steps, t0):
+  mgr, state, log, history = resume(run, workdir)
+  start = int(jax.device_get(state.step))
   total = run.steps_per_epoch * config.optim.num_epochs
   stop_at = total if max_steps is None else min(total, start + max_steps)
-  state, best, finished = _train(run, config, state, workdir, mgr, log, best_of(rows), stop_at,
+  best = best_of(json.loads(x) for x in history)
+  state, best, finished = _train(run, config, state, workdir, mgr, log, history, best, stop_at,
                                  progress)
   if not finished:
     return None

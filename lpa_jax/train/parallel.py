@@ -16,7 +16,9 @@ continues as one program.  Either way every run's result is that of a separate r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import time
 from typing import Callable, NamedTuple
@@ -28,10 +30,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lpa_jax import data as lpa_data
 from lpa_jax.data.pipeline import dataset_stats, prepare_batch
-from lpa_jax.train import checkpoint, loop
+from lpa_jax.train import loop
 from lpa_jax.train.build import (Run, build_methods, build_model, build_optimizer, build_run,
                                  init_state, make_epoch_perm)
-from lpa_jax.train.history import MetricLog, append_row, best_of, trim_history
+from lpa_jax.train.history import append_row, best_of
+from lpa_jax.train.lock import hold
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_parallel_train_step, make_mesh, make_train_step,
                                 step_keys)
@@ -157,25 +160,30 @@ class _NoBar:
     return lambda *a, **k: None
 
 
-def _save_all(mgrs, state_K, logs, force: bool = False) -> None:
-  for k, (mgr, log) in enumerate(zip(mgrs, logs)):
-    loop._save(mgr, unstack_state(state_K, k), log, force=force)
+def _save_all(mgrs, state_K, logs, histories, force: bool = False) -> None:
+  for k, (mgr, log, history) in enumerate(zip(mgrs, logs, histories)):
+    loop._save(mgr, unstack_state(state_K, k), log, history, force=force)
 
 
-def _finish_epoch(prun, configs, state_K, epoch, logs, bests, workdirs, tbs) -> None:
+def _finish_epoch(prun, configs, state_K, epoch, logs, bests, histories, workdirs, tbs) -> None:
   """Each run's epoch row (its own evaluation) into its own ``metrics.jsonl``."""
   for k, (config, workdir, tb) in enumerate(zip(configs, workdirs, tbs)):
-    row, bests[k] = loop._epoch_row(prun.run, config, unstack_state(state_K, k), epoch,
-                                    logs[k], bests[k])
-    append_row(os.path.join(workdir, "metrics.jsonl"), row)
+    try:
+      row, bests[k] = loop._epoch_row(prun.run, config, unstack_state(state_K, k), epoch,
+                                      logs[k], bests[k])
+    except FloatingPointError as e:  # the other runs keep their last checkpoints
+      raise type(e)(f"{workdir}: {e}") from None
+    histories[k].append(append_row(os.path.join(workdir, "metrics.jsonl"), row))
     if tb is not None:
       for name, v in row.items():
         if isinstance(v, float):
           tb.add_scalar(name, v, row["step"])
 
 
-def _train(prun: ParallelRun, configs, state_K, workdirs, mgrs, logs, bests, stop_at, progress):
-  """Runs epochs until ``stop_at``; returns ``(state_K, finished)`` (``bests`` in place)."""
+def _train(prun: ParallelRun, configs, state_K, workdirs, mgrs, logs, histories, bests, stop_at,
+           progress):
+  """Runs epochs until ``stop_at``; returns ``(state_K, finished)`` (``histories`` and ``bests``
+  in place)."""
   spe, n_epochs = prun.run.steps_per_epoch, configs[0].optim.num_epochs
   start = int(jax.device_get(state_K.step))
   tbs = [loop._writer(w) for w in workdirs]
@@ -189,16 +197,16 @@ def _train(prun: ParallelRun, configs, state_K, workdirs, mgrs, logs, bests, sto
         first = start % spe if epoch == start // spe else 0
         state_K, done = _epoch(prun, state_K, epoch, first, stop_at, logs, bar, stop, workdirs)
         if done < spe:
-          _save_all(mgrs, state_K, logs, force=True)
+          _save_all(mgrs, state_K, logs, histories, force=True)
           if stop.set:
             raise KeyboardInterrupt(
                 f"Interrupted: checkpoints saved at step {int(jax.device_get(state_K.step))} "
                 f"in {', '.join(workdirs)}; rerun the same command to resume.")
           failing = False
           return state_K, False
-        _finish_epoch(prun, configs, state_K, epoch, logs, bests, workdirs, tbs)
+        _finish_epoch(prun, configs, state_K, epoch, logs, bests, histories, workdirs, tbs)
         if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-          _save_all(mgrs, state_K, logs)
+          _save_all(mgrs, state_K, logs, histories)
     failing = False
   finally:
     loop._close(bar, None, failing)
@@ -207,9 +215,11 @@ def _train(prun: ParallelRun, configs, state_K, workdirs, mgrs, logs, bests, sto
   return state_K, True
 
 
-def _restore_all(mgrs, prun: ParallelRun):
-  restored = [checkpoint.restore_latest(m, s) for m, s in zip(mgrs, prun.init_states)]
-  return restored, [int(jax.device_get(s.step)) for s, _ in restored]
+def _resume_all(prun: ParallelRun, workdirs):
+  """Each run's :func:`lpa_jax.train.loop.resume` (its own initial state) and its step."""
+  resumed = [loop.resume(prun.run._replace(init_state=s), w)
+             for s, w in zip(prun.init_states, workdirs)]
+  return resumed, [int(jax.device_get(state.step)) for _, state, _, _ in resumed]
 
 
 def _catch_up(configs, workdirs, steps, data, mesh) -> None:
@@ -243,25 +253,30 @@ def train_and_evaluate_parallel(configs, workdirs, progress: bool = True,
   mesh = mesh if mesh is not None else make_mesh()
   prun = build_parallel(configs, data, mesh)
   fresh_K = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh] * n_runs
-  for config, workdir, f in zip(configs, workdirs, fresh_K):
-    claim(workdir, config, f)
-  mgrs = [checkpoint.manager(w) for w in workdirs]
-  restored, steps = _restore_all(mgrs, prun)
+  with contextlib.ExitStack() as locks:
+    for config, workdir, f in zip(configs, workdirs, fresh_K):
+      locks.enter_context(hold(workdir))
+      claim(workdir, config, f)
+    return _resume_and_train(prun, configs, workdirs, data, mesh, progress, max_steps, t0)
+
+
+def _resume_and_train(prun: ParallelRun, configs, workdirs, data, mesh, progress, max_steps,
+                      t0) -> list[dict] | None:
+  n_runs = len(configs)
+  resumed, steps = _resume_all(prun, workdirs)
   if len(set(steps)) > 1:
     _catch_up(configs, workdirs, steps, data, mesh)
-    for mgr in mgrs:  # a manager caches its steps: read those the catch-up wrote afresh
+    for mgr, *_ in resumed:  # a manager caches its steps: read those the catch-up wrote afresh
       mgr.close()
-    mgrs = [checkpoint.manager(w) for w in workdirs]
-    restored, steps = _restore_all(mgrs, prun)
+    resumed, steps = _resume_all(prun, workdirs)
+  mgrs, states, logs, histories = (list(x) for x in zip(*resumed))
   start, spe = steps[0], prun.run.steps_per_epoch
-  logs = [MetricLog((extra or {}).get("epoch_rows", []) if start % spe else [])
-          for _, extra in restored]
-  bests = [best_of(trim_history(os.path.join(w, "metrics.jsonl"), start)) for w in workdirs]
+  bests = [best_of(json.loads(x) for x in h) for h in histories]
   total = spe * configs[0].optim.num_epochs
   stop_at = total if max_steps is None else min(total, start + max_steps)
-  state_K = stack_states([s for s, _ in restored], mesh)
-  state_K, finished = _train(prun, configs, state_K, workdirs, mgrs, logs, bests, stop_at,
-                             progress)
+  state_K = stack_states(states, mesh)
+  state_K, finished = _train(prun, configs, state_K, workdirs, mgrs, logs, histories, bests,
+                             stop_at, progress)
   if not finished:
     return None
   wall = time.time() - t0
