@@ -118,17 +118,33 @@ def _load_npz(path: pathlib.Path, source: str) -> RawData:
                    class_names=[str(c) for c in z["class_names"]], source=source)
 
 
+class CacheUnreadable(OSError):
+  """A cache file exists but cannot be read (permissions, an I/O error): it is kept."""
+
+
+# What a damaged .npz raises: a failed CRC or a cut-short archive, a bad member, a missing key.
+_CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError)
+
+
 def _read_cache(path: pathlib.Path, source: str) -> RawData | None:
-  """The cached arrays, or None when absent; a corrupt file is named, removed and rebuilt."""
+  """The cached arrays, or None when absent; a corrupt file (failed checksum or parse) is named,
+  removed and rebuilt.  One that cannot be read (permissions, an I/O error) is never deleted:
+  on a machine whose only copy is the cache that would destroy the dataset; it raises
+  :class:`CacheUnreadable` saying why."""
   if not path.exists():
     return None
   try:
     return _load_npz(path, source)
-  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError) as e:
+  except _CORRUPT as e:
     warnings.warn(f"Cache file {path} is corrupt ({type(e).__name__}: {e}); deleting it and "
                   "rebuilding it from the source.", stacklevel=3)
     path.unlink(missing_ok=True)
     return None
+  except OSError as e:
+    raise CacheUnreadable(
+        f"Cannot read the cache file {path} ({type(e).__name__}: {e.strerror or e}); it was "
+        "left as it is. Fix its permissions or the disk, or point data.cache_dir / "
+        "LPA_CACHE_DIR elsewhere.") from e
 
 
 # ----------------------------------------------------------------------------- builders

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 
 import numpy as np
@@ -92,9 +93,32 @@ class _Options:
 
 
 def _positive_int_or_none(field: str, value):
-  if value is not None and (int(value) != value or value < 1):
+  if value is not None and (not _is_number(value) or int(value) != value or value < 1):
     raise ValueError(f"data.{field} must be a positive integer or None, got {value!r}")
   return None if value is None else int(value)
+
+
+def _is_number(v) -> bool:
+  """A finite int or float (not a bool, not a string)."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(field: str, value, default) -> float:
+  value = default if value is None else value
+  if not _is_number(value):
+    raise ValueError(f"data.{field} must be a finite number, got {value!r}")
+  return float(value)
+
+
+def check_options(cfg) -> None:
+  """Raises ``ValueError`` naming the field when the data config ``cfg`` is invalid (what
+  :func:`load_task_data` checks first), without loading anything.
+
+  >>> check_options(ml_collections.ConfigDict(dict(name="mnist", imbalance_ratio=0.5)))
+  Traceback (most recent call last):
+  ValueError: data.imbalance_ratio must be >= 1 (1 = balanced), got 0.5
+  """
+  _options(cfg)
 
 
 def _options(cfg) -> _Options:
@@ -103,14 +127,13 @@ def _options(cfg) -> _Options:
   name = get("name", None)
   if name not in NAMES:
     raise ValueError(f"data.name={name!r} is not a known dataset; valid: {list(NAMES)}")
-  ir = get("imbalance_ratio", None)
-  ir = 1.0 if ir is None else float(ir)
+  ir = _number("imbalance_ratio", get("imbalance_ratio", None), 1.0)
   if ir < 1:
     raise ValueError(f"data.imbalance_ratio must be >= 1 (1 = balanced), got {ir}")
   if ir > 1 and name in DOMAIN:
     raise ValueError(f"data.imbalance_ratio: long-tail is not supported for {name!r}")
   noise_type = get("noise_type", "none") or "none"
-  rate = float(get("noise_rate", 0.0) or 0.0)
+  rate = _number("noise_rate", get("noise_rate", 0.0), 0.0)
   if noise_type not in NOISE_TYPES:
     raise ValueError(f"data.noise_type={noise_type!r}; valid: {list(NOISE_TYPES)}")
   if not 0.0 <= rate < 1.0:
@@ -120,7 +143,7 @@ def _options(cfg) -> _Options:
                      f"class pairs), not {name!r}; use 'symmetric'")
   if noise_type != "none" and name in DOMAIN:
     raise ValueError(f"data.noise_type: label noise is not supported for {name!r}")
-  holdout = float(get("holdout_fraction", 0.2))
+  holdout = _number("holdout_fraction", get("holdout_fraction", 0.2), 0.2)
   if not 0.0 < holdout < 1.0:
     raise ValueError(f"data.holdout_fraction must be in (0, 1), got {holdout}")
   val_fraction = get("val_fraction", 0.0) or 0.0
@@ -134,7 +157,7 @@ def _options(cfg) -> _Options:
     raise ValueError(f"data.test_domain={test_domain!r} out of range for {name!r}: valid "
                      f"0..{len(DOMAIN_NAMES[name]) - 1} ({DOMAIN_NAMES[name]})")
   seed = get("seed", 0)
-  if int(seed) != seed:
+  if not _is_number(seed) or int(seed) != seed:
     raise ValueError(f"data.seed must be an integer, got {seed!r}")
   return _Options(name=name, data_dir=get("data_dir", None), cache_dir=get("cache_dir", None),
                   download=bool(get("download", True)), imbalance_ratio=ir,
