@@ -6,15 +6,20 @@ Several hosts: run the same command on each, adding ``--distributed`` (TPU slice
 ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I``.
 
 A work dir belongs to one config: rerunning it with different values stops with the fields
-that differ; ``--fresh`` deletes that run and starts afresh.  Ctrl-C saves a checkpoint, says
-so in one line and exits with status 130.
+that differ; ``--fresh`` deletes that run and starts afresh; a work dir another process is
+training in is refused, naming it.  Ctrl-C, at any moment, says in one line what was saved and
+exits with status 130.  Errors the user can fix (a bad value, a refusal, a full disk) print one
+message and exit 1; ``--traceback`` shows their traceback too.
 """
 from __future__ import annotations
 
-import sys
+from experiments import cli
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# First of all: a Ctrl-C during the imports below already exits 130 in one line.
+cli.exit_on_interrupt(lambda: cli.saved_note(_workdir()))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "experiments/configs/longtail.py:quick",
@@ -29,6 +34,12 @@ flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distribut
 flags.DEFINE_string("coordinator_address", None, "Process 0's host:port (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a --distributed run.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_bool("traceback", False, "Show the traceback of errors that otherwise print one "
+                  "message (bad values, refusals, a full disk).")
+
+
+def _workdir() -> str | None:
+  return (FLAGS.workdir or "runs/default") if FLAGS.is_parsed() else None
 
 
 def run(config, workdir: str, progress: bool, fresh: bool) -> int:
@@ -51,36 +62,13 @@ def run(config, workdir: str, progress: bool, fresh: bool) -> int:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
+  cli.one_line_warnings()
   if FLAGS.distributed or FLAGS.coordinator_address:  # before anything starts a JAX backend
     from lpa_jax.train.distributed import initialize
     initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  try:
-    return run(FLAGS.config, FLAGS.workdir or "runs/default", FLAGS.progress, FLAGS.fresh)
-  except KeyboardInterrupt as e:
-    print(f"\n{e or 'Interrupted before training started; nothing was saved.'}",
-          file=sys.stderr, flush=True)
-    sys.exit(130)
-  except Exception as e:  # noqa: BLE001 - errors with their own message; the rest re-raise
-    message = user_error(e)
-    if message is None:
-      raise
-    print(message, file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def user_error(e: Exception) -> str | None:
-  """The one message to show for an error whose cause the user can fix, else None."""
-  from lpa_jax.train.checkpoint import CheckpointMismatch, NoUsableCheckpoint
-  from lpa_jax.train.workdir import ConfigMismatch, disk_full
-  cause = disk_full(e)
-  if cause is not None:
-    # A full disk fails deep inside orbax or the writers, under hundreds of lines of
-    # traceback: say what happened, and only that.
-    return (f"Error: no space left on device while writing the run ({cause}). Free space "
-            "and rerun the same command: it resumes from the last checkpoint.")
-  if isinstance(e, (ConfigMismatch, CheckpointMismatch, NoUsableCheckpoint)):
-    return f"Error: {e}"  # says what differs and what to do; a traceback would bury it
-  return None
+  workdir = _workdir()
+  return cli.run_guarded(lambda: run(FLAGS.config, workdir, FLAGS.progress, FLAGS.fresh),
+                         FLAGS.traceback, lambda: cli.saved_note(workdir))
 
 if __name__ == "__main__":
   app.run(main)

@@ -16,23 +16,28 @@ an interrupted run resumes from its checkpoint.  Runs made with another config s
 with the differing fields listed (``--stale=rerun`` redoes them); an unreadable
 ``results.json`` is named and its run redone.  Every file written here is replaced
 atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
-so the committed results stay small.  The dataset is loaded once per suite and shared.
+so the committed results stay small.  The dataset is loaded once per suite and shared.  A
+second sweep of the same root (and shard) is refused while the first works, naming it.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
 vmapped step, :mod:`lpa_jax.train.parallel`); each run's files are those a serial sweep writes.
 """
 from __future__ import annotations
 
-import copy
-import importlib
-import os
-import platform
-import re
-import shutil
-import sys
-import time
+from experiments import cli
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# First of all: a Ctrl-C during the imports below already exits 130 in one line.
+cli.exit_on_interrupt(lambda: INTERRUPTED)
+
+import copy  # noqa: E402
+import importlib  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "experiments/configs/suites.py:smoke",
@@ -51,6 +56,11 @@ flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one prog
                      "vmapped step, lpa_jax.train.parallel); 1 trains them one by one. For "
                      "accelerators: XLA:CPU runs vmapped convolutions slower than K plain ones.",
                      lower_bound=1)
+flags.DEFINE_bool("traceback", False, "Show the traceback of errors that otherwise print one "
+                  "message (bad values, stale runs, refusals, a full disk).")
+
+INTERRUPTED = ("Interrupted; rerun the same command to continue the sweep (finished runs are "
+               "kept, an interrupted one resumes from its last checkpoint).")
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 META_KEYS = ("name", "point")  # method-dict keys that are labels, not config overrides
@@ -126,19 +136,21 @@ def run_status(workdir: str, config) -> tuple[str, str]:
   another config; ``detail`` lists the fields)."""
   from lpa_jax.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
   results_path = os.path.join(workdir, "results.json")
-  recorded, status = None, "todo"
+  recorded, status, unreadable = None, "todo", ""
   if os.path.exists(results_path):
     try:
       recorded, status = read_json(results_path).get("config"), "finished"
     except (ValueError, OSError, AttributeError) as e:
-      return "unreadable", str(e)
+      status, unreadable = "unreadable", str(e)
   if recorded is None and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     try:  # an interrupted run: its checkpoint belongs to the config it recorded
       recorded = read_json(os.path.join(workdir, CONFIG_FILE))
     except (ValueError, OSError):
-      return "todo", ""
+      return status, unreadable
   diff = config_diff(recorded, config) if isinstance(recorded, dict) else []
-  return ("stale", describe_diff(diff)) if diff else (status, "")
+  if diff:  # an unreadable results.json beside the config.json of another plan: stale too
+    return "stale", describe_diff(diff) + (f"\n  (and {unreadable})" if unreadable else "")
+  return status, unreadable
 
 
 def _workdir(root: str, r: dict) -> str:
@@ -185,6 +197,17 @@ def parse_shard(text: str | None) -> tuple[int, int]:
   return i, n
 
 
+def lock_name(shard: tuple[int, int] = (0, 1)) -> str:
+  """The suite root's lock file for ``shard``: sweeps of other shards of one root run at the
+  same time (their runs are disjoint, and each run's work dir has its own lock), two of the
+  same shard do not.
+
+  >>> lock_name((1, 4)), lock_name()
+  ('.lock-shard-1-of-4', '.lock')
+  """
+  return ".lock" if shard == (0, 1) else f".lock-shard-{shard[0]}-of-{shard[1]}"
+
+
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
               stale: str = "refuse", parallel: int = 1, shard: tuple[int, int] = (0, 1)
               ) -> dict:
@@ -195,13 +218,22 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   sweep before anything runs (:class:`StaleRuns`), or are rerun afresh with
   ``stale='rerun'``.  A ``results.json`` that cannot be read is named and its run redone.
   ``parallel`` K > 1 trains a method's unfinished seeds in groups of up to K as one program.
-  ``shard`` ``(i, n)`` runs only the planned runs with index ``i`` modulo ``n``.
+  ``shard`` ``(i, n)`` runs only the planned runs with index ``i`` modulo ``n``.  Another
+  sweep of the same shard working under ``root`` raises :class:`~lpa_jax.train.lock.Busy`
+  naming it.
   """
+  from lpa_jax.train.lock import hold
   runs = plan(suite, seeds)
+  with hold(root, lock_name(shard), what="Suite root"):
+    return _run_planned(suite, runs, root, progress, report, stale, parallel, shard)
+
+
+def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) -> dict:
+  from lpa_jax.train.workdir import remove_leftovers
   workdirs = [_workdir(root, r) for r in runs]
   statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
   _check_stale(runs, statuses, root, stale)
-  os.makedirs(root, exist_ok=True)
+  remove_leftovers(root)
   _write_meta(suite, runs, root)
   cache, counts, todo = {}, {"ran": 0, "skipped": 0}, []
   bar = _bar(len(runs), suite.name, progress)
@@ -252,6 +284,15 @@ def groups(todo: list, size: int) -> list[list]:
 
 def _run_group(group: list, cache: dict) -> list[dict]:
   """Trains one group of ``(run, workdir, status)``: alone, or as one program when several."""
+  from lpa_jax.train.workdir import ConfigMismatch
+  try:
+    return _train_group(group, cache)
+  except ConfigMismatch as e:  # the work dir changed after the sweep checked it: its terms
+    raise StaleRuns(f"{e.workdir} holds a run of a config other than the suite's plan:\n"
+                    f"{e.detail}\nRerun it with --stale=rerun, or use another --root.") from None
+
+
+def _train_group(group: list, cache: dict) -> list[dict]:
   from lpa_jax import data as lpa_data
   from lpa_jax.train.loop import train_and_evaluate
   from lpa_jax.train.parallel import train_and_evaluate_parallel
@@ -301,17 +342,11 @@ def main(argv):
   from experiments.configs import suites
   config = FLAGS.config
   names = tuple(config.suites) if "suites" in config else (None,)
+  cli.one_line_warnings()
   t0 = time.time()
-  try:
-    _run_all(config, names, suites)
-  except KeyboardInterrupt as e:
-    # The loop's message names the run and its checkpoint; rerunning continues the sweep.
-    print(f"\n{e or 'Interrupted; rerun the same command to continue the sweep.'}",
-          file=sys.stderr, flush=True)
-    sys.exit(130)
-  except StaleRuns as e:
-    print(f"Error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  # A Ctrl-C in a run: the loop's message names the run and its checkpoint.
+  cli.run_guarded(lambda: _run_all(config, names, suites), FLAGS.traceback,
+                  lambda: INTERRUPTED, statuses={StaleRuns: 2})
   print(f"sweep wall time: {time.time() - t0:.0f} s")
   return 0
 

@@ -5,6 +5,10 @@ Perturbation methods each own a block under ``config.perturb.<name>``; the switc
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import ml_collections as mlc
 
 from experiments.configs import methods
@@ -44,12 +48,25 @@ def paper_protocol(c: mlc.ConfigDict, model: str) -> mlc.ConfigDict:
 
 
 AUGMENTS = ("none", "crop_flip")
+# Sections whose numbers must all be finite (the perturb blocks are checked by the registry).
+FINITE_SECTIONS = ("seed", "data", "model", "optim", "train")
+
+
+class InvalidConfig(ValueError):
+  """A config value is invalid; the message names the field."""
 
 
 def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
-  """Rejects invalid values with a message naming the field."""
+  """Rejects invalid values (:class:`InvalidConfig`) with a message naming the field.
+
+  >>> c = longtail.get_config("quick"); c.optim.lr = float("inf")     # doctest: +SKIP
+  >>> validate(c)                                                        # doctest: +SKIP
+  InvalidConfig: Invalid config value config.optim.lr=inf: must be a finite number
+  """
   from lpa_jax.models import DTYPES, MODELS
   from lpa_jax.perturb import registry
+  _check_finite(c)
+  _check_model_kwargs(c.model)
   checks = [
       (c.optim.batch_size > 0, "optim.batch_size", "must be positive"),
       (c.optim.num_epochs > 0, "optim.num_epochs", "must be positive"),
@@ -69,18 +86,84 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
     for _, name in registry.selected(c.perturb):
       registry.check_block(name, c.perturb[name])
   except ValueError as e:
-    raise ValueError(f"Invalid config: {e}") from None
+    raise InvalidConfig(f"Invalid config: {e}") from None
+  _check_data(c.data)
   if "ldam" in registry.logit_names(c.perturb.logit):
     # LDAM-DRW as published trains a normalised (cosine) classifier (Cao et al. 2019).
     head = c.model.kwargs.get("head", None)
     if head not in (None, "cosine"):
-      raise ValueError(f"Invalid config value config.model.kwargs.head={head!r}: "
+      raise InvalidConfig(f"Invalid config value config.model.kwargs.head={head!r}: "
                        "perturb.logit=ldam needs the normalised classifier head 'cosine'")
     c.model.kwargs.head = "cosine"
   for ok, field, why in checks:
     if not ok:
-      raise ValueError(f"Invalid config value config.{field}={_get(c, field)!r}: {why}")
+      raise InvalidConfig(f"Invalid config value config.{field}={_get(c, field)!r}: {why}")
   return c
+
+
+def _leaves(node, prefix: str):
+  """``(dotted field, value)`` of every leaf under ``node`` (tuple elements included)."""
+  if isinstance(node, (dict, mlc.ConfigDict)):
+    for k in node.keys():
+      yield from _leaves(node[k], f"{prefix}.{k}")
+  elif isinstance(node, (tuple, list)):
+    for i, v in enumerate(node):
+      yield from _leaves(v, f"{prefix}[{i}]")
+  else:
+    yield prefix, node
+
+
+def _check_finite(c) -> None:
+  for section in FINITE_SECTIONS:
+    for field, v in _leaves(c[section], section):
+      if isinstance(v, float) and not math.isfinite(v):
+        raise InvalidConfig(f"Invalid config value config.{field}={v!r}: must be a finite "
+                            "number")
+
+
+def _model_fields(name: str) -> dict:
+  """``{field: default}`` of a registered model's constructor arguments."""
+  from lpa_jax.models import MODELS
+  factory = MODELS[name]
+  cls = factory.func if isinstance(factory, functools.partial) else factory
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name", "num_classes")}
+
+
+def _check_model_kwargs(model) -> None:
+  """Every ``model.kwargs`` entry must be a field of the model, of the type of its default:
+  widths a tuple of positive integers, depths and widening factors positive integers."""
+  from lpa_jax.models import MODELS
+  if model.name not in MODELS:
+    return  # named by the check of model.name
+  fields = _model_fields(model.name)
+  for key in model.kwargs.keys():
+    v, bad = model.kwargs[key], None
+    if key not in fields:
+      bad = f"{model.name} has no such argument; valid: {', '.join(sorted(fields))}"
+    elif isinstance(fields[key], tuple):
+      if not (isinstance(v, (tuple, list)) and v and all(_positive_int(w) for w in v)):
+        bad = "must be a non-empty tuple of positive integers, e.g. (16, 32, 64)"
+    elif isinstance(fields[key], int) and not isinstance(fields[key], bool):
+      if not _positive_int(v):
+        bad = "must be a positive integer"
+    elif isinstance(fields[key], str) and not isinstance(v, str):
+      bad = "must be a string"
+    if bad:
+      raise InvalidConfig(f"Invalid config value config.model.kwargs.{key}={v!r}: {bad}")
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_data(data) -> None:
+  """The data loader's own checks (dataset name, ranges, combinations), before anything runs."""
+  from lpa_jax.data.task import check_options
+  try:
+    check_options(data)
+  except (ValueError, TypeError, OverflowError) as e:
+    raise InvalidConfig(f"Invalid config value: {e}") from None
 
 
 def _get(c, dotted):
