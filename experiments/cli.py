@@ -28,15 +28,18 @@ def _exit(status: int, message: str):
 def exit_on_interrupt(describe) -> None:
   """Makes Ctrl-C print ``describe()`` and exit 130 at once, until the training loop installs
   its own handler (which stops at a step boundary with a checkpoint) and after it restores
-  this one.  Raising ``KeyboardInterrupt`` instead would let a library's ``except:`` swallow
-  it, or interrupt a C extension half-way through its initialisation."""
+  this one; a no-op where SIGINT is ignored.  Raising ``KeyboardInterrupt`` instead would let
+  a library's ``except:`` swallow it, or interrupt a C extension half-way through its
+  initialisation."""
   def handle(signum, frame):
     try:
       message = describe()
     except Exception:  # noqa: BLE001 - e.g. still importing: nothing done yet
       message = "Interrupted while starting: nothing was saved."
     _exit(130, f"\n{message}")
-  if threading.current_thread() is threading.main_thread():
+  # An inherited SIG_IGN (a job started with `&` or nohup) is kept, as Python itself keeps it.
+  if threading.current_thread() is threading.main_thread() and \
+      signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, handle)
 
 

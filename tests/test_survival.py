@@ -47,6 +47,12 @@ def _env():
   return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
+def _default_sigint():
+  # A child inherits an ignored SIGINT (and keeps it, as Python does): an earlier test may have
+  # left this process ignoring it.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _holder(directory, name=".lock", start=0.0, hold_s=60.0):
   return subprocess.Popen([sys.executable, "-c", HOLDER, LOCK_PY, str(directory), name,
                            str(start), str(hold_s)], stdout=subprocess.PIPE, text=True)
@@ -99,7 +105,8 @@ def test_two_runs_on_one_work_dir_leave_one_working(tmp_path):
   wd = tmp_path / "run"
   args = [f"--workdir={wd}", "--config.optim.num_epochs=300"] + CLI
   first = subprocess.Popen([sys.executable, "-m", "experiments.main"] + args, cwd=REPO,
-                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=_default_sigint)
   try:
     t_end = time.time() + 300
     while not (wd / "checkpoints").is_dir() and first.poll() is None and time.time() < t_end:
@@ -271,7 +278,8 @@ def test_ctrl_c_in_the_first_seconds_exits_130_in_one_line(tmp_path):
     procs.append((wd, subprocess.Popen(
         [sys.executable, "-m", "experiments.main", f"--workdir={wd}",
          "--config.optim.num_epochs=300"] + CLI, cwd=REPO, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint)))
   t0 = time.time()
   for moment, (wd, proc) in sorted(zip(moments, procs), key=lambda m: str(m[0])):
     if moment == "workdir":
@@ -292,7 +300,7 @@ def test_ctrl_c_early_in_a_sweep_exits_130_in_one_line(tmp_path):
   proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", f"--config={spec}",
                            f"--root={tmp_path / 'root'}", "--noprogress", "--noreport"],
                           cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=_default_sigint)
   time.sleep(2.5)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=120)
