@@ -179,14 +179,14 @@ def test_two_concurrent_sweeps_leave_one_working_and_one_row_per_epoch(tmp_path)
 # ------------------------------------------------------------------ a damaged metrics.jsonl
 
 @pytest.fixture(scope="module")
-def fmnist_val():
+def val_run(tmp_path_factory):
+  """A validation-selected task (its config, data, unbroken results and work dir)."""
   from lpa_jax.data import load_task_data
-  return load_task_data(small_config(**{"data.val_fraction": 0.3}).data)
-
-
-def _val_config():
-  return small_config(**{"optim.batch_size": 32, "optim.num_epochs": 5,
-                         "data.val_fraction": 0.3})
+  cfg = small_config(**{"optim.batch_size": 32, "optim.num_epochs": 4,
+                        "data.val_fraction": 0.3})
+  data = load_task_data(cfg.data)
+  wd = str(tmp_path_factory.mktemp("full"))
+  return cfg, data, loop.train_and_evaluate(cfg, wd, progress=False, data=data), wd
 
 
 def _damage(path, how):
@@ -201,17 +201,16 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize("how", ["deleted", "torn", "twice"])
-def test_damaged_history_is_restored_from_the_checkpoint(tmp_path, fmnist_val, how):
-  cfg = _val_config()
-  full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), progress=False, data=fmnist_val)
+def test_damaged_history_is_restored_from_the_checkpoint(tmp_path, val_run, how):
+  cfg, data, full, full_wd = val_run
   part = str(tmp_path / "part")
-  spe = full["steps"] // 5
-  assert loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_val,
-                                 max_steps=3 * spe + 2) is None
+  spe = full["steps"] // 4
+  assert loop.train_and_evaluate(cfg, part, progress=False, data=data,
+                                 max_steps=2 * spe + 2) is None
   _damage(os.path.join(part, "metrics.jsonl"), how)
   with pytest.warns(UserWarning, match="restored the saved rows"):
-    resumed = loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_val)
-  assert _rows(part) == _rows(tmp_path / "full")
+    resumed = loop.train_and_evaluate(cfg, part, progress=False, data=data)
+  assert _rows(part) == _rows(full_wd)
   assert resumed["selected_by_val"] == full["selected_by_val"]
   assert resumed["test_accuracy"] == full["test_accuracy"]
 
@@ -318,28 +317,43 @@ def test_saved_note_says_what_a_work_dir_keeps(tmp_path):
 
 # ------------------------------------------------------------------ sweep --stale=rerun
 
-def test_stale_rerun_redoes_an_unreadable_result_of_an_older_plan(tmp_path):
+def _older_plan_unreadable_result(tmp_path):
+  """A CE-only smoke suite whose run dir holds an older plan's config.json (another lr) and a
+  results.json cut short."""
   from experiments import sweep
+  from experiments.configs import suites
   from lpa_jax.train.workdir import config_dict, write_json_atomic
-  _, suite = _suite(tmp_path)
-  suite.methods = suite.methods[:1]  # CE only
-  root = tmp_path / "root"
+  suite = suites.get_config("smoke")
+  suite.methods = suite.methods[:1]  # CE only, 1 epoch
   run = sweep.plan(suite)[0]
-  wd = root / "runs" / "ce" / "seed0"
+  wd = tmp_path / "root" / "runs" / "ce" / "seed0"
   wd.mkdir(parents=True)
   older = config_dict(run["config"])
   older["optim"]["lr"] = 0.5
   write_json_atomic(str(wd / "config.json"), older)
   (wd / "results.json").write_text('{"test_accuracy": 0.')
+  return suite, run, wd
+
+
+def test_unreadable_result_of_an_older_plan_is_stale(tmp_path):
+  from experiments import sweep
+  suite, run, wd = _older_plan_unreadable_result(tmp_path)
   status, detail = sweep.run_status(str(wd), run["config"])
   assert status == "stale" and "optim.lr: 0.5 (recorded)" in detail
   with pytest.raises(sweep.StaleRuns, match="--stale=rerun") as err:
-    sweep.run_suite(suite, str(root), progress=False, report=False)
-  assert "--fresh" not in str(err.value)
+    sweep.run_suite(suite, str(tmp_path / "root"), progress=False, report=False)
+  assert "--fresh" not in str(err.value) and "results.json" in str(err.value)
+
+
+@pytest.mark.slow  # ~20 s: trains the run
+def test_stale_rerun_redoes_an_unreadable_result_of_an_older_plan(tmp_path):
+  from experiments import sweep
+  suite, _, wd = _older_plan_unreadable_result(tmp_path)
+  root = tmp_path / "root"
   counts = sweep.run_suite(suite, str(root), progress=False, report=False, stale="rerun")
   assert counts == {"ran": 1, "skipped": 0}
   assert json.load(open(wd / "results.json"))["config"]["optim"]["lr"] != 0.5
-  assert [r["epoch"] for r in _rows(wd)] == [1, 2]
+  assert [r["epoch"] for r in _rows(wd)] == [1]
 
 
 # ------------------------------------------------------------------ bad values
