@@ -30,8 +30,7 @@ MIXUP_SELECT = ("auto", "switch", "mask")
 def _transform(perturb: Callable, sign: float = 0.0) -> ActivationMethod:
   """A stateless activation method from ``perturb(act, labels, upper, rng, targets, loss_fn)
   -> (new_act, targets, clean_logits or None)``; the identity when ``train=False``."""
-  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None,
-            **_):
+  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None):
     if targets is None:
       num_classes = jax.eval_shape(upper, jax.lax.stop_gradient(act)).shape[-1]
       targets = jax.nn.one_hot(labels_B, num_classes)

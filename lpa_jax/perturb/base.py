@@ -47,6 +47,47 @@ def check_finite_params(method: str, **values) -> None:
       raise ValueError(f"{method}.{name} must be finite, got {v!r}")
 
 
+def check_labels(labels_B, num_classes: int, who: str, act=None) -> None:
+  """Rejects labels a class table cannot index, naming ``who`` and the sizes.
+
+  Shapes and dtype are checked always (they are static under ``jax.jit``); the values — every
+  label in ``[0, num_classes)`` — only when they are concrete (outside ``jit``).  Inside
+  ``jit`` the library's train step and :func:`~lpa_jax.perturb.diagnostics.
+  perturbation_diagnostics` count them as ``invalid_labels``, which
+  :func:`~lpa_jax.perturb.diagnostics.check_finite` turns into an error on the host.
+  Checking never changes what is computed.
+
+  >>> check_labels(jnp.array([0, 2]), 3, "lpa")
+  >>> check_labels(jnp.array([1, 3]), 3, "lpa")
+  Traceback (most recent call last):
+  ValueError: lpa: labels must lie in [0, 3) (0-indexed class ids); got 1 outside it, e.g. 3
+  """
+  shape = getattr(labels_B, "shape", None)
+  if shape is None or len(shape) != 1:
+    raise ValueError(f"{who}: labels must be a 1-D vector of class ids, got shape {shape}")
+  dtype = jnp.dtype(labels_B.dtype)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{who}: labels must be integer class ids, got dtype {dtype} (cast them "
+                    "with labels.astype(jnp.int32); soft labels go in targets=)")
+  if act is not None:
+    batch = jax.tree.leaves(act)[0].shape[0]
+    if shape[0] != batch:
+      raise ValueError(f"{who}: labels has {shape[0]} entries but the activation has a batch "
+                       f"of {batch}; they must match")
+  if isinstance(labels_B, jax.core.Tracer):
+    return
+  values = np.asarray(labels_B)
+  bad = values[(values < 0) | (values >= num_classes)]
+  if bad.size:
+    raise ValueError(f"{who}: labels must lie in [0, {num_classes}) (0-indexed class ids); got "
+                     f"{bad.size} outside it, e.g. {bad[0]}")
+
+
+def invalid_label_count(labels_B, num_classes: int) -> jax.Array:
+  """How many labels lie outside ``[0, num_classes)`` (jittable; see :func:`check_labels`)."""
+  return jnp.sum((labels_B < 0) | (labels_B >= num_classes)).astype(jnp.float32)
+
+
 class Context(NamedTuple):
   """Facts about the run that the config-driven registry needs to build and place methods.
 
@@ -151,8 +192,7 @@ def keep_state(state, stats=None, epoch=None):
 
 def identity() -> ActivationMethod:
   """No activation perturbation: ``act`` unchanged, empty state."""
-  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None,
-            **_):
+  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None):
     return Perturbed(act, targets, state)
   return ActivationMethod(lambda: (), apply, keep_state)
 

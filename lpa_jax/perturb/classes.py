@@ -97,9 +97,13 @@ def initial_split(rule: str, num_classes: int, class_counts=None, signs=None,
   """The split used before any epoch statistics exist.
 
   Balanced rules start with every sign 0 (no perturbation during the first epoch) **(ours)**:
-  there is nothing yet to tell hard classes from easy ones.
+  there is nothing yet to tell hard classes from easy ones.  ``class_counts``, when given, must
+  hold one training count per class.
   """
   validate_split(rule, signs, num_classes)
+  if class_counts is not None and np.shape(class_counts) != (num_classes,):
+    raise ValueError(f"class_counts must hold one training count per class: got shape "
+                     f"{np.shape(class_counts)} for num_classes={num_classes}")
   if rule == "longtail":
     if class_counts is None:
       raise ValueError("split='longtail' needs the training class counts")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpa_jax.perturb.base import default_loss
+from lpa_jax.perturb.base import default_loss, invalid_label_count
 from lpa_jax.perturb.tables import per_class_mean, row_norms
 
 # Per-class vectors that must be finite for every present class (a NaN statistic would
@@ -20,14 +20,18 @@ CHECKED = ("class_stat_C", "delta_norm_C", "radius_C", "delta_table_norm_C", "lo
 
 
 def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, logits,
-                             targets_BxC, clean_targets_BxC=None, sign_C=None) -> dict:
+                             targets_BxC, clean_targets_BxC=None, sign_C=None,
+                             loss_fn=None) -> dict:
   """Per-class means over the batch's samples of a perturbation ``δ = new_act − act``.
 
   ``delta_norm_C`` (mean ‖δ_i‖), ``sign_C``, ``expansive_share_C`` (share with ‖a+δ‖ > ‖a‖),
-  ``present_C``; with ``clean_logits`` also ``loss_change_C`` (perturbed minus clean loss;
-  the clean loss uses ``clean_targets_BxC``, default ``targets_BxC``) and ``clean_prob_C``
-  (clean probability of the true class).
+  ``present_C``, ``invalid_labels`` (labels outside ``[0, C)``: :func:`check_finite` raises on
+  them); with ``clean_logits`` also ``loss_change_C`` (perturbed minus clean loss, in
+  ``loss_fn`` — the loss PGD follows, default cross-entropy; the clean loss uses
+  ``clean_targets_BxC``, default ``targets_BxC``) and ``clean_prob_C`` (clean probability of
+  the true class).
   """
+  loss_fn = loss_fn or default_loss
   new_act, act, logits = jax.lax.stop_gradient((new_act, act, logits))
   onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
   delta = (new_act - act).astype(jnp.float32)
@@ -39,11 +43,12 @@ def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, 
       "sign_C": jnp.asarray(sign_C, jnp.float32) * jnp.ones(num_classes),
       "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
       "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),
+      "invalid_labels": invalid_label_count(labels_B, num_classes),
   }
   if clean_logits is not None:
     clean_logits = jax.lax.stop_gradient(clean_logits)
     clean_targets_BxC = targets_BxC if clean_targets_BxC is None else clean_targets_BxC
-    dloss_B = default_loss(logits, targets_BxC) - default_loss(clean_logits, clean_targets_BxC)
+    dloss_B = loss_fn(logits, targets_BxC) - loss_fn(clean_logits, clean_targets_BxC)
     prob_B = jnp.sum(jax.nn.softmax(clean_logits.astype(jnp.float32)) * onehot_BxC, -1)
     out["loss_change_C"] = per_class_mean(onehot_BxC, dloss_B.astype(jnp.float32))
     out["clean_prob_C"] = per_class_mean(onehot_BxC, prob_B)
@@ -75,8 +80,15 @@ def check_finite(aux: dict, step: int | None = None, method: str = "the activati
   statistic, radius, δ or diagnostic (of ``names``) is NaN/inf; a no-op otherwise.
 
   Call it on the host with a step's aux (the library's loop does, every step: first on the
-  :data:`CAUSES`, then on the loss, then on the rest).
+  :data:`CAUSES`, then on the loss, then on the rest).  Whatever ``names`` says, it first
+  raises ``ValueError`` when ``aux['invalid_labels']`` counts labels outside ``[0, C)``
+  (under ``jit`` the labels could not be checked where they came in).
+
+  >>> check_finite({"invalid_labels": np.float32(2), "present_C": np.ones(10)}, step=3)
+  Traceback (most recent call last):
+  ValueError: the batch at step 3 has 2 label(s) outside [0, 10) ...
   """
+  check_label_count(aux, step)
   bad = nonfinite_classes(aux, names)
   if not bad:
     return
@@ -87,3 +99,17 @@ def check_finite(aux: dict, step: int | None = None, method: str = "the activati
       f"{where}: non-finite {what}{at}. A NaN class statistic or radius would silently turn δ "
       "off, so training stops here. Check the inputs and the learning rate; the last good "
       "checkpoint is kept in the work dir.")
+
+
+def check_label_count(aux: dict, step: int | None = None) -> None:
+  """Raises ``ValueError`` when ``aux['invalid_labels']`` (from the train step or
+  :func:`perturbation_diagnostics`) is positive: a label ``C`` would get class ``C−1``'s row
+  of every class table and ``−1`` class 0's, silently."""
+  n = float(np.asarray(aux.get("invalid_labels", 0.0)))
+  if n > 0:
+    c = np.shape(aux["present_C"])[-1] if "present_C" in aux else "num_classes"
+    at = f" at step {step}" if step is not None else ""
+    raise ValueError(
+        f"the batch{at} has {int(n)} label(s) outside [0, {c}): labels must be 0-indexed "
+        "class ids (shift 1-indexed labels by one; drop unlabelled examples marked -1 before "
+        "training)")

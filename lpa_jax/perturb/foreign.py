@@ -182,11 +182,18 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
   return logits, hits[0], dict(state), below
 
 
-def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, *,
+def _no_depth(who: str, depth) -> None:
+  if depth is not None:
+    raise TypeError(f"{who}(depth=) is gone: a cut does not set the radius depth. Pass it to "
+                    f"the method instead, e.g. lpa(..., depth={depth!r}) (L − l, the stages "
+                    "between the point and the logits, for the factor β^(L−l))")
+
+
+def cut_linen(model: nn.Module, path: PathLike, *,
               input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
               method: Callable | str | None = None, train_kw: str | None = "auto",
               target_method: str = "__call__", mutable: Sequence[str] = ("batch_stats",),
-              rng_names: Sequence[str] = ("dropout",)) -> Cut:
+              rng_names: Sequence[str] = ("dropout",), depth: None = None) -> Cut:
   """Cuts any Linen model at the output of the submodule at ``path``, without editing it.
 
   Args:
@@ -194,7 +201,6 @@ def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, *,
       its forward pass (``method`` picks another method or a ``fn(module, x, ...)``).
     path: module path, e.g. ``"encoder/block2"`` or ``("encoder", "block2")``; names are
       Linen's (explicit ``name=`` or automatic ``Dense_0``).
-    depth: ``L - l`` for the radius factor ``β^(L−l)`` (stages between the point and logits).
     input_shape, input_dtype: the model's per-example input shape and dtype (required).
     train_kw: the keyword that switches training mode.  ``"auto"`` passes the first of
       ``train, training, is_training`` the applied method's signature names, or none; a name
@@ -202,11 +208,14 @@ def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, *,
     target_method: the target's method whose output is the activation.
     mutable: collections a training pass updates (those present in ``variables``).
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
+    depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
+      ``lpa(..., depth=2)``; the cut's ``depth`` is ``None``.
 
   >>> cut = cut_linen(TheirResNet(), "layer3", input_shape=x.shape[1:])
   >>> act, st = cut.lower(variables, x, True, rng=key)
   >>> logits, st2 = cut.upper({**variables, **st}, act, True, rng=key)
   """
+  _no_depth("cut_linen", depth)
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_linen")
   kw = _train_kw(model, method, train_kw)  # at construction: a wrong keyword fails here
@@ -223,7 +232,7 @@ def cut_linen(model: nn.Module, path: PathLike, depth: int = 1, *,
     logits, _, state, below = run(variables, _placeholder(act, shape, dtype), train, rng, act)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
 
-  return Cut(lower, upper, _fmt(target), depth, tuple(mutable))
+  return Cut(lower, upper, _fmt(target), None, tuple(mutable))
 
 
 # ----------------------------------------------------------------------------------------- NNX
@@ -351,8 +360,9 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   return out, hits[0], (m, svars, stored, start), below
 
 
-def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, depth: int = 1, *,
-            input_shape: Sequence[int] | None = None, input_dtype=jnp.float32) -> Cut:
+def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
+            input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
+            depth: None = None) -> Cut:
   """Cuts any NNX model at the output of the submodule at attribute path ``path``.
 
   Inside each traced call the model is merged from ``variables`` (from
@@ -360,6 +370,7 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, depth: int = 1, *,
   replaces (``upper``) its output, then put back before the new state is split off.
   ``input_shape`` / ``input_dtype``: the model's per-example input (required).  ``rng``
   reseeds the model's RNG streams for the call; without it the stored streams are used.
+  ``depth``: removed, as in :func:`cut_linen` (pass it to the method, ``lpa(depth=)``).
 
   NNX's own ``Module.perturb`` / ``nnx.capture`` need a ``self.perturb`` call written into
   the model, and still run the layers below it, so they cannot cut a model you did not write.
@@ -368,6 +379,7 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, depth: int = 1, *,
   >>> cut = cut_nnx(model, "blocks/1", input_shape=x.shape[1:])
   >>> logits, st = full_apply(cut, variables, x, True)
   """
+  _no_depth("cut_nnx", depth)
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_nnx")
   if isinstance(model, nnx.Module):
@@ -390,4 +402,4 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, depth: int = 1, *,
     return out, (_finish(ctx, variables, lambda k: not below(k), rng)
                  if train else {})
 
-  return Cut(lower, upper, _fmt(target), depth, ("batch_stats",))
+  return Cut(lower, upper, _fmt(target), None, ("batch_stats",))

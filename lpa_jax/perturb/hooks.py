@@ -46,13 +46,16 @@ class Cut(NamedTuple):
       maps higher point names to per-example tensors added there (``None`` for none; only
       staged models); ``rng`` should be the key ``lower`` got.
     point: name of the cut point.
-    depth: ``L - l``, the number of stages between the point and the logits.
+    depth: ``L - l``, the number of stages between the point and the logits, for lpa_jax's
+      staged models (the config registry hands it to ``lpa(depth=)``); ``None`` for
+      :func:`~lpa_jax.perturb.foreign.cut_linen` / ``cut_nnx`` cuts, whose depth the caller
+      gives the method: the radius depth is set in one place, the method.
     mutable: names of the collections a training-mode pass updates.
   """
   lower: Callable[..., tuple[Any, Variables]]
   upper: Callable[..., tuple[Any, Variables]]
   point: str
-  depth: int
+  depth: float | None
   mutable: tuple[str, ...] = ("batch_stats",)
 
 

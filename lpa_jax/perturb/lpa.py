@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Perturbed, check_finite_params, default_loss
+from lpa_jax.perturb.base import Perturbed, check_finite_params, check_labels, default_loss
 from lpa_jax.perturb.pgd import class_pgd
 from lpa_jax.perturb.tables import class_counts as batch_counts
 from lpa_jax.perturb.tables import gather_rows, per_class_mean, row_norms
@@ -46,6 +46,12 @@ class LPAState(NamedTuple):
   @property
   def sign_C(self) -> jax.Array:
     return self.split.sign_C
+
+  @property
+  def split_ready(self) -> jax.Array:
+    """Whether any class has a direction yet: ``False`` for the balanced rules until the first
+    ``refresh`` (every sign 0, so δ = 0); reported per step as ``aux['split_ready']``."""
+    return jnp.any(self.split.sign_C != 0)
 
 
 class LPA(NamedTuple):
@@ -116,19 +122,27 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
         extra_points: Mapping[str, float] | None = None) -> LPA:
   """Builds LPA from its hyper-parameters.
 
+  Every function taking ``labels`` wants integer class ids in ``[0, num_classes)``, one per
+  example of ``act``; anything else raises, naming the sizes (the range is checked where the
+  labels are concrete; under ``jit`` see :func:`~lpa_jax.perturb.base.check_labels`).
+
   Args:
-    num_classes: ``C``.
+    num_classes: ``C``, also the number of logits the layers above the point return.
     split: ``balanced`` / ``balanced_accuracy`` (q_c vs its mean, refreshed each epoch),
       ``longtail`` (frequency rank; needs ``class_counts``), ``all_positive`` (domain
       generalisation), ``all_negative``, or ``signs`` (a user-given vector ``signs``).
+      The balanced rules have no split until the first ``refresh``: every sign is 0, so
+      ``δ = 0`` through the first epoch (``state.split_ready`` and ``aux['split_ready']`` are
+      0 until then); call ``refresh`` with statistics, or pick a rule with a fixed split.
     eps, delta_eps, beta, varied: radius ``β^(L−l)(ε + Δε|τ − q_c|)``, or ``β^(L−l)ε`` if fixed.
     steps: PGD steps ``T``; step size ``2ε_c/T``.
     normalize: normalised PGD step (ours) or the paper's raw gradient step.
     lowrank: top-k fraction for the low-rank gradient variant (``0.25`` = ``k = d/4``).
     radius_mode: ``absolute`` ℓ2 radius, or ``relative`` to the class's mean activation norm
       in the batch (ours: ``ε`` is then a fraction of ``‖a‖``).
-    depth: ``L − l`` of the point, for ``β^(L−l)``.
-    class_counts: training examples per class (long-tail split).
+    depth: ``L − l`` of the point, for ``β^(L−l)`` (the one place it is set: a cut does not
+      carry it; ``cut_staged(...).depth`` tells it for lpa_jax's own models).
+    class_counts: training examples per class (long-tail split), ``num_classes`` of them.
     num_head: head size of the long-tail split (default :func:`classes.default_num_head`).
     extra_points: ``{name: depth}`` of higher points perturbed jointly (multi-layer variant;
       the network's ``upper(act, extra)`` must accept per-example tensors there).
@@ -159,6 +173,7 @@ def _radii_for(cfg: LPAConfig, state: LPAState, norm_C) -> dict:
 
 def _radii(cfg: LPAConfig, state: LPAState, act, labels_B):
   """``ε_C`` at the main point for this batch (relative radii use the class's mean ‖a‖)."""
+  check_labels(labels_B, cfg.num_classes, "lpa.radii", act)
   onehot_BxC = jax.nn.one_hot(labels_B, cfg.num_classes)
   norm_C = per_class_mean(onehot_BxC, row_norms(jax.lax.stop_gradient(act)).astype(jnp.float32))
   return _radii_for(cfg, state, norm_C)[MAIN]
@@ -176,6 +191,7 @@ def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC, e
     a = add_delta(act_sg, t[MAIN], labels_B)
     logits = (upper(a, {p: gather_rows(t[p], labels_B) for p in extra_points}) if extra_points
               else upper(a))
+    _check_logits(cfg, logits)
     return jnp.sum(loss_fn(logits, targets_BxC)), logits
 
   # Tables accumulate in f32 whatever the network's dtype; add_delta casts them.
@@ -189,19 +205,36 @@ def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC, e
   return out, clean, radius[MAIN]
 
 
+def _check_logits(cfg: LPAConfig, logits) -> None:
+  if logits.ndim != 2 or logits.shape[-1] != cfg.num_classes:
+    raise ValueError(f"lpa was built with num_classes={cfg.num_classes}, but the layers above "
+                     f"the point return logits of shape {tuple(logits.shape)}")
+
+
+def _check_inputs(cfg: LPAConfig, act, labels_B, targets) -> None:
+  """Static shape and dtype checks (and the label range outside jit); no effect on the math."""
+  check_labels(labels_B, cfg.num_classes, "lpa", act)
+  if targets is not None and tuple(targets.shape) != (labels_B.shape[0], cfg.num_classes):
+    raise ValueError(f"lpa: targets must have shape (batch, num_classes) = "
+                     f"{(labels_B.shape[0], cfg.num_classes)}, got {tuple(targets.shape)}")
+
+
 def _delta(cfg: LPAConfig, state, upper, act, labels_B, *, loss_fn=None, targets=None):
+  _check_inputs(cfg, act, labels_B, targets)
   if len(cfg.depths) > 1:
     raise ValueError("lpa.delta returns one table; with extra_points use lpa.apply")
   return _tables(cfg, state, upper, act, labels_B, loss_fn, targets, None)[0][MAIN]
 
 
 def _accumulate(cfg: LPAConfig, state: LPAState, clean_logits, labels_B) -> LPAState:
+  check_labels(labels_B, cfg.num_classes, "lpa.accumulate", clean_logits)
   loss_B = default_loss(clean_logits, jax.nn.one_hot(labels_B, cfg.num_classes))
   return state._replace(stats=state.stats.add(clean_logits, labels_B, loss_B))
 
 
 def _apply(cfg: LPAConfig, state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None,
            targets=None, extra_shapes=None) -> Perturbed:
+  _check_inputs(cfg, act, labels_B, targets)
   if targets is None:
     targets = jax.nn.one_hot(labels_B, cfg.num_classes)
   if not train:
@@ -210,7 +243,8 @@ def _apply(cfg: LPAConfig, state, act, labels_B, upper, rng=None, train=True, *,
   extra = {p: gather_rows(t[p], labels_B) for p in t if p != MAIN} or None
   clean = jax.lax.stop_gradient(clean)
   aux = {"sign_C": state.sign_C, "radius_C": radius_C, "class_stat_C": state.split.q_C,
-         "delta_table_norm_C": row_norms(t[MAIN])}
+         "delta_table_norm_C": row_norms(t[MAIN]),
+         "split_ready": state.split_ready.astype(jnp.float32)}
   return Perturbed(add_delta(act, t[MAIN], labels_B), targets,
                    _accumulate(cfg, state, clean, labels_B), clean, aux, extra)
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import chex
 import jax
 import jax.numpy as jnp
 
-from lpa_jax.perturb.base import ActivationMethod, Batch, Forward, Perturbed, Placed
+from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, Perturbed, Placed,
+                                  check_labels)
 from lpa_jax.perturb.diagnostics import perturbation_diagnostics
 from lpa_jax.perturb.hooks import Cut
 
@@ -40,10 +40,12 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
     cut: the network split at the method's point (``cut_linen``, ``cut_nnx``, ``cut_staged``).
     state: the method's state (``method.init()`` at first).
     variables: the model's variables (``{'params': ..., 'batch_stats': ...}``).
-    x, labels_B: the batch (integer labels).
+    x, labels_B: the batch; integer labels in ``[0, C)``, one per example of ``x`` (checked:
+      the range where the labels are concrete, else counted in ``aux['invalid_labels']``).
     rng: a key for random methods (and the model's dropout, via ``fold_in(rng, 1)``).
     train: ``False`` is a plain forward (every method is the identity there).
-    loss_fn: ``(logits, targets) -> loss_B``, the loss PGD follows (default cross-entropy).
+    loss_fn: ``(logits, targets) -> loss_B``, the loss PGD follows (default cross-entropy);
+      the diagnostics' ``loss_change_C`` is measured in it too.
     targets: soft targets (default ``one_hot(labels)``).
     clean_logits: unperturbed logits if already known (skips the diagnostics' clean pass).
     diagnostics: add the per-class diagnostics to ``aux``.
@@ -58,8 +60,6 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
     methods), the model's new mutable state, the method's new state, the clean logits (if
     known) and the diagnostics.
   """
-  chex.assert_rank(labels_B, 1)
-  chex.assert_equal_shape_prefix((x, labels_B), 1)
   act, st = cut.lower(variables, x, train, **_rng_kw(rng))
   up_vars = {**variables, **st}
   frozen = jax.lax.stop_gradient(up_vars)
@@ -67,8 +67,10 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
   def upper(a, extra=None):
     return cut.upper(frozen, a, train, extra, **_rng_kw(rng))[0]
 
+  # Abstract evaluation only: tells the number of logits without running anything.
+  num_classes = jax.eval_shape(upper, act).shape[-1] if targets is None else targets.shape[-1]
+  check_labels(labels_B, num_classes, "perturbed_apply", x)
   if targets is None:
-    num_classes = jax.eval_shape(upper, act).shape[-1]
     targets = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
   kw = {"extra_shapes": extra_shapes} if extra_shapes else {}
   r: Perturbed = method.apply(state, act, labels_B, upper, rng, train, loss_fn=loss_fn,
@@ -81,7 +83,7 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
       clean = jax.lax.stop_gradient(upper(jax.lax.stop_gradient(act)))
     aux.update(perturbation_diagnostics(r.act, act, labels_B, targets.shape[-1], clean, logits,
                                         r.targets_BxC, clean_targets_BxC=targets,
-                                        sign_C=r.aux.get("sign_C")))
+                                        sign_C=r.aux.get("sign_C"), loss_fn=loss_fn))
   return Forward(logits, r.targets_BxC, {**st, **st2}, r.state, clean, aux)
 
 

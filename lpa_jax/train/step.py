@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lpa_jax.perturb.base import Batch, LogitMethod, Placed, pgd_loss_of
+from lpa_jax.perturb.base import Batch, LogitMethod, Placed, invalid_label_count, pgd_loss_of
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.train.state import TrainState
 
@@ -89,8 +89,11 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
     clean_BxC = jax.lax.stop_gradient(
         fwd.clean_logits if fwd.clean_logits is not None else fwd.logits_BxC)
     stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
+    # Labels are traced here, so out-of-range ones are counted, not raised on: the loop's
+    # host-side check_finite turns a positive count into an error.
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
-               "grad_norm": optax.tree.norm(grads), **fwd.aux, **laux}
+               "grad_norm": optax.tree.norm(grads), **fwd.aux, **laux,
+               "invalid_labels": invalid_label_count(labels_B, cfg.num_classes)}
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state={**state.model_state, **fwd.model_state},
                               opt_state=opt_state, act_state=fwd.state, logit_state=logit_state,
