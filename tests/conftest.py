@@ -1,10 +1,80 @@
-import os
+"""Shared fixtures, and where the multi-device tests run.
 
-# Eight fake CPU devices, set before anything initialises a JAX backend: the data-parallel
-# tests compare the 8-device step with the 1-device one.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+Only the data-parallel tests need several devices: they compare a step sharded over 8 fake CPU
+devices with the same step on one.  Every other test compiling an 8-way-sharded step on 2
+cores would spend most of the suite's time on it, so the suite runs on one device and the
+tests marked ``multidevice`` run together in one child pytest that sets
+``--xla_force_host_platform_device_count=8`` before JAX starts; each reports the child's
+outcome.  Under ``XLA_FLAGS`` that already force a device count they run in process.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD_REPORT = "LPA_TEST_MULTIDEVICE_REPORT"  # set in the child: where it writes its outcomes
+FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+if os.environ.get(CHILD_REPORT):  # before anything initialises a JAX backend
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAKE_DEVICES}".strip()
+IN_PROCESS = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "multidevice: needs 8 devices; runs in a child pytest with "
+                                     "8 fake CPU devices (see tests/conftest.py)")
+
+
+def pytest_collection_finish(session):
+  session.config.multidevice_ids = [i.nodeid for i in session.items
+                                    if i.get_closest_marker("multidevice")]
+
+
+def _child_outcomes(config) -> dict:
+  """Runs every selected multidevice test once, in one child pytest; ``{nodeid: outcome}``."""
+  if getattr(config, "multidevice_outcomes", None) is None:
+    with tempfile.TemporaryDirectory() as d:
+      report = os.path.join(d, "outcomes.json")
+      cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+             *config.multidevice_ids]
+      proc = subprocess.run(cmd, cwd=str(config.rootpath), capture_output=True, text=True,
+                            env={**os.environ, CHILD_REPORT: report}, timeout=1800)
+      outcomes = json.load(open(report)) if os.path.exists(report) else {}
+    config.multidevice_outcomes = outcomes
+    config.multidevice_log = (proc.stdout + proc.stderr)[-6000:]
+  return config.multidevice_outcomes
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  if IN_PROCESS or not pyfuncitem.get_closest_marker("multidevice"):
+    return None
+  got = _child_outcomes(pyfuncitem.config).get(pyfuncitem.nodeid)
+  if got is None:
+    pytest.fail("the 8-device child pytest reported nothing for this test:\n"
+                + pyfuncitem.config.multidevice_log, pytrace=False)
+  if got["outcome"] == "skipped":
+    pytest.skip(got["detail"])
+  if got["outcome"] == "failed":
+    pytest.fail(f"in the 8-device child pytest ({got['when']}):\n{got['detail']}",
+                pytrace=False)
+  return True
+
+
+def pytest_runtest_logreport(report):
+  """In the child: each test's outcome (a failure in setup, call or teardown wins)."""
+  path = os.environ.get(CHILD_REPORT)
+  if not path or not (report.failed or report.skipped or report.when == "call"):
+    return
+  outcomes = json.load(open(path)) if os.path.exists(path) else {}
+  if outcomes.get(report.nodeid, {}).get("outcome") == "failed":
+    return
+  detail = report.longreprtext if (report.failed or report.skipped) else ""
+  outcomes[report.nodeid] = {"outcome": report.outcome, "when": report.when, "detail": detail}
+  with open(path, "w") as f:
+    json.dump(outcomes, f)
 
 
 def small_config(variant: str = "quick", **overrides):

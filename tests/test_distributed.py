@@ -3,7 +3,8 @@
 The 2 processes are started here as subprocesses on localhost (this file is also their
 script).  By default they take 3 jitted steps; the slow tests run the whole loop (evaluation,
 orbax checkpoints from both processes, metrics and results from process 0), once cut
-mid-epoch and resumed.  The reference is the 8-device run in this (pytest) process.
+mid-epoch and resumed.  The reference is the 8-device run in the pytest process (marked
+``multidevice``, these tests run in the child pytest that has 8 fake CPU devices).
 """
 import json
 import os
@@ -92,6 +93,7 @@ def _final_params(workdir: str, cfg, data):
   return jax.device_get(state)
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow  # ~60 s on 2 shared cores: three JAX processes compile the LPA step
 @pytest.mark.parametrize("cut", [0, 4])
 def test_two_processes_match_one(tmp_path, fmnist_lt, cut):
@@ -123,6 +125,7 @@ def test_two_processes_match_one(tmp_path, fmnist_lt, cut):
                s1.params, s2.params)
 
 
+@pytest.mark.multidevice
 def test_two_processes_step_as_one(tmp_path, fmnist_lt):
   """3 steps over 2 processes × 4 devices equal 3 steps over 1 × 8: parameters, and δ from
   the global batch (its class norms)."""
@@ -146,6 +149,7 @@ def test_two_processes_step_as_one(tmp_path, fmnist_lt):
     assert np.max(got["delta_norm_C"]) > 0
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow  # the 2-process step test above covers this path; here, bit for bit
 def test_process_local_batches_equal_the_device_gather(fmnist_lt):
   """The multi-process input path, run in one process: the same global batch, bit for bit."""

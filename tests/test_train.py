@@ -23,6 +23,7 @@ def _steps(cfg, data, mesh, n):
   return jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("activation", ["none", "lpa"])
 def test_eight_devices_match_one(fmnist_lt, activation):
   assert jax.device_count() == 8
