@@ -171,17 +171,21 @@ def test_random_methods_skip_the_clean_pass_unless_a_class_split_needs_it(name):
   assert flops < flops_b
 
 
-def test_lpa_with_logit_adjust_then_lpl_trains_and_results_record_the_chain(tmp_path,
-                                                                           fmnist_lt):
+def test_lpa_with_logit_adjust_then_lpl_trains_with_all_three_acting(tmp_path, fmnist_lt):
+  """One epoch of the chain through the library's loop: LPA and LPL perturbed (their logged
+  norms), and logit adjustment acted (the training loss differs from the run without it)."""
   import json
   from conftest import small_config
   from lpa_jax.train.loop import train_and_evaluate
-  cfg = small_config(**{"perturb.activation": "lpa", "perturb.logit": "logit_adjust,lpl",
-                        "optim.num_epochs": 1})
-  res = train_and_evaluate(cfg, str(tmp_path), progress=False, data=fmnist_lt)
-  assert res["config"]["perturb"]["logit"] == "logit_adjust,lpl"
-  with open(tmp_path / "results.json") as f:
-    assert json.load(f)["config"]["perturb"]["logit"] == "logit_adjust,lpl"
-  with open(tmp_path / "metrics.jsonl") as f:
-    row = json.loads(f.readline())
+
+  def first_row(logit, workdir):
+    cfg = small_config(**{"perturb.activation": "lpa", "perturb.logit": logit,
+                          "optim.num_epochs": 1})
+    res = train_and_evaluate(cfg, str(workdir), progress=False, data=fmnist_lt)
+    assert np.isfinite(res["test_accuracy"])
+    with open(workdir / "metrics.jsonl") as f:
+      return json.loads(f.readline())
+  row = first_row("logit_adjust,lpl", tmp_path / "chain")
   assert max(row["lpl_delta_norm_C"]) > 0 and max(row["delta_norm_C"]) > 0
+  row_lpl = first_row("lpl", tmp_path / "lpl")
+  assert not np.allclose(row["loss"], row_lpl["loss"], rtol=1e-3)
