@@ -75,6 +75,7 @@ def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
       if unreadable is not None:
         unreadable.append((path, str(e)))
       continue
+    results.update(prediction_metrics(workdir))
     runs.append({"name": meta.get("name") or method_name(results.get("config", {})),
                  "slug": os.path.basename(os.path.dirname(workdir)),
                  "seed": meta.get("seed", results.get("config", {}).get("seed")),
@@ -84,6 +85,55 @@ def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
   rank = lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["name"],  # noqa: E731
                     r["seed"] if r["seed"] is not None else 0)
   return sorted(runs, key=rank)
+
+
+def balanced_accuracy(pred, label) -> float:
+  """Mean over the classes present in ``label`` of each class's accuracy (recall)."""
+  pred, label = np.asarray(pred), np.asarray(label)
+  classes = np.unique(label)
+  return float(np.mean([np.mean(pred[label == c] == c) for c in classes])) if len(classes) \
+      else float("nan")
+
+
+def prediction_metrics(workdir: str) -> dict:
+  """``val_balanced_accuracy`` from a run's ``predictions.npz`` (the final model's validation
+  predictions), when it has them; else ``{}``.
+
+  A validation split carved from a long-tailed training set is itself long-tailed, so its plain
+  accuracy weights classes by frequency while the (balanced) test set does not; the
+  class-balanced accuracy is the validation number that estimates the test accuracy.
+  """
+  path = os.path.join(workdir, "predictions.npz")
+  if not os.path.exists(path):
+    return {}
+  with np.load(path) as d:
+    if "val_pred" not in d.files or not len(d["val_label"]):
+      return {}
+    return {"val_balanced_accuracy": balanced_accuracy(d["val_pred"], d["val_label"])}
+
+
+def family(name: str) -> str:
+  """The method a tuning run belongs to: its name up to the first ``knob=value`` or ``@``."""
+  words = []
+  for w in name.split():
+    if "=" in w or w.startswith("@"):
+      break
+    words.append(w)
+  return " ".join(words) or name
+
+
+def selection_table(rows: list[dict], key: str = "val bal acc") -> str:
+  """Per method family, the setting with the highest mean ``key``, and its test accuracy."""
+  out = [f"| method | settings tried | chosen (highest {key}) | {key} % | test acc % |",
+         "|---|---|---|---|---|"]
+  for fam in dict.fromkeys(family(r["name"]) for r in rows):
+    mine = [r for r in rows if family(r["name"]) == fam and r[key][0] == r[key][0]]
+    if not mine:
+      continue
+    best = max(mine, key=lambda r: r[key][0])
+    out.append(f"| {fam} | {len(mine)} | {best['name']} | {_fmt(best[key])} | "
+               f"{_fmt(best['test acc'])} |")
+  return "\n".join(out)
 
 
 def _suite_meta(root: str) -> dict:
@@ -106,6 +156,8 @@ def metric_columns(runs: list[dict]) -> list[tuple[str, tuple]]:
     cols += [(f"{k}-shot", ("shot_accuracy", k)) for k in ("many", "medium", "few")]
   if "val_accuracy" in first:
     cols.append(("val acc", ("val_accuracy",)))
+  if any("val_balanced_accuracy" in r["results"] for r in runs):
+    cols.append(("val bal acc", ("val_balanced_accuracy",)))
   if "selected_by_val" in first:
     cols.append(("test @ best val", ("selected_by_val", "test_accuracy")))
   for dom in first.get("val_domain_accuracy", {}):
@@ -223,6 +275,13 @@ def write_report(root: str) -> dict[str, str]:
            f"--config=experiments/configs/suites.py:{suite}`; report only: "
            f"`python -m experiments.report --root={root}`.", "",
            "## Accuracy (%)", "", markdown_table(rows, cols), ""]
+  if "val bal acc" in cols and len({family(r["name"]) for r in rows}) < len(rows):
+    lines += ["## Selection on validation", "",
+              "`val bal acc`: the final model's class-balanced accuracy on the validation "
+              "split (mean of per-class accuracies), from each run's `predictions.npz`. "
+              "`test @ best val` is the test accuracy at the epoch of highest plain "
+              "validation accuracy, which favours head classes on a long-tailed split.", "",
+              selection_table(rows), ""]
   lines += [f"![{k}]({os.path.basename(v)})" for k, v in paths.items()
             if v.endswith(".png")]
   lines += ["", figs.per_class_table(runs)]
