@@ -190,9 +190,10 @@ def measure_lpl(setup: Setup, alpha: float, steps: int | None = None) -> dict:
   """LPL with step ``α`` and the config's ``K`` (or ``steps``) on the clean logits: per-class
   loss change, ‖δ_c‖ (logits) and the shift of the class's own logit, ``δ_c[c]``."""
   b = setup.config.perturb.lpl
-  method = logit.lpl(setup.ctx, split=b.split, alpha=alpha, steps=b.steps if steps is None
-                     else steps, varied=b.varied, steps_min=b.steps_min, steps_max=b.steps_max,
-                     normalize=b.normalize, num_head=b.num_head, signs=b.signs)
+  method = logit.lpl(setup.ctx.num_classes, class_counts=setup.ctx.class_counts, split=b.split,
+                     alpha=alpha, steps=b.steps if steps is None else steps, varied=b.varied,
+                     steps_min=b.steps_min, steps_max=b.steps_max, normalize=b.normalize,
+                     num_head=b.num_head, signs=b.signs)
   state = method.refresh(method.init(), setup.stats, 1)
   apply = jax.jit(lambda s, z, batch: method.apply(s, z, batch, 0))
   count = _counts(setup)

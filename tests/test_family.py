@@ -14,7 +14,7 @@ from lpa_jax.models import get_model
 from experiments.configs import methods as defaults
 from lpa_jax.perturb import activation, gradient, logit, registry
 from lpa_jax.perturb.classes import ClassStats
-from lpa_jax.perturb.base import Batch, Context, chain_logits, identity, identity_logits
+from lpa_jax.perturb.base import Batch, Context, chain, identity, identity_logits
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
@@ -154,10 +154,10 @@ def test_logit_adjustment_shifts_by_tau_log_prior_and_posthoc_subtracts_it():
   ctx, _, batch, _ = setup()
   z = jax.random.normal(jax.random.key(3), (8, 4))
   shift = 0.7 * np.log(COUNTS / COUNTS.sum())
-  la = logit.logit_adjust(ctx, tau=0.7, mode="loss")
+  la = logit.logit_adjust(ctx.class_counts, tau=0.7, mode="loss")
   np.testing.assert_allclose(la.apply((), z, batch, 0)[0], z + shift, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(la.predict((), z), z)
-  ph = logit.logit_adjust(ctx, tau=0.7, mode="posthoc")
+  ph = logit.logit_adjust(ctx.class_counts, tau=0.7, mode="posthoc")
   np.testing.assert_allclose(ph.apply((), z, batch, 0)[0], z)
   np.testing.assert_allclose(ph.predict((), z), z - shift, rtol=1e-5, atol=1e-6)
 
@@ -167,7 +167,8 @@ def test_ldam_margins_and_drw_switch_on_at_the_right_step():
   m_C = logit.ldam_margins(COUNTS)
   np.testing.assert_allclose(m_C * COUNTS ** 0.25, m_C[-1] * COUNTS[-1] ** 0.25, rtol=1e-6)
   assert m_C.max() == pytest.approx(0.5) and np.argmax(m_C) == 3
-  m = logit.ldam(ctx, normalized_head=True, scale=30.0, batch_normalize=False)
+  m = logit.ldam(COUNTS, normalized_head=True, scale=30.0, batch_normalize=False,
+                 num_epochs=5, steps_per_epoch=10)
   z = jax.random.normal(jax.random.key(4), (8, 4))
   apply = jax.jit(lambda s: m.apply((), z, batch, s))
   out, w0, _ = apply(39)
@@ -189,7 +190,7 @@ def test_lpl_equals_lpa_at_the_logits_where_the_spec_says():
     signs = (1, -1, 1, -1)[:c]
     a = at(ctx, "logits", lpa(c, split="signs", signs=signs, eps=0.3 * k, steps=k, varied=False))
     got_lpa = run(a, v, batch, rng).logits_BxC
-    p = logit.lpl(ctx, split="signs", signs=signs, alpha=0.3, steps=k)
+    p = logit.lpl(c, split="signs", signs=signs, alpha=0.3, steps=k)
     z = full_apply(ctx.cut_fn("logits"), v, batch.x, True)[0]
     got_lpl = jax.jit(lambda z: p.apply(p.init(), z, batch, 0)[0])(z)
     np.testing.assert_allclose(got_lpa, got_lpl, rtol=1e-5, atol=1e-5)
@@ -198,7 +199,8 @@ def test_lpl_equals_lpa_at_the_logits_where_the_spec_says():
 
 def test_lpl_varied_steps_and_longtail_split():
   ctx, _, batch, _ = setup()
-  p = logit.lpl(ctx, split="longtail", alpha=0.1, varied=True, steps_min=2, steps_max=6)
+  p = logit.lpl(4, class_counts=COUNTS, split="longtail", alpha=0.1, varied=True, steps_min=2,
+                steps_max=6)
   st = p.init()
   np.testing.assert_array_equal(st.sign_C, [-1, -1, 1, 1])      # head = round(0.4·4) = 2
   z = jax.random.normal(jax.random.key(5), (8, 4))
@@ -213,7 +215,7 @@ def test_lpl_varied_steps_and_longtail_split():
 
 def test_lpg_keeps_the_forward_and_moves_class_gradient_norms_by_eps():
   ctx, _, batch, _ = setup(b=16)
-  m = gradient.lpg_logits(ctx, split="signs", signs=(1, -1, 1, -1), eps=0.05, varied=False)
+  m = gradient.lpg_logits(4, split="signs", signs=(1, -1, 1, -1), eps=0.05, varied=False)
   z = jax.random.normal(jax.random.key(6), (16, 4))
   out = jax.jit(lambda z: m.apply(m.init(), z, batch, 0)[0])(z)
   np.testing.assert_array_equal(out, z)
@@ -282,11 +284,11 @@ def test_optax_gradient_methods_act_where_they_should():
 
 # --------------------------------------------------------------------------------- composition
 
-def test_chain_logits_composes_apply_weights_and_predict():
+def test_chain_composes_apply_weights_and_predict():
   ctx, _, batch, _ = setup()
   z = jax.random.normal(jax.random.key(8), (8, 4))
-  m = chain_logits(logit.logit_adjust(ctx, mode="posthoc"),
-                   logit.ldam(ctx, normalized_head=True, scale=1.0))
+  m = chain(logit.logit_adjust(COUNTS, mode="posthoc"),
+            logit.ldam(COUNTS, normalized_head=True, scale=1.0, drw_start_step=40))
   out, w, _ = m.apply(m.init(), z, batch, 49)
   np.testing.assert_allclose(out, z - batch.targets_BxC * logit.ldam_margins(COUNTS), rtol=1e-6)
   assert not np.allclose(w, 1.0)

@@ -6,7 +6,7 @@ import pytest
 
 from lpa_jax.models import get_model
 from lpa_jax.perturb import logit
-from lpa_jax.perturb.base import Batch, Context
+from lpa_jax.perturb.base import Batch
 
 COUNTS = np.array([100, 16, 1])
 # m_c = n_c^(-1/4) rescaled to max 0.5: 100^(-1/4) = 0.31623, 16^(-1/4) = 0.5, 1^(-1/4) = 1.
@@ -16,7 +16,8 @@ DRW = [0.0281082, 0.1749406, 2.7969512]
 
 
 def _ctx(num_epochs=200, steps_per_epoch=10):
-  return Context(3, COUNTS, steps_per_epoch, num_epochs, None, ())
+  """LDAM's arguments for a run of ``num_epochs`` epochs of ``steps_per_epoch`` steps."""
+  return dict(class_counts=COUNTS, num_epochs=num_epochs, steps_per_epoch=steps_per_epoch)
 
 
 def _cosine_logits(name="cnn", **kwargs):
@@ -46,7 +47,7 @@ def test_cosine_head_on_a_resnet_and_its_gradient_at_zero_features():
 
 def test_ldam_refuses_a_linear_head():
   with pytest.raises(ValueError, match="head='cosine'"):
-    logit.ldam(_ctx())
+    logit.ldam(**_ctx())
 
 
 def test_margins_and_drw_weights_match_hand_computed_values():
@@ -58,7 +59,7 @@ def test_ldam_trains_on_scaled_cosines_minus_the_true_class_margin():
   _, _, _, cos = _cosine_logits(widths=(4, 8))
   labels = jnp.array([0, 1, 2, 2, 1, 0])
   batch = Batch(None, labels, jax.nn.one_hot(labels, 3))
-  m = logit.ldam(_ctx(), normalized_head=True, batch_normalize=False)  # s = 30, 0.5, 0.9999
+  m = logit.ldam(**_ctx(), normalized_head=True, batch_normalize=False)  # s = 30, 0.5, 0.9999
   out, w_B, aux = jax.jit(lambda c, s: m.apply((), c, batch, s))(cos, 0)
   want = 30.0 * np.asarray(cos)
   for i, y in enumerate(np.asarray(labels)):
@@ -73,7 +74,7 @@ def test_drw_starts_at_epoch_160_of_200():
   labels = jnp.array([0, 1, 2, 2])
   batch = Batch(None, labels, jax.nn.one_hot(labels, 3))
   cos = jnp.zeros((4, 3))
-  m = logit.ldam(_ctx(200, 10), normalized_head=True, batch_normalize=False)
+  m = logit.ldam(**_ctx(200, 10), normalized_head=True, batch_normalize=False)
   apply = jax.jit(lambda s: m.apply((), cos, batch, s)[1:])
   w_before, aux_before = apply(1599)
   w_after, aux_after = apply(1600)  # epoch 160 of 200, 10 steps per epoch
@@ -81,5 +82,5 @@ def test_drw_starts_at_epoch_160_of_200():
   np.testing.assert_allclose(w_after, [DRW[0], DRW[1], DRW[2], DRW[2]], rtol=1e-5)
   assert float(aux_before["drw_on"]) == 0.0 and float(aux_after["drw_on"]) == 1.0
   # Batch-normalised weights average to one: PyTorch's weighted-mean cross-entropy.
-  mb = logit.ldam(_ctx(200, 10), normalized_head=True)
+  mb = logit.ldam(**_ctx(200, 10), normalized_head=True)
   np.testing.assert_allclose(mb.apply((), cos, batch, 1600)[1].mean(), 1.0, rtol=1e-6)

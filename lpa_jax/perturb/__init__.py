@@ -9,7 +9,14 @@ pure functions inside any training loop:
 >>> cut = cut_linen(model, "layer3", input_shape=(32, 32, 3))
 >>> out = perturbed_apply(method, cut, method.init(), variables, x, y, rng)
 
-Logit methods (:func:`lpl`, :func:`logit_adjust`, :func:`ldam`) rewrite the training logits;
+Logit methods (:func:`lpl`, :func:`logit_adjust`, :func:`ldam`, LPG's :func:`lpg_logits`)
+rewrite the training logits (or their gradient) and compose in order with :func:`chain`:
+
+>>> logit = chain(logit_adjust(counts, tau=1.0),
+...               lpl(10, split="longtail", class_counts=counts, alpha=0.15),
+...               lpg_logits(10, split="longtail", class_counts=counts, eps=0.1))
+>>> z, w_B, aux = logit.apply(logit.init(), z, Batch(x, y, targets), step)
+
 gradient methods (:func:`lpg`, :func:`gaf`, :func:`sam`, :func:`clip`, :func:`grad_noise`)
 act on gradients, mostly through optax.
 """
@@ -17,12 +24,12 @@ from lpa_jax.perturb.activation import (adversarial, deep_augmentation, dropout,
                                         manifold_mixup, mix, noise)
 from lpa_jax.perturb.adaptive import lpa_adaptive
 from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, GradientMethod, LogitMethod,
-                                  Perturbed, Placed, chain_logits, identity, identity_logits,
+                                  Perturbed, Placed, chain, identity, identity_logits,
                                   pgd_loss_of)
 from lpa_jax.perturb.classes import ClassStats, Split
 from lpa_jax.perturb.diagnostics import check_finite
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
-from lpa_jax.perturb.gradient import clip, gaf, grad_noise, lpg, sam
+from lpa_jax.perturb.gradient import clip, gaf, grad_noise, lpg, lpg_logits, sam
 from lpa_jax.perturb.hooks import Cut, cut_staged, full_apply
 from lpa_jax.perturb.logit import ldam, logit_adjust, lpl
 from lpa_jax.perturb.lpa import LPA, LPAState, add_delta, lpa
@@ -30,10 +37,9 @@ from lpa_jax.perturb.place import perturbed_apply, place
 
 __all__ = [
     "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "GradientMethod", "LPA",
-    "LPAState", "LogitMethod", "Perturbed", "Placed", "Split", "add_delta", "adversarial",
-    "chain_logits", "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged",
-    "deep_augmentation", "dropout", "full_apply", "gaf", "grad_noise", "identity",
-    "identity_logits", "input_cut", "ldam", "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpl",
-    "manifold_mixup", "mix", "nnx_functional", "noise", "perturbed_apply", "pgd_loss_of", "place",
-    "sam",
+    "LPAState", "LogitMethod", "Perturbed", "Placed", "Split", "add_delta", "adversarial", "chain",
+    "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged", "deep_augmentation", "dropout",
+    "full_apply", "gaf", "grad_noise", "identity", "identity_logits", "input_cut", "ldam",
+    "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpg_logits", "lpl", "manifold_mixup", "mix",
+    "nnx_functional", "noise", "perturbed_apply", "pgd_loss_of", "place", "sam"
 ]

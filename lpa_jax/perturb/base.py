@@ -19,6 +19,8 @@ the epoch's :class:`~lpa_jax.perturb.classes.ClassStats`.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,6 +47,49 @@ def check_finite_params(method: str, **values) -> None:
     bad = (not np.all(np.isfinite(arr))) if arr is not None else not math.isfinite(float(v))
     if bad:
       raise ValueError(f"{method}.{name} must be finite, got {v!r}")
+
+
+def check_num_classes(who: str, num_classes) -> int:
+  """``num_classes`` as a positive int, else an error naming ``who`` (a run :class:`Context`
+  in its place, the old ``lpl(ctx, ...)`` form, says what to pass instead).
+
+  >>> check_num_classes("lpl", 10)
+  10
+  """
+  if isinstance(num_classes, Context):
+    raise TypeError(f"{who} is built from hyper-parameters, not a run Context: pass "
+                    "num_classes=ctx.num_classes, class_counts=ctx.class_counts")
+  if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+     or num_classes < 1:
+    raise ValueError(f"{who}.num_classes must be a positive int, got {num_classes!r}")
+  return int(num_classes)
+
+
+def check_class_counts(who: str, class_counts, num_classes: int | None = None,
+                       required: bool = True):
+  """Checks ``class_counts`` (one finite, non-negative training count per class) and returns
+  it unchanged; ``None`` is an error when ``required``.
+
+  >>> check_class_counts("logit_adjust", [3, 2, 1]), check_class_counts("lpl", None, 3, False)
+  ([3, 2, 1], None)
+  """
+  if class_counts is None:
+    if required:
+      raise ValueError(f"{who} needs class_counts, the training count of each class")
+    return None
+  if isinstance(class_counts, Context):
+    raise TypeError(f"{who} is built from hyper-parameters, not a run Context: pass "
+                    "class_counts=ctx.class_counts")
+  counts = np.asarray(class_counts)
+  if counts.ndim != 1 or counts.size == 0 or \
+     (num_classes is not None and counts.shape != (num_classes,)):
+    raise ValueError(f"{who}.class_counts must hold one training count per class: got shape "
+                     f"{counts.shape}" + (f" for num_classes={num_classes}" if num_classes
+                                          else ""))
+  if not np.issubdtype(counts.dtype, np.number) or not np.all(np.isfinite(counts)) \
+     or np.any(counts < 0):
+    raise ValueError(f"{who}.class_counts must be finite counts >= 0, got {class_counts!r}")
+  return class_counts
 
 
 def check_labels(labels_B, num_classes: int, who: str, act=None) -> None:
@@ -204,33 +249,76 @@ def identity_logits() -> LogitMethod:
   return LogitMethod(lambda: (), apply, keep_state)
 
 
-def chain_logits(a: LogitMethod, b: LogitMethod) -> LogitMethod:
-  """Applies ``a`` then ``b``: states as a tuple, weights multiplied, aux merged, predict chained.
+def _check_members(methods) -> None:
+  for i, m in enumerate(methods):
+    if not isinstance(m, LogitMethod):
+      hint = (": chain its logit part, e.g. lpg(...).logit or lpg_logits(...)"
+              if isinstance(m, GradientMethod) else "")
+      raise TypeError(f"chain: argument {i} is a {type(m).__name__}, not a LogitMethod{hint}")
 
-  >>> m = chain_logits(logit_adjust(ctx), lpg(ctx))   # LA on the logits, LPG on their gradient
-  >>> z, w_B, aux = m.apply(m.init(), z, batch, step)
+
+def _chained(fns) -> Callable:
+  """``apply`` of members ``fns`` in order: weights multiplied, aux merged (clashes refused)."""
+  def apply(state, logits_BxC, batch, step):
+    z, w_B, aux, owner = logits_BxC, None, {}, {}
+    for i, (fn, s) in enumerate(zip(fns, state)):
+      z, w_i, aux_i = fn(s, z, batch, step)
+      w_B = w_i if w_B is None else w_B * w_i
+      for key in aux_i:
+        if key in owner:
+          raise ValueError(f"chain: methods {owner[key]} and {i} both report aux {key!r}; "
+                           "chain methods whose aux keys differ")
+        owner[key] = i
+      aux.update(aux_i)
+    return z, w_B, aux
+  return apply
+
+
+def chain(*methods: LogitMethod) -> LogitMethod:
+  """Applies logit methods in the order given, like ``optax.chain``.
+
+  The state is the tuple of the members' states; ``apply`` feeds each member the logits the
+  previous one returned, multiplies their weights and merges their aux (two members reporting
+  the same aux key raise); ``predict`` and ``pgd_apply`` are chained in the same order.
+  ``chain()`` is :func:`identity_logits` and ``chain(m)`` is ``m``.
+
+  >>> la = logit_adjust(counts, tau=1.0)
+  >>> m = chain(la, lpl(10, class_counts=counts, split="longtail"), lpg_logits(10))
+  >>> z, w_B, aux = m.apply(m.init(), z, batch, step)   # LA, then LPL, then LPG's backward
   """
-  def chained(fa, fb):
-    def apply(state, logits_BxC, batch, step):
-      z, w_a, aux_a = fa(state[0], logits_BxC, batch, step)
-      z, w_b, aux_b = fb(state[1], z, batch, step)
-      return z, w_a * w_b, {**aux_a, **aux_b}
-    return apply
+  _check_members(methods)
+  if not methods:
+    return identity_logits()
+  if len(methods) == 1:
+    return methods[0]
+
+  def init():
+    return tuple(m.init() for m in methods)
 
   def refresh(state, stats, epoch):
-    return a.refresh(state[0], stats, epoch), b.refresh(state[1], stats, epoch)
+    return tuple(m.refresh(s, stats, epoch) for m, s in zip(methods, state))
 
   def predict(state, logits_BxC):
-    return b.predict(state[1], a.predict(state[0], logits_BxC))
+    for m, s in zip(methods, state):
+      logits_BxC = m.predict(s, logits_BxC)
+    return logits_BxC
 
-  return LogitMethod(lambda: (a.init(), b.init()), chained(a.apply, b.apply), refresh, predict,
-                     chained(a.pgd_apply or a.apply, b.pgd_apply or b.apply))
+  return LogitMethod(init, _chained([m.apply for m in methods]), refresh, predict,
+                     _chained([m.pgd_apply or m.apply for m in methods]))
+
+
+def chain_logits(a: LogitMethod, b: LogitMethod) -> LogitMethod:
+  """Deprecated: ``chain(a, b)``."""
+  warnings.warn("chain_logits(a, b) is deprecated; use lpa_jax.perturb.chain(a, b, ...)",
+                DeprecationWarning, stacklevel=2)
+  return chain(a, b)
 
 
 def pgd_loss_of(logit: LogitMethod, state, batch: Batch, step) -> Callable:
   """The training loss as PGD must follow it: ``(logits, targets) -> w_B · ℓ(logit(z), t)``.
 
-  >>> loss_fn = pgd_loss_of(ldam(ctx), (), batch, step)   # LDAM margins and DRW weights
+  >>> m = ldam(counts, normalized_head=True, drw_start_step=1600)
+  >>> loss_fn = pgd_loss_of(m, (), batch, step)   # LDAM margins and DRW weights
   """
   fn = logit.pgd_apply or logit.apply
 

@@ -117,6 +117,15 @@ def initial_split(rule: str, num_classes: int, class_counts=None, signs=None,
   return constant_split(np.zeros(num_classes))
 
 
+def method_split(who: str, rule: str, num_classes: int, class_counts=None, signs=None,
+                 num_head: int | None = None) -> Split:
+  """:func:`initial_split` whose errors name the method (``lpl: Unknown split rule ...``)."""
+  try:
+    return initial_split(rule, num_classes, class_counts, signs, num_head)
+  except ValueError as e:
+    raise ValueError(f"{who}: {e}") from None
+
+
 def refresh_split(rule: str, split: Split, stats: ClassStats) -> Split:
   """Epoch-end refresh: balanced rules re-split by ``q_c < mean_c q_c`` (jittable)."""
   if rule not in ("balanced", "balanced_accuracy"):

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Context, GradientMethod, LogitMethod, check_finite_params
+from lpa_jax.perturb.base import (GradientMethod, LogitMethod, check_class_counts,
+                                  check_finite_params, check_num_classes)
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -57,21 +58,28 @@ def _lpg_bwd(res, ct_BxC):
 perturb_logit_grad.defvjp(_lpg_fwd, _lpg_bwd)
 
 
-def lpg_logits(ctx: Context, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
-               varied: bool = True, num_head: int | None = None, signs=None) -> LogitMethod:
+def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
+               delta_eps: float = 0.1, varied: bool = True, class_counts=None,
+               num_head: int | None = None, signs=None) -> LogitMethod:
   """LPG as a logit method: forward unchanged, class-mean logit gradients of ``P`` classes
   grow by ``ε_c`` in norm and those of ``N`` classes shrink by up to ``ε_c``.
 
-  ``ε_c = ε + Δε·|τ − q_c|`` (varied) or ``ε``; splits as in LPL.
+  ``ε_c = ε + Δε·|τ − q_c|`` (varied) or ``ε``; ``split``, ``class_counts``, ``num_head`` and
+  ``signs`` as in :func:`~lpa_jax.perturb.logit.lpl`.  Chain it after the logit methods whose
+  output gradient it edits: ``chain(logit_adjust(counts), lpg_logits(10))``.
 
-  >>> m = lpg_logits(ctx, split="longtail", eps=0.1)
+  >>> m = lpg_logits(10, split="longtail", class_counts=counts, eps=0.1)
   """
+  num_classes = check_num_classes("lpg", num_classes)
+  class_counts = check_class_counts("lpg", class_counts, num_classes, required=False)
+  check_finite_params("lpg", eps=eps, delta_eps=delta_eps)
   if eps < 0 or delta_eps < 0:
-    raise ValueError(f"lpg needs eps >= 0 and delta_eps >= 0, got {eps}, {delta_eps}")
-  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, num_head)
+    raise ValueError(f"lpg needs eps >= 0 and delta_eps >= 0, got eps={eps}, "
+                     f"delta_eps={delta_eps}")
+  init_split = classes.method_split("lpg", split, num_classes, class_counts, signs, num_head)
 
   def apply(state, logits_BxC, batch, step):
-    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=logits_BxC.dtype)
+    onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=logits_BxC.dtype)
     radius_C = classes.class_radii(state, eps, delta_eps, 1.0, 0, varied)
     out = perturb_logit_grad(logits_BxC, onehot_BxC, state.sign_C, radius_C)
     return out, jnp.ones_like(logits_BxC[:, 0]), {"lpg_radius_C": radius_C * (state.sign_C != 0)}
@@ -86,9 +94,17 @@ def lpg_logits(ctx: Context, split: str = "balanced", eps: float = 0.1, delta_ep
   return LogitMethod(lambda: init_split, apply, refresh, pgd_apply=pgd_apply)
 
 
-def lpg(ctx: Context, **kwargs) -> GradientMethod:
-  """LPG (SPEC §3, rule ours) as a gradient method; ``kwargs`` go to :func:`lpg_logits`."""
-  return GradientMethod(logit=lpg_logits(ctx, **kwargs))
+def lpg(num_classes: int, *, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
+        varied: bool = True, class_counts=None, num_head: int | None = None,
+        signs=None) -> GradientMethod:
+  """LPG (SPEC §3, rule ours) as a gradient method: its ``logit`` is :func:`lpg_logits` with
+  the same arguments, whose custom backward the train step chains after the logit methods.
+
+  >>> gm = lpg(10, split="longtail", class_counts=counts, eps=0.1); gm.logit   # a LogitMethod
+  """
+  return GradientMethod(logit=lpg_logits(
+      num_classes, split=split, eps=eps, delta_eps=delta_eps, varied=varied,
+      class_counts=class_counts, num_head=num_head, signs=signs))
 
 
 def gaf_fn(alpha: float = 0.1, beta: float = 20.0, form: str = "atan"):

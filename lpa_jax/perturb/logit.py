@@ -4,17 +4,24 @@ Each is a :class:`~lpa_jax.perturb.base.LogitMethod`: ``apply`` rewrites the tra
 and returns per-example loss weights; ``predict`` rewrites evaluation logits (post-hoc logit
 adjustment); ``refresh`` re-splits classes once per epoch.
 
->>> method = lpl(ctx, split="longtail", alpha=0.15, steps=20)
+Each factory takes hyper-parameters only (no run ``Context``); combine them with
+:func:`~lpa_jax.perturb.base.chain`:
+
+>>> method = chain(logit_adjust(counts, tau=1.0),
+...                lpl(10, class_counts=counts, split="longtail", alpha=0.15, steps=20))
 >>> logits, w_B, aux = method.apply(method.init(), logits, batch, step)
 """
 from __future__ import annotations
+
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Context, LogitMethod, keep_state
+from lpa_jax.perturb.base import (LogitMethod, check_class_counts, check_finite_params,
+                                  check_num_classes, keep_state)
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -57,28 +64,48 @@ def class_logit_delta(z_BxC, onehot_BxC, targets_BxC, sign_C, alpha, steps_C, ma
   return jax.lax.stop_gradient(delta)
 
 
-def lpl(ctx: Context, split: str = "balanced", alpha: float = 0.005, steps: int = 20,
+def check_count(who: str, **values) -> None:
+  """Each value must be an int ``>= 0`` (step counts, start steps), named in the error."""
+  for name, v in values.items():
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+      raise ValueError(f"{who}.{name} must be an int >= 0, got {v!r}")
+
+
+def _check_lpl(alpha, steps, steps_min, steps_max) -> None:
+  check_finite_params("lpl", alpha=alpha)
+  if alpha < 0:
+    raise ValueError(f"lpl.alpha must be >= 0, got {alpha}")
+  check_count("lpl", steps=steps, steps_min=steps_min, steps_max=steps_max)
+  if steps_min > steps_max:
+    raise ValueError(f"lpl.steps_min must be <= lpl.steps_max, got {steps_min} > {steps_max}")
+
+
+def lpl(num_classes: int, *, split: str = "balanced", alpha: float = 0.005, steps: int = 20,
         varied: bool = False, steps_min: int = 10, steps_max: int = 40, normalize: bool = True,
-        num_head: int | None = None, signs=None) -> LogitMethod:
+        class_counts=None, num_head: int | None = None, signs=None) -> LogitMethod:
   """LPL — class-level logit perturbation (Li et al.; SPEC §2): ``z_i ← z_i + δ_{y_i}``.
 
   Args:
+    num_classes: ``C``, the number of logits.
     split: as LPA (``balanced`` q_c vs mean, refreshed per epoch; ``longtail`` frequency rank
-      with ``num_head`` head classes, default :func:`classes.default_num_head`; ...).
+      with ``num_head`` head classes, default :func:`classes.default_num_head`, which needs
+      ``class_counts``; ``signs`` a given sign vector ``signs``; ...).
     alpha, steps: step size ``α`` and fixed ``K``; ``varied`` uses ``K_c`` in
       ``[steps_min, steps_max]`` growing with ``|τ − q_c|``.
     normalize: normalised steps (SPEC) or raw gradient steps.
+    class_counts: training count of each class (needed by ``split='longtail'``).
 
-  >>> m = lpl(ctx, split="balanced", alpha=0.005, steps=20)
+  >>> m = lpl(10, split="balanced", alpha=0.005, steps=20)
+  >>> m = lpl(10, split="longtail", class_counts=counts, alpha=0.15)
   """
-  if min(steps, steps_min, steps_max) < 0 or steps_min > steps_max or alpha < 0:
-    raise ValueError(f"lpl needs alpha >= 0 and 0 <= steps_min <= steps_max, steps >= 0; got "
-                     f"alpha={alpha}, steps={steps}, steps_min={steps_min}, steps_max={steps_max}")
-  init_split = classes.initial_split(split, ctx.num_classes, ctx.class_counts, signs, num_head)
+  num_classes = check_num_classes("lpl", num_classes)
+  class_counts = check_class_counts("lpl", class_counts, num_classes, required=False)
+  _check_lpl(alpha, steps, steps_min, steps_max)
+  init_split = classes.method_split("lpl", split, num_classes, class_counts, signs, num_head)
   max_steps = steps_max if varied else steps
 
   def apply(state, logits_BxC, batch, step):
-    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=logits_BxC.dtype)
+    onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=logits_BxC.dtype)
     steps_C = class_steps(state, steps, varied, steps_min, steps_max)
     delta_CxC = class_logit_delta(logits_BxC, onehot_BxC, batch.targets_BxC, state.sign_C,
                                   alpha, steps_C, max_steps, normalize)
@@ -96,17 +123,24 @@ def log_prior(class_counts) -> np.ndarray:
   return np.log(counts / counts.sum()).astype(np.float32)
 
 
-def logit_adjust(ctx: Context, tau: float = 1.0, mode: str = "loss") -> LogitMethod:
+def logit_adjust(class_counts, *, tau: float = 1.0, mode: str = "loss") -> LogitMethod:
   """Logit adjustment (Menon et al. 2021) with ``π`` the training class frequencies.
 
   ``mode='loss'``: train on ``ℓ(z + τ log π, y)``, predict with ``z``;
   ``mode='posthoc'``: train on ``z``, predict with ``z − τ log π``.
 
-  >>> m = logit_adjust(ctx, tau=1.0, mode="posthoc")
+  Args:
+    class_counts: training count of each class (``π_c ∝ n_c``; an empty class counts as 1).
+    tau: the temperature ``τ``.
+    mode: ``'loss'`` or ``'posthoc'``.
+
+  >>> m = logit_adjust(counts, tau=1.0, mode="posthoc")
   """
+  class_counts = check_class_counts("logit_adjust", class_counts)
+  check_finite_params("logit_adjust", tau=tau)
   if mode not in LA_MODES:
     raise ValueError(f"logit_adjust.mode must be one of {LA_MODES}, got {mode!r}")
-  shift_C = tau * jnp.asarray(log_prior(ctx.class_counts))
+  shift_C = tau * jnp.asarray(log_prior(class_counts))
 
   def apply(state, logits_BxC, batch, step):
     out = logits_BxC + shift_C if mode == "loss" else logits_BxC
@@ -131,44 +165,99 @@ def drw_weights(class_counts, beta: float = 0.9999) -> np.ndarray:
   return (w * len(w) / w.sum()).astype(np.float32)
 
 
-def ldam(ctx: Context, max_margin: float = 0.5, scale: float = 30.0, drw: bool = True,
-         drw_beta: float = 0.9999, drw_fraction: float = 0.8, batch_normalize: bool = True,
-         normalized_head: bool = False) -> LogitMethod:
+def drw_start(num_epochs: int, steps_per_epoch: int, fraction: float = 0.8) -> int:
+  """The first DRW step: epoch ``round(fraction·num_epochs)`` (160 of 200) of the run.
+
+  >>> drw_start(200, 10)
+  1600
+  """
+  return int(round(fraction * num_epochs)) * steps_per_epoch
+
+
+def _drw_start_step(drw, drw_start_step, num_epochs, steps_per_epoch, drw_fraction) -> int:
+  """When DRW starts: ``drw_start_step`` as given, or from the run's length (see :func:`ldam`)."""
+  check_finite_params("ldam", drw_fraction=drw_fraction)
+  if not 0.0 <= drw_fraction <= 1.0:
+    raise ValueError(f"ldam.drw_fraction must lie in [0, 1], got {drw_fraction}")
+  if drw_start_step is not None:
+    if num_epochs is not None or steps_per_epoch is not None:
+      raise ValueError("ldam: give drw_start_step, or num_epochs and steps_per_epoch, not both")
+    check_count("ldam", drw_start_step=drw_start_step)
+    return int(drw_start_step)
+  if (num_epochs is None) != (steps_per_epoch is None):
+    missing = "steps_per_epoch" if steps_per_epoch is None else "num_epochs"
+    raise ValueError(f"ldam: num_epochs and steps_per_epoch go together; {missing} is missing")
+  if num_epochs is None:
+    if drw:
+      raise ValueError("ldam with drw=True needs to know when DRW starts: pass drw_start_step=, "
+                       "or num_epochs= and steps_per_epoch= (DRW from epoch "
+                       "round(drw_fraction·num_epochs))")
+    return 0  # never read: DRW is off
+  check_count("ldam", num_epochs=num_epochs, steps_per_epoch=steps_per_epoch)
+  if min(num_epochs, steps_per_epoch) < 1:
+    raise ValueError(f"ldam needs num_epochs >= 1 and steps_per_epoch >= 1, got {num_epochs} "
+                     f"and {steps_per_epoch}")
+  return drw_start(num_epochs, steps_per_epoch, drw_fraction)
+
+
+def _check_ldam(normalized_head, max_margin, scale, drw_beta) -> None:
+  if not normalized_head:
+    raise ValueError("ldam needs a normalised (cosine) classifier, as published: build the "
+                     "model with head='cosine' (config.model.kwargs.head = 'cosine') and pass "
+                     "normalized_head=True; its scale s multiplies cosines in [-1, 1]")
+  check_finite_params("ldam", max_margin=max_margin, scale=scale, drw_beta=drw_beta)
+  if max_margin < 0 or scale <= 0:
+    raise ValueError(f"ldam needs max_margin >= 0 and scale > 0; got max_margin={max_margin}, "
+                     f"scale={scale}")
+  if not 0.0 <= drw_beta < 1.0:
+    raise ValueError(f"ldam.drw_beta must lie in [0, 1), got {drw_beta}")
+
+
+def ldam(class_counts, *, normalized_head: bool = False, max_margin: float = 0.5,
+         scale: float = 30.0, drw: bool = True, drw_beta: float = 0.9999,
+         drw_start_step: int | None = None, num_epochs: int | None = None,
+         steps_per_epoch: int | None = None, drw_fraction: float = 0.8,
+         batch_normalize: bool = True) -> LogitMethod:
   """LDAM-DRW (Cao et al. 2019) on a normalised classifier: train on ``s·(cos − m_y e_y)``;
-  from epoch ``round(drw_fraction·num_epochs)`` (160 of 200) weight examples by
-  :func:`drw_weights`.
+  from step ``drw_start_step`` on, weight examples by :func:`drw_weights`.
 
   The published method needs logits that are cosines (ℓ2-normalised features and class
   weights): the scale ``s = 30`` is chosen for values in [-1, 1], and margins of up to 0.5 are
   meaningful only against them.  Build the model with ``head='cosine'`` and pass
   ``normalized_head=True``; with a linear head this raises rather than train another method.
 
-  ``batch_normalize`` rescales the weights to mean 1 over the batch, which turns the step's
-  ``mean(w·ℓ)`` into the weighted mean of PyTorch's ``cross_entropy(weight=...)`` used by the
-  reference code.  ``predict`` is the plain cosine (no margin and no scale at test time; the
-  scale would not change the ranking).
+  Args:
+    class_counts: training count of each class (margins ``∝ n_c^(−1/4)``, DRW weights); its
+      length is the number of classes.
+    max_margin, scale: the rarest class's margin and ``s``.
+    drw, drw_beta: deferred re-weighting on/off and the class-balanced ``β``.
+    drw_start_step: the first re-weighted step; or give ``num_epochs`` and
+      ``steps_per_epoch`` to start at epoch ``round(drw_fraction·num_epochs)`` (160 of 200),
+      see :func:`drw_start`.  Not needed with ``drw=False``.
+    batch_normalize: rescale the weights to mean 1 over the batch, which turns the step's
+      ``mean(w·ℓ)`` into the weighted mean of PyTorch's ``cross_entropy(weight=...)`` used
+      by the reference code.
+
+  ``predict`` is the plain cosine (no margin and no scale at test time; the scale would not
+  change the ranking).
 
   >>> model = get_model("resnet32", 10, head="cosine")
-  >>> m = ldam(ctx, max_margin=0.5, scale=30.0, drw_fraction=0.8, normalized_head=True)
+  >>> m = ldam(counts, normalized_head=True, num_epochs=200, steps_per_epoch=391)
   """
-  if not normalized_head:
-    raise ValueError("ldam needs a normalised (cosine) classifier, as published: build the "
-                     "model with head='cosine' (config.model.kwargs.head = 'cosine') and pass "
-                     "normalized_head=True; its scale s multiplies cosines in [-1, 1]")
-  if not 0.0 <= drw_fraction <= 1.0:
-    raise ValueError(f"ldam.drw_fraction must lie in [0, 1], got {drw_fraction}")
-  margin_C = jnp.asarray(ldam_margins(ctx.class_counts, max_margin))
-  weight_C = jnp.asarray(drw_weights(ctx.class_counts, drw_beta))
-  drw_start = int(round(drw_fraction * ctx.num_epochs)) * ctx.steps_per_epoch
+  _check_ldam(normalized_head, max_margin, scale, drw_beta)
+  class_counts = check_class_counts("ldam", class_counts)
+  num_classes = len(class_counts)
+  start = _drw_start_step(drw, drw_start_step, num_epochs, steps_per_epoch, drw_fraction)
+  margin_C = jnp.asarray(ldam_margins(class_counts, max_margin))
+  weight_C = jnp.asarray(drw_weights(class_counts, drw_beta))
 
   def apply(state, cos_BxC, batch, step):
-    onehot_BxC = jax.nn.one_hot(batch.labels_B, ctx.num_classes, dtype=cos_BxC.dtype)
+    onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=cos_BxC.dtype)
     out = scale * (cos_BxC - onehot_BxC * margin_C)
-    on = jnp.asarray(drw) & (step >= drw_start)
+    on = jnp.asarray(drw) & (step >= start)
     w_B = jnp.where(on, onehot_BxC @ weight_C, 1.0)
     if batch_normalize:
       w_B = w_B * w_B.shape[0] / jnp.sum(w_B)
     return out, w_B, {"drw_on": on.astype(jnp.float32)}
 
   return LogitMethod(lambda: (), apply, keep_state)
-

@@ -2,7 +2,9 @@
 gradient method, composable (e.g. ``activation=lpa, logit=lpl, gradient=sam``).
 
 Each registry maps a name to ``factory(cfg, ctx)``, where ``cfg`` is the method's own config
-block (``config.perturb.<name>``) and ``ctx`` the run :class:`~lpa_jax.perturb.base.Context`.
+block (``config.perturb.<name>``) and ``ctx`` the run :class:`~lpa_jax.perturb.base.Context`;
+the entries read what the method's factory needs (class counts, schedule) off ``ctx`` and pass
+it as hyper-parameters.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import jax
 from lpa_jax.models.staged import stage_level
 from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (Context, GradientMethod, LogitMethod, Placed, chain_logits,
+from lpa_jax.perturb.base import (Context, GradientMethod, LogitMethod, Placed, chain,
                                   check_finite_params, identity, identity_logits)
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
@@ -128,8 +130,8 @@ def _mixup(cfg, ctx: Context) -> Placed:
 
 def _class_level(factory, *fields):
   def make(cfg, ctx: Context):
-    return factory(ctx, split=cfg.split, num_head=cfg.num_head, signs=cfg.signs,
-                   **{f: cfg[f] for f in fields})
+    return factory(num_classes=ctx.num_classes, class_counts=ctx.class_counts, split=cfg.split,
+                   num_head=cfg.num_head, signs=cfg.signs, **{f: cfg[f] for f in fields})
   return make
 
 
@@ -151,9 +153,11 @@ LOGIT: dict[str, Callable[..., LogitMethod]] = {
     "none": lambda cfg, ctx: identity_logits(),
     "lpl": _class_level(logit.lpl, "alpha", "steps", "varied", "steps_min", "steps_max",
                         "normalize"),
-    "logit_adjust": lambda cfg, ctx: logit.logit_adjust(ctx, tau=cfg.tau, mode=cfg.mode),
+    "logit_adjust": lambda cfg, ctx: logit.logit_adjust(ctx.class_counts, tau=cfg.tau,
+                                                        mode=cfg.mode),
     "ldam": lambda cfg, ctx: logit.ldam(
-        ctx, max_margin=cfg.max_margin, scale=cfg.scale, drw=cfg.drw, drw_beta=cfg.drw_beta,
+        ctx.class_counts, max_margin=cfg.max_margin, scale=cfg.scale, drw=cfg.drw,
+        drw_beta=cfg.drw_beta, num_epochs=ctx.num_epochs, steps_per_epoch=ctx.steps_per_epoch,
         drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize,
         normalized_head=ctx.head == "cosine"),
 }
@@ -257,12 +261,10 @@ def logit_names(spec) -> list[str]:
 
 
 def make_logit(pcfg, ctx: Context) -> LogitMethod:
-  """One logit method, or several applied in the order given (``logit_adjust,lpl``)."""
-  method = identity_logits()
-  for i, name in enumerate(logit_names(pcfg.logit)):
-    m = _lookup(LOGIT, "logit", name)(_block(pcfg, name), ctx)
-    method = m if i == 0 else chain_logits(method, m)
-  return method
+  """One logit method, or several :func:`~lpa_jax.perturb.base.chain` ed in the order given
+  (``logit_adjust,lpl``); ``none`` is :func:`~lpa_jax.perturb.base.identity_logits`."""
+  return chain(*(_lookup(LOGIT, "logit", name)(_block(pcfg, name), ctx)
+                 for name in logit_names(pcfg.logit)))
 
 
 def make_gradient(pcfg, ctx: Context) -> GradientMethod:

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lpa_jax.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
 from lpa_jax.models import get_model
 from lpa_jax.perturb import registry
-from lpa_jax.perturb.base import Context, chain_logits
+from lpa_jax.perturb.base import Context, chain
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.train import distributed
@@ -92,7 +92,7 @@ def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
   grad = registry.make_gradient(pc, ctx)
   logit = registry.make_logit(pc, ctx)
   if grad.logit is not None:  # LPG: its custom backward sits on the logit method's output
-    logit = chain_logits(logit, grad.logit)
+    logit = chain(logit, grad.logit)
   return Methods(act, logit, grad)
 
 
