@@ -18,6 +18,14 @@ FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
 if os.environ.get(CHILD_REPORT):  # before anything initialises a JAX backend
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAKE_DEVICES}".strip()
 IN_PROCESS = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+# One XLA compilation cache for the whole run, shared with the subprocesses tests start
+# (notebook kernels, killed-and-resumed runs): many tests compile the same small train steps,
+# and a program compiled once is then read back instead of recompiled.  A cache the caller
+# set is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lpa_jax_test_xla_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 

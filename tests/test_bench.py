@@ -170,6 +170,7 @@ def test_timed_model_uses_the_measured_pieces():
   assert "timed model" in report.markdown(full) and "| 2.200 |" in report.markdown(full)
 
 
+@pytest.mark.slow  # 19 s; the holds-at-1000-classes check runs by default
 def test_flop_check_would_catch_a_onehot_class_gather_at_1000_classes():
   # ResNet-32 with 1000 classes.  `one_hot(y) @ δ` adds 4·B·C·D FLOPs per PGD step; the check
   # allows FLOP_TOL of max(T·2F_up, F).  F, F_up and the gather term all scale with B, so

@@ -61,6 +61,7 @@ def test_make_longtail_is_exact_and_seeded():
 
 
 @needs_shared
+@pytest.mark.slow  # 45 s: the full long-tail build; MNIST covers the TFDS path by default
 def test_fashion_mnist_longtail_task(cache_dir):
   d = D.load_task_data(cfg(cache_dir, name="fashion_mnist", imbalance_ratio=100, seed=0))
   assert d.name == "Fashion-MNIST-LT (IR=100)"

@@ -250,6 +250,7 @@ def _steps_done(workdir, at_least=1):
   return lambda: _saved_step(workdir) >= at_least
 
 
+@pytest.mark.slow  # 76 s; test_train/test_survival resume exactly in the default run
 def test_killed_lpa_run_resumes_to_the_unbroken_result(tmp_path, fmnist_lt):
   epochs = 6
   full = loop.train_and_evaluate(_cli_config(epochs), str(tmp_path / "full"), progress=False,
@@ -317,6 +318,7 @@ def test_killed_sweep_resumes_to_the_unbroken_results(tmp_path):
     assert _rows(a) == _rows(b) and [r["epoch"] for r in _rows(a)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # 20 s; test_survival's early Ctrl-C covers the message and exit code
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
   wd = str(tmp_path / "run")
   proc = subprocess.Popen([sys.executable, "-m", "experiments.main", f"--workdir={wd}",

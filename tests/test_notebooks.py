@@ -24,7 +24,13 @@ def test_notebook_is_stripped(path):
       assert not cell.outputs and cell.execution_count is None, "clear outputs before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+# 02_anatomy (~90 s) runs with -m slow; the quickstart and bring-your-own-model ones by default.
+SLOW_NOTEBOOKS = ("02_anatomy.ipynb",)
+SMALL_RUNS = [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW_NOTEBOOKS
+              else p for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", SMALL_RUNS, ids=os.path.basename)
 def test_notebook_runs_small(path, monkeypatch):
   # The kernel inherits this environment: small data, and one CPU device (as a reader has).
   monkeypatch.setenv("LPA_NOTEBOOK_SMALL", "1")
