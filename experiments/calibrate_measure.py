@@ -30,6 +30,13 @@ from lpa_jax.train.build import build_methods, build_model, build_train_step, st
 from lpa_jax.train.step import make_mesh
 
 THRESHOLD = 0.05  # nats: SPEC §1's "measurably perturbs" (mean |loss change| of signed classes)
+# At initialisation.  The loss change a radius causes grows during training (Fashion-MNIST-LT,
+# quick CNN at stage2, relative ε 0.01: 0.017 nats at initialisation by this check, 0.024 in
+# epoch 1, 0.25 median over epochs 16-30; experiments/results/fmnist_lt_tune), so SPEC §1's
+# floor is checked over training, by the trainer (train.min_loss_change, results.json's
+# perturbation_strength), and a config at initialisation must reach a fifth of it: the SPEC's
+# inert absolute ε 0.1 (0.004 nats there) stays below.
+INIT_THRESHOLD = THRESHOLD / 5
 
 
 class Setup(NamedTuple):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import platform
 
@@ -239,6 +240,21 @@ def _machine(root: str) -> str:
           + (f", jax {m['jax']}" if "jax" in m else ""))
 
 
+def stopped_runs(root: str) -> list[tuple[str, str]]:
+  """``[(work dir, reason)]`` of the runs under ``root`` that a guard of the trainer stopped
+  (``stopped.json``, written by the sweep)."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(root, "runs", "*", "seed*", "stopped.json"))):
+    if os.path.exists(os.path.join(os.path.dirname(path), "results.json")):
+      continue
+    try:
+      reason = json.load(open(path)).get("reason", "?")
+    except (ValueError, OSError) as e:
+      reason = f"stopped.json unreadable: {e}"
+    out.append((os.path.dirname(path), reason))
+  return out
+
+
 def write_report(root: str) -> dict[str, str]:
   """Writes ``report.md``, ``results.csv`` and the figures under ``root``; returns their paths.
 
@@ -285,6 +301,11 @@ def write_report(root: str) -> dict[str, str]:
   lines += [f"![{k}]({os.path.basename(v)})" for k, v in paths.items()
             if v.endswith(".png")]
   lines += ["", figs.per_class_table(runs)]
+  stopped = stopped_runs(root)
+  if stopped:  # named, so a method missing from the tables is never mistaken for a tie
+    lines += ["", "## Runs stopped by the trainer's guards (not in the tables)", ""]
+    lines += [f"* `{os.path.relpath(p, root)}`: {reason.splitlines()[0]}"
+              for p, reason in stopped]
   if unreadable:  # named, so a missing row is never mistaken for a finished suite
     lines += ["", "## Unreadable run files (left out of the tables)", ""]
     lines += [f"* `{os.path.relpath(p, root)}`: {err}" for p, err in unreadable]

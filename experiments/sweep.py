@@ -130,13 +130,23 @@ def _clean(workdir: str) -> None:
     shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
 
 
+STOPPED_FILE = "stopped.json"
+
+
 def run_status(workdir: str, config) -> tuple[str, str]:
   """``(status, detail)`` of a planned run's work dir: ``'todo'``, ``'finished'``,
-  ``'unreadable'`` (results.json cut short or not JSON: run again) or ``'stale'`` (made with
-  another config; ``detail`` lists the fields)."""
+  ``'unreadable'`` (results.json cut short or not JSON: run again), ``'stopped'`` (a guard of
+  the trainer stopped it, ``stopped.json`` says why; ``detail`` is the reason) or ``'stale'``
+  (made with another config; ``detail`` lists the fields)."""
   from lpa_jax.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
   results_path = os.path.join(workdir, "results.json")
   recorded, status, unreadable = None, "todo", ""
+  stopped = os.path.join(workdir, STOPPED_FILE)
+  if os.path.exists(stopped) and not os.path.exists(results_path):
+    try:  # a run the trainer's guards stopped: rerunning it would stop again the same way
+      status, unreadable = "stopped", read_json(stopped)["reason"]
+    except (ValueError, OSError, KeyError, TypeError):
+      status = "todo"  # a cut-short record: train (resume) it again
   if os.path.exists(results_path):
     try:
       recorded, status = read_json(results_path).get("config"), "finished"
@@ -212,7 +222,9 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
               stale: str = "refuse", parallel: int = 1, shard: tuple[int, int] = (0, 1)
               ) -> dict:
   """Runs every unfinished (method, seed) of ``suite`` under ``root``; returns counts
-  ``{"ran": n, "skipped": m}``.  Writes the report at the end when ``report``.
+  ``{"ran": n, "skipped": m, "stopped": k}``.  Writes the report at the end when ``report``.
+  A run stopped by one of the trainer's guards (too strong a perturbation, none at all) is
+  recorded in ``stopped.json`` in its work dir and the sweep goes on; later sweeps skip it.
 
   A finished run counts only if its recorded config is the planned one: stale runs stop the
   sweep before anything runs (:class:`StaleRuns`), or are rerun afresh with
@@ -235,7 +247,7 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
   _check_stale(runs, statuses, root, stale)
   remove_leftovers(root)
   _write_meta(suite, runs, root)
-  cache, counts, todo = {}, {"ran": 0, "skipped": 0}, []
+  cache, counts, todo = {}, {"ran": 0, "skipped": 0, "stopped": 0}, []
   bar = _bar(len(runs), suite.name, progress)
   for k, (r, workdir, (status, detail)) in enumerate(zip(runs, workdirs, statuses)):
     if k % shard[1] != shard[0]:
@@ -246,13 +258,29 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
       counts["skipped"] += 1
       bar.update(1)
       continue
+    if status == "stopped":
+      _say(f"{suite.name}: {r['name']} seed {r['seed']} was stopped earlier, not rerun "
+           f"(delete {os.path.join(workdir, STOPPED_FILE)} to try again): "
+           f"{detail.splitlines()[0][:300]}")
+      counts["stopped"] += 1
+      bar.update(1)
+      continue
     if status == "unreadable":
       _say(f"{suite.name}: running {r['name']} seed {r['seed']} again: {detail}")
     todo.append((r, workdir, status))
   for group in groups(todo, parallel):
     bar.set_postfix_str(f"{group[0][0]['name']} seed "
                         f"{','.join(str(r['seed']) for r, _, _ in group)}")
-    for (r, workdir, _), res in zip(group, _run_group(group, cache)):
+    try:
+      results = _run_group(group, cache)
+    except _guards() as e:  # this method's runs stop the same way; the suite's others go on
+      _record_stopped(group, e)
+      for r, _, _ in group:
+        _say(f"{suite.name}: {r['name']} seed {r['seed']} STOPPED: {str(e)[:300]}")
+      counts["stopped"] += len(group)
+      bar.update(len(group))
+      continue
+    for (r, workdir, _), res in zip(group, results):
       _clean(workdir)
       counts["ran"] += 1
       bar.update(1)
@@ -280,6 +308,22 @@ def groups(todo: list, size: int) -> list[list]:
     else:
       out.append([item])
   return out
+
+
+def _guards():
+  from lpa_jax.train.guards import NothingPerturbed, PerturbationTooStrong
+  return NothingPerturbed, PerturbationTooStrong
+
+
+def _record_stopped(group: list, error: Exception) -> None:
+  """``stopped.json`` (the guard's message, the code version) in each work dir of ``group``;
+  its checkpoints stay, so a changed ceiling can resume it."""
+  from lpa_jax.train.loop import code_version
+  from lpa_jax.train.workdir import write_json_atomic
+  for _, workdir, _ in group:
+    write_json_atomic(os.path.join(workdir, STOPPED_FILE),
+                      {"reason": str(error), "error": type(error).__name__,
+                       "code": code_version()})
 
 
 def _run_group(group: list, cache: dict) -> list[dict]:
@@ -360,7 +404,9 @@ def _run_all(config, names, suites) -> None:
       root = FLAGS.root or os.path.join(RESULTS_DIR, suite.name)
     counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report, FLAGS.stale,
                        FLAGS.parallel, parse_shard(FLAGS.shard))
-    print(f"{suite.name}: ran {counts['ran']}, skipped {counts['skipped']} finished; "
+    stopped = (f", {counts['stopped']} STOPPED by the trainer's guards (stopped.json in "
+               "their work dirs says why)") if counts["stopped"] else ""
+    print(f"{suite.name}: ran {counts['ran']}, skipped {counts['skipped']} finished{stopped}; "
           f"report: {root}/report.md", flush=True)
 
 

@@ -82,6 +82,7 @@ def _separate(cfgs, dirs, data):
   return [loop.train_and_evaluate(c, d, progress=False, data=data) for c, d in zip(cfgs, dirs)]
 
 
+@pytest.mark.slow  # 37 s; the other parallel-equals-separate tests run by default
 def test_lpa_parallel_equals_separate_after_a_stop_and_resume(tmp_path, fmnist_lt):
   """Three LPA seeds as one program, stopped mid-epoch and resumed: each run equals its
   unbroken separate run (class statistics, δ and batch order are per run)."""
@@ -136,7 +137,7 @@ def test_sweep_parallel_writes_the_serial_sweeps_files(tmp_path):
   roots = {k: str(tmp_path / f"k{k}") for k in (1, 2)}
   for k, root in roots.items():
     assert sweep.run_suite(suite, root, seeds=[0, 1], progress=False, report=False,
-                           parallel=k) == {"ran": 4, "skipped": 0}
+                           parallel=k) == {"ran": 4, "skipped": 0, "stopped": 0}
   for slug in ("ce", "lpa"):
     for seed in (0, 1):
       a, b = (os.path.join(roots[k], "runs", slug, f"seed{seed}") for k in (1, 2))
@@ -154,4 +155,4 @@ def test_sweep_parallel_writes_the_serial_sweeps_files(tmp_path):
           json.load(open(os.path.join(b, "config.json")))
   # Rerunning with --parallel skips what either sweep finished.
   assert sweep.run_suite(suite, roots[2], seeds=[0, 1], progress=False, report=False,
-                         parallel=2) == {"ran": 0, "skipped": 4}
+                         parallel=2) == {"ran": 0, "skipped": 4, "stopped": 0}

@@ -351,7 +351,7 @@ def test_stale_rerun_redoes_an_unreadable_result_of_an_older_plan(tmp_path):
   suite, _, wd = _older_plan_unreadable_result(tmp_path)
   root = tmp_path / "root"
   counts = sweep.run_suite(suite, str(root), progress=False, report=False, stale="rerun")
-  assert counts == {"ran": 1, "skipped": 0}
+  assert counts == {"ran": 1, "skipped": 0, "stopped": 0}
   assert json.load(open(wd / "results.json"))["config"]["optim"]["lr"] != 0.5
   assert [r["epoch"] for r in _rows(wd)] == [1]
 

@@ -63,7 +63,7 @@ def _run_files(root):
 def test_smoke_suite_end_to_end(tmp_path):
   root = str(tmp_path / "smoke")
   suite = suites.get_config("smoke")
-  assert sweep.run_suite(suite, root, progress=False) == {"ran": 2, "skipped": 0}
+  assert sweep.run_suite(suite, root, progress=False) == {"ran": 2, "skipped": 0, "stopped": 0}
   for name in ("report.md", "results.csv", "accuracy.png", "curves.png", "per_class.png",
                "suite.json"):
     assert os.path.getsize(os.path.join(root, name)) > 0, name
@@ -95,12 +95,14 @@ def test_smoke_suite_end_to_end(tmp_path):
 
   # Rerunning skips the finished runs and leaves their files alone.
   mtime = os.path.getmtime(os.path.join(root, "runs", "ce", "seed0", "results.json"))
-  assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 0, "skipped": 2}
+  assert (sweep.run_suite(suite, root, progress=False, report=False)
+          == {"ran": 0, "skipped": 2, "stopped": 0})
   assert os.path.getmtime(os.path.join(root, "runs", "ce", "seed0", "results.json")) == mtime
 
   # A run without results.json (interrupted) is run again; the other is still skipped.
   os.remove(os.path.join(root, "runs", "lpa", "seed0", "results.json"))
-  assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
+  assert (sweep.run_suite(suite, root, progress=False, report=False)
+          == {"ran": 1, "skipped": 1, "stopped": 0})
 
   # A finished run recorded with another config is stale: the sweep stops and names it and
   # the field, before running anything; --stale=rerun redoes it.
@@ -111,7 +113,7 @@ def test_smoke_suite_end_to_end(tmp_path):
   with pytest.raises(sweep.StaleRuns, match=r"runs/ce/seed0:\n  optim.lr: 0.5 \(recorded\)"):
     sweep.run_suite(suite, root, progress=False, report=False)
   assert sweep.run_suite(suite, root, progress=False, report=False, stale="rerun") == {
-      "ran": 1, "skipped": 1}
+      "ran": 1, "skipped": 1, "stopped": 0}
   assert json.load(open(os.path.join(ce, "results.json")))["config"]["optim"]["lr"] != 0.5
 
   # A results.json cut short: the report names it and leaves it out; the sweep redoes the run.
@@ -121,7 +123,8 @@ def test_smoke_suite_end_to_end(tmp_path):
   report.write_report(root)
   md = open(os.path.join(root, "report.md")).read()
   assert "runs/lpa/seed0/results.json" in md and "| LPA |" not in md
-  assert sweep.run_suite(suite, root, progress=False, report=False) == {"ran": 1, "skipped": 1}
+  assert (sweep.run_suite(suite, root, progress=False, report=False)
+          == {"ran": 1, "skipped": 1, "stopped": 0})
   assert json.load(open(lpa))["steps"] > 0
 
   # Two shards split the plan: shard 1/2 of (CE, LPA) runs LPA only and leaves CE alone.
@@ -129,7 +132,7 @@ def test_smoke_suite_end_to_end(tmp_path):
   os.remove(ce_res)
   os.remove(lpa)
   assert sweep.run_suite(suite, root, progress=False, report=False, shard=(1, 2)) == {
-      "ran": 1, "skipped": 0}
+      "ran": 1, "skipped": 0, "stopped": 0}
   assert os.path.exists(lpa) and not os.path.exists(ce_res)
   assert sweep.parse_shard("0/2") == (0, 2)
   with pytest.raises(ValueError, match="--shard=2/2"):

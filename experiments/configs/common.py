@@ -29,7 +29,16 @@ def base_config(split: str = "balanced") -> mlc.ConfigDict:
   c.optim = mlc.ConfigDict(dict(
       batch_size=128, num_epochs=10, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
       schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factors=()))
-  c.train = mlc.ConfigDict(dict(augment="none", eval_every=1, checkpoint_every=1))
+  # min/max_loss_change: the floor and the ceiling, in nats, for an activation method's
+  # per-epoch mean |loss change| of the classes it perturbs (lpa_jax.train.guards); None
+  # switches one off (max_loss_change=inf on the command line).  Both are warned about and
+  # recorded in results.json; an epoch above the ceiling stops the run when
+  # max_loss_change_action is "stop".
+  c.train = mlc.ConfigDict(dict(
+      augment="none", eval_every=1, checkpoint_every=1,
+      min_loss_change=mlc.FieldReference(0.05, field_type=float),
+      max_loss_change=mlc.FieldReference(1.0, field_type=float),
+      max_loss_change_action="warn"))
   c.perturb = mlc.ConfigDict(dict(activation="none", logit="none", gradient="none"))
   for name, block in methods.method_blocks(split).items():
     c.perturb[name] = block
@@ -76,6 +85,15 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       (c.train.augment in AUGMENTS, "train.augment", f"must be one of {AUGMENTS}"),
       (c.train.eval_every > 0, "train.eval_every", "must be positive"),
       (c.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive"),
+      (c.train.get("min_loss_change") is None or c.train.min_loss_change >= 0,
+       "train.min_loss_change", "must be >= 0 nats, or None for no floor"),
+      (c.train.get("max_loss_change") is None or c.train.max_loss_change > 0,
+       "train.max_loss_change", "must be > 0 nats, or None / inf for no ceiling"),
+      (c.train.get("max_loss_change_action", "warn") in ("warn", "stop"),
+       "train.max_loss_change_action", "must be 'warn' or 'stop'"),
+      (None in (c.train.get("min_loss_change"), c.train.get("max_loss_change"))
+       or c.train.min_loss_change < c.train.max_loss_change, "train.max_loss_change",
+       "must be above train.min_loss_change"),
       (c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}"),
       (c.model.kwargs.get("dtype", "float32") in DTYPES, "model.kwargs.dtype",
        f"the compute dtype must be one of {', '.join(DTYPES)}"),
@@ -116,6 +134,8 @@ def _leaves(node, prefix: str):
 def _check_finite(c) -> None:
   for section in FINITE_SECTIONS:
     for field, v in _leaves(c[section], section):
+      if field == "train.max_loss_change" and v == math.inf:
+        continue  # the command line's way to say "no ceiling" (None does not parse as a float)
       if isinstance(v, float) and not math.isfinite(v):
         raise InvalidConfig(f"Invalid config value config.{field}={v!r}: must be a finite "
                             "number")

@@ -212,7 +212,7 @@ def train(args) -> int:
   statuses = [sweep.run_status(os.path.join(args.root, "runs", r["slug"], f"seed{r['seed']}"),
                                r["config"]) for r in runs]
   sweep._check_stale(runs, statuses, args.root, "refuse")  # noqa: SLF001
-  todo = [r for r, (status, _) in zip(runs, statuses) if status != "finished"]
+  todo = [r for r, (status, _) in zip(runs, statuses) if status not in ("finished", "stopped")]
   os.makedirs(args.root, exist_ok=True)
   sweep._write_meta(paper_suite(args.methods, args.seeds), runs, args.root)  # noqa: SLF001
   print(f"longtail_paper: {jax.device_count()} device(s) {jax.devices()}; "
@@ -226,7 +226,14 @@ def train(args) -> int:
                 f"{group[0]['name']}", flush=True)
           break
         t0 = time.time()
-        done = _train_group(group, args.root, data, args.max_steps)
+        try:
+          done = _train_group(group, args.root, data, args.max_steps)
+        except sweep._guards() as e:  # noqa: SLF001  this method stops; the others go on
+          dirs = [os.path.join(args.root, "runs", r["slug"], f"seed{r['seed']}") for r in group]
+          sweep._record_stopped([(r, d, None) for r, d in zip(group, dirs)], e)  # noqa: SLF001
+          print(f"{group[0]['name']} seeds {[r['seed'] for r in group]}: STOPPED "
+                f"({time.time() - t0:.0f} s): {str(e)[:400]}", flush=True)
+          continue
         print(f"{group[0]['name']} seeds {[r['seed'] for r in group]}: "
               f"{'finished' if done else 'stopped after --max_steps'} "
               f"({time.time() - t0:.0f} s)", flush=True)

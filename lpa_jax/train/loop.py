@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 
 import jax
 
@@ -27,7 +28,8 @@ from lpa_jax.perturb.diagnostics import CAUSES, check_finite
 from lpa_jax.train import checkpoint, distributed, lock
 from lpa_jax.train.build import Run, build_run
 from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.guards import check_perturbing
+from lpa_jax.train.guards import (PerturbationTooStrong, check_perturbing, check_strength,
+                                  signed_loss_change, strength_summary)
 from lpa_jax.train.history import (MetricLog, append_row, best_of, resume_history, to_json_rows,
                                    update_best)
 from lpa_jax.train.step import make_mesh
@@ -130,8 +132,36 @@ def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
   if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.optim.num_epochs:
     ev = evaluate_task(run.predict, state, run.data, full=False)
     row.update({k: v for k, v in ev.items() if k in ("test_accuracy", "val_accuracy")})
+  change = signed_loss_change(row)
+  if change is not None:
+    row["loss_change_signed"] = change
   check_perturbing(row, epoch + 1, run.perturbation)
+  _, ceiling = strength_limits(config)
+  try:
+    check_strength(row, epoch + 1, run.perturbation, ceiling)
+  except PerturbationTooStrong as e:
+    if _train_get(config, "max_loss_change_action", "warn") == "stop":
+      raise
+    if not getattr(log, "warned_ceiling", False):  # once per run and invocation;
+      log.warned_ceiling = True                     # results.json counts the epochs above it
+      warnings.warn(str(e).replace("Training stopped: ", "").replace(
+          " The last good checkpoint is kept in the work dir.",
+          " (train.max_loss_change_action='stop' stops such a run.)"), stacklevel=2)
   return row, update_best(best, row)
+
+
+def _train_get(config, key, default):
+  train = config.get("train", {}) if hasattr(config, "get") else {}
+  return train.get(key, default) if hasattr(train, "get") else default
+
+
+def strength_limits(config) -> tuple[float | None, float | None]:
+  """``(floor, ceiling)`` in nats for the epochs' ``loss_change_signed``: the config's
+  ``train.min_loss_change`` (default 0.05, SPEC §1) and ``train.max_loss_change`` (default
+  1.0); ``None`` (or an infinite ceiling) switches one off."""
+  ceiling = _train_get(config, "max_loss_change", 1.0)
+  return (_train_get(config, "min_loss_change", 0.05),
+          None if ceiling is not None and math.isinf(ceiling) else ceiling)
 
 
 def _save(mgr, state, log: MetricLog, history: list[str], force: bool = False):
@@ -259,7 +289,8 @@ def _resume_and_train(run: Run, config, data, workdir, progress, max_steps, t0):
   if not finished:
     return None
   # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
-  results = finite_json(_results(config, run, data, state, best, workdir, time.time() - t0))
+  results = finite_json(_results(config, run, data, state, best, workdir, time.time() - t0,
+                                 history))
   if distributed.is_main():
     write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
@@ -268,16 +299,29 @@ def _resume_and_train(run: Run, config, data, workdir, progress, max_steps, t0):
 PREDICTIONS_FILE = "predictions.npz"
 
 
-def _results(config, run: Run, data, state, best, workdir, wall) -> dict:
+def _results(config, run: Run, data, state, best, workdir, wall, history=()) -> dict:
   """The final evaluation as ``results.json`` holds it; also writes the per-sample test (and
   validation) predictions with their labels to ``predictions.npz`` beside it (paired tests
-  between runs, e.g. McNemar's, need them)."""
+  between runs, e.g. McNemar's, need them).  ``history`` (the epoch rows' lines) gives the
+  activation method's ``perturbation_strength``; one below the floor is warned about."""
   preds = {}
   res = evaluate_task(run.predict, state, data, full=True, predictions=preds)
   if distributed.is_main():
     _write_predictions(os.path.join(workdir, PREDICTIONS_FILE), preds, data)
   if best is not None:
     res["selected_by_val"] = best
+  strength = strength_summary([json.loads(x) for x in history], *strength_limits(config))
+  if strength is not None:
+    res["perturbation_strength"] = strength
+    if strength["below_floor"]:
+      method, point = run.perturbation
+      warnings.warn(
+          f"{method} at {point!r} moved the loss of the classes it perturbs by only "
+          f"{strength['median_second_half']:.3f} nats (median over the second half of "
+          f"training), below the {strength['floor']:g}-nat floor at which a perturbation "
+          "counts as measurable (SPEC §1): this run is close to plain training. A larger "
+          "radius (perturb.*.eps) perturbs more; results.json records the per-epoch values.",
+          stacklevel=2)
   res.update({
       "dataset": data.name, "num_train": int(data.num_train), "num_classes": int(data.num_classes),
       "class_names": list(data.class_names), "train_class_counts": data.class_counts().tolist(),

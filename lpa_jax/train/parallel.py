@@ -283,7 +283,7 @@ def _resume_and_train(prun: ParallelRun, configs, workdirs, data, mesh, progress
   out = []
   for k, (config, workdir) in enumerate(zip(configs, workdirs)):
     res = loop._results(config, prun.run, data, unstack_state(state_K, k), bests[k], workdir,
-                        wall / n_runs)
+                        wall / n_runs, histories[k])
     res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
     res = finite_json(res)
     write_json_atomic(os.path.join(workdir, "results.json"), res)
