@@ -21,6 +21,7 @@ def get_config(arg: str = "quick"):
     c.data.name = "fashion_mnist"
     c.model.kwargs.widths = (16, 32, 64)
     c.optim.update(dict(num_epochs=8, lr=0.05, schedule="cosine", warmup_epochs=1.0))
+    tuned_on_validation(c)
   elif arg == "quick_cifar10":
     c.data.update(dict(name="cifar10", n_max=1000))
     c.model.kwargs.widths = (32, 64, 128)
@@ -37,3 +38,23 @@ def get_config(arg: str = "quick"):
     raise ValueError(f"Unknown longtail variant {arg!r}; choose quick, quick_cifar10, "
                      "paper_cifar10 or paper_cifar100")
   return validate(network_radii(c))  # the paper networks' calibrated radii
+
+
+# Chosen on the class-balanced validation split of Fashion-MNIST-LT (suite fmnist_lt_tune, 30
+# epochs, seed 0; experiments/results/fmnist_lt_tune/README.md has the grid and the rule).
+# Settings within one image of the rarest validation class (1.7 points of balanced accuracy)
+# count as tied.  A default changes only when a setting beats it by more than that; it then
+# becomes the best tied setting, preferring (activation methods) one whose loss change over
+# training stays between the trainer's floor and ceiling (train.min/max_loss_change).  LPA's
+# old relative ε 0.1 collapsed the head classes; the adversarial ε 4 and Mixup α 2 were beaten.
+# LA τ 1, LDAM margin 0.5, LPL α 0.05 (tied with α 0.1) and LPG ε 0.1 stay.
+QUICK_TUNED = {"lpa": dict(eps=0.01, delta_eps=0.01),
+               "lpa_adaptive": dict(eps=0.01, delta_eps=0.01), "adversarial": dict(eps=2.0),
+               "manifold_mixup": dict(alpha=0.2)}
+
+
+def tuned_on_validation(c):
+  """The ``quick`` variant's tuned hyper-parameters (:data:`QUICK_TUNED`)."""
+  for name, values in QUICK_TUNED.items():
+    c.perturb[name].update(values)
+  return c
