@@ -240,6 +240,30 @@ def _machine(root: str) -> str:
           + (f", jax {m['jax']}" if "jax" in m else ""))
 
 
+def run_strength(run: dict, floor: float = 0.05, ceiling: float = 1.0) -> dict | None:
+  """The trainer's ``perturbation_strength`` of a run, recomputed from its ``metrics.jsonl``
+  (so records made before the trainer wrote it get it too); ``None`` without a loss change."""
+  from lpa_jax.train.guards import signed_loss_change, strength_summary
+  rows = [{"loss_change_signed": signed_loss_change(r)} for r in run["history"]]
+  return strength_summary(rows, floor, ceiling)
+
+
+def strength_table(runs: list[dict]) -> str:
+  """Per method with a logged loss change: the mean over seeds of the median
+  ``loss_change_signed`` over the second half of training, its largest epoch value, and how
+  many runs had an epoch above the 1-nat ceiling or a median below the 0.05-nat floor."""
+  out = ["| method | seeds | loss change, 2nd half (nats) | max epoch (nats) | runs below "
+         "floor | runs above ceiling |", "|---|---|---|---|---|---|"]
+  for name in dict.fromkeys(r["name"] for r in runs):
+    s = [x for x in (run_strength(r) for r in runs if r["name"] == name) if x is not None]
+    if not s:
+      continue
+    out.append(f"| {name} | {len(s)} | {np.mean([x['median_second_half'] for x in s]):.3f} | "
+               f"{max(x['max'] for x in s):.3f} | {sum(x['below_floor'] for x in s)} | "
+               f"{sum(bool(x['epochs_above_ceiling']) for x in s)} |")
+  return "\n".join(out) if len(out) > 2 else ""
+
+
 def stopped_runs(root: str) -> list[tuple[str, str]]:
   """``[(work dir, reason)]`` of the runs under ``root`` that a guard of the trainer stopped
   (``stopped.json``, written by the sweep)."""
@@ -298,6 +322,13 @@ def write_report(root: str) -> dict[str, str]:
               "`test @ best val` is the test accuracy at the epoch of highest plain "
               "validation accuracy, which favours head classes on a long-tailed split.", "",
               selection_table(rows), ""]
+  strength = strength_table(runs)
+  if strength:
+    lines += ["## Perturbation strength over training", "",
+              "`loss_change_signed` per epoch (`metrics.jsonl`): the mean |loss change| the "
+              "activation method caused on the classes it perturbs; floor 0.05 nats, "
+              "ceiling 1 nat (`train.min_loss_change`, `train.max_loss_change`).", "",
+              strength, ""]
   lines += [f"![{k}]({os.path.basename(v)})" for k, v in paths.items()
             if v.endswith(".png")]
   lines += ["", figs.per_class_table(runs)]

@@ -1,5 +1,6 @@
 """The suite report's validation numbers: class-balanced accuracy and the per-method choice."""
 import numpy as np
+import pytest
 
 from experiments import report
 
@@ -36,3 +37,17 @@ def test_family_and_selection_pick_the_best_setting_per_method():
   assert len(lines) == 3
   assert lines[1] == "| LA | 2 | LA tau=1 | 86.00 | 85.00 |"  # chosen on validation, not test
   assert lines[2].startswith("| LPA | 1 | LPA eps=0.02 |")      # a NaN run is not a choice
+
+
+def test_strength_table_summarises_the_loss_change_over_training():
+  from experiments.report import run_strength, strength_table
+  def run(name, values):
+    return {"name": name, "history": [{"loss_change_C": [-v, v], "sign_C": [-1.0, 1.0]}
+                                      for v in values]}
+  runs = [run("LPA", [0.01, 0.02, 0.3, 0.4]), run("LPA", [0.01, 0.02, 0.1, 1.5]),
+          {"name": "CE", "history": [{"loss": 1.0}]}]
+  assert run_strength(runs[0])["median_second_half"] == pytest.approx(0.35)
+  assert run_strength(runs[2]) is None
+  table = strength_table(runs)
+  assert "| LPA | 2 | 0.575 | 1.500 | 0 | 1 |" in table and "CE" not in table
+  assert strength_table(runs[2:]) == ""
