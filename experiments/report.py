@@ -80,7 +80,7 @@ def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
     runs.append({"name": meta.get("name") or method_name(results.get("config", {})),
                  "slug": os.path.basename(os.path.dirname(workdir)),
                  "seed": meta.get("seed", results.get("config", {}).get("seed")),
-                 "point": meta.get("point"), "results": results,
+                 "point": meta.get("point"), "results": results, "workdir": workdir,
                  "history": _read_jsonl(os.path.join(workdir, "metrics.jsonl"))})
   order = [m["name"] for m in _suite_meta(root).get("methods", [])]
   rank = lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["name"],  # noqa: E731
@@ -264,6 +264,56 @@ def strength_table(runs: list[dict]) -> str:
   return "\n".join(out) if len(out) > 2 else ""
 
 
+def _test_predictions(run: dict):
+  path = os.path.join(run.get("workdir", ""), "predictions.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as d:
+    return d["test_pred"], d["test_label"]
+
+
+def is_baseline(name: str) -> bool:
+  """A method without LPA in its name (CE, LA, LDAM, LPL, Mixup, ...)."""
+  return "LPA" not in name
+
+
+def paired_table(runs: list[dict]) -> str:
+  """Each method against the suite's first method (the baseline, e.g. CE) and against the best
+  other baseline (highest mean test accuracy among :func:`is_baseline` methods): the per-seed
+  paired test-accuracy difference (points, mean and 95 % t-interval over the seeds both ran)
+  and McNemar's exact test on the test predictions pooled over those seeds."""
+  from experiments.stats import mcnemar, paired_difference
+  names = list(dict.fromkeys(r["name"] for r in runs))
+  if len(names) < 2:
+    return ""
+  by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
+  acc = {n: {k: r["results"]["test_accuracy"] for k, r in by[n].items()} for n in names}
+  mean = {n: float(np.mean(list(acc[n].values()))) for n in names}
+  out = ["| method | vs | paired seeds | Δ test acc (points) | 95 % interval | McNemar b / c "
+         "(pooled) | p |", "|---|---|---|---|---|---|---|"]
+  for n in names[1:]:
+    others = [m for m in names if is_baseline(m) and m != n]
+    refs = [names[0]] + ([max(others, key=mean.get)] if others else [])
+    for ref in dict.fromkeys(refs):
+      if ref == n:
+        continue
+      d = paired_difference(acc[n], acc[ref])
+      if not d["n"]:
+        continue
+      preds = [(_test_predictions(by[n][k]), _test_predictions(by[ref][k])) for k in d["seeds"]]
+      if all(a is not None and b is not None for a, b in preds):
+        m = mcnemar(np.concatenate([a[0] for a, _ in preds]),
+                    np.concatenate([b[0] for _, b in preds]),
+                    np.concatenate([a[1] for a, _ in preds]))
+        mc = f"{m['b']} / {m['c']} | {m['p']:.3g}"
+      else:
+        mc = "— | —"
+      ci = (f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—")
+      label = ref + (" (best baseline)" if ref != names[0] else "")
+      out.append(f"| {n} | {label} | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {mc} |")
+  return "\n".join(out)
+
+
 def stopped_runs(root: str) -> list[tuple[str, str]]:
   """``[(work dir, reason)]`` of the runs under ``root`` that a guard of the trainer stopped
   (``stopped.json``, written by the sweep)."""
@@ -322,6 +372,14 @@ def write_report(root: str) -> dict[str, str]:
               "`test @ best val` is the test accuracy at the epoch of highest plain "
               "validation accuracy, which favours head classes on a long-tailed split.", "",
               selection_table(rows), ""]
+  paired = paired_table(runs)
+  if paired:
+    lines += ["## Paired comparisons", "",
+              "Per-seed differences of test accuracy (runs with the same seed share the data "
+              "and differ only in the method), mean and 95 % t-interval over the seeds both "
+              "methods ran; McNemar's exact test on the test predictions pooled over those "
+              "seeds (b: samples the method gets right and the reference wrong, c: the "
+              "reverse). One seed gives no interval.", "", paired, ""]
   strength = strength_table(runs)
   if strength:
     lines += ["## Perturbation strength over training", "",

@@ -51,3 +51,40 @@ def test_strength_table_summarises_the_loss_change_over_training():
   table = strength_table(runs)
   assert "| LPA | 2 | 0.575 | 1.500 | 0 | 1 |" in table and "CE" not in table
   assert strength_table(runs[2:]) == ""
+
+
+def test_paired_statistics_match_hand_computed_values():
+  from scipy import stats as st
+
+  from experiments.stats import mcnemar, paired_difference
+  d = paired_difference({0: 0.80, 1: 0.83, 2: 0.81, 9: 0.5}, {0: 0.78, 1: 0.80, 2: 0.80})
+  diffs = np.array([0.02, 0.03, 0.01])
+  half = st.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+  assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
+  assert d["lo"] == pytest.approx(0.02 - half) and d["hi"] == pytest.approx(0.02 + half)
+  assert np.isnan(paired_difference({0: 0.8}, {0: 0.7})["lo"])  # one pair: no interval
+  label = np.zeros(30, int)
+  a = np.r_[np.zeros(12, int), np.ones(18, int)]       # right on 12
+  b = np.r_[np.ones(10, int), np.zeros(20, int)]       # right on 20
+  m = mcnemar(a, b, label)
+  assert (m["b"], m["c"]) == (10, 18)                  # a-only right: 0..9; b-only: 12..29
+  assert m["p"] == pytest.approx(st.binomtest(10, 28).pvalue)
+  assert mcnemar(a, a, label)["p"] == 1.0
+
+
+def test_paired_table_pairs_seeds_and_names_the_best_baseline(tmp_path):
+  from experiments.report import paired_table
+  label = np.zeros(10, int)
+  runs = []
+  for name, accs in (("CE", (0.5, 0.6)), ("LA", (0.7, 0.8)), ("LPA", (0.6, 0.6))):
+    for seed, acc in enumerate(accs):
+      wd = tmp_path / name / str(seed)
+      wd.mkdir(parents=True)
+      pred = np.r_[np.zeros(int(acc * 10), int), np.ones(10 - int(acc * 10), int)]
+      np.savez(wd / "predictions.npz", test_pred=pred, test_label=label)
+      runs.append({"name": name, "seed": seed, "workdir": str(wd),
+                   "results": {"test_accuracy": acc}})
+  table = paired_table(runs)
+  assert "| LPA | CE | 2 | +5.00 |" in table
+  assert "| LPA | LA (best baseline) | 2 | -15.00 |" in table and "| 0 / 3 |" in table
+  assert "| LA | CE | 2 | +20.00 |" in table
