@@ -171,8 +171,40 @@ def fmnist_lt_main():
                     "config's validation-tuned defaults, 5 seeds."))
 
 
+def fmnist_lt_mechanism():
+  """Mechanism controls (issue 16, step 4), 3 seeds, the main table's protocol: LPA with a
+  fixed radius (ε, no Δε term: the varied radius's smallest value), head-contractive only and
+  tail-expansive only (explicit signs; the 4 most frequent classes are the head, classes are
+  ordered by frequency), β 0.5 / 0.9 beside the default 0.7, and LPA at every point of the
+  network (the default and the logit-equivalent points, and LPL, come from fmnist_lt_main's
+  seeds 0-2).  The fixed radius equal to the varied radius's *mean* needs the main table's
+  logged radii and is added once they exist."""
+  from lpa_jax.models import get_model
+  from lpa_jax.perturb.registry import default_point, logit_equivalent_point
+  points = get_model("cnn", 10, widths=(16, 32, 64)).points
+  # The default point, the logit-equivalent one and LPL are main-table runs (5 seeds there).
+  main_points = ("logits", default_point(points), logit_equivalent_point(points))
+  head = 4
+  methods = (
+      {**LPA, "name": "LPA fixed radius", "perturb.lpa.varied": False},
+      {**LPA, "name": "LPA head-contractive only", "perturb.lpa.split": "signs",
+       "perturb.lpa.signs": (-1,) * head + (0,) * (10 - head)},
+      {**LPA, "name": "LPA tail-expansive only", "perturb.lpa.split": "signs",
+       "perturb.lpa.signs": (0,) * head + (1,) * (10 - head)},
+      *({**LPA, "name": f"LPA beta={b:g}", "perturb.lpa.beta": b} for b in (0.5, 0.9)),
+      *({**LPA, "name": f"LPA @ {p}", "perturb.lpa.point": p, "point": p}
+        for p in points if p not in main_points))
+  return _suite("fmnist_lt_mechanism", "longtail.py:quick", methods, seeds=(0, 1, 2),
+                overrides={"optim.num_epochs": MAIN_EPOCHS, "train.checkpoint_every": 5},
+                description=(
+                    f"Mechanism controls on Fashion-MNIST-LT IR 100 (all training images, "
+                    f"full test set, CNN 16-32-64, {MAIN_EPOCHS} epochs): LPA's radius rule, "
+                    "direction, β and the points the main table does not run (CE, LPA at the "
+                    "default and logit-equivalent points and LPL are in fmnist_lt_main)."))
+
+
 CONVERGED = {"fmnist_lt_schedule": fmnist_lt_schedule, "fmnist_lt_tune": fmnist_lt_tune,
-             "fmnist_lt_main": fmnist_lt_main}
+             "fmnist_lt_main": fmnist_lt_main, "fmnist_lt_mechanism": fmnist_lt_mechanism}
 
 
 def get_config(arg: str = "smoke"):
