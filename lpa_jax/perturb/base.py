@@ -16,7 +16,6 @@ through pure functions:
 ``refresh(state, stats, epoch)`` is called at the epoch boundaries the caller chooses, with
 the epoch's :class:`~lpa_jax.perturb.classes.ClassStats`.
 """
-from __future__ import annotations
 
 import math
 import numbers

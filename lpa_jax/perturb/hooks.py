@@ -24,7 +24,6 @@ Three constructors cover three kinds of model:
   ``nn.intercept_methods``;
 * :func:`lpa_jax.perturb.foreign.cut_nnx` — any NNX model, by attribute path.
 """
-from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 

@@ -20,7 +20,6 @@ produces parameter gradients).  PGD ascends/descends ``loss_fn(logits, targets) 
 the loss the caller trains with (default softmax cross-entropy); a composed logit method's
 loss (LDAM margins, logit adjustment, LPL) and per-example weights go in through ``loss_fn``.
 """
-from __future__ import annotations
 
 import functools
 from typing import Callable, Mapping, NamedTuple

@@ -7,7 +7,6 @@ benchmark or a notebook that drives the step itself.
   >>> step, state, batch_fn = build_train_step(config, data, make_mesh())   # doctest: +SKIP
   >>> state, metrics = step(state, batch_fn(state, epoch=0, i=0))           # doctest: +SKIP
 """
-from __future__ import annotations
 
 import functools
 from typing import Callable, NamedTuple

@@ -14,7 +14,6 @@ continues as one program.  Either way every run's result is that of a separate r
 
   >>> res = train_and_evaluate_parallel([c0, c1, c2], ["r/s0", "r/s1", "r/s2"])  # doctest: +SKIP
 """
-from __future__ import annotations
 
 import contextlib
 import dataclasses
