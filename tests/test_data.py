@@ -105,6 +105,20 @@ def test_symmetric_noise_rate_and_targets():
   np.testing.assert_array_equal(y_noisy, D.symmetric_noise(y, 0.4, 10, seed=0)[0])
 
 
+def test_fashion_mnist_asymmetric_noise_flips_only_the_look_alike_classes():
+  y = np.repeat(np.arange(10), 3000).astype(np.int32)
+  y_all, _ = D.asymmetric_noise(y, 1.0, D.noise.FASHION_MNIST_ASYMMETRIC_MAP, seed=0)
+  expected = {0: 6, 1: 1, 2: 4, 3: 3, 4: 4, 5: 7, 6: 6, 7: 5, 8: 8, 9: 7}
+  assert all((y_all[y == s] == t).all() for s, t in expected.items())
+  y_noisy, mask = D.asymmetric_noise(y, 0.4, D.noise.FASHION_MNIST_ASYMMETRIC_MAP, seed=0)
+  for c in range(10):
+    assert abs(mask[y == c].mean() - (0.4 if expected[c] != c else 0.0)) < 0.03
+  from experiments.configs import noisy
+  c = noisy.get_config("quick_asym")
+  assert (c.data.name, c.data.noise_type, c.data.noise_rate) == ("fashion_mnist",
+                                                                 "asymmetric", 0.4)
+
+
 def test_asymmetric_noise_mapping():
   y = np.repeat(np.arange(10), 3000).astype(np.int32)
   y_all, _ = D.asymmetric_noise_cifar10(y, 1.0, seed=0)

@@ -5,6 +5,8 @@ Run:
   python -m experiments.main --config=experiments/configs/noisy.py:quick --workdir=runs/noisy
 Variants:
   quick               Fashion-MNIST, 40 % symmetric noise, small CNN, CPU
+  quick_asym          Fashion-MNIST, 40 % asymmetric noise (T-shirt→Shirt, Pullover→Coat,
+                      Ankle boot→Sneaker, Sandal↔Sneaker), small CNN, CPU
   paper_cifar10       CIFAR-10, symmetric noise (``--config.data.noise_rate`` 0.2/0.4/0.6/0.8),
                       ResNet-32, 200 epochs, lr 0.1 ÷10 at 100 and 150
   paper_cifar10_asym  CIFAR-10, 40 % asymmetric noise (truck→automobile, bird→airplane,
@@ -17,8 +19,10 @@ from experiments.configs.methods import network_radii
 def get_config(arg: str = "quick"):
   c = base_config(split="balanced")
   c.data.update(dict(noise_type="symmetric", noise_rate=0.4))
-  if arg == "quick":
+  if arg in ("quick", "quick_asym"):
     c.data.name = "fashion_mnist"
+    if arg == "quick_asym":
+      c.data.noise_type = "asymmetric"
     c.model.kwargs.widths = (16, 32, 64)
     c.optim.update(dict(num_epochs=6, lr=0.05, schedule="cosine"))
   elif arg in ("paper_cifar10", "paper_cifar10_asym"):
@@ -27,6 +31,6 @@ def get_config(arg: str = "quick"):
       c.data.noise_type = "asymmetric"
     paper_protocol(c, "resnet32")
   else:
-    raise ValueError(f"Unknown noisy variant {arg!r}; choose quick, paper_cifar10 or "
+    raise ValueError(f"Unknown noisy variant {arg!r}; choose quick, quick_asym, paper_cifar10 or "
                      "paper_cifar10_asym")
   return validate(network_radii(c))  # the paper networks' calibrated radii

@@ -13,14 +13,15 @@ Example:
 
 from lpa_jax.data.domains import colored_mnist, leave_one_domain_out, rotate_images, rotated_mnist
 from lpa_jax.data.longtail import longtail_counts, make_longtail, stratified_subset
-from lpa_jax.data.noise import asymmetric_noise_cifar10, symmetric_noise
+from lpa_jax.data.noise import asymmetric_noise, asymmetric_noise_cifar10, symmetric_noise
 from lpa_jax.data.pipeline import augment_batch, dataset_stats, epoch_permutation, normalize
 from lpa_jax.data.sources import (RawData, cached_file, load_raw, resolve_cache_dir,
                                   resolve_data_dir)
 from lpa_jax.data.task import NAMES, TaskData, load_task_data
 
 __all__ = [
-    "NAMES", "RawData", "TaskData", "asymmetric_noise_cifar10", "augment_batch", "cached_file",
+    "NAMES", "RawData", "TaskData", "asymmetric_noise", "asymmetric_noise_cifar10",
+    "augment_batch", "cached_file",
     "colored_mnist", "dataset_stats", "epoch_permutation", "leave_one_domain_out",
     "load_raw", "load_task_data", "longtail_counts", "make_longtail", "normalize",
     "resolve_cache_dir", "resolve_data_dir", "rotate_images", "rotated_mnist",

@@ -17,6 +17,11 @@ import numpy as np
 # CIFAR-10 label ids: airplane 0, automobile 1, bird 2, cat 3, deer 4, dog 5, horse 7, truck 9.
 # The classic asymmetric flips between visually similar classes (Patrini et al. 2017).
 CIFAR10_ASYMMETRIC_MAP = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+# Fashion-MNIST (ours, the same idea: five classes flip to the look-alike one): T-shirt/top 0 →
+# Shirt 6, Pullover 2 → Coat 4, Ankle boot 9 → Sneaker 7, Sandal 5 ↔ Sneaker 7.
+FASHION_MNIST_ASYMMETRIC_MAP = {0: 6, 2: 4, 9: 7, 5: 7, 7: 5}
+ASYMMETRIC_MAPS = {"cifar10": CIFAR10_ASYMMETRIC_MAP,
+                   "fashion_mnist": FASHION_MNIST_ASYMMETRIC_MAP}
 
 
 def symmetric_noise(y: np.ndarray, rate: float, num_classes: int,
@@ -40,6 +45,25 @@ def symmetric_noise(y: np.ndarray, rate: float, num_classes: int,
   return y_noisy, y_noisy != y
 
 
+def asymmetric_noise(y: np.ndarray, rate: float, mapping: dict[int, int],
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Flip each label ``src`` of ``mapping`` to ``mapping[src]`` with probability ``rate``;
+  other classes are never touched.
+
+  >>> y_noisy, _ = asymmetric_noise(np.array([0, 0, 1]), 1.0, {0: 6}, seed=0)
+  >>> y_noisy.tolist()
+  [6, 6, 1]
+  """
+  y = np.asarray(y, np.int32)
+  rng = np.random.default_rng(seed)
+  target = y.copy()
+  for src, dst in mapping.items():
+    target[y == src] = dst
+  flip = rng.random(y.size) < rate
+  y_noisy = np.where(flip, target, y).astype(np.int32)
+  return y_noisy, y_noisy != y
+
+
 def asymmetric_noise_cifar10(y: np.ndarray, rate: float,
                              seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Flip truck→automobile, bird→airplane, deer→horse, cat↔dog, each with probability ``rate``.
@@ -50,11 +74,4 @@ def asymmetric_noise_cifar10(y: np.ndarray, rate: float,
   >>> y_noisy.tolist()
   [1, 1, 1, 1]
   """
-  y = np.asarray(y, np.int32)
-  rng = np.random.default_rng(seed)
-  target = y.copy()
-  for src, dst in CIFAR10_ASYMMETRIC_MAP.items():
-    target[y == src] = dst
-  flip = rng.random(y.size) < rate
-  y_noisy = np.where(flip, target, y).astype(np.int32)
-  return y_noisy, y_noisy != y
+  return asymmetric_noise(y, rate, CIFAR10_ASYMMETRIC_MAP, seed)

@@ -10,7 +10,8 @@ The config is an ``ml_collections.ConfigDict`` (or any object with attributes):
   imbalance_ratio   None or 1 = balanced; > 1 = exponential long tail (class 0 is the head)
   n_max             per-class cap (long tail: the head count); for DG a cap per *domain*
   test_subset       keep at most this many test images (stratified, seeded)
-  noise_type        'none' | 'symmetric' | 'asymmetric' (CIFAR-10 only); noise_rate in [0, 1)
+  noise_type        'none' | 'symmetric' | 'asymmetric' (CIFAR-10, Fashion-MNIST);
+                    noise_rate in [0, 1)
   test_domain       DG: index of the held-out domain; holdout_fraction (0.2) of every
                     training domain goes to the validation split
   val_fraction      standard tasks: this fraction of every class's training images (at least
@@ -138,9 +139,10 @@ def _options(cfg) -> _Options:
     raise ValueError(f"data.noise_type={noise_type!r}; valid: {list(NOISE_TYPES)}")
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"data.noise_rate must be in [0, 1), got {rate}")
-  if noise_type == "asymmetric" and name != "cifar10":
-    raise ValueError(f"data.noise_type='asymmetric' is defined only for 'cifar10' (its "
-                     f"class pairs), not {name!r}; use 'symmetric'")
+  if noise_type == "asymmetric" and name not in noise.ASYMMETRIC_MAPS:
+    raise ValueError(f"data.noise_type='asymmetric' is defined only for "
+                     f"{', '.join(noise.ASYMMETRIC_MAPS)} (their look-alike class pairs), not "
+                     f"{name!r}; use 'symmetric'")
   if noise_type != "none" and name in DOMAIN:
     raise ValueError(f"data.noise_type: label noise is not supported for {name!r}")
   holdout = _number("holdout_fraction", get("holdout_fraction", 0.2), 0.2)
@@ -214,7 +216,8 @@ def _standard_task(opts: _Options) -> TaskData:
     if opts.noise_type == "symmetric":
       y_noisy, mask = noise.symmetric_noise(y, opts.noise_rate, num_classes, nseed)
     else:
-      y_noisy, mask = noise.asymmetric_noise_cifar10(y, opts.noise_rate, nseed)
+      y_noisy, mask = noise.asymmetric_noise(y, opts.noise_rate,
+                                             noise.ASYMMETRIC_MAPS[opts.name], nseed)
     extras.update(y_train_clean=y, noise_mask=mask)
     tags.append(f"{opts.noise_rate:.0%} {opts.noise_type} noise")
     y = y_noisy
