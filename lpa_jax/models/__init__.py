@@ -30,6 +30,9 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
   ``dtype`` (compute dtype, one of :data:`DTYPES`) may be given by name, as a config does:
   ``get_model("resnet32", 10, dtype="bfloat16")``; parameters stay float32 either way.
+
+  >>> get_model("cnn", 10, widths=(8, 16, 32)).points
+  ('stage1', 'stage2', 'stage3', 'features', 'logits')
   """
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; registered models: {', '.join(MODELS)}")

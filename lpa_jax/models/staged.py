@@ -64,7 +64,13 @@ def compute_dtype(value: Any, field: str = "dtype") -> jnp.dtype:
 
 
 def check_point(name: str | None, points: Sequence[str], what: str = "point") -> None:
-  """Raises a ValueError listing the valid names when ``name`` is not one of ``points``."""
+  """Raises a ValueError listing the valid names when ``name`` is not one of ``points``.
+
+  >>> check_point("stage9", ("stage1", "logits"))
+  Traceback (most recent call last):
+  ...
+  ValueError: Unknown intervention point 'stage9'; valid points are: stage1, logits
+  """
   if name is not None and name not in points:
     raise ValueError(
         f"Unknown intervention {what} {name!r}; valid points are: {', '.join(points)}")
