@@ -232,6 +232,16 @@ def write_csv(rows: list[dict], cols: list[str], path: str) -> None:
       w.writerow([r["name"], r["n"], f"{r['wall_s']:.1f}"] + vals)
 
 
+def _commits(runs: list[dict]) -> str:
+  """The commits the runs were trained at (``results.json``'s ``code``), with run counts."""
+  counts: dict[str, int] = {}
+  for r in runs:
+    code = r["results"].get("code") or {}
+    key = (code.get("commit") or "unknown")[:12] + (" (dirty tree)" if code.get("dirty") else "")
+    counts[key] = counts.get(key, 0) + 1
+  return ", ".join(f"commit {k} ({n} runs)" for k, n in counts.items())
+
+
 def _machine(root: str) -> str:
   m = _suite_meta(root).get("machine")
   if m is None:  # reports on runs not made by the sweep: describe this machine instead
@@ -360,6 +370,7 @@ def write_report(root: str) -> dict[str, str]:
            f"* Train class counts: {r0.get('train_class_counts', '?')}",
            f"* Seeds: {seeds} ({len(runs)} runs); mean ± sample std over seeds.",
            f"* Machine: {_machine(root)}.",
+           f"* Code: {_commits(runs)}.",
            f"* Total measured wall time of the runs: {total:.0f} s ({total / 60:.1f} min).",
            f"* Regenerate: `python -m experiments.sweep "
            f"--config=experiments/configs/suites.py:{suite}`; report only: "
