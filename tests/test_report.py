@@ -88,3 +88,16 @@ def test_paired_table_pairs_seeds_and_names_the_best_baseline(tmp_path):
   assert "| LPA | CE | 2 | +5.00 |" in table
   assert "| LPA | LA (best baseline) | 2 | -15.00 |" in table and "| 0 / 3 |" in table
   assert "| LA | CE | 2 | +20.00 |" in table
+
+
+def test_noisy_runs_report_the_best_epoch_beside_the_last(tmp_path):
+  import json
+  wd = tmp_path / "runs" / "ce" / "seed0"
+  wd.mkdir(parents=True)
+  (wd / "results.json").write_text(json.dumps({"test_accuracy": 0.6, "seed": 0,
+                                               "train_clean_label_accuracy": 0.7}))
+  (wd / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "test_accuracy": a}) + "\n"
+                                            for e, a in ((1, 0.5), (2, 0.72), (3, 0.6))))
+  runs = report.load_runs(str(tmp_path))
+  assert runs[0]["results"]["best_epoch_test_accuracy"] == 0.72
+  assert "best-epoch test (oracle)" in [c for c, _ in report.metric_columns(runs)]
