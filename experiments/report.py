@@ -84,7 +84,8 @@ def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
     runs.append({"name": meta.get("name") or method_name(results.get("config", {})),
                  "slug": os.path.basename(os.path.dirname(workdir)),
                  "seed": meta.get("seed", results.get("config", {}).get("seed")),
-                 "point": meta.get("point"), "results": results, "workdir": workdir,
+                 "point": meta.get("point"), "domain": meta.get("domain"),
+                 "base": meta.get("base"), "results": results, "workdir": workdir,
                  "history": history})
   order = [m["name"] for m in _suite_meta(root).get("methods", [])]
   rank = lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["name"],  # noqa: E731
@@ -329,6 +330,29 @@ def paired_table(runs: list[dict]) -> str:
   return "\n".join(out)
 
 
+def domain_table(runs: list[dict]) -> str:
+  """Leave-one-domain-out runs (method.json's ``domain`` and ``base``) as DomainBed tables do:
+  one row per method, one column per held-out domain and their average; test accuracy (%) of
+  the epoch selected by training-domain validation (``selected_by_val``), mean ± std over
+  seeds, the average taken per seed over the domains it has all of."""
+  dg = [r for r in runs if r.get("domain") is not None]
+  if not dg:
+    return ""
+  domains = list(dict.fromkeys(r["domain"] for r in dg))
+  out = ["| method | " + " | ".join(domains) + " | average |",
+         "|" + "---|" * (len(domains) + 2)]
+  for base in dict.fromkeys(r["base"] or r["name"] for r in dg):
+    mine = [r for r in dg if (r["base"] or r["name"]) == base]
+    acc = lambda r: _get(r["results"], ("selected_by_val", "test_accuracy"))  # noqa: E731
+    cells = [_fmt(mean_std([acc(r) for r in mine if r["domain"] == d])) for d in domains]
+    per_seed = {}
+    for r in mine:
+      per_seed.setdefault(r["seed"], {})[r["domain"]] = acc(r)
+    avgs = [np.mean(list(v.values())) for v in per_seed.values() if len(v) == len(domains)]
+    out.append(f"| {base} | " + " | ".join(cells) + f" | {_fmt(mean_std(avgs))} |")
+  return "\n".join(out)
+
+
 def stopped_runs(root: str) -> list[tuple[str, str]]:
   """``[(work dir, reason)]`` of the runs under ``root`` that a guard of the trainer stopped
   (``stopped.json``, written by the sweep)."""
@@ -388,6 +412,13 @@ def write_report(root: str) -> dict[str, str]:
               "`test @ best val` is the test accuracy at the epoch of highest plain "
               "validation accuracy, which favours head classes on a long-tailed split.", "",
               selection_table(rows), ""]
+  dg = domain_table(runs)
+  if dg:
+    lines += ["## Per held-out domain (test accuracy %, training-domain validation)", "",
+              "Each column trains on the other domains and tests on this one; the epoch is "
+              "chosen by accuracy on 20 % held out from the training domains (DomainBed's "
+              "training-domain validation). Mean ± std over seeds; the average is taken per "
+              "seed over the domains it has all of.", "", dg, ""]
   paired = paired_table(runs)
   if paired:
     lines += ["## Paired comparisons", "",

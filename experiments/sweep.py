@@ -63,7 +63,10 @@ INTERRUPTED = ("Interrupted; rerun the same command to continue the sweep (finis
                "kept, an interrupted one resumes from its last checkpoint).")
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
-META_KEYS = ("name", "point")  # method-dict keys that are labels, not config overrides
+# Method-dict keys that are labels, not config overrides: ``point`` marks a point sweep;
+# ``domain`` (the held-out domain's name) and ``base`` (the method without it) mark a
+# leave-one-domain-out suite, which the report tabulates per domain.
+META_KEYS = ("name", "point", "domain", "base")
 
 
 def slug(name: str) -> str:
@@ -113,7 +116,8 @@ def plan(suite, seeds=None) -> list[dict]:
       apply_overrides(config, {k: v for k, v in method.items() if k not in META_KEYS})
       config.seed = seed  # data.seed stays fixed: same subset / noise / split for every run
       runs.append({"name": method["name"], "slug": s, "seed": seed,
-                   "point": method.get("point"), "config": validate(config)})
+                   "point": method.get("point"), "domain": method.get("domain"),
+                   "base": method.get("base"), "config": validate(config)})
   return runs
 
 
@@ -344,7 +348,8 @@ def _train_group(group: list, cache: dict) -> list[dict]:
   for r, workdir, _ in group:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "method.json"),
-                      {k: r[k] for k in ("name", "slug", "seed", "point")})
+                      {k: r[k] for k in ("name", "slug", "seed", "point", "domain", "base")
+                       if k in ("name", "slug", "seed", "point") or r.get(k) is not None})
   configs = [r["config"] for r, _, _ in group]
   workdirs = [w for _, w, _ in group]
   fresh = [status == "stale" for *_, status in group]

@@ -101,3 +101,16 @@ def test_noisy_runs_report_the_best_epoch_beside_the_last(tmp_path):
   runs = report.load_runs(str(tmp_path))
   assert runs[0]["results"]["best_epoch_test_accuracy"] == 0.72
   assert "best-epoch test (oracle)" in [c for c, _ in report.metric_columns(runs)]
+
+
+def test_domain_table_has_a_column_per_held_out_domain_and_the_per_seed_average():
+  def run(base, domain, seed, acc):
+    return {"name": f"{base} @ {domain}", "base": base, "domain": domain, "seed": seed,
+            "results": {"selected_by_val": {"test_accuracy": acc}}}
+  runs = [run("ERM", "0°", 0, 0.8), run("ERM", "15°", 0, 0.9), run("ERM", "0°", 1, 0.7),
+          run("ERM", "15°", 1, 0.9), run("LPA", "0°", 0, 0.6)]  # LPA lacks 15°: no average
+  table = report.domain_table(runs).splitlines()
+  assert table[0] == "| method | 0° | 15° | average |"
+  assert table[2] == "| ERM | 75.00 ± 7.07 | 90.00 ± 0.00 | 82.50 ± 3.54 |"
+  assert table[3] == "| LPA | 60.00 | — | — |"
+  assert report.domain_table([{"name": "CE", "domain": None}]) == ""
