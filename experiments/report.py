@@ -368,6 +368,11 @@ def stopped_runs(root: str) -> list[tuple[str, str]]:
   return out
 
 
+def _section(title: str, text: str, table: str) -> list[str]:
+  """A report section's lines (heading, explanation, table); none for an empty table."""
+  return [f"## {title}", "", text, "", table, ""] if table else []
+
+
 def write_report(root: str) -> dict[str, str]:
   """Writes ``report.md``, ``results.csv`` and the figures under ``root``; returns their paths.
 
@@ -412,28 +417,24 @@ def write_report(root: str) -> dict[str, str]:
               "`test @ best val` is the test accuracy at the epoch of highest plain "
               "validation accuracy, which favours head classes on a long-tailed split.", "",
               selection_table(rows), ""]
-  dg = domain_table(runs)
-  if dg:
-    lines += ["## Per held-out domain (test accuracy %, training-domain validation)", "",
-              "Each column trains on the other domains and tests on this one; the epoch is "
-              "chosen by accuracy on 20 % held out from the training domains (DomainBed's "
-              "training-domain validation). Mean ± std over seeds; the average is taken per "
-              "seed over the domains it has all of.", "", dg, ""]
-  paired = paired_table(runs)
-  if paired:
-    lines += ["## Paired comparisons", "",
-              "Per-seed differences of test accuracy (runs with the same seed share the data "
-              "and differ only in the method), mean and 95 % t-interval over the seeds both "
-              "methods ran; McNemar's exact test on the test predictions pooled over those "
-              "seeds (b: samples the method gets right and the reference wrong, c: the "
-              "reverse). One seed gives no interval.", "", paired, ""]
-  strength = strength_table(runs)
-  if strength:
-    lines += ["## Perturbation strength over training", "",
-              "`loss_change_signed` per epoch (`metrics.jsonl`): the mean |loss change| the "
-              "activation method caused on the classes it perturbs; floor 0.05 nats, "
-              "ceiling 1 nat (`train.min_loss_change`, `train.max_loss_change`).", "",
-              strength, ""]
+  lines += _section(
+      "Per held-out domain (test accuracy %, training-domain validation)",
+      "Each column trains on the other domains and tests on this one; the epoch is chosen by "
+      "accuracy on 20 % held out from the training domains (DomainBed's training-domain "
+      "validation). Mean ± std over seeds; the average is taken per seed over the domains it "
+      "has all of.", domain_table(runs))
+  lines += _section(
+      "Paired comparisons",
+      "Per-seed differences of test accuracy (runs with the same seed share the data and "
+      "differ only in the method), mean and 95 % t-interval over the seeds both methods ran; "
+      "McNemar's exact test on the test predictions pooled over those seeds (b: samples the "
+      "method gets right and the reference wrong, c: the reverse). One seed gives no "
+      "interval.", paired_table(runs))
+  lines += _section(
+      "Perturbation strength over training",
+      "`loss_change_signed` per epoch (`metrics.jsonl`): the mean |loss change| the activation "
+      "method caused on the classes it perturbs; floor 0.05 nats, ceiling 1 nat "
+      "(`train.min_loss_change`, `train.max_loss_change`).", strength_table(runs))
   lines += [f"![{k}]({os.path.basename(v)})" for k, v in paths.items()
             if v.endswith(".png")]
   lines += ["", figs.per_class_table(runs)]
