@@ -85,7 +85,7 @@ def test_every_task_variant_and_suite_lpa_method_is_enumerated():
   # The variants each get_config's error message offers, and a suite method of each kind.
   for name, variants in {"longtail": ["quick", "quick_cifar10", "paper_cifar10",
                                       "paper_cifar100"],
-                         "noisy": ["quick", "paper_cifar10", "paper_cifar10_asym"],
+                         "noisy": ["quick", "quick_asym", "paper_cifar10", "paper_cifar10_asym"],
                          "domain": ["quick", "paper", "colored_quick"]}.items():
     assert set(cc.task_variants(name)) == set(variants)
   assert len(cc.task_variants("balanced")) == 6
