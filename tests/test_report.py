@@ -120,20 +120,25 @@ def test_domain_table_has_a_column_per_held_out_domain_and_the_per_seed_average(
 
 def _committed_suites():
   import glob
-  return sorted(os.path.dirname(p) for p in glob.glob("experiments/results/*/runs"))
+  from experiments import fill
+  roots = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(fill.RESULTS, "*", "runs")))
+  assert roots, f"no committed suites under {fill.RESULTS}"
+  return roots
 
 
 @pytest.mark.parametrize("root", _committed_suites(), ids=os.path.basename)
 def test_every_committed_report_is_what_its_records_regenerate(root, tmp_path):
   # A report left behind by a change of the report writer shows numbers (or sections) the
-  # records no longer give: regenerate it from a copy of the committed records and compare.
+  # records no longer give: regenerate it from a copy of the committed records (runs/, with
+  # any stopped.json, and suite.json) and compare.
   import shutil
+  from experiments import fill
   copy = tmp_path / os.path.basename(root)
   shutil.copytree(os.path.join(root, "runs"), copy / "runs")
-  for name in ("suite.json", "stopped.json"):
-    if os.path.exists(os.path.join(root, name)):
-      shutil.copy(os.path.join(root, name), copy / name)
+  if os.path.exists(os.path.join(root, "suite.json")):
+    shutil.copy(os.path.join(root, "suite.json"), copy / "suite.json")
   report.write_report(str(copy))
-  fresh = (copy / "report.md").read_text().replace(str(copy), root)
+  rel = os.path.relpath(root, fill.ROOT)  # the committed reports name their root this way
+  fresh = (copy / "report.md").read_text().replace(str(copy), rel)
   assert fresh == open(os.path.join(root, "report.md")).read(), (
-      f"{root}/report.md is stale: run `python -m experiments.report --root={root}`")
+      f"{rel}/report.md is stale: run `python -m experiments.report --root={rel}`")
