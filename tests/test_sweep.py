@@ -169,3 +169,19 @@ def test_runs_made_under_other_defaults_count_as_stale():
   older = json.loads(json.dumps(now))
   older["resolved"]["activation_point"] = "stage3"
   assert [k for k, _, _ in config_diff(older, now)] == ["resolved.activation_point"]
+
+
+def test_mechanism_fixed_radius_spends_the_varied_radius_mean():
+  # The fixed-radius control at the varied radius's class mean: the same total radius as the
+  # main table's LPA, spread evenly.
+  from lpa_jax.perturb import classes
+  runs = {r["name"]: r["config"] for r in sweep.plan(suites.get_config("fmnist_lt_mechanism"),
+                                                      [0])}
+  lpa_cfg = sweep.plan(suites.get_config("fmnist_lt_main"), [0])[5]["config"].perturb.lpa
+  fixed = runs["LPA fixed radius (varied mean)"].perturb.lpa
+  assert fixed.varied is False and lpa_cfg.varied is True
+  split = classes.frequency_split([6000 // (i + 1) for i in range(10)])
+  varied = classes.class_radii(split, lpa_cfg.eps, lpa_cfg.delta_eps, lpa_cfg.beta, 1, True)
+  flat = classes.class_radii(split, fixed.eps, fixed.delta_eps, fixed.beta, 1, False)
+  np.testing.assert_allclose(float(flat.mean()), float(varied.mean()), rtol=1e-4)
+  assert float(varied.min()) < float(flat[0]) < float(varied.max())

@@ -171,22 +171,40 @@ def fmnist_lt_main():
                     "config's validation-tuned defaults, 5 seeds."))
 
 
+def mean_varied_eps(eps: float, delta_eps: float, num_classes: int) -> float:
+  """The class mean of the varied radius ``ε + Δε·|τ − q_c|`` under the long-tail split
+  (before the depth factor, which fixed and varied radii share): the fixed radius that spends
+  the same total budget.  With ``q_c`` the frequency rank scaled to [0, 1] it does not depend
+  on the counts, only on ``C``.
+
+  >>> round(mean_varied_eps(0.01, 0.01, 10), 6)
+  0.012889
+  """
+  from lpa_jax.perturb.classes import frequency_split
+  split = frequency_split(list(range(num_classes, 0, -1)))
+  return round(float(eps + delta_eps * abs(split.tau - split.q_C).mean()), 6)
+
+
 def fmnist_lt_mechanism():
   """Mechanism controls (issue 16, step 4), 3 seeds, the main table's protocol: LPA with a
-  fixed radius (ε, no Δε term: the varied radius's smallest value), head-contractive only and
-  tail-expansive only (explicit signs; the 4 most frequent classes are the head, classes are
-  ordered by frequency), β 0.5 / 0.9 beside the default 0.7, and LPA at every point of the
-  network (the default and the logit-equivalent points, and LPL, come from fmnist_lt_main's
-  seeds 0-2).  The fixed radius equal to the varied radius's *mean* needs the main table's
-  logged radii and is added once they exist."""
+  fixed radius at the varied radius's smallest value (ε, no Δε term) and at its mean over the
+  classes (:func:`mean_varied_eps`), head-contractive only and tail-expansive only (explicit
+  signs; the 4 most frequent classes are the head, classes are ordered by frequency; a
+  constant split has ``q = τ = 0``, so their radius is ε), β 0.5 / 0.9 beside the default 0.7,
+  and LPA at every point of the network (the default and the logit-equivalent points, and
+  LPL, come from fmnist_lt_main's seeds 0-2)."""
+  from experiments.configs.longtail import QUICK_TUNED
   from lpa_jax.models import get_model
   from lpa_jax.perturb.registry import default_point, logit_equivalent_point
   points = get_model("cnn", 10, widths=(16, 32, 64)).points
+  mean_eps = mean_varied_eps(QUICK_TUNED["lpa"]["eps"], QUICK_TUNED["lpa"]["delta_eps"], 10)
   # The default point, the logit-equivalent one and LPL are main-table runs (5 seeds there).
   main_points = ("logits", default_point(points), logit_equivalent_point(points))
   head = 4
   methods = (
       {**LPA, "name": "LPA fixed radius", "perturb.lpa.varied": False},
+      {**LPA, "name": "LPA fixed radius (varied mean)", "perturb.lpa.varied": False,
+       "perturb.lpa.eps": mean_eps},
       {**LPA, "name": "LPA head-contractive only", "perturb.lpa.split": "signs",
        "perturb.lpa.signs": (-1,) * head + (0,) * (10 - head)},
       {**LPA, "name": "LPA tail-expansive only", "perturb.lpa.split": "signs",
