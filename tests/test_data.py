@@ -367,6 +367,37 @@ def test_cache_is_per_data_dir_and_a_corrupt_one_is_rebuilt(tmp_path, monkeypatc
   assert len(builds) == 3 and np.load(path)["x_train"].max() == 1  # rebuilt, readable
 
 
+def test_two_processes_preparing_one_dataset_build_it_once(tmp_path, monkeypatch, capsys):
+  # Two sweep shards on a fresh machine: the second waits for the first's build (TFDS
+  # prepares into a temporary dir and renames it; two at once failed with FileExistsError).
+  import threading
+  builds, cache = [], str(tmp_path / "cache")
+  _fake_source(monkeypatch, builds)
+  fake_build = sources._sources("fake")[0].build
+  inside = threading.Event()
+
+  def slow_build(c, root):
+    inside.set()
+    time.sleep(0.5)  # the second loader arrives while the cache is not yet written
+    return fake_build(c, root)
+  monkeypatch.setattr(sources, "_sources",
+                      lambda name: [sources._Source("official", ("fake/v.txt",), slow_build)])
+  (tmp_path / "data" / "fake").mkdir(parents=True)
+  (tmp_path / "data" / "fake" / "v.txt").write_text("3")
+  out = []
+  load = lambda: out.append(sources.load_raw("fake", str(tmp_path / "data"), cache))
+  first = threading.Thread(target=load)
+  first.start()
+  assert inside.wait(10)
+  second = threading.Thread(target=load)
+  second.start()
+  first.join(10)
+  second.join(10)
+  assert len(builds) == 1 and len(out) == 2
+  assert [int(r.x_train.max()) for r in out] == [3, 3]
+  assert "Waiting for another process that is preparing fake" in capsys.readouterr().out
+
+
 @needs_shared
 def test_longtail_leaving_a_class_empty_is_an_error(mnist, cache_dir):
   with pytest.raises(ValueError, match=r"class\(es\) \[8, 9\] with 0 training images.*"

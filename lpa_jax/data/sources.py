@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -325,10 +327,45 @@ def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = Non
   cache = resolve_cache_dir(cache_dir)
   sources = _sources(name)
   root, how = resolve_data_dir(data_dir)
+  raw = _first_cache(name, sources, cache, root, how)
+  if raw is not None:  # TF never imported on this path
+    return raw
+  # Building is one process's job: TFDS prepares into a temporary dir and renames it, so two
+  # processes preparing at once (two sweep shards on a fresh machine) fail with
+  # FileExistsError.  The second waits here, then reads what the first cached.
+  with _build_lock(cache, name):
+    raw = _first_cache(name, sources, cache, root, how)
+    return raw if raw is not None else _build(name, sources, cache, root, how, download)
+
+
+def _first_cache(name, sources, cache, root, how) -> RawData | None:
   for path, key in _cache_candidates(name, sources, cache, root, how in EXPLICIT):
     raw = _read_cache(path, key)
-    if raw is not None:  # TF never imported on this path
+    if raw is not None:
       return raw
+  return None
+
+
+@contextlib.contextmanager
+def _build_lock(cache: pathlib.Path, name: str):
+  """An exclusive, blocking ``flock`` on ``<cache>/locks/<name>.lock`` while ``name`` is
+  built; the kernel drops it if the holder dies."""
+  path = cache / "locks" / f"{name}.lock"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"Waiting for another process that is preparing {name} in {cache} ...",
+            flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(name, sources, cache, root, how, download) -> RawData:
   errors = []
   # Build from a local copy before trying the network (the offline order of the spec).
   for s in sorted(sources, key=lambda s: s.local is None):
