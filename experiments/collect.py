@@ -1,0 +1,83 @@
+"""Copies a sweep root's finished records into the repository, never its checkpoints.
+
+A long sweep runs from a worktree pinned to one commit, into a root outside the repository
+(``experiments/sweep_shards.sh``); its finished runs are committed as they finish.  This copies,
+for every run of ``SRC/runs/<method>/seed<k>/`` that is finished (``results.json``) or was
+stopped by a guard (``stopped.json``), the files a report needs — config, method, results,
+metrics, per-sample predictions, the stop record — and the suite's ``suite.json``, into
+``DEST`` (default ``experiments/results/<suite>``).  Unfinished runs and checkpoints, TensorBoard
+logs and lock files stay behind.  Then write the report with ``--report``.
+
+    python -m experiments.collect /work/sweeps/fmnist_lt_main --report
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from absl import app, flags
+
+RECORDS = ("config.json", "method.json", "results.json", "metrics.jsonl", "predictions.npz",
+           "stopped.json")
+DONE = ("results.json", "stopped.json")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dest", None, "Where the records go (default experiments/results/<suite>, "
+                    "the suite named in SRC/suite.json).")
+flags.DEFINE_bool("report", False, "Write DEST's report (report.md, results.csv, figures).")
+
+
+def finished_runs(src: str) -> list[str]:
+  """``runs/<method>/seed<k>`` paths under ``src`` that hold ``results.json`` or
+  ``stopped.json``, sorted."""
+  out = []
+  runs = os.path.join(src, "runs")
+  for method in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
+    for seed in sorted(os.listdir(os.path.join(runs, method))):
+      rel = os.path.join("runs", method, seed)
+      if any(os.path.exists(os.path.join(src, rel, f)) for f in DONE):
+        out.append(rel)
+  return out
+
+
+def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
+  """Copies ``src``'s finished records into ``dest``; returns ``(dest, copied run paths)``.
+
+  A destination run whose records differ from the source's is replaced whole, so a run redone
+  in the sweep (``--stale=rerun``) leaves no file of its earlier version behind.
+  """
+  with open(os.path.join(src, "suite.json")) as f:
+    suite = json.load(f)["suite"]
+  dest = dest or os.path.join(RESULTS, suite)
+  runs = finished_runs(src)
+  if not runs:
+    raise FileNotFoundError(f"No finished runs under {src}/runs (nothing holds "
+                            f"{' or '.join(DONE)})")
+  os.makedirs(dest, exist_ok=True)
+  shutil.copy2(os.path.join(src, "suite.json"), os.path.join(dest, "suite.json"))
+  for rel in runs:
+    target = os.path.join(dest, rel)
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(target)
+    for name in RECORDS:
+      path = os.path.join(src, rel, name)
+      if os.path.exists(path):
+        shutil.copy2(path, os.path.join(target, name))
+  return dest, runs
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m experiments.collect SRC [--dest=DIR] [--report]")
+  dest, runs = collect(argv[1], FLAGS.dest)
+  print(f"{len(runs)} finished runs copied to {dest}")
+  if FLAGS.report:
+    from experiments import report
+    report.write_report(dest)
+    print(f"report written: {os.path.join(dest, 'report.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
