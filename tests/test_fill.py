@@ -61,3 +61,9 @@ def test_compare_reports_identical_and_different_runs(tmp_path):
   assert compare.compare(str(tmp_path / "a"), str(tmp_path / "b")) == [("ce/seed0", 0.5, 0.5,
                                                                          True)]
   assert compare.main(["x", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+  # Same accuracies, other per-sample predictions: not identical.
+  import numpy as _np
+  for root, preds in (("a", [0, 1, 1]), ("b", [1, 0, 1])):
+    _np.savez(tmp_path / root / "runs" / "ce" / "seed0" / "predictions.npz",
+              test_pred=_np.array(preds))
+  assert compare.compare(str(tmp_path / "a"), str(tmp_path / "b"))[0][3] is False

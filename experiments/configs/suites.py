@@ -221,6 +221,21 @@ def fmnist_lt_mechanism():
                     "default and logit-equivalent points and LPL are in fmnist_lt_main)."))
 
 
+def repro_sample():
+  """A reproduction sample: one short run of each kind of method the train step wires
+  differently (CE, LPA, LPA+LPL, LDAM-DRW, Manifold Mixup, SAM, LPG, GAF, clipping), small
+  enough to rerun in minutes.  Made once at a commit before a refactor and committed; rerun at
+  a later commit into another root, ``python -m experiments.compare`` says whether every run
+  (test accuracy, per-class accuracy, per-sample predictions) is bit-identical.  Run it with
+  one XLA thread on both sides: the thread count changes XLA:CPU's sums."""
+  methods = (CE, LPA, LPA_LPL, LDAM, MIXUP, SAM, LPG, GAF, CLIP)
+  return _suite("repro_sample", "longtail.py:quick", methods, seeds=(0,), overrides={
+      "model.kwargs.widths": (8, 16, 32), "optim.num_epochs": 2, "data.n_max": 1000,
+      "data.test_subset": 1000, "train.checkpoint_every": 1}, description=(
+          "Reproduction sample: Fashion-MNIST-LT IR 100 (head 1000 images), 1000 test images, "
+          "CNN 8-16-32, 2 epochs, the quick config's defaults, 9 methods x 1 seed."))
+
+
 # --- Issue 20: the other tasks, with the settings fmnist_lt_tune chose (longtail.QUICK_TUNED).
 RMNIST_DOMAINS = ("0°", "15°", "30°", "45°", "60°", "75°")
 DG_EPOCHS = 20  # provisional: rmnist_schedule measures where ERM's accuracy stops moving
@@ -292,6 +307,7 @@ def _noisy(setting: str):
 
 CONVERGED = {"fmnist_lt_schedule": fmnist_lt_schedule, "fmnist_lt_tune": fmnist_lt_tune,
              "fmnist_lt_main": fmnist_lt_main, "fmnist_lt_mechanism": fmnist_lt_mechanism,
+             "repro_sample": repro_sample,
              "rmnist_schedule": rmnist_schedule, "rmnist_dg": rmnist_dg,
              "noisy_schedule": noisy_schedule,
              **{f"noisy_fmnist_{k}": (lambda k=k: _noisy(k)) for k in NOISE_SETTINGS}}
