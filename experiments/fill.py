@@ -4,6 +4,9 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 
 * ``suite:<name>`` — the accuracy table of ``experiments/results/<name>`` (mean ± std over
   seeds, from the runs' ``results.json``; the same table as that suite's ``report.md``);
+* ``paired:<name>`` — that suite's paired comparisons (per-seed differences with 95 %
+  intervals and McNemar's test, against the first method and the best other baseline);
+* ``strength:<name>`` — that suite's perturbation-strength table;
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run
   (or, for a ``--fractions`` run, its F_up/F table);
@@ -28,9 +31,7 @@ BLOCK = re.compile(r"(<!-- BEGIN (\S+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 
 def suite_table(name: str) -> str:
-  runs = report.load_runs(os.path.join(RESULTS, name))
-  if not runs:
-    raise FileNotFoundError(f"no finished runs for suite {name!r} under {RESULTS}")
+  runs = _runs(name)
   cols = [c for c, _ in report.metric_columns(runs)]
   return report.markdown_table(report.summarise(runs), cols)
 
@@ -111,10 +112,21 @@ def throughput_table(path: str) -> str:
           + "\n\n" + throughput.markdown(run))
 
 
+def _runs(name: str) -> list[dict]:
+  runs = report.load_runs(os.path.join(RESULTS, name))
+  if not runs:
+    raise FileNotFoundError(f"no finished runs for suite {name!r} under {RESULTS}")
+  return runs
+
+
 def render(key: str) -> str:
   kind, _, arg = key.partition(":")
   if kind == "suite":
     return suite_table(arg)
+  if kind == "paired":
+    return report.paired_table(_runs(arg))
+  if kind == "strength":
+    return report.strength_table(_runs(arg))
   if kind == "suites-time":
     return suites_time()
   if kind == "bench":
@@ -123,7 +135,8 @@ def render(key: str) -> str:
     return bench_diff(arg)
   if kind == "bench-throughput":
     return throughput_table(arg)
-  raise ValueError(f"unknown block {key!r}; known: suite:<name>, suites-time, bench:<json>, "
+  raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
+                   "strength:<name>, suites-time, bench:<json>, "
                    "bench-diff:<json>,<json>, bench-throughput:<json>")
 
 

@@ -40,22 +40,33 @@ def accuracy_bars(root: str, rows: list[dict]) -> str:
   return _save(fig, root, "accuracy")
 
 
+def _mean_curve(runs: list[dict], name: str, key: str):
+  """``(epochs, mean over seeds)`` of ``key`` per epoch for method ``name`` (None if absent)."""
+  curves = [[(h["epoch"], h[key]) for h in r["history"] if h.get(key) is not None]
+            for r in runs if r["name"] == name]
+  n = min(len(c) for c in curves)
+  if n == 0:
+    return None
+  return [e for e, _ in curves[0][:n]], np.mean([[v for _, v in c[:n]] for c in curves], axis=0)
+
+
 def learning_curves(root: str, runs: list[dict]) -> str:
-  """Test accuracy per epoch, mean over seeds, one line per method."""
-  fig, ax = plt.subplots(figsize=(6, 3.8))
+  """Training loss (the epoch's mean over its steps: where it flattens, the schedule has
+  converged) and test accuracy per epoch, mean over seeds, one line per method."""
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
   for name in dict.fromkeys(r["name"] for r in runs):
-    curves = [[(h["epoch"], h["test_accuracy"]) for h in r["history"] if "test_accuracy" in h]
-              for r in runs if r["name"] == name]
-    n = min(len(c) for c in curves)
-    if n == 0:
-      continue
-    ep = [e for e, _ in curves[0][:n]]
-    acc = np.mean([[a for _, a in c[:n]] for c in curves], axis=0)
-    ax.plot(ep, 100 * acc, marker="o", ms=3, label=name)
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("test accuracy %")
-  ax.set_title("Learning curves (mean over seeds)")
-  ax.legend(fontsize=7, ncol=2)
+    for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "test_accuracy", 100.0)):
+      curve = _mean_curve(runs, name, key)
+      if curve is not None:
+        ax.plot(curve[0], scale * curve[1], marker="o", ms=2, label=name)
+  ax_loss.set_ylabel("training loss (epoch mean)")
+  ax_loss.set_yscale("log")
+  ax_acc.set_ylabel("test accuracy %")
+  for ax in (ax_loss, ax_acc):
+    ax.set_xlabel("epoch")
+  ax_loss.set_title("Training loss (mean over seeds)")
+  ax_acc.set_title("Test accuracy (mean over seeds)")
+  ax_acc.legend(fontsize=7, ncol=2)
   return _save(fig, root, "curves")
 
 

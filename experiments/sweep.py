@@ -175,7 +175,9 @@ class StaleRuns(ValueError):
   """Finished or started runs of a suite were made with a config other than the planned one."""
 
 
-def _check_stale(runs, statuses, root, stale: str) -> None:
+def check_stale(runs, statuses, root, stale: str) -> None:
+  """Raises :class:`StaleRuns` listing the runs whose status is ``'stale'`` (see
+  :func:`run_status`), unless ``stale == 'rerun'``."""
   bad = [(r, detail) for r, (status, detail) in zip(runs, statuses) if status == "stale"]
   if bad and stale != "rerun":
     lines = [f"{_workdir(root, r)}:\n{d}" for r, d in bad]
@@ -185,7 +187,8 @@ def _check_stale(runs, statuses, root, stale: str) -> None:
         + "\n".join(lines) + "\nRerun them with --stale=rerun, or use another --root.")
 
 
-def _write_meta(suite, runs, root) -> None:
+def write_meta(suite, runs, root) -> None:
+  """``root/suite.json``: the suite's plan, the seeds of ``runs`` and the machine."""
   from lpa_jax.train.workdir import write_json_atomic
   write_json_atomic(os.path.join(root, "suite.json"), {
       "suite": suite.name, "description": suite.description, "task": suite.task,
@@ -248,9 +251,9 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
   from lpa_jax.train.workdir import remove_leftovers
   workdirs = [_workdir(root, r) for r in runs]
   statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
-  _check_stale(runs, statuses, root, stale)
+  check_stale(runs, statuses, root, stale)
   remove_leftovers(root)
-  _write_meta(suite, runs, root)
+  write_meta(suite, runs, root)
   cache, counts, todo = {}, {"ran": 0, "skipped": 0, "stopped": 0}, []
   bar = _bar(len(runs), suite.name, progress)
   for k, (r, workdir, (status, detail)) in enumerate(zip(runs, workdirs, statuses)):
@@ -277,8 +280,8 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
                         f"{','.join(str(r['seed']) for r, _, _ in group)}")
     try:
       results = _run_group(group, cache)
-    except _guards() as e:  # this method's runs stop the same way; the suite's others go on
-      _record_stopped(group, e)
+    except guard_errors() as e:  # this method's runs stop the same way; the suite's others go on
+      record_stopped(group, e)
       for r, _, _ in group:
         _say(f"{suite.name}: {r['name']} seed {r['seed']} STOPPED: {str(e)[:300]}")
       counts["stopped"] += len(group)
@@ -314,15 +317,17 @@ def groups(todo: list, size: int) -> list[list]:
   return out
 
 
-def _guards():
+def guard_errors():
+  """The trainer's guard errors: a run stopped by one is recorded (:func:`record_stopped`) and
+  the sweep goes on."""
   from lpa_jax.train.guards import NothingPerturbed, PerturbationTooStrong
   return NothingPerturbed, PerturbationTooStrong
 
 
-def _record_stopped(group: list, error: Exception) -> None:
+def record_stopped(group: list, error: Exception) -> None:
   """``stopped.json`` (the guard's message, the code version) in each work dir of ``group``;
   its checkpoints stay, so a changed ceiling can resume it."""
-  from lpa_jax.train.loop import code_version
+  from lpa_jax.train.results import code_version
   from lpa_jax.train.workdir import write_json_atomic
   for _, workdir, _ in group:
     write_json_atomic(os.path.join(workdir, STOPPED_FILE),

@@ -12,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from lpa_jax.perturb import (Batch, chain, cut_linen, identity_logits, ldam, logit_adjust, lpa,
-                             lpg, lpg_logits, lpl, perturbed_apply, pgd_loss_of)
+from lpa_jax.perturb import (Batch, chain, clip, cut_linen, gaf, grad_noise, identity_logits, ldam,
+                             logit_adjust, lpa, lpg, lpg_logits, lpl, perturbed_apply,
+                             pgd_loss_of, sam)
 from lpa_jax.perturb.base import Context
 from lpa_jax.perturb.logit import drw_start
 
@@ -140,9 +141,10 @@ def test_chain_refuses_clashing_aux_and_gradient_methods():
   twice = chain(_lpl(), lpl(C, split="all_positive", alpha=0.1))
   with pytest.raises(ValueError, match="methods 0 and 1 both report aux 'lpl_delta_norm_C'"):
     _run(twice)
-  with pytest.raises(TypeError, match=r"argument 1 is a GradientMethod.*lpg\(\.\.\.\)\.logit"):
-    chain(_la(), lpg(C))
-  np.testing.assert_array_equal(_run(chain(_la(), lpg(C).logit))[0], _run(_la())[0])
+  with pytest.raises(TypeError, match=r"argument 1 is a .*not a LogitMethod: gradient "
+                                      r"transforms go into the optimiser"):
+    chain(_la(), gaf())
+  np.testing.assert_array_equal(_run(chain(_la(), lpg(C)))[0], _run(_la())[0])
 
 
 def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
@@ -246,3 +248,45 @@ def test_hyper_parameters_are_keyword_only_and_ldam_schedules_agree():
     for a, b in zip(_run(by_epochs, step=step), _run(by_step, step=step)):
       np.testing.assert_array_equal(jax.tree.leaves(a), jax.tree.leaves(b))
   assert float(_run(ldam(COUNTS, normalized_head=True, drw=False), step=10**6)[2]["drw_on"]) == 0
+
+
+def test_every_gradient_method_goes_into_a_users_own_optimiser():
+  """GAF, clipping, noise and SAM are optax transforms chained (or, SAM, wrapped) into the
+  user's optimiser from the public names alone; LPG is a logit method.  Each changes the
+  update plain SGD would make, and GAF after the momentum trace acts on its output."""
+  model = nn.Dense(C)
+  x = jax.random.normal(jax.random.key(0), (B, 6))
+  y = jnp.arange(B) % C
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def loss(p, logit=None):
+    z = model.apply({"params": p}, x)
+    if logit is not None:
+      z, _, _ = logit.apply(logit.init(), z, Batch(x, y, jax.nn.one_hot(y, C)), 0)
+    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+  def update(tx, logit=None):
+    g = jax.grad(loss)(params, logit)
+    extra = {"grad_fn": lambda p, _: jax.grad(loss)(p, logit)} if tx is not None else {}
+    tx = tx or optax.sgd(0.1, momentum=0.9)
+    u, _ = tx.update(g, tx.init(params), params, **extra)
+    return np.concatenate([np.ravel(v) for v in jax.tree.leaves(u)])
+
+  plain = update(optax.sgd(0.1, momentum=0.9))
+  txs = {"clip": optax.chain(clip(1e-3), optax.sgd(0.1, momentum=0.9)),
+         "noise": optax.chain(grad_noise(0.01, 0.55, seed=3), optax.sgd(0.1, momentum=0.9)),
+         "gaf raw": optax.chain(gaf(0.1, 20.0), optax.sgd(0.1, momentum=0.9)),
+         "gaf momentum": optax.chain(optax.trace(0.9), gaf(0.1, 20.0), optax.sgd(0.1)),
+         "sam": sam(optax.sgd(0.1, momentum=0.9), rho=0.05)}
+  for name, tx in txs.items():
+    assert np.abs(update(tx) - plain).max() > 1e-6, name
+  g = jax.grad(loss)(params)
+  expect = -0.1 * 0.1 * np.arctan(20.0 * np.concatenate([np.ravel(v) for v in
+                                                           jax.tree.leaves(g)]))
+  np.testing.assert_allclose(update(txs["gaf momentum"]), expect, rtol=1e-5, atol=1e-8)
+  lpg_up = update(None, lpg(C, split="signs", signs=(1, -1, 1, -1), eps=0.5, varied=False))
+  assert np.abs(lpg_up - plain).max() > 1e-6
+  for bad in (lambda: gaf(alpha=0.0), lambda: sam(optax.sgd(0.1), rho=0.0),
+              lambda: clip(-1.0), lambda: grad_noise(float("nan"))):
+    with pytest.raises(ValueError):
+      bad()

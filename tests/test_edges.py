@@ -78,7 +78,7 @@ def test_the_library_train_step_reports_bad_labels_and_its_loop_check_stops(fmni
   host = jax.device_get(metrics)
   assert float(host["invalid_labels"]) == 1
   with pytest.raises(ValueError, match=r"step 0 has 1 label\(s\) outside \[0, num_classes\)"):
-    loop._check_finite(host, 0)
+    loop.check_step(host, 0)
 
 
 # ---------------------------------------------------------- loss change under a custom loss

@@ -14,7 +14,7 @@ from lpa_jax.models import get_model
 from experiments.configs import methods as defaults
 from lpa_jax.perturb import activation, gradient, logit, registry
 from lpa_jax.perturb.classes import ClassStats
-from lpa_jax.perturb.base import Batch, Context, chain, identity, identity_logits
+from lpa_jax.perturb.base import Batch, Context, LogitMethod, chain, identity, identity_logits
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
@@ -242,9 +242,9 @@ def test_gaf_bound_and_slope(form):
   assert float(jnp.abs(f(g)).max()) <= bound * (1 + 1e-6)
   if form == "atan":
     assert float(f(1e6)) == pytest.approx(bound, rel=1e-5)
-  tx = gradient.gaf(form=form, where="momentum")
-  assert tx.pre is None and tx.post is not None
-  up, _ = tx.post.update({"w": g}, tx.post.init(None))
+  tx = gradient.gaf(form=form)                     # a plain optax transform
+  assert isinstance(tx, optax.GradientTransformation)
+  up, _ = tx.update({"w": g}, tx.init(None))
   np.testing.assert_allclose(up["w"], f(g))
 
 
@@ -253,8 +253,8 @@ def test_sam_step_matches_a_two_pass_reference():
   x = jax.random.normal(jax.random.key(7), (8, 6, 6, 1))
   model = get_model("mlp", 4, widths=(16, 8))
   lr, rho = 0.1, 0.05
-  tx = gradient.sam(rho).wrap(optax.sgd(lr))
-  cfg = StepConfig(10, 4, loss_grad_fn=True)
+  tx = gradient.sam(optax.sgd(lr), rho)
+  cfg = StepConfig(10, 4)
   step = jax.jit(make_train_step(at(ctx, "logits", identity()), identity_logits(), tx, cfg))
   params = v["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), (), (),
@@ -272,14 +272,14 @@ def test_sam_step_matches_a_two_pass_reference():
 
 def test_optax_gradient_methods_act_where_they_should():
   g = {"w": jnp.full((4,), 3.0)}
-  clip = gradient.clip(1.0).pre
+  clip = gradient.clip(1.0)
   np.testing.assert_allclose(optax.tree.norm(clip.update(g, clip.init(g))[0]), 1.0, rtol=1e-6)
-  noise = gradient.grad_noise(0.01, 0.55).pre
+  noise = gradient.grad_noise(0.01, 0.55)
   out, _ = noise.update(g, noise.init(g))
   assert 0 < float(jnp.abs(out["w"] - 3.0).max()) < 1.0
   gm = registry.make_gradient(mlc.ConfigDict(dict(gradient="lpg", lpg=defaults.gradient_blocks()[
       "lpg"])), setup()[0])
-  assert gm.logit is not None and gm.pre is None and not gm.needs_grad_fn
+  assert isinstance(gm.logit, LogitMethod) and gm.pre is None and gm.wrap is None
 
 
 # --------------------------------------------------------------------------------- composition

@@ -67,3 +67,26 @@ def test_compare_reports_identical_and_different_runs(tmp_path):
     _np.savez(tmp_path / root / "runs" / "ce" / "seed0" / "predictions.npz",
               test_pred=_np.array(preds))
   assert compare.compare(str(tmp_path / "a"), str(tmp_path / "b"))[0][3] is False
+
+
+def test_paired_and_strength_blocks_equal_the_suite_report(tmp_path):
+  doc = tmp_path / "doc.md"
+  doc.write_text("".join(f"<!-- BEGIN {k}:fmnist_lt_main -->\nSTALE-BODY\n<!-- END "
+                         f"{k}:fmnist_lt_main -->\n" for k in ("paired", "strength")))
+  assert fill.fill(str(doc)) == 2
+  body, report = doc.read_text(), open(fill.RESULTS + "/fmnist_lt_main/report.md").read()
+  assert "STALE-BODY" not in body and "| LPA | CE |" in body
+  for _, _, table, _ in fill.BLOCK.findall(body):
+    assert table.strip() and table.strip() in report
+
+
+def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
+  # Every number in a generated block comes from the records: refilling changes nothing.
+  import os
+  import shutil
+  for rel in ("README.md", "experiments/results/README.md"):
+    copy = tmp_path / os.path.basename(rel)
+    shutil.copy(os.path.join(fill.ROOT, rel), copy)
+    before = copy.read_text()
+    fill.fill(str(copy))
+    assert copy.read_text() == before, f"{rel} is stale: python -m experiments.fill {rel}"

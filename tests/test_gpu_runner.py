@@ -78,7 +78,7 @@ def test_a_file_for_another_data_config_is_refused(tmp_path):
 
 def test_deadline_stops_the_loop_like_ctrl_c():
   from lpa_jax.train import loop
-  with loop._StopFlag() as stop, runner.Deadline(0.2):
+  with loop.StopFlag() as stop, runner.Deadline(0.2):
     t0 = time.time()
     while not stop.set and time.time() - t0 < 10:
       time.sleep(0.01)

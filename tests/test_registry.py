@@ -148,6 +148,7 @@ def test_gaf_doubles_small_gradients_and_the_unit_slope_control_does_not():
     gm = registry.make_gradient(_pc(gradient="gaf", gaf=mlc.ConfigDict(dict(
         alpha=0.1, beta=20.0, form="atan", where="raw", unit_slope=unit))), _ctx())
     out = np.asarray(gm.pre.update(g, gm.pre.init(g))[0]["w"])
+    assert gm.post is None
     np.testing.assert_allclose(out[:2] / np.asarray(g["w"][:2]), slope, rtol=1e-3)
     assert out[2] < 0.1 * np.pi / 2 / (1.0 if not unit else 2.0) + 1e-6  # large ones compressed
   assert gradient.gaf_lr_factor(0.1, 20.0) == 2.0

@@ -6,11 +6,11 @@
 
 For each compute dtype (``model.kwargs.dtype``) and each K, the K runs (seeds ``0..K-1``) of the
 config (default ``experiments/configs/longtail.py:paper_cifar10``) are built by
-:func:`lpa_jax.train.parallel.build_parallel` and driven by the parallel loop's own epoch
-function, so what is timed is what training runs: batch gathering and augmentation on device,
-the vmapped step, the host reading each step's metrics.  Then each run is evaluated as the loop
-evaluates it at an epoch's end.  The first step and the first evaluation compile; they are
-timed apart (``warmup_s``) and left out.
+:func:`lpa_jax.train.parallel.build_parallel` and driven by the loop's own epoch function
+(:func:`lpa_jax.train.loop.run_epoch`), so what is timed is what training runs: batch
+gathering and augmentation on device, the vmapped step, the host reading each step's
+metrics.  Then each run is evaluated as the loop evaluates it at an epoch's end.  The first
+step and the first evaluation compile; they are timed apart (``warmup_s``) and left out.
 
 A run is the config's whole protocol, extrapolated from the measured times::
 
@@ -39,7 +39,7 @@ import jax
 
 from experiments.bench import report
 from lpa_jax import data as lpa_data
-from lpa_jax.train import parallel
+from lpa_jax.train import loop, parallel
 from lpa_jax.train.build import steps_per_epoch
 from lpa_jax.train.evaluate import evaluate_task
 from lpa_jax.train.history import MetricLog
@@ -83,8 +83,8 @@ def _steps(prun, state_K, epoch: int, first: int, stop_at: int, k: int):
   """``(state_K, steps_done, seconds)``: the parallel loop's own epoch function, timed."""
   logs, names = [MetricLog() for _ in range(k)], [f"run{i}" for i in range(k)]
   t0 = time.perf_counter()
-  state_K, done = parallel._epoch(prun, state_K, epoch, first, stop_at, logs,
-                                  parallel._NoBar(), _Go(), names)
+  state_K, done = loop.run_epoch(prun, state_K, epoch, first, stop_at, logs, loop.NoBar(),
+                                 _Go(), names)
   jax.block_until_ready(state_K)
   return state_K, done - first, time.perf_counter() - t0
 
@@ -93,7 +93,7 @@ def _evaluate(prun, state_K, data, runs) -> float:
   """Seconds to evaluate ``runs`` of the K runs as the loop does at an epoch's end."""
   t0 = time.perf_counter()
   for k in runs:
-    evaluate_task(prun.run.predict, parallel.unstack_state(state_K, k), data, full=False)
+    evaluate_task(prun.run.predict, prun.state_of(state_K, k), data, full=False)
   return time.perf_counter() - t0
 
 
@@ -103,7 +103,7 @@ def time_group(configs, data, eval_data, mesh, steps: int | None) -> dict:
   k = len(configs)
   t0 = time.perf_counter()
   prun = parallel.build_parallel(configs, data, mesh)
-  state_K = parallel.stack_states(prun.init_states, mesh)
+  state_K = prun.stack(prun.init_states)
   setup_s = time.perf_counter() - t0
   spe = prun.run.steps_per_epoch
   state_K, _, first_s = _steps(prun, state_K, 0, 0, 1, k)  # compiles the step and the gather

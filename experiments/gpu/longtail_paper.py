@@ -211,10 +211,10 @@ def train(args) -> int:
   check_data(read_header(args.data), runs[0]["config"])
   statuses = [sweep.run_status(os.path.join(args.root, "runs", r["slug"], f"seed{r['seed']}"),
                                r["config"]) for r in runs]
-  sweep._check_stale(runs, statuses, args.root, "refuse")  # noqa: SLF001
+  sweep.check_stale(runs, statuses, args.root, "refuse")
   todo = [r for r, (status, _) in zip(runs, statuses) if status not in ("finished", "stopped")]
   os.makedirs(args.root, exist_ok=True)
-  sweep._write_meta(paper_suite(args.methods, args.seeds), runs, args.root)  # noqa: SLF001
+  sweep.write_meta(paper_suite(args.methods, args.seeds), runs, args.root)
   print(f"longtail_paper: {jax.device_count()} device(s) {jax.devices()}; "
         f"{len(runs) - len(todo)} of {len(runs)} runs finished", flush=True)
   data = load_portable(args.data)
@@ -228,9 +228,9 @@ def train(args) -> int:
         t0 = time.time()
         try:
           done = _train_group(group, args.root, data, args.max_steps)
-        except sweep._guards() as e:  # noqa: SLF001  this method stops; the others go on
+        except sweep.guard_errors() as e:  # this method stops; the others go on
           dirs = [os.path.join(args.root, "runs", r["slug"], f"seed{r['seed']}") for r in group]
-          sweep._record_stopped([(r, d, None) for r, d in zip(group, dirs)], e)  # noqa: SLF001
+          sweep.record_stopped([(r, d, None) for r, d in zip(group, dirs)], e)
           print(f"{group[0]['name']} seeds {[r['seed'] for r in group]}: STOPPED "
                 f"({time.time() - t0:.0f} s): {str(e)[:400]}", flush=True)
           continue

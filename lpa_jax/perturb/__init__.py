@@ -9,21 +9,24 @@ pure functions inside any training loop:
 >>> cut = cut_linen(model, "layer3", input_shape=(32, 32, 3))
 >>> out = perturbed_apply(method, cut, method.init(), variables, x, y, rng)
 
-Logit methods (:func:`lpl`, :func:`logit_adjust`, :func:`ldam`, LPG's :func:`lpg_logits`)
+Logit methods (:func:`lpl`, :func:`logit_adjust`, :func:`ldam`, LPG's :func:`lpg`)
 rewrite the training logits (or their gradient) and compose in order with :func:`chain`:
 
 >>> logit = chain(logit_adjust(counts, tau=1.0),
 ...               lpl(10, split="longtail", class_counts=counts, alpha=0.15),
-...               lpg_logits(10, split="longtail", class_counts=counts, eps=0.1))
+...               lpg(10, split="longtail", class_counts=counts, eps=0.1))
 >>> z, w_B, aux = logit.apply(logit.init(), z, Batch(x, y, targets), step)
 
-gradient methods (:func:`lpg`, :func:`gaf`, :func:`sam`, :func:`clip`, :func:`grad_noise`)
-act on gradients, mostly through optax.
+Gradient methods are optax transforms chained into your optimiser (:func:`gaf`, :func:`clip`,
+:func:`grad_noise`; :func:`sam` wraps one); LPG (:func:`lpg`) edits the logit gradients, so it
+is a logit method chained last:
+
+>>> tx = optax.chain(clip(1.0), gaf(0.1, 20.0), optax.sgd(0.1, momentum=0.9))
 """
 from lpa_jax.perturb.activation import (adversarial, deep_augmentation, dropout, input_cut,
                                         manifold_mixup, mix, noise)
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, GradientMethod, LogitMethod,
+from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, LogitMethod,
                                   Perturbed, Placed, chain, identity, identity_logits,
                                   pgd_loss_of)
 from lpa_jax.perturb.classes import ClassStats, Split
@@ -36,7 +39,7 @@ from lpa_jax.perturb.lpa import LPA, LPAState, add_delta, lpa
 from lpa_jax.perturb.place import perturbed_apply, place
 
 __all__ = [
-    "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "GradientMethod", "LPA",
+    "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "LPA",
     "LPAState", "LogitMethod", "Perturbed", "Placed", "Split", "add_delta", "adversarial", "chain",
     "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged", "deep_augmentation", "dropout",
     "full_apply", "gaf", "grad_noise", "identity", "identity_logits", "input_cut", "ldam",

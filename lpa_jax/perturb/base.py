@@ -10,8 +10,9 @@ through pure functions:
   lower/upper split (:func:`lpa_jax.perturb.place.perturbed_apply` does it for a ``Cut``);
 * a :class:`LogitMethod` rewrites the training logits (and per-example loss weights), and may
   rewrite evaluation logits (post-hoc logit adjustment);
-* a :class:`GradientMethod` bundles ``optax.GradientTransformation`` s placed around the
-  optimiser (and, for LPG, a :class:`LogitMethod` whose custom backward edits logit gradients).
+* gradient methods are plain ``optax.GradientTransformation`` s
+  (:mod:`lpa_jax.perturb.gradient`), chained into the optimiser; LPG, which edits the logit
+  gradients with a ``custom_vjp``, is a :class:`LogitMethod`.
 
 ``refresh(state, stats, epoch)`` is called at the epoch boundaries the caller chooses, with
 the epoch's :class:`~lpa_jax.perturb.classes.ClassStats`.
@@ -213,23 +214,6 @@ class LogitMethod(NamedTuple):
   pgd_apply: Callable | None = None
 
 
-class GradientMethod(NamedTuple):
-  """Where a gradient-level method acts; every field is optional.
-
-  Attributes:
-    pre: transform of the raw parameter gradients (clipping, noise, GAF on raw gradients).
-    post: transform of the momentum output (GAF on momentum).
-    needs_grad_fn: the optimiser's ``update`` wants ``grad_fn=`` (SAM in opaque mode).
-    wrap: ``tx -> tx'`` wrapping the whole optimiser (SAM).
-    logit: a :class:`LogitMethod` applied after the logit-level method (LPG's custom backward).
-  """
-  pre: Any = None
-  post: Any = None
-  needs_grad_fn: bool = False
-  wrap: Callable | None = None
-  logit: LogitMethod | None = None
-
-
 def keep_state(state, stats=None, epoch=None):
   return state
 
@@ -251,8 +235,8 @@ def identity_logits() -> LogitMethod:
 def _check_members(methods) -> None:
   for i, m in enumerate(methods):
     if not isinstance(m, LogitMethod):
-      hint = (": chain its logit part, e.g. lpg(...).logit or lpg_logits(...)"
-              if isinstance(m, GradientMethod) else "")
+      hint = (": gradient transforms go into the optimiser, e.g. optax.chain(gaf(), "
+              "optax.sgd(0.1))" if isinstance(m, optax.GradientTransformation) else "")
       raise TypeError(f"chain: argument {i} is a {type(m).__name__}, not a LogitMethod{hint}")
 
 

@@ -1,11 +1,16 @@
 """The gradient-level family (SPEC §3): LPG, GAF, and optax's SAM, clipping and noise.
 
-Each factory returns a :class:`~lpa_jax.perturb.base.GradientMethod`: optax transforms placed
-on the raw gradients (``pre``), on the momentum output (``post``) or around the optimiser
-(``wrap``), and, for LPG, a logit method whose custom backward edits the logit gradients.
+GAF, clipping and gradient noise are plain ``optax.GradientTransformation`` s: chain them into
+your optimiser where they should act — before it on the raw gradients, or after the momentum
+trace on its output::
 
->>> gm = sam(rho=0.05)
->>> tx = gm.wrap(make_optimizer(cfg, schedule, gm.pre, gm.post))
+    tx = optax.chain(clip(1.0), optax.sgd(0.1, momentum=0.9))              # raw gradients
+    tx = optax.chain(optax.trace(0.9), gaf(0.1, 20.0), optax.sgd(0.1))     # momentum output
+
+:func:`sam` wraps a whole optimiser (``optax.contrib.sam``): its ``update`` wants the
+``grad_fn=`` of the loss, which lpa_jax's train step passes to every optimiser that takes extra
+arguments.  LPG edits the per-example *logit* gradients with a ``jax.custom_vjp``, so it is a
+logit method (:func:`lpg`): chain it last among them, ``chain(logit_adjust(counts), lpg(10))``.
 """
 from __future__ import annotations
 
@@ -16,13 +21,12 @@ import jax.numpy as jnp
 import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (GradientMethod, LogitMethod, check_class_counts,
-                                  check_finite_params, check_num_classes)
+from lpa_jax.perturb.base import (LogitMethod, check_class_counts, check_finite_params,
+                                  check_num_classes)
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
 GAF_FORMS = ("atan", "tanh", "log")
-GAF_WHERE = ("raw", "momentum")
 
 
 @jax.custom_vjp
@@ -96,15 +100,15 @@ def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
 
 def lpg(num_classes: int, *, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
         varied: bool = True, class_counts=None, num_head: int | None = None,
-        signs=None) -> GradientMethod:
-  """LPG (SPEC §3, rule ours) as a gradient method: its ``logit`` is :func:`lpg_logits` with
-  the same arguments, whose custom backward the train step chains after the logit methods.
+        signs=None) -> LogitMethod:
+  """LPG (SPEC §3, rule ours): the logit method :func:`lpg_logits` (the same arguments), whose
+  ``custom_vjp`` edits the logit gradients; chain it after the logit methods whose output
+  gradient it edits.
 
-  >>> gm = lpg(10, split="longtail", class_counts=counts, eps=0.1); gm.logit   # a LogitMethod
+  >>> m = chain(logit_adjust(counts), lpg(10, split="longtail", class_counts=counts, eps=0.1))
   """
-  return GradientMethod(logit=lpg_logits(
-      num_classes, split=split, eps=eps, delta_eps=delta_eps, varied=varied,
-      class_counts=class_counts, num_head=num_head, signs=signs))
+  return lpg_logits(num_classes, split=split, eps=eps, delta_eps=delta_eps, varied=varied,
+                    class_counts=class_counts, num_head=num_head, signs=signs)
 
 
 def gaf_fn(alpha: float = 0.1, beta: float = 20.0, form: str = "atan"):
@@ -127,10 +131,12 @@ def gradient_activation(alpha: float = 0.1, beta: float = 20.0,
   return optax.stateless(lambda updates, params=None: jax.tree.map(fn, updates))
 
 
-def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan", where: str = "raw",
-        unit_slope: bool = False) -> GradientMethod:
-  """GAF on the raw gradients (``where='raw'``) or on the momentum output (``'momentum'``).
+def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan",
+        unit_slope: bool = False) -> optax.GradientTransformation:
+  """GAF (Chen, Jin et al. 2021) as an optax transform: ``g ↦ α·atan(βg)`` element-wise.
 
+  Chain it before the optimiser for the raw gradients, or after the momentum trace for its
+  output (the paper's two places; lpa_jax's config says which with ``perturb.gaf.where``).
   The published ``(α, β) = (0.1, 20)`` has slope ``αβ = 2`` at small gradients: for the
   many small entries GAF is SGD at about **twice the learning rate**, and only large entries
   are compressed.  Two controls separate the two effects: ``unit_slope=True`` divides the
@@ -138,17 +144,13 @@ def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan", where: str =
   compression remains), and plain SGD at ``αβ`` times the learning rate (the
   learning-rate-matched baseline: ``--config.optim.lr`` scaled by ``gaf_lr_factor``).
 
-  >>> gm = gaf(0.1, 20.0, unit_slope=True)   # compression only, no learning-rate change
+  >>> tx = optax.chain(gaf(0.1, 20.0, unit_slope=True), optax.sgd(0.1, momentum=0.9))
   """
   check_finite_params("gaf", alpha=alpha, beta=beta)
-  if where not in GAF_WHERE:
-    raise ValueError(f"gaf.where must be one of {GAF_WHERE}, got {where!r}")
   if alpha <= 0 or beta <= 0:
     raise ValueError(f"gaf needs alpha > 0 and beta > 0, got {alpha}, {beta}")
   tx = gradient_activation(alpha, beta, form)
-  if unit_slope:
-    tx = optax.chain(tx, optax.scale(1.0 / gaf_lr_factor(alpha, beta)))
-  return GradientMethod(pre=tx) if where == "raw" else GradientMethod(post=tx)
+  return optax.chain(tx, optax.scale(1.0 / gaf_lr_factor(alpha, beta))) if unit_slope else tx
 
 
 def gaf_lr_factor(alpha: float = 0.1, beta: float = 20.0) -> float:
@@ -168,18 +170,32 @@ def sam_wrapper(rho: float = 0.05):
   return functools.partial(optax.contrib.sam, adv_optimizer=adv, sync_period=2, opaque_mode=True)
 
 
-def sam(rho: float = 0.05) -> GradientMethod:
-  """SAM (Foret et al. 2021) wrapping the whole SGD optimiser; the step passes ``grad_fn``."""
+def sam(optimizer: optax.GradientTransformation, rho: float = 0.05
+        ) -> optax.GradientTransformationExtraArgs:
+  """SAM (Foret et al. 2021) around ``optimizer``: ``update(grads, state, params, grad_fn=)``
+  takes one ascent step ``w + ρ g/‖g‖`` and applies ``optimizer`` to the gradient there
+  (``grad_fn(params, i) -> grads`` of the loss; lpa_jax's train step passes it).
+
+  >>> tx = sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+  >>> updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+  """
+  check_finite_params("sam", rho=rho)
   if rho <= 0:
     raise ValueError(f"sam.rho must be > 0, got {rho}")
-  return GradientMethod(needs_grad_fn=True, wrap=sam_wrapper(rho))
+  return sam_wrapper(rho)(optimizer)
 
 
-def clip(max_norm: float = 1.0) -> GradientMethod:
-  """Global-norm clipping of the raw gradients (``max_norm`` 1.0 is ours)."""
-  return GradientMethod(pre=optax.clip_by_global_norm(max_norm))
+def clip(max_norm: float = 1.0) -> optax.GradientTransformation:
+  """Global-norm clipping (``optax.clip_by_global_norm``; ``max_norm`` 1.0 is ours)."""
+  check_finite_params("clip", max_norm=max_norm)
+  if max_norm <= 0:
+    raise ValueError(f"clip.max_norm must be > 0, got {max_norm}")
+  return optax.clip_by_global_norm(max_norm)
 
 
-def grad_noise(eta: float = 0.01, gamma: float = 0.55, seed: int = 0) -> GradientMethod:
-  """Annealed Gaussian gradient noise (Neelakantan et al.): variance ``η/(1+t)^γ``."""
-  return GradientMethod(pre=optax.add_noise(eta, gamma, key=seed))
+def grad_noise(eta: float = 0.01, gamma: float = 0.55,
+               seed: int = 0) -> optax.GradientTransformation:
+  """Annealed Gaussian gradient noise (Neelakantan et al.; ``optax.add_noise``): variance
+  ``η/(1+t)^γ``."""
+  check_finite_params("grad_noise", eta=eta, gamma=gamma)
+  return optax.add_noise(eta, gamma, key=seed)

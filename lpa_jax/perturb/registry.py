@@ -8,15 +8,16 @@ it as hyper-parameters.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
+import optax
 
 from lpa_jax.models.staged import stage_level
 from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (Context, GradientMethod, LogitMethod, Placed, chain,
-                                  check_finite_params, identity, identity_logits)
+from lpa_jax.perturb.base import (Context, LogitMethod, Placed, chain, check_finite_params,
+                                  identity, identity_logits)
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
 
@@ -161,17 +162,41 @@ LOGIT: dict[str, Callable[..., LogitMethod]] = {
         drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize,
         normalized_head=ctx.head == "cosine"),
 }
-# Gradient methods return a GradientMethod: ``pre`` acts on raw gradients, ``post`` on the
-# momentum output, ``wrap(tx)`` wraps the whole optimiser (SAM), ``logit`` edits logit gradients.
-GRADIENT: dict[str, Callable[..., GradientMethod]] = {
-    "none": lambda cfg, ctx: GradientMethod(),
-    "lpg": _class_level(gradient.lpg, "eps", "delta_eps", "varied"),
-    "gaf": lambda cfg, ctx: gradient.gaf(cfg.alpha, cfg.beta, cfg.form, cfg.where,
-                                         unit_slope=cfg.get("unit_slope", False)),
-    "sam": _fields(gradient.sam, "rho"),
-    "clip": _fields(gradient.clip, "max_norm"),
-    "grad_noise": lambda cfg, ctx: gradient.grad_noise(cfg.eta, cfg.gamma,
-                                                       seed=_run_seed(ctx.seed, cfg.seed)),
+class GradientPlacement(NamedTuple):
+  """Where a run's config puts its gradient-level method (the methods themselves are optax
+  transforms, or LPG's logit method): ``pre`` on the raw gradients, before the optimiser;
+  ``post`` on the momentum output; ``wrap(tx)`` around the whole optimiser (SAM); ``logit``
+  after the logit methods (LPG's custom backward)."""
+  pre: optax.GradientTransformation | None = None
+  post: optax.GradientTransformation | None = None
+  wrap: Callable | None = None
+  logit: LogitMethod | None = None
+
+
+GAF_WHERE = ("raw", "momentum")
+
+
+def _gaf(cfg, ctx: Context) -> GradientPlacement:
+  if cfg.where not in GAF_WHERE:
+    raise ValueError(f"gaf.where must be one of {GAF_WHERE}, got {cfg.where!r}")
+  tx = gradient.gaf(cfg.alpha, cfg.beta, cfg.form, unit_slope=cfg.get("unit_slope", False))
+  return GradientPlacement(pre=tx) if cfg.where == "raw" else GradientPlacement(post=tx)
+
+
+def _sam(cfg, ctx: Context) -> GradientPlacement:
+  gradient.sam(optax.identity(), cfg.rho)  # checks rho now, not when the optimiser is built
+  return GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho))
+
+
+GRADIENT: dict[str, Callable[..., GradientPlacement]] = {
+    "none": lambda cfg, ctx: GradientPlacement(),
+    "lpg": lambda cfg, ctx: GradientPlacement(
+        logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)),
+    "gaf": _gaf,
+    "sam": _sam,
+    "clip": lambda cfg, ctx: GradientPlacement(pre=gradient.clip(cfg.max_norm)),
+    "grad_noise": lambda cfg, ctx: GradientPlacement(pre=gradient.grad_noise(
+        cfg.eta, cfg.gamma, seed=_run_seed(ctx.seed, cfg.seed))),
 }
 
 
@@ -267,6 +292,6 @@ def make_logit(pcfg, ctx: Context) -> LogitMethod:
                  for name in logit_names(pcfg.logit)))
 
 
-def make_gradient(pcfg, ctx: Context) -> GradientMethod:
+def make_gradient(pcfg, ctx: Context) -> GradientPlacement:
   name = pcfg.gradient
   return _lookup(GRADIENT, "gradient", name)(_block(pcfg, name), ctx)

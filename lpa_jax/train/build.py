@@ -34,7 +34,7 @@ class Methods(NamedTuple):
   """The run's perturbation methods, one per level (see :mod:`lpa_jax.perturb.registry`)."""
   act: object       # the activation method, placed in the network (perturb.place.Placed)
   logit: object     # LogitMethod (LPG's logit hook already chained in)
-  grad: object      # GradientMethod
+  grad: object      # registry.GradientPlacement (optax transforms and where they go)
 
 
 class Run(NamedTuple):
@@ -197,7 +197,7 @@ def _parts(config, data, mesh):
   model, cut_fn = build_model(config, data.num_classes)
   methods = build_methods(config, data, cut_fn, model.points, spe)
   schedule, tx = build_optimizer(config, spe, methods.grad)
-  step_cfg = StepConfig(spe, data.num_classes, methods.grad.needs_grad_fn)
+  step_cfg = StepConfig(spe, data.num_classes)
   step = jit_train_step(make_train_step(methods.act, methods.logit, tx, step_cfg), mesh)
   state = init_state(config, model, data.x_train.shape[1:], tx, methods, data.num_classes, mesh)
   return spe, model, cut_fn, methods, schedule, step_cfg, step, state

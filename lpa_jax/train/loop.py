@@ -9,6 +9,10 @@ each checkpoint keeps a copy of the history, which restores a damaged ``metrics.
 Ctrl-C stops at a step boundary with a checkpoint.  The loop dispatches step ``t`` before
 reading step ``t-1``'s metrics, so the device never waits on the host.  Everything it drives is
 built by :mod:`lpa_jax.train.build`.
+
+One loop trains a :class:`Group`: one run (:func:`single`) or K seeds of a config as one
+vmapped program (:func:`lpa_jax.train.parallel.build_parallel`), each run with its own work
+dir, metrics, checkpoints and ``results.json``.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import signal
 import threading
 import time
 import warnings
+from typing import Callable, NamedTuple
 
 import jax
+import numpy as np
 
 from lpa_jax import data as lpa_data
 from lpa_jax.perturb.diagnostics import CAUSES, check_finite
@@ -29,11 +35,13 @@ from lpa_jax.train import checkpoint, distributed, lock
 from lpa_jax.train.build import Run, build_run
 from lpa_jax.train.evaluate import evaluate_task
 from lpa_jax.train.guards import (PerturbationTooStrong, check_perturbing, check_strength,
-                                  signed_loss_change, strength_summary)
+                                  signed_loss_change)
+from lpa_jax.train.results import code_version  # noqa: F401  (re-exported: older imports)
+from lpa_jax.train.results import final_results, strength_limits, train_option
 from lpa_jax.train.history import (MetricLog, append_row, best_of, resume_history, to_json_rows,
                                    update_best)
 from lpa_jax.train.step import make_mesh
-from lpa_jax.train.workdir import claim, config_dict, finite_json, write_json_atomic
+from lpa_jax.train.workdir import claim, finite_json, write_json_atomic
 
 try:  # optional: progress bars
   from tqdm.auto import tqdm
@@ -41,11 +49,40 @@ except ImportError:  # pragma: no cover - GPU machines may lack tqdm
   tqdm = None
 
 
-def _check_finite(metrics: dict, step: int, perturbation=("none", None)):
+class Group(NamedTuple):
+  """What the loop drives: K runs of one config trained as one program (K = 1: a single run,
+  its own un-vmapped step), each with its own work dir, log, history and checkpoints.
+
+  :func:`single` makes the K = 1 group of a :class:`~lpa_jax.train.build.Run`;
+  :func:`lpa_jax.train.parallel.build_parallel` the K-run one, whose state and metrics carry a
+  leading run axis.
+  """
+  run: Run                # run 0's pieces: predict, schedule, steps per epoch, mesh, data
+  train_step: Callable    # jitted (state, batch) -> (state, metrics)
+  init_states: tuple      # each run's own step-0 TrainState (its own seed)
+  batch_fn: Callable      # (state, epoch, i, perm) -> batch
+  epoch_perm: Callable    # epoch -> the group's permutation of the training set
+  stack: Callable         # [each run's state] -> the group's state
+  state_of: Callable      # (group state, k) -> run k's state, as a separate run has it
+  metrics_of: Callable    # (host metrics, k) -> run k's metrics
+
+  @property
+  def size(self) -> int:
+    return len(self.init_states)
+
+
+def single(run: Run) -> Group:
+  """The one-run group of ``run``: its own step, state and metrics, no run axis."""
+  return Group(run, run.train_step, (run.init_state,), run.batch_fn, run.epoch_perm,
+               stack=lambda states: states[0], state_of=lambda state, k: state,
+               metrics_of=lambda metrics, k: metrics)
+
+
+def check_step(metrics: dict, step: int, perturbation=("none", None)):
   """Stops on a non-finite loss, then on a non-finite class statistic, radius, δ or diagnostic
   under a finite loss (naming the method, point and classes): that one would otherwise pass
   silently, e.g. a NaN radius turning δ off.  A non-finite class statistic or radius is
-  reported first: it is the cause of what follows."""
+  reported first: it is the cause of what follows.  ``metrics`` are one step's, on the host."""
   check_finite(metrics, step, method=perturbation[0], point=perturbation[1], names=CAUSES)
   loss = float(metrics["loss"])
   if not math.isfinite(loss):
@@ -64,9 +101,10 @@ def _writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
-class _StopFlag:
+class StopFlag:
   """Ctrl-C asks the loop to stop at the next step boundary, where the state and the epoch's
-  metrics agree and can be saved together; a second Ctrl-C stops at once, unsaved."""
+  metrics agree and can be saved together; a second Ctrl-C stops at once, unsaved.  ``set``
+  says whether a stop was asked for."""
 
   def __init__(self):
     self.set, self._previous = False, None
@@ -86,10 +124,17 @@ class _StopFlag:
       signal.signal(signal.SIGINT, self._previous)
 
 
+class NoBar:
+  """A progress bar that shows nothing (no tqdm, or a caller that times the loop)."""
+
+  def __getattr__(self, _):
+    return lambda *a, **k: None
+
+
 def run_steps(train_step, batch_fn, perm, spe: int, state, epoch: int, first: int,
-              stop_at: int, log_fn, bar, stop: _StopFlag):
+              stop_at: int, log_fn, bar, stop: StopFlag):
   """Steps ``first..`` of ``epoch`` (up to ``stop_at`` or a Ctrl-C); returns
-  ``(state, steps_done)``.  Shared by the single-run and the K-parallel loop.
+  ``(state, steps_done)``.
 
   Step ``t`` is dispatched before step ``t-1``'s metrics are read (``log_fn(step, metrics)``),
   so the host never stalls the device; every finished step is logged on return.
@@ -110,19 +155,28 @@ def run_steps(train_step, batch_fn, perm, spe: int, state, epoch: int, first: in
   return state, i
 
 
-def _epoch(run: Run, state, epoch: int, first: int, stop_at: int, log: MetricLog, bar,
-           stop: _StopFlag):
-  """:func:`run_steps` for one run, logging into ``log``."""
-  return run_steps(run.train_step, run.batch_fn, run.epoch_perm(epoch), run.steps_per_epoch,
-                   state, epoch, first, stop_at,
-                   lambda step, m: _log_step(log, bar, step, m, run.perturbation), bar, stop)
+def _named(workdirs, k: int, e: Exception):
+  """``e`` with run ``k``'s work dir in front when several runs share the loop (the others
+  keep their last checkpoints)."""
+  return e if len(workdirs) == 1 else type(e)(f"{workdirs[k]}: {e}")
 
 
-def _log_step(log: MetricLog, bar, step: int, metrics, perturbation=("none", None)):
-  host = jax.device_get(metrics)
-  _check_finite(host, step, perturbation)
-  log.add(host)
-  bar.set_postfix(loss=f"{float(host['loss']):.3f}", refresh=False)
+def run_epoch(group: Group, state, epoch: int, first: int, stop_at: int, logs, bar,
+              stop: StopFlag, workdirs):
+  """:func:`run_steps` for every run of ``group``, run ``k`` checked (:func:`check_step`) and
+  logged into ``logs[k]``; returns ``(state, steps_done)``."""
+  def log_fn(step, metrics):
+    host = jax.device_get(metrics)
+    for k, log in enumerate(logs):
+      host_k = group.metrics_of(host, k)
+      try:
+        check_step(host_k, step, group.run.perturbation)
+      except FloatingPointError as e:
+        raise _named(workdirs, k, e) from None
+      log.add(host_k)
+    bar.set_postfix(loss=f"{float(np.mean(host['loss'])):.3f}", refresh=False)
+  return run_steps(group.train_step, group.batch_fn, group.epoch_perm(epoch),
+                   group.run.steps_per_epoch, state, epoch, first, stop_at, log_fn, bar, stop)
 
 
 def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
@@ -140,7 +194,7 @@ def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
   try:
     check_strength(row, epoch + 1, run.perturbation, ceiling)
   except PerturbationTooStrong as e:
-    if _train_get(config, "max_loss_change_action", "warn") == "stop":
+    if train_option(config, "max_loss_change_action", "warn") == "stop":
       raise
     if not getattr(log, "warned_ceiling", False):  # once per run and invocation;
       log.warned_ceiling = True                     # results.json counts the epochs above it
@@ -150,32 +204,20 @@ def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
   return row, update_best(best, row)
 
 
-def _train_get(config, key, default):
-  train = config.get("train", {}) if hasattr(config, "get") else {}
-  return train.get(key, default) if hasattr(train, "get") else default
-
-
-def strength_limits(config) -> tuple[float | None, float | None]:
-  """``(floor, ceiling)`` in nats for the epochs' ``loss_change_signed``: the config's
-  ``train.min_loss_change`` (default 0.05, SPEC §1) and ``train.max_loss_change`` (default
-  1.0); ``None`` (or an infinite ceiling) switches one off."""
-  ceiling = _train_get(config, "max_loss_change", 1.0)
-  return (_train_get(config, "min_loss_change", 0.05),
-          None if ceiling is not None and math.isinf(ceiling) else ceiling)
-
-
-def _save(mgr, state, log: MetricLog, history: list[str], force: bool = False):
-  # The steps of a partly done epoch travel with the checkpoint, so the epoch's row after a
+def _save_all(group: Group, mgrs, state, logs, histories, force: bool = False):
+  # The steps of a partly done epoch travel with each checkpoint, so the epoch's row after a
   # resume averages over all of its steps, not only those after the resume; so do the rows of
   # the finished epochs, the durable copy of metrics.jsonl.
-  checkpoint.save(mgr, state, extra={"epoch_rows": to_json_rows(log.rows),
-                                     "history": list(history)}, force=force)
+  for k, (mgr, log, history) in enumerate(zip(mgrs, logs, histories)):
+    checkpoint.save(mgr, group.state_of(state, k),
+                    extra={"epoch_rows": to_json_rows(log.rows), "history": list(history)},
+                    force=force)
 
 
-def _close(bar, tb, failing: bool):
-  """Closes the progress bar and TensorBoard writer; while another error is propagating, a
+def _close(objs, failing: bool):
+  """Closes progress bars and TensorBoard writers; while another error is propagating, a
   failure here (e.g. the same full disk) must not replace it."""
-  for obj in (bar, tb):
+  for obj in objs:
     try:
       if obj is not None:
         obj.close()
@@ -184,54 +226,67 @@ def _close(bar, tb, failing: bool):
         raise
 
 
-def _train(run: Run, config, state, workdir, mgr, log: MetricLog, history: list[str], best,
-           stop_at, progress):
-  """Runs epochs until ``stop_at``, appending each epoch's row to ``history`` (its lines);
-  returns ``(state, best, finished)``."""
-  spe, n_epochs = run.steps_per_epoch, config.optim.num_epochs
-  start = int(jax.device_get(state.step))
-  history_path = os.path.join(workdir, "metrics.jsonl")
+def _finish_epoch(group: Group, configs, state, epoch, logs, bests, histories, workdirs, tbs):
+  """Each run's epoch row (its own evaluation) into its own ``metrics.jsonl``."""
   main = distributed.is_main()  # under jax.distributed, one process writes the run's files
-  tb = _writer(workdir) if main else None
-  bar = tqdm(total=spe * n_epochs, initial=start,
-             disable=not (progress and main) or tqdm is None,
-             desc=os.path.basename(os.path.normpath(workdir)), dynamic_ncols=True)
+  for k, (config, workdir, tb) in enumerate(zip(configs, workdirs, tbs)):
+    try:
+      row, bests[k] = _epoch_row(group.run, config, group.state_of(state, k), epoch, logs[k],
+                                 bests[k])
+    except FloatingPointError as e:
+      raise _named(workdirs, k, e) from None
+    path = os.path.join(workdir, "metrics.jsonl") if main else None
+    histories[k].append(append_row(path, row))
+    if tb is not None:
+      for name, v in row.items():
+        if isinstance(v, float):
+          tb.add_scalar(name, v, row["step"])
+
+
+def _train(group: Group, configs, state, workdirs, mgrs, logs, histories, bests, stop_at,
+           progress):
+  """Runs epochs until ``stop_at``, appending each run's epoch rows to its history (its
+  lines); returns ``(state, finished)`` (``bests`` updated in place)."""
+  spe, n_epochs = group.run.steps_per_epoch, configs[0].optim.num_epochs
+  start = int(jax.device_get(state.step))
+  main = distributed.is_main()
+  tbs = [_writer(w) if main else None for w in workdirs]
+  desc = (os.path.basename(os.path.normpath(workdirs[0])) if group.size == 1
+          else f"{group.size} runs")
+  bar = (tqdm(total=spe * n_epochs, initial=start, disable=not (progress and main), desc=desc,
+              dynamic_ncols=True) if tqdm is not None else NoBar())
   failing = True
   try:
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
       for epoch in range(start // spe, n_epochs):
         first = start % spe if epoch == start // spe else 0
-        state, done = _epoch(run, state, epoch, first, stop_at, log, bar, stop)
+        state, done = run_epoch(group, state, epoch, first, stop_at, logs, bar, stop, workdirs)
         if done < spe:
-          _save(mgr, state, log, history, force=True)
-          _raise_if_stopped(stop, state, workdir)
+          _save_all(group, mgrs, state, logs, histories, force=True)
+          _raise_if_stopped(stop, state, workdirs)
           failing = False
-          return state, best, False
-        row, best = _epoch_row(run, config, state, epoch, log, best)
-        history.append(append_row(history_path if main else None, row))
-        if tb is not None:
-          for k, v in row.items():
-            if isinstance(v, float):
-              tb.add_scalar(k, v, row["step"])
-        if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-          _save(mgr, state, log, history)
+          return state, False
+        _finish_epoch(group, configs, state, epoch, logs, bests, histories, workdirs, tbs)
+        if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
+          _save_all(group, mgrs, state, logs, histories)
     failing = False
   except KeyboardInterrupt as e:
     if e.args:  # the clean stop's own message
       raise
     raise KeyboardInterrupt(  # a second Ctrl-C: the state may be mid-step, nothing is saved
-        f"Interrupted: {workdir} resumes from its last checkpoint (step "
-        f"{mgr.latest_step() or 0}); rerun the same command to resume.") from None
+        f"Interrupted: {', '.join(workdirs)} resume{'s' if group.size == 1 else ''} from "
+        f"{'its' if group.size == 1 else 'their'} last checkpoint (step "
+        f"{mgrs[0].latest_step() or 0}); rerun the same command to resume.") from None
   finally:
-    _close(bar, tb, failing)
-  return state, best, True
+    _close([bar, *tbs], failing)
+  return state, True
 
 
-def _raise_if_stopped(stop: _StopFlag, state, workdir):
+def _raise_if_stopped(stop: StopFlag, state, workdirs):
   if stop.set:
-    raise KeyboardInterrupt(f"Interrupted: checkpoint saved at step "
-                            f"{int(jax.device_get(state.step))} in {workdir}; rerun the same "
-                            "command to resume.")
+    raise KeyboardInterrupt(f"Interrupted: checkpoint{'s' if len(workdirs) > 1 else ''} saved "
+                            f"at step {int(jax.device_get(state.step))} in "
+                            f"{', '.join(workdirs)}; rerun the same command to resume.")
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
@@ -253,7 +308,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   """
   t0 = time.time()
   data = data if data is not None else lpa_data.load_task_data(config.data)
-  run = build_run(config, data, mesh if mesh is not None else make_mesh())
+  group = single(build_run(config, data, mesh if mesh is not None else make_mesh()))
   main = distributed.is_main()
   # Only now: a config that fails to build leaves no work dir.  Under jax.distributed process 0
   # holds the lock for all of them.
@@ -261,7 +316,9 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     if main:
       claim(workdir, config, fresh)
     distributed.sync("lpa_jax.claim")  # the others restore only once the work dir is checked
-    return _resume_and_train(run, config, data, workdir, progress, max_steps, t0)
+    out = train_resumed(group, [config], [workdir], data, resume_group(group, [workdir]),
+                        progress, max_steps, t0)
+  return None if out is None else out[0]
 
 
 def resume(run: Run, workdir: str):
@@ -278,85 +335,39 @@ def resume(run: Run, workdir: str):
   return mgr, state, log, history
 
 
-def _resume_and_train(run: Run, config, data, workdir, progress, max_steps, t0):
-  mgr, state, log, history = resume(run, workdir)
-  start = int(jax.device_get(state.step))
-  total = run.steps_per_epoch * config.optim.num_epochs
-  stop_at = total if max_steps is None else min(total, start + max_steps)
-  best = best_of(json.loads(x) for x in history)
-  state, best, finished = _train(run, config, state, workdir, mgr, log, history, best, stop_at,
-                                 progress)
+def resume_group(group: Group, workdirs) -> list[tuple]:
+  """:func:`resume` of each run of ``group`` (from its own initial state) in its work dir."""
+  return [resume(group.run._replace(init_state=s), w)
+          for s, w in zip(group.init_states, workdirs)]
+
+
+def train_resumed(group: Group, configs, workdirs, data, resumed, progress: bool,
+                  max_steps: int | None, t0: float) -> list[dict] | None:
+  """Trains the runs of ``group`` on from ``resumed`` (:func:`resume_group`; every run at the
+  same step) and writes each run's ``results.json``; returns the results, or ``None`` when
+  ``max_steps`` stopped this invocation first.  With several runs each ``results.json``
+  records its share of the group's wall time and ``parallel: {runs, group_wall_time_s}``."""
+  mgrs, states, logs, histories = (list(x) for x in zip(*resumed))
+  steps = sorted({int(jax.device_get(s.step)) for s in states})
+  if len(steps) > 1:
+    raise ValueError(f"The runs of a group must resume from one step, got steps {steps}")
+  spe, n_runs = group.run.steps_per_epoch, group.size
+  total = spe * configs[0].optim.num_epochs
+  stop_at = total if max_steps is None else min(total, steps[0] + max_steps)
+  bests = [best_of(json.loads(x) for x in h) for h in histories]
+  state, finished = _train(group, configs, group.stack(states), workdirs, mgrs, logs,
+                           histories, bests, stop_at, progress)
   if not finished:
     return None
-  # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
-  results = finite_json(_results(config, run, data, state, best, workdir, time.time() - t0,
-                                 history))
-  if distributed.is_main():
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-  return results
-
-
-PREDICTIONS_FILE = "predictions.npz"
-
-
-def _results(config, run: Run, data, state, best, workdir, wall, history=()) -> dict:
-  """The final evaluation as ``results.json`` holds it; also writes the per-sample test (and
-  validation) predictions with their labels to ``predictions.npz`` beside it (paired tests
-  between runs, e.g. McNemar's, need them).  ``history`` (the epoch rows' lines) gives the
-  activation method's ``perturbation_strength``; one below the floor is warned about."""
-  preds = {}
-  res = evaluate_task(run.predict, state, data, full=True, predictions=preds)
-  if distributed.is_main():
-    _write_predictions(os.path.join(workdir, PREDICTIONS_FILE), preds, data)
-  if best is not None:
-    res["selected_by_val"] = best
-  strength = strength_summary([json.loads(x) for x in history], *strength_limits(config))
-  if strength is not None:
-    res["perturbation_strength"] = strength
-    if strength["below_floor"]:
-      method, point = run.perturbation
-      warnings.warn(
-          f"{method} at {point!r} moved the loss of the classes it perturbs by only "
-          f"{strength['median_second_half']:.3f} nats (median over the second half of "
-          f"training), below the {strength['floor']:g}-nat floor at which a perturbation "
-          "counts as measurable (SPEC §1): this run is close to plain training. A larger "
-          "radius (perturb.*.eps) perturbs more; results.json records the per-epoch values.",
-          stacklevel=2)
-  res.update({
-      "dataset": data.name, "num_train": int(data.num_train), "num_classes": int(data.num_classes),
-      "class_names": list(data.class_names), "train_class_counts": data.class_counts().tolist(),
-      "steps": int(jax.device_get(state.step)), "config": config_dict(config),
-      "devices": [str(x) for x in run.mesh.devices.flat],
-      "wall_time_s": wall, "workdir": os.path.abspath(workdir), "code": code_version(),
-  })
-  return res
-
-
-def _write_predictions(path: str, preds: dict, data) -> None:
-  import numpy as np
-  arrays = {f"{k}_pred": np.asarray(v, np.int16) for k, v in preds.items()}
-  arrays["test_label"] = np.asarray(data.y_test, np.int16)
-  if "val" in preds:
-    arrays["val_label"] = np.asarray(data.y_val, np.int16)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def code_version() -> dict:
-  """The git commit of the code that ran (``dirty`` when it had uncommitted changes; ``None``
-  outside a git checkout) and ``XLA_FLAGS``: every run records what produced it (on XLA:CPU
-  the thread count changes the floating-point sums, so a rerun matches exactly only under the
-  same flags)."""
-  import subprocess
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                            text=True, timeout=10, check=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                            cwd=here, capture_output=True, text=True, timeout=10,
-                            check=True).stdout
-  except (OSError, subprocess.SubprocessError):
-    commit, status = None, None
-  return {"commit": commit, "dirty": None if status is None else bool(status.strip()),
-          "xla_flags": os.environ.get("XLA_FLAGS")}
+  wall, out = time.time() - t0, []
+  for k, (config, workdir) in enumerate(zip(configs, workdirs)):
+    # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
+    res = final_results(config, group.run, data, group.state_of(state, k), bests[k], workdir,
+                   wall / n_runs, histories[k])
+    if n_runs > 1:
+      res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
+    res = finite_json(res)
+    if distributed.is_main():
+      write_json_atomic(os.path.join(workdir, "results.json"), res)
+    out.append(res)
+  return out

@@ -17,10 +17,9 @@ continues as one program.  Either way every run's result is that of a separate r
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,26 +29,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lpa_jax import data as lpa_data
 from lpa_jax.data.pipeline import dataset_stats, prepare_batch
 from lpa_jax.train import loop
-from lpa_jax.train.build import (Run, build_methods, build_model, build_optimizer, build_run,
+from lpa_jax.train.build import (build_methods, build_model, build_optimizer, build_run,
                                  init_state, make_epoch_perm)
-from lpa_jax.train.history import append_row, best_of
 from lpa_jax.train.lock import hold
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_parallel_train_step, make_mesh, make_train_step,
                                 step_keys)
-from lpa_jax.train.workdir import claim, config_diff, finite_json, write_json_atomic
+from lpa_jax.train.workdir import claim, config_diff
 
 # Fields with a leading run axis in a K-run state; the step is shared.
 _MAPPED = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "step")
-
-
-class ParallelRun(NamedTuple):
-  """What :func:`train_and_evaluate_parallel` drives for K runs of one config."""
-  run: Run                # run 0's pieces: predict, schedule, steps per epoch, mesh, data
-  train_step: Callable    # jitted (state_K, batch_K) -> (state_K, metrics_K)
-  init_states: list       # each run's own step-0 TrainState (its own seed)
-  batch_fn: Callable      # (state_K, epoch, i, perm_KxSxB) -> batch_K
-  epoch_perm: Callable    # epoch -> int32 [K, steps_per_epoch, batch_size]
 
 
 def check_group(configs) -> None:
@@ -107,11 +96,13 @@ def make_parallel_batch_fn(config, data, mesh, spe: int) -> Callable:
   return batch_fn
 
 
-def build_parallel(configs, data, mesh) -> ParallelRun:
-  """The pieces of K runs of one config (differing only by seed) trained as one program.
+def build_parallel(configs, data, mesh) -> loop.Group:
+  """The :class:`~lpa_jax.train.loop.Group` of K runs of one config (differing only by seed)
+  trained as one program: one vmapped step, every state field but the step with a leading
+  run axis (:func:`stack_states`), each run's batches from its own permutation and data key.
 
-  >>> prun = build_parallel([cfg0, cfg1], data, make_mesh())               # doctest: +SKIP
-  >>> state_K = stack_states(prun.init_states, prun.run.mesh)              # doctest: +SKIP
+  >>> group = build_parallel([cfg0, cfg1], data, make_mesh())              # doctest: +SKIP
+  >>> state_K = group.stack(group.init_states)                            # doctest: +SKIP
   """
   check_group(configs)
   run = build_run(configs[0], data, mesh)
@@ -124,101 +115,14 @@ def build_parallel(configs, data, mesh) -> ParallelRun:
     states.append(init_state(c, model, data.x_train.shape[1:], tx, methods, data.num_classes,
                              mesh))
     if step_fn is None:
-      step_cfg = StepConfig(spe, data.num_classes, methods.grad.needs_grad_fn)
-      step_fn = make_train_step(methods.act, methods.logit, tx, step_cfg)
+      step_fn = make_train_step(methods.act, methods.logit, tx, StepConfig(spe, data.num_classes))
   perms = [make_epoch_perm(c, data.num_train) for c in configs]
-  return ParallelRun(run=run, train_step=jit_parallel_train_step(step_fn, mesh),
-                     init_states=states,
-                     batch_fn=make_parallel_batch_fn(configs[0], data, mesh, spe),
-                     epoch_perm=lambda epoch: jnp.stack([p(epoch) for p in perms]))
-
-
-def _log_steps(logs, bar, step: int, metrics_K, run: Run, workdirs) -> None:
-  host = jax.device_get(metrics_K)
-  for k, log in enumerate(logs):
-    host_k = {name: v[k] for name, v in host.items()}
-    try:
-      loop._check_finite(host_k, step, run.perturbation)
-    except FloatingPointError as e:  # the other runs keep their last checkpoints
-      raise FloatingPointError(f"{workdirs[k]}: {e}") from None
-    log.add(host_k)
-  bar.set_postfix(loss=f"{float(np.mean(host['loss'])):.3f}", refresh=False)
-
-
-def _epoch(prun: ParallelRun, state_K, epoch: int, first: int, stop_at: int, logs, bar, stop,
-           workdirs):
-  """:func:`lpa_jax.train.loop.run_steps` for all K runs, each logging into its own log."""
-  return loop.run_steps(prun.train_step, prun.batch_fn, prun.epoch_perm(epoch),
-                        prun.run.steps_per_epoch, state_K, epoch, first, stop_at,
-                        lambda step, m: _log_steps(logs, bar, step, m, prun.run, workdirs),
-                        bar, stop)
-
-
-class _NoBar:
-  def __getattr__(self, _):
-    return lambda *a, **k: None
-
-
-def _save_all(mgrs, state_K, logs, histories, force: bool = False) -> None:
-  for k, (mgr, log, history) in enumerate(zip(mgrs, logs, histories)):
-    loop._save(mgr, unstack_state(state_K, k), log, history, force=force)
-
-
-def _finish_epoch(prun, configs, state_K, epoch, logs, bests, histories, workdirs, tbs) -> None:
-  """Each run's epoch row (its own evaluation) into its own ``metrics.jsonl``."""
-  for k, (config, workdir, tb) in enumerate(zip(configs, workdirs, tbs)):
-    try:
-      row, bests[k] = loop._epoch_row(prun.run, config, unstack_state(state_K, k), epoch,
-                                      logs[k], bests[k])
-    except FloatingPointError as e:  # the other runs keep their last checkpoints
-      raise type(e)(f"{workdir}: {e}") from None
-    histories[k].append(append_row(os.path.join(workdir, "metrics.jsonl"), row))
-    if tb is not None:
-      for name, v in row.items():
-        if isinstance(v, float):
-          tb.add_scalar(name, v, row["step"])
-
-
-def _train(prun: ParallelRun, configs, state_K, workdirs, mgrs, logs, histories, bests, stop_at,
-           progress):
-  """Runs epochs until ``stop_at``; returns ``(state_K, finished)`` (``histories`` and ``bests``
-  in place)."""
-  spe, n_epochs = prun.run.steps_per_epoch, configs[0].optim.num_epochs
-  start = int(jax.device_get(state_K.step))
-  tbs = [loop._writer(w) for w in workdirs]
-  bar = (loop.tqdm(total=spe * n_epochs, initial=start, dynamic_ncols=True,
-                   disable=not progress, desc=f"{len(workdirs)} runs")
-         if loop.tqdm is not None else _NoBar())
-  failing = True
-  try:
-    with loop._StopFlag() as stop:
-      for epoch in range(start // spe, n_epochs):
-        first = start % spe if epoch == start // spe else 0
-        state_K, done = _epoch(prun, state_K, epoch, first, stop_at, logs, bar, stop, workdirs)
-        if done < spe:
-          _save_all(mgrs, state_K, logs, histories, force=True)
-          if stop.set:
-            raise KeyboardInterrupt(
-                f"Interrupted: checkpoints saved at step {int(jax.device_get(state_K.step))} "
-                f"in {', '.join(workdirs)}; rerun the same command to resume.")
-          failing = False
-          return state_K, False
-        _finish_epoch(prun, configs, state_K, epoch, logs, bests, histories, workdirs, tbs)
-        if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-          _save_all(mgrs, state_K, logs, histories)
-    failing = False
-  finally:
-    loop._close(bar, None, failing)
-    for tb in tbs:
-      loop._close(None, tb, failing)
-  return state_K, True
-
-
-def _resume_all(prun: ParallelRun, workdirs):
-  """Each run's :func:`lpa_jax.train.loop.resume` (its own initial state) and its step."""
-  resumed = [loop.resume(prun.run._replace(init_state=s), w)
-             for s, w in zip(prun.init_states, workdirs)]
-  return resumed, [int(jax.device_get(state.step)) for _, state, _, _ in resumed]
+  return loop.Group(run=run, train_step=jit_parallel_train_step(step_fn, mesh),
+                    init_states=tuple(states),
+                    batch_fn=make_parallel_batch_fn(configs[0], data, mesh, spe),
+                    epoch_perm=lambda epoch: jnp.stack([p(epoch) for p in perms]),
+                    stack=lambda states_K: stack_states(states_K, mesh), state_of=unstack_state,
+                    metrics_of=lambda host, k: {name: v[k] for name, v in host.items()})
 
 
 def _catch_up(configs, workdirs, steps, data, mesh) -> None:
@@ -250,41 +154,25 @@ def train_and_evaluate_parallel(configs, workdirs, progress: bool = True,
     raise ValueError(f"Give one distinct work dir per config; got {list(workdirs)}")
   data = data if data is not None else lpa_data.load_task_data(configs[0].data)
   mesh = mesh if mesh is not None else make_mesh()
-  prun = build_parallel(configs, data, mesh)
+  group = build_parallel(configs, data, mesh)
   fresh_K = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh] * n_runs
   with contextlib.ExitStack() as locks:
     for config, workdir, f in zip(configs, workdirs, fresh_K):
       locks.enter_context(hold(workdir))
       claim(workdir, config, f)
-    return _resume_and_train(prun, configs, workdirs, data, mesh, progress, max_steps, t0)
+    resumed = _resume(group, configs, workdirs, data, mesh)
+    return loop.train_resumed(group, configs, workdirs, data, resumed, progress, max_steps, t0)
 
 
-def _resume_and_train(prun: ParallelRun, configs, workdirs, data, mesh, progress, max_steps,
-                      t0) -> list[dict] | None:
-  n_runs = len(configs)
-  resumed, steps = _resume_all(prun, workdirs)
+def _resume(group: loop.Group, configs, workdirs, data, mesh) -> list[tuple]:
+  """Each run resumed from its own checkpoint; runs behind the furthest are first brought up
+  to its step one by one (an interrupted group saves them all at one step, but a run may have
+  been continued alone)."""
+  resumed = loop.resume_group(group, workdirs)
+  steps = [int(jax.device_get(state.step)) for _, state, _, _ in resumed]
   if len(set(steps)) > 1:
     _catch_up(configs, workdirs, steps, data, mesh)
     for mgr, *_ in resumed:  # a manager caches its steps: read those the catch-up wrote afresh
       mgr.close()
-    resumed, steps = _resume_all(prun, workdirs)
-  mgrs, states, logs, histories = (list(x) for x in zip(*resumed))
-  start, spe = steps[0], prun.run.steps_per_epoch
-  bests = [best_of(json.loads(x) for x in h) for h in histories]
-  total = spe * configs[0].optim.num_epochs
-  stop_at = total if max_steps is None else min(total, start + max_steps)
-  state_K = stack_states(states, mesh)
-  state_K, finished = _train(prun, configs, state_K, workdirs, mgrs, logs, histories, bests,
-                             stop_at, progress)
-  if not finished:
-    return None
-  wall = time.time() - t0
-  out = []
-  for k, (config, workdir) in enumerate(zip(configs, workdirs)):
-    res = loop._results(config, prun.run, data, unstack_state(state_K, k), bests[k], workdir,
-                        wall / n_runs, histories[k])
-    res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
-    res = finite_json(res)
-    write_json_atomic(os.path.join(workdir, "results.json"), res)
-    out.append(res)
-  return out
+    resumed = loop.resume_group(group, workdirs)
+  return resumed

@@ -22,7 +22,6 @@ from lpa_jax.train.state import TrainState
 class StepConfig(NamedTuple):
   steps_per_epoch: int
   num_classes: int
-  loss_grad_fn: bool = False  # optimiser wants grad_fn= (optax.contrib.sam opaque mode)
 
 
 def step_keys(rng: jax.Array, step) -> tuple[jax.Array, jax.Array]:
@@ -80,7 +79,9 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
 
     (loss, (fwd, loss_B, laux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     extra = {}
-    if cfg.loss_grad_fn:
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+      # optax.contrib.sam asks for the loss's gradient function; other members of a chain
+      # ignore it, and it is traced only if called.
       extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,102 @@
+"""A finished run's record: ``results.json``'s contents, the per-sample predictions beside it,
+and the code version every run records.
+
+  >>> res = final_results(config, run, data, state, best, workdir, wall, history)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import jax
+
+from lpa_jax.train import distributed
+from lpa_jax.train.build import Run
+from lpa_jax.train.evaluate import evaluate_task
+from lpa_jax.train.guards import strength_summary
+from lpa_jax.train.workdir import config_dict
+
+
+def strength_limits(config) -> tuple[float | None, float | None]:
+  """``(floor, ceiling)`` in nats for the epochs' ``loss_change_signed``: the config's
+  ``train.min_loss_change`` (default 0.05, SPEC §1) and ``train.max_loss_change`` (default
+  1.0); ``None`` (or an infinite ceiling) switches one off."""
+  ceiling = train_option(config, "max_loss_change", 1.0)
+  return (train_option(config, "min_loss_change", 0.05),
+          None if ceiling is not None and math.isinf(ceiling) else ceiling)
+
+
+def train_option(config, key, default):
+  """``config.train.<key>``, or ``default`` where the config has no such field."""
+  train = config.get("train", {}) if hasattr(config, "get") else {}
+  return train.get(key, default) if hasattr(train, "get") else default
+
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def final_results(config, run: Run, data, state, best, workdir, wall, history=()) -> dict:
+  """The final evaluation as ``results.json`` holds it; also writes the per-sample test (and
+  validation) predictions with their labels to ``predictions.npz`` beside it (paired tests
+  between runs, e.g. McNemar's, need them).  ``history`` (the epoch rows' lines) gives the
+  activation method's ``perturbation_strength``; one below the floor is warned about."""
+  preds = {}
+  res = evaluate_task(run.predict, state, data, full=True, predictions=preds)
+  if distributed.is_main():
+    write_predictions(os.path.join(workdir, PREDICTIONS_FILE), preds, data)
+  if best is not None:
+    res["selected_by_val"] = best
+  strength = strength_summary([json.loads(x) for x in history], *strength_limits(config))
+  if strength is not None:
+    res["perturbation_strength"] = strength
+    if strength["below_floor"]:
+      method, point = run.perturbation
+      warnings.warn(
+          f"{method} at {point!r} moved the loss of the classes it perturbs by only "
+          f"{strength['median_second_half']:.3f} nats (median over the second half of "
+          f"training), below the {strength['floor']:g}-nat floor at which a perturbation "
+          "counts as measurable (SPEC §1): this run is close to plain training. A larger "
+          "radius (perturb.*.eps) perturbs more; results.json records the per-epoch values.",
+          stacklevel=2)
+  res.update({
+      "dataset": data.name, "num_train": int(data.num_train), "num_classes": int(data.num_classes),
+      "class_names": list(data.class_names), "train_class_counts": data.class_counts().tolist(),
+      "steps": int(jax.device_get(state.step)), "config": config_dict(config),
+      "devices": [str(x) for x in run.mesh.devices.flat],
+      "wall_time_s": wall, "workdir": os.path.abspath(workdir), "code": code_version(),
+  })
+  return res
+
+
+def write_predictions(path: str, preds: dict, data) -> None:
+  """``path`` (``.npz``, written atomically): ``<split>_pred`` for each split in ``preds`` and
+  the labels they are scored against (``test_label``, ``val_label``), as int16."""
+  import numpy as np
+  arrays = {f"{k}_pred": np.asarray(v, np.int16) for k, v in preds.items()}
+  arrays["test_label"] = np.asarray(data.y_test, np.int16)
+  if "val" in preds:
+    arrays["val_label"] = np.asarray(data.y_val, np.int16)
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def code_version() -> dict:
+  """The git commit of the code that ran (``dirty`` when it had uncommitted changes; ``None``
+  outside a git checkout) and ``XLA_FLAGS``: every run records what produced it (on XLA:CPU
+  the thread count changes the floating-point sums, so a rerun matches exactly only under the
+  same flags)."""
+  import subprocess
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                            cwd=here, capture_output=True, text=True, timeout=10,
+                            check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    commit, status = None, None
+  return {"commit": commit, "dirty": None if status is None else bool(status.strip()),
+          "xla_flags": os.environ.get("XLA_FLAGS")}
