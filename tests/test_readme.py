@@ -2,7 +2,8 @@
 
 Code blocks tagged ```python readme-test:<name>``` are run in one namespace, in the order a
 reader would: the Linen flow as written, the same LPA lines on other Linen models (without
-BatchNorm, with Dropout, without a ``train`` argument), and the NNX flow.
+BatchNorm, with Dropout, without a ``train`` argument, an MLP-Mixer-like model, a small
+attention model with Dropout), and the NNX flow, also on an NNX CNN with BatchNorm and Dropout.
 """
 import pathlib
 import re
@@ -50,6 +51,44 @@ class Net(nn.Module):
     x = nn.BatchNorm(use_running_average=False)(x)
     x = nn.relu(nn.Conv(32, (3, 3), strides=2, name="block2")(x))
     return nn.Dense(10)(x.mean(axis=(1, 2)))
+''',
+    # An MLP-Mixer-like model (patch embedding, token and channel mixing, LayerNorm), cut at
+    # its second mixer block: a tokens x channels activation.
+    "mixer": '''
+class MixerBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm()(x).swapaxes(1, 2)
+    x = x + nn.Dense(x.shape[1])(nn.gelu(nn.Dense(32)(y))).swapaxes(1, 2)
+    return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(64)(nn.LayerNorm()(x))))
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(32, (4, 4), strides=4)(x)
+    x = MixerBlock()(x.reshape(x.shape[0], -1, 32))
+    x = MixerBlock(name="block2")(x)
+    return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+''',
+    # A small ViT-like model: self-attention with attention and residual Dropout, a train flag.
+    "attention-dropout": '''
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.1,
+                                            deterministic=not train)(nn.LayerNorm()(x))
+    y = nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(64)(nn.LayerNorm()(x))))
+    return x + nn.Dropout(0.1, deterministic=not train)(y)
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(32, (4, 4), strides=4)(x)
+    x = x.reshape(x.shape[0], -1, 32) + self.param("pos", nn.initializers.normal(0.02),
+                                                   (1, 49, 32))
+    x = Block()(x, train)
+    x = Block(name="block2")(x, train)
+    return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
 ''',
 }
 VARIANT_SETUP = '''
@@ -116,6 +155,36 @@ def test_readme_nnx_flow_runs_as_written():
   model_params = nnx.state(ns["model"], nnx.Param)
   np.testing.assert_array_equal(np.asarray(model_params["head"]["kernel"][...]),
                                 np.asarray(ns["state"].params["head"]["kernel"][...]))
+
+
+# An NNX CNN with BatchNorm and Dropout (its own RNG streams), run through the README's NNX
+# flow in place of the README's model.
+NNX_DROPOUT = '''
+class NnxCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 16, (3, 3), strides=2, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.block2 = nnx.Conv(16, 32, (3, 3), strides=2, rngs=rngs)
+    self.head = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.drop(self.bn(nnx.relu(self.conv(x))))
+    return self.head(self.drop(nnx.relu(self.block2(x))).mean(axis=(1, 2)))
+'''
+
+
+def test_readme_nnx_flow_trains_a_cnn_with_batchnorm_and_dropout():
+  blocks = readme_blocks()
+  nnx_block = blocks["nnx"]
+  start, end = nnx_block.index("class NnxCNN"), nnx_block.index("model = NnxCNN")
+  source = nnx_block[:start] + NNX_DROPOUT.strip() + "\n\n" + nnx_block[end:]
+  ns = _run(["setup", "lpa", "model"], source)
+  params0 = jax.device_get(ns["state"].params)
+  assert set(ns["state"].model_state) > {"batch_stats"} or len(ns["state"].model_state) > 1, \
+      sorted(ns["state"].model_state)  # BatchNorm statistics and the dropout RNG state
+  ns = _run_more(ns, ["step", "loop", "nnx-update"])
+  _check_trained(ns, params0)
 
 
 def _run_more(ns, names):
