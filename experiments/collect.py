@@ -12,22 +12,15 @@ logs and lock files stay behind.  Then write the report with ``--report``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
-
-from absl import app, flags
 
 RECORDS = ("config.json", "method.json", "results.json", "metrics.jsonl", "predictions.npz",
            "stopped.json")
 DONE = ("results.json", "stopped.json")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dest", None, "Where the records go (default experiments/results/<suite>, "
-                    "the suite named in SRC/suite.json).")
-flags.DEFINE_bool("report", False, "Write DEST's report (report.md, results.csv, figures).")
-
 
 def finished_runs(src: str) -> list[str]:
   """``runs/<method>/seed<k>`` paths under ``src`` that hold ``results.json`` or
@@ -68,16 +61,22 @@ def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
   return dest, runs
 
 
-def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("usage: python -m experiments.collect SRC [--dest=DIR] [--report]")
-  dest, runs = collect(argv[1], FLAGS.dest)
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m experiments.collect",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("src", help="the sweep root (holds suite.json and runs/)")
+  parser.add_argument("--dest", default=None, help="where the records go (default "
+                      "experiments/results/<suite>, the suite named in SRC/suite.json)")
+  parser.add_argument("--report", action="store_true",
+                      help="write DEST's report (report.md, results.csv, figures)")
+  args = parser.parse_args(argv)
+  dest, runs = collect(args.src, args.dest)
   print(f"{len(runs)} finished runs copied to {dest}")
-  if FLAGS.report:
+  if args.report:
     from experiments import report
     report.write_report(dest)
     print(f"report written: {os.path.join(dest, 'report.md')}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
