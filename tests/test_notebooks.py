@@ -1,11 +1,14 @@
-"""Every notebook runs top to bottom in its small setting (``LPA_NOTEBOOK_SMALL=1``), and is
-committed without outputs."""
+"""Every notebook is committed with the outputs of a full run (``python -m
+experiments.notebooks``), and runs top to bottom in its small setting
+(``LPA_NOTEBOOK_SMALL=1``)."""
 import glob
 import os
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from experiments.notebooks import source_hash
 
 NOTEBOOK_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
@@ -17,11 +20,20 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_is_stripped(path):
+def test_notebook_keeps_the_outputs_of_a_full_run(path):
+  # A reader sees results without running anything: every code cell ran, in order, in the
+  # full setting (not the CI smoke setting), and none failed.
   nb = nbformat.read(path, as_version=4)
-  for cell in nb.cells:
-    if cell.cell_type == "code":
-      assert not cell.outputs and cell.execution_count is None, "clear outputs before committing"
+  made = nb.metadata.get("lpa_jax", {}).get("outputs", {})
+  assert made.get("mode") == "full", "rerun: python -m experiments.notebooks " + \
+      os.path.basename(path)
+  assert made.get("sources") == source_hash(nb), "cells edited since their outputs were " \
+      "made: rerun python -m experiments.notebooks " + os.path.basename(path)
+  counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+  assert None not in counts and counts == sorted(counts), "cells not all run, in order"
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the outputs"
 
 
 # 02_anatomy (~90 s) runs with -m slow; the quickstart and bring-your-own-model ones by default.
