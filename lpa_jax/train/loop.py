@@ -14,7 +14,6 @@ One loop trains a :class:`Group`: one run (:func:`single`) or K seeds of a confi
 vmapped program (:func:`lpa_jax.train.parallel.build_parallel`), each run with its own work
 dir, metrics, checkpoints and ``results.json``.
 """
-from __future__ import annotations
 
 import contextlib
 import json
