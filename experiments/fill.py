@@ -7,6 +7,7 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``paired:<name>`` — that suite's paired comparisons (per-seed differences with 95 %
   intervals and McNemar's test, against the first method and the best other baseline);
 * ``strength:<name>`` — that suite's perturbation-strength table;
+* ``rarest:<name>`` — that suite's per-seed test accuracy on its three rarest classes;
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run
   (or, for a ``--fractions`` run, its F_up/F table);
@@ -127,6 +128,8 @@ def render(key: str) -> str:
     return report.paired_table(_runs(arg))
   if kind == "strength":
     return report.strength_table(_runs(arg))
+  if kind == "rarest":
+    return report.rarest_table(_runs(arg))
   if kind == "suites-time":
     return suites_time()
   if kind == "bench":
@@ -136,7 +139,7 @@ def render(key: str) -> str:
   if kind == "bench-throughput":
     return throughput_table(arg)
   raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
-                   "strength:<name>, suites-time, bench:<json>, "
+                   "strength:<name>, rarest:<name>, suites-time, bench:<json>, "
                    "bench-diff:<json>,<json>, bench-throughput:<json>")
 
 

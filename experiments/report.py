@@ -330,6 +330,26 @@ def paired_table(runs: list[dict]) -> str:
   return "\n".join(out)
 
 
+def rarest_table(runs: list[dict], k: int = 3) -> str:
+  """On a long-tailed training set: each method's test accuracy (%) on its ``k`` rarest
+  training classes, per seed (seed order), so a class a method never learns in some seed is
+  seen at once.  Empty when the training classes are balanced."""
+  counts = runs[0]["results"].get("train_class_counts")
+  if not counts or len(set(counts)) == 1:
+    return ""
+  names = runs[0]["results"].get("class_names") or [str(c) for c in range(len(counts))]
+  rare = sorted(range(len(counts)), key=lambda c: (counts[c], c))[:k]
+  out = ["| method | seeds | " + " | ".join(f"{names[c]} (n={counts[c]})" for c in rare) +
+         " | min over seeds and these classes |", "|---" * (len(rare) + 3) + "|"]
+  for name in dict.fromkeys(r["name"] for r in runs):
+    mine = sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"])
+    per = [[100 * r["results"]["per_class_accuracy"][c] for r in mine] for c in rare]
+    cells = [" / ".join(f"{v:.1f}" for v in vals) for vals in per]
+    out.append(f"| {name} | {len(mine)} | " + " | ".join(cells) +
+               f" | {min(min(v) for v in per):.1f} |")
+  return "\n".join(out)
+
+
 def domain_table(runs: list[dict]) -> str:
   """Leave-one-domain-out runs (method.json's ``domain`` and ``base``) as DomainBed tables do:
   one row per method, one column per held-out domain and their average; test accuracy (%) of
@@ -430,6 +450,11 @@ def write_report(root: str) -> dict[str, str]:
       "McNemar's exact test on the test predictions pooled over those seeds (b: samples the "
       "method gets right and the reference wrong, c: the reverse). One seed gives no "
       "interval.", paired_table(runs))
+  lines += _section(
+      "Rarest training classes (test accuracy % per seed)",
+      "Each method's test accuracy on the three rarest training classes, one value per seed "
+      "in seed order: a class a method leaves unlearned in any seed shows as 0.0.",
+      rarest_table(runs))
   lines += _section(
       "Perturbation strength over training",
       "`loss_change_signed` per epoch (`metrics.jsonl`): the mean |loss change| the activation "

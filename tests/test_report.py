@@ -92,6 +92,20 @@ def test_paired_table_pairs_seeds_and_names_the_best_baseline(tmp_path):
   assert "| LA | CE | 2 | +20.00 |" in table
 
 
+def test_rarest_table_lists_each_seed_on_the_rarest_classes():
+  from experiments.report import rarest_table
+  res = lambda acc: {"train_class_counts": [50, 5, 20, 1], "class_names": ["a", "b", "c", "d"],
+                     "per_class_accuracy": acc}
+  runs = [{"name": "CE", "seed": 1, "results": res([1.0, 0.0, 0.5, 0.25])},
+          {"name": "CE", "seed": 0, "results": res([1.0, 0.5, 0.75, 1.0])}]
+  table = rarest_table(runs)
+  assert "| d (n=1) | b (n=5) | c (n=20) |" in table
+  assert "| CE | 2 | 100.0 / 25.0 | 50.0 / 0.0 | 75.0 / 50.0 | 0.0 |" in table
+  balanced = [{"name": "CE", "seed": 0, "results": {**res([1.0] * 4),
+                                                     "train_class_counts": [5] * 4}}]
+  assert rarest_table(balanced) == ""
+
+
 def test_noisy_runs_report_the_best_epoch_beside_the_last(tmp_path):
   import json
   wd = tmp_path / "runs" / "ce" / "seed0"
