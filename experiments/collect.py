@@ -4,7 +4,8 @@ A long sweep runs from a worktree pinned to one commit, into a root outside the 
 (``experiments/sweep_shards.sh``); its finished runs are committed as they finish.  This copies,
 for every run of ``SRC/runs/<method>/seed<k>/`` that is finished (``results.json``) or was
 stopped by a guard (``stopped.json``), the files a report needs — config, method, results,
-metrics, per-sample predictions, the stop record — and the suite's ``suite.json``, into
+metrics, per-sample predictions, the stop record — and the suite's ``suite.json`` (its
+``seeds``: those the destination's records hold), into
 ``DEST`` (default ``experiments/results/<suite>``).  Unfinished runs and checkpoints, TensorBoard
 logs and lock files stay behind.  Then write the report with ``--report``.
 
@@ -49,7 +50,6 @@ def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
     raise FileNotFoundError(f"No finished runs under {src}/runs (nothing holds "
                             f"{' or '.join(DONE)})")
   os.makedirs(dest, exist_ok=True)
-  shutil.copy2(os.path.join(src, "suite.json"), os.path.join(dest, "suite.json"))
   for rel in runs:
     target = os.path.join(dest, rel)
     shutil.rmtree(target, ignore_errors=True)
@@ -58,7 +58,20 @@ def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
       path = os.path.join(src, rel, name)
       if os.path.exists(path):
         shutil.copy2(path, os.path.join(target, name))
+  _write_suite(src, dest)
   return dest, runs
+
+
+def _write_suite(src: str, dest: str) -> None:
+  """``src``'s ``suite.json`` with ``seeds`` the seeds ``dest``'s records hold (a sweep writes
+  those of its own invocation, e.g. one ``--seeds`` slice)."""
+  from lpa_jax.train.workdir import write_json_atomic
+  with open(os.path.join(src, "suite.json")) as f:
+    meta = json.load(f)
+  seeds = {int(s.removeprefix("seed")) for rel in finished_runs(dest)
+           for s in [os.path.basename(rel)]}
+  meta["seeds"] = sorted(seeds)
+  write_json_atomic(os.path.join(dest, "suite.json"), meta)
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ def test_collect_copies_finished_and_stopped_records_only(tmp_path):
   assert sorted(os.listdir(dest / "runs" / "lpa" / "seed0")) == sorted(collect.RECORDS[:-1])
   assert os.listdir(dest / "runs" / "ce" / "seed0") == ["stopped.json"]
   assert not (dest / "runs" / "lpa" / "seed1").exists()
-  assert json.loads((dest / "suite.json").read_text()) == {"suite": "s"}
+  assert json.loads((dest / "suite.json").read_text()) == {"suite": "s", "seeds": [0]}
 
 
 def test_collect_refuses_a_root_with_nothing_finished(tmp_path):
