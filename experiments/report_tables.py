@@ -1,0 +1,106 @@
+"""The report's comparison tables, each computed from a suite's loaded runs
+(:func:`experiments.report.load_runs`): paired differences with McNemar's test, the rarest
+classes per seed and the perturbation strength over training.
+
+  >>> runs = load_runs("experiments/results/fmnist_lt_main")           # doctest: +SKIP
+  >>> print(paired_table(runs))                                         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def run_strength(run: dict, floor: float = 0.05, ceiling: float = 1.0) -> dict | None:
+  """The trainer's ``perturbation_strength`` of a run, recomputed from its ``metrics.jsonl``
+  (so records made before the trainer wrote it get it too); ``None`` without a loss change."""
+  from lpa_jax.train.guards import signed_loss_change, strength_summary
+  rows = [{"loss_change_signed": signed_loss_change(r)} for r in run["history"]]
+  return strength_summary(rows, floor, ceiling)
+
+
+def strength_table(runs: list[dict]) -> str:
+  """Per method with a logged loss change: the mean over seeds of the median
+  ``loss_change_signed`` over the second half of training, its largest epoch value, and how
+  many runs had an epoch above the 1-nat ceiling or a median below the 0.05-nat floor."""
+  out = ["| method | seeds | loss change, 2nd half (nats) | max epoch (nats) | runs below "
+         "floor | runs above ceiling |", "|---|---|---|---|---|---|"]
+  for name in dict.fromkeys(r["name"] for r in runs):
+    s = [x for x in (run_strength(r) for r in runs if r["name"] == name) if x is not None]
+    if not s:
+      continue
+    out.append(f"| {name} | {len(s)} | {np.mean([x['median_second_half'] for x in s]):.3f} | "
+               f"{max(x['max'] for x in s):.3f} | {sum(x['below_floor'] for x in s)} | "
+               f"{sum(bool(x['epochs_above_ceiling']) for x in s)} |")
+  return "\n".join(out) if len(out) > 2 else ""
+
+
+def _test_predictions(run: dict):
+  path = os.path.join(run.get("workdir", ""), "predictions.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as d:
+    return d["test_pred"], d["test_label"]
+
+
+def is_baseline(name: str) -> bool:
+  """A method without LPA in its name (CE, LA, LDAM, LPL, Mixup, ...)."""
+  return "LPA" not in name
+
+
+def paired_table(runs: list[dict]) -> str:
+  """Each method against the suite's first method (the baseline, e.g. CE) and against the best
+  other baseline (highest mean test accuracy among :func:`is_baseline` methods): the per-seed
+  paired test-accuracy difference (points, mean and 95 % t-interval over the seeds both ran)
+  and McNemar's exact test on the test predictions pooled over those seeds."""
+  from experiments.stats import mcnemar, paired_difference
+  names = list(dict.fromkeys(r["name"] for r in runs))
+  if len(names) < 2:
+    return ""
+  by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
+  acc = {n: {k: r["results"]["test_accuracy"] for k, r in by[n].items()} for n in names}
+  mean = {n: float(np.mean(list(acc[n].values()))) for n in names}
+  out = ["| method | vs | paired seeds | Δ test acc (points) | 95 % interval | McNemar b / c "
+         "(pooled) | p |", "|---|---|---|---|---|---|---|"]
+  for n in names[1:]:
+    others = [m for m in names if is_baseline(m) and m != n]
+    refs = [names[0]] + ([max(others, key=mean.get)] if others else [])
+    for ref in dict.fromkeys(refs):
+      if ref == n:
+        continue
+      d = paired_difference(acc[n], acc[ref])
+      if not d["n"]:
+        continue
+      preds = [(_test_predictions(by[n][k]), _test_predictions(by[ref][k])) for k in d["seeds"]]
+      if all(a is not None and b is not None for a, b in preds):
+        m = mcnemar(np.concatenate([a[0] for a, _ in preds]),
+                    np.concatenate([b[0] for _, b in preds]),
+                    np.concatenate([a[1] for a, _ in preds]))
+        mc = f"{m['b']} / {m['c']} | {m['p']:.3g}"
+      else:
+        mc = "— | —"
+      ci = (f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—")
+      label = ref + (" (best baseline)" if ref != names[0] else "")
+      out.append(f"| {n} | {label} | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {mc} |")
+  return "\n".join(out)
+
+
+def rarest_table(runs: list[dict], k: int = 3) -> str:
+  """On a long-tailed training set: each method's test accuracy (%) on its ``k`` rarest
+  training classes, per seed (seed order), so a class a method never learns in some seed is
+  seen at once.  Empty when the training classes are balanced."""
+  counts = runs[0]["results"].get("train_class_counts")
+  if not counts or len(set(counts)) == 1:
+    return ""
+  names = runs[0]["results"].get("class_names") or [str(c) for c in range(len(counts))]
+  rare = sorted(range(len(counts)), key=lambda c: (counts[c], c))[:k]
+  out = ["| method | seeds | " + " | ".join(f"{names[c]} (n={counts[c]})" for c in rare) +
+         " | min over seeds and these classes |", "|---" * (len(rare) + 3) + "|"]
+  for name in dict.fromkeys(r["name"] for r in runs):
+    mine = sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"])
+    per = [[100 * r["results"]["per_class_accuracy"][c] for r in mine] for c in rare]
+    cells = [" / ".join(f"{v:.1f}" for v in vals) for vals in per]
+    out.append(f"| {name} | {len(mine)} | " + " | ".join(cells) +
+               f" | {min(min(v) for v in per):.1f} |")
+  return "\n".join(out)
