@@ -129,3 +129,21 @@ def test_a_nan_class_statistic_stops_the_run_naming_method_point_and_class(tmp_p
   with pytest.raises(FloatingPointError,
                      match=r"lpa at point 'hidden1': non-finite class_stat_C at class\(es\) \[2\]"):
     loop.train_and_evaluate(cfg, str(tmp_path), progress=False, data=fmnist_lt)
+
+
+def test_clipping_that_never_acts_is_reported_and_warned(tmp_path, fmnist_lt):
+  # A clipping run whose threshold no gradient reaches equals plain training: say so.
+  never = small_config(**{"perturb.gradient": "clip", "perturb.clip.max_norm": 1e6})
+  with pytest.warns(UserWarning, match="Gradient clipping at max_norm 1e\\+06 never acted"):
+    res = loop.train_and_evaluate(never, str(tmp_path / "never"), progress=False,
+                                  data=fmnist_lt)
+  assert res["gradient_clipping"]["steps_clipped"] is False
+  always = small_config(**{"perturb.gradient": "clip", "perturb.clip.max_norm": 1e-6})
+  res = loop.train_and_evaluate(always, str(tmp_path / "always"), progress=False,
+                                data=fmnist_lt)
+  assert res["gradient_clipping"]["steps_clipped_fraction"] == 1.0
+  rows = [json.loads(x) for x in open(tmp_path / "always" / "metrics.jsonl")]
+  assert [r["clipped"] for r in rows] == [1.0, 1.0]
+  plain = loop.train_and_evaluate(small_config(), str(tmp_path / "plain"), progress=False,
+                                  data=fmnist_lt)
+  assert "gradient_clipping" not in plain

@@ -49,6 +49,7 @@ class Run(NamedTuple):
   mesh: object
   data: object              # the TaskData trained and evaluated on
   perturbation: tuple = ("none", None)  # (activation method, point), named in error messages
+  clip_norm: float | None = None  # gradient clipping's max norm: the loop counts clipped steps
 
 
 def steps_per_epoch(config, num_train: int, mesh) -> int:
@@ -225,4 +226,6 @@ def build_run(config, data, mesh) -> Run:
              epoch_perm=make_epoch_perm(config, data.num_train),
              predict=make_predict(config, eval_step, mesh), schedule=schedule,
              steps_per_epoch=spe, mesh=mesh, data=data,
-             perturbation=registry.describe_activation(config.perturb, model.points))
+             perturbation=registry.describe_activation(config.perturb, model.points),
+             clip_norm=(float(config.perturb.clip.max_norm) if config.perturb.gradient == "clip"
+                        else None))

@@ -172,6 +172,8 @@ def run_epoch(group: Group, state, epoch: int, first: int, stop_at: int, logs, b
         check_step(host_k, step, group.run.perturbation)
       except FloatingPointError as e:
         raise _named(workdirs, k, e) from None
+      if group.run.clip_norm is not None:  # the share of steps clipping acted on
+        host_k = {**host_k, "clipped": float(host_k["grad_norm"] > group.run.clip_norm)}
       log.add(host_k)
     bar.set_postfix(loss=f"{float(np.mean(host['loss'])):.3f}", refresh=False)
   return run_steps(group.train_step, group.batch_fn, group.epoch_perm(epoch),

@@ -60,6 +60,15 @@ def final_results(config, run: Run, data, state, best, workdir, wall, history=()
           "counts as measurable (SPEC §1): this run is close to plain training. A larger "
           "radius (perturb.*.eps) perturbs more; results.json records the per-epoch values.",
           stacklevel=2)
+  clipping = clipping_summary(run.clip_norm, [json.loads(x) for x in history])
+  if clipping is not None:
+    res["gradient_clipping"] = clipping
+    if not clipping["steps_clipped"]:
+      warnings.warn(
+          f"Gradient clipping at max_norm {run.clip_norm:g} never acted in this run: every "
+          f"step's gradient norm stayed below it (largest epoch mean "
+          f"{clipping['max_epoch_grad_norm']:.3g}), so the run equals plain training under "
+          "the method's name. A smaller perturb.clip.max_norm clips.", stacklevel=2)
   res.update({
       "dataset": data.name, "num_train": int(data.num_train), "num_classes": int(data.num_classes),
       "class_names": list(data.class_names), "train_class_counts": data.class_counts().tolist(),
@@ -68,6 +77,25 @@ def final_results(config, run: Run, data, state, best, workdir, wall, history=()
       "wall_time_s": wall, "workdir": os.path.abspath(workdir), "code": code_version(),
   })
   return res
+
+
+def clipping_summary(clip_norm: float | None, rows: list[dict]) -> dict | None:
+  """For a run with gradient clipping: the share of its steps clipped (the epoch rows'
+  ``clipped``, weighted equally per epoch), whether any was, and the largest epoch-mean
+  gradient norm; ``None`` without clipping.
+
+  >>> s = clipping_summary(1.0, [{"clipped": 0.0, "grad_norm": 0.4},
+  ...                             {"clipped": 0.5, "grad_norm": 1.2}])
+  >>> s["steps_clipped_fraction"], s["steps_clipped"], s["max_epoch_grad_norm"]
+  (0.25, True, 1.2)
+  """
+  if clip_norm is None:
+    return None
+  clipped = [r["clipped"] for r in rows if r.get("clipped") is not None]
+  norms = [r["grad_norm"] for r in rows if r.get("grad_norm") is not None]
+  share = float(sum(clipped) / len(clipped)) if clipped else 0.0
+  return {"max_norm": clip_norm, "steps_clipped_fraction": round(share, 6),
+          "steps_clipped": share > 0, "max_epoch_grad_norm": max(norms, default=float("nan"))}
 
 
 def write_predictions(path: str, preds: dict, data) -> None:
