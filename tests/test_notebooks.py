@@ -33,7 +33,8 @@ def test_notebook_keeps_the_outputs_of_a_full_run(path):
   assert None not in counts and counts == sorted(counts), "cells not all run, in order"
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
-  assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the outputs"
+  if any("plt." in c.source for c in nb.cells if c.cell_type == "code"):
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the outputs"
 
 
 # 02_anatomy (~90 s) runs with -m slow; the quickstart and bring-your-own-model ones by default.
