@@ -115,3 +115,26 @@ def run_guarded(body, show_traceback: bool, interrupted, statuses=None):
     if message is None:
       raise
     _exit(next((s for t, s in statuses.items() if isinstance(e, t)), 1), message)
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+  """A tqdm bar over ``total`` items (one that shows nothing without tqdm or ``progress``)."""
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # pragma: no cover
+    tqdm = None
+  if tqdm is None:
+    class _NoBar:
+      def __getattr__(self, _):
+        return lambda *a, **k: None
+    return _NoBar()
+  return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
+
+
+def say(line: str) -> None:
+  """Prints ``line`` above any progress bar."""
+  try:
+    from tqdm.auto import tqdm
+    tqdm.write(line)
+  except ImportError:  # pragma: no cover
+    print(line, flush=True)

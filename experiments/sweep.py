@@ -24,6 +24,7 @@ vmapped step, :mod:`lpa_jax.train.parallel`); each run's files are those a seria
 from __future__ import annotations
 
 from experiments import cli
+from experiments.shards import ANY, lock_name, parse_shard, root_lock  # noqa: F401
 
 # First of all: a Ctrl-C during the imports below already exits 130 in one line.
 cli.exit_on_interrupt(lambda: INTERRUPTED)
@@ -51,7 +52,9 @@ flags.DEFINE_enum("stale", "refuse", ["refuse", "rerun"], "Runs whose recorded c
                   "from the suite's plan: stop and list them (refuse), or redo them (rerun).")
 flags.DEFINE_string("shard", None, "I/N: run only the planned runs whose index is I modulo N "
                     "(0-based), so N processes share one suite, e.g. one XLA thread each on N "
-                    "cores; each still checks every run for staleness.")
+                    "cores; each still checks every run for staleness. 'any': take the next "
+                    "run no other process is training (any number of processes, started "
+                    "alike, share the plan as they free up; not mixed with I/N).")
 flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one program (one "
                      "vmapped step, lpa_jax.train.parallel); 1 trains them one by one. For "
                      "accelerators: XLA:CPU runs vmapped convolutions slower than K plain ones.",
@@ -197,34 +200,6 @@ def write_meta(suite, runs, root) -> None:
       "seeds": sorted({r["seed"] for r in runs}), "machine": machine()})
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-  """``"1/2"`` -> ``(1, 2)``; ``None`` -> ``(0, 1)`` (every run).
-
-  >>> parse_shard("1/2")
-  (1, 2)
-  """
-  if text is None:
-    return 0, 1
-  try:
-    i, n = (int(p) for p in text.split("/"))
-  except ValueError:
-    raise ValueError(f"--shard must be I/N with integers, e.g. 0/2; got {text!r}") from None
-  if not (n >= 1 and 0 <= i < n):
-    raise ValueError(f"--shard={text}: need N >= 1 and 0 <= I < N")
-  return i, n
-
-
-def lock_name(shard: tuple[int, int] = (0, 1)) -> str:
-  """The suite root's lock file for ``shard``: sweeps of other shards of one root run at the
-  same time (their runs are disjoint, and each run's work dir has its own lock), two of the
-  same shard do not.
-
-  >>> lock_name((1, 4)), lock_name()
-  ('.lock-shard-1-of-4', '.lock')
-  """
-  return ".lock" if shard == (0, 1) else f".lock-shard-{shard[0]}-of-{shard[1]}"
-
-
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
               stale: str = "refuse", parallel: int = 1, shard: tuple[int, int] = (0, 1)
               ) -> dict:
@@ -239,11 +214,14 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   ``parallel`` K > 1 trains a method's unfinished seeds in groups of up to K as one program.
   ``shard`` ``(i, n)`` runs only the planned runs with index ``i`` modulo ``n``.  Another
   sweep of the same shard working under ``root`` raises :class:`~lpa_jax.train.lock.Busy`
-  naming it.
+  naming it.  ``shard`` :data:`ANY` runs every run no other process is training (it skips
+  a run whose work dir another process holds, and one finished meanwhile), so several such
+  sweeps of one root share its runs as they free up (with ``parallel`` 1).
   """
-  from lpa_jax.train.lock import hold
+  if shard == ANY and parallel > 1:
+    raise ValueError("--shard=any takes one run at a time: use --parallel=1")
   runs = plan(suite, seeds)
-  with hold(root, lock_name(shard), what="Suite root"):
+  with root_lock(root, shard):
     return _run_planned(suite, runs, root, progress, report, stale, parallel, shard)
 
 
@@ -255,9 +233,9 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
   remove_leftovers(root)
   write_meta(suite, runs, root)
   cache, counts, todo = {}, {"ran": 0, "skipped": 0, "stopped": 0}, []
-  bar = _bar(len(runs), suite.name, progress)
+  bar = cli.progress_bar(len(runs), suite.name, progress)
   for k, (r, workdir, (status, detail)) in enumerate(zip(runs, workdirs, statuses)):
-    if k % shard[1] != shard[0]:
+    if shard != ANY and k % shard[1] != shard[0]:
       bar.update(1)
       continue
     if status == "finished":
@@ -266,24 +244,29 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
       bar.update(1)
       continue
     if status == "stopped":
-      _say(f"{suite.name}: {r['name']} seed {r['seed']} was stopped earlier, not rerun "
+      cli.say(f"{suite.name}: {r['name']} seed {r['seed']} was stopped earlier, not rerun "
            f"(delete {os.path.join(workdir, STOPPED_FILE)} to try again): "
            f"{detail.splitlines()[0][:300]}")
       counts["stopped"] += 1
       bar.update(1)
       continue
     if status == "unreadable":
-      _say(f"{suite.name}: running {r['name']} seed {r['seed']} again: {detail}")
+      cli.say(f"{suite.name}: running {r['name']} seed {r['seed']} again: {detail}")
     todo.append((r, workdir, status))
   for group in groups(todo, parallel):
     bar.set_postfix_str(f"{group[0][0]['name']} seed "
                         f"{','.join(str(r['seed']) for r, _, _ in group)}")
     try:
-      results = _run_group(group, cache)
+      results = (_run_group(group, cache) if shard != ANY else
+                 _take_run(group[0], cache))
+      if results is None:  # another process has it, or finished it meanwhile
+        counts["skipped"] += 1
+        bar.update(1)
+        continue
     except guard_errors() as e:  # this method's runs stop the same way; the suite's others go on
       record_stopped(group, e)
       for r, _, _ in group:
-        _say(f"{suite.name}: {r['name']} seed {r['seed']} STOPPED: {str(e)[:300]}")
+        cli.say(f"{suite.name}: {r['name']} seed {r['seed']} STOPPED: {str(e)[:300]}")
       counts["stopped"] += len(group)
       bar.update(len(group))
       continue
@@ -291,7 +274,7 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
       _clean(workdir)
       counts["ran"] += 1
       bar.update(1)
-      _say(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
+      cli.say(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
            f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
   bar.close()
   if report:
@@ -335,6 +318,21 @@ def record_stopped(group: list, error: Exception) -> None:
                        "code": code_version()})
 
 
+def _take_run(item: tuple, cache: dict) -> list[dict] | None:
+  """``--shard=any``: trains ``item`` (``(run, workdir, status)``) unless another process holds
+  its work dir or finished it since this sweep started; ``None`` then."""
+  from lpa_jax.train.lock import Busy, hold
+  r, workdir, _ = item
+  try:
+    with hold(workdir):  # re-entrant: the loop takes the same lock again inside
+      status, _ = run_status(workdir, r["config"])
+      if status in ("finished", "stopped"):
+        return None
+      return _run_group([(r, workdir, status)], cache)
+  except Busy:
+    return None
+
+
 def _run_group(group: list, cache: dict) -> list[dict]:
   """Trains one group of ``(run, workdir, status)``: alone, or as one program when several."""
   from lpa_jax.train.workdir import ConfigMismatch
@@ -367,27 +365,6 @@ def _train_group(group: list, cache: dict) -> list[dict]:
                                fresh=fresh[0])]
   return train_and_evaluate_parallel(configs, workdirs, progress=False, data=cache[key],
                                      fresh=fresh)
-
-
-def _bar(total, desc, progress):
-  try:
-    from tqdm.auto import tqdm
-  except ImportError:  # pragma: no cover
-    tqdm = None
-  if tqdm is None:
-    class _NoBar:
-      def __getattr__(self, _):
-        return lambda *a, **k: None
-    return _NoBar()
-  return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
-
-
-def _say(line: str) -> None:
-  try:
-    from tqdm.auto import tqdm
-    tqdm.write(line)
-  except ImportError:  # pragma: no cover
-    print(line, flush=True)
 
 
 def main(argv):

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Runs one or more suites as N sweep processes, each pinned to its own core with one XLA
-# thread (on the 2-core CPU machine, 2 x 1 thread trained 1.6x the images/s of 1 x 2
-# threads; experiments/results/README.md has the measurement), then writes each report.
+# thread (on the 2-core CPU machine two one-thread processes trained about 1.4x the runs per
+# hour of one two-thread process: experiments/results/fmnist_lt_tune/threads.txt), then writes
+# each report. The processes use --shard=any: each takes the next run no other process is
+# training, so a long run (Manifold Mixup) does not leave a core idle at the end.
 #   experiments/sweep_shards.sh ROOT N SUITE [SUITE ...]
-# Every suite goes to ROOT/<suite>; rerunning resumes (finished runs are skipped).
+# Every suite goes to ROOT/<suite>; rerunning resumes (finished runs are skipped, an
+# interrupted one resumes from its checkpoint). Copy finished records into the repository
+# with: python -m experiments.collect ROOT/<suite> --report
 set -euo pipefail
 root=$1; n=$2; shift 2
 cd "$(dirname "$0")/.."
@@ -14,7 +18,7 @@ for suite in "$@"; do
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
       taskset -c $((i % $(nproc))) python -m experiments.sweep \
       --config="experiments/configs/suites.py:$suite" --root="$root/$suite" \
-      --shard="$i/$n" --noreport --noprogress > "$root/$suite.shard$i.log" 2>&1 &
+      --shard=any --noreport --noprogress > "$root/$suite.proc$i.log" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done

@@ -138,6 +138,29 @@ def test_smoke_suite_end_to_end(tmp_path):
   with pytest.raises(ValueError, match="--shard=2/2"):
     sweep.parse_shard("2/2")
 
+  # --shard=any: a run whose work dir another live process holds is left to it; the sweep
+  # takes the others (here CE), and skips a run another process finished meanwhile.
+  import subprocess
+  import sys
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from lpa_jax.train.lock import hold\n"
+       f"with hold({ce!r}):\n  print('held', flush=True); time.sleep(60)"],
+      stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    os.remove(lpa)
+    assert sweep.run_suite(suite, root, progress=False, report=False, shard=sweep.ANY) == {
+        "ran": 1, "skipped": 1, "stopped": 0}
+    assert os.path.exists(lpa) and not os.path.exists(ce_res)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert sweep.run_suite(suite, root, progress=False, report=False, shard=sweep.ANY) == {
+      "ran": 1, "skipped": 1, "stopped": 0}
+  assert os.path.exists(ce_res)
+  with pytest.raises(ValueError, match="--shard=any takes one run at a time"):
+    sweep.run_suite(suite, root, progress=False, report=False, shard=sweep.ANY, parallel=2)
+
 
 def test_stale_check_compares_what_the_run_trains_with():
   from lpa_jax.train.workdir import config_diff
