@@ -302,6 +302,26 @@ def _section(title: str, text: str, table: str) -> list[str]:
   return [f"## {title}", "", text, "", table, ""] if table else []
 
 
+def _header(root: str, runs: list[dict]) -> list[str]:
+  """The report's title, description and facts: data, seeds, machine, code, time, commands."""
+  meta, r0 = _suite_meta(root), runs[0]["results"]
+  suite = meta.get("suite", os.path.basename(os.path.normpath(root)))
+  total = sum(r["results"].get("wall_time_s", 0.0) for r in runs)
+  seeds = sorted({r["seed"] for r in runs})
+  lines = [f"# {suite}", "", meta.get("description", ""), "",
+           f"* Data: {r0.get('dataset', '?')}, {r0.get('num_train', '?')} training images, "
+           f"{r0.get('num_classes', '?')} classes.",
+           f"* Train class counts: {r0.get('train_class_counts', '?')}",
+           f"* Seeds: {seeds} ({len(runs)} runs); mean ± sample std over seeds.",
+           f"* Machine: {_machine(root)}.",
+           f"* Code: {_commits(runs)}.",
+           f"* Total measured wall time of the runs: {total:.0f} s ({total / 60:.1f} min).",
+           f"* Regenerate: `python -m experiments.sweep "
+           f"--config=experiments/configs/suites.py:{suite}`; report only: "
+           f"`python -m experiments.report --root={root}`.", ""]
+  return lines
+
+
 def write_report(root: str) -> dict[str, str]:
   """Writes ``report.md``, ``results.csv`` and the figures under ``root``; returns their paths.
 
@@ -323,22 +343,7 @@ def write_report(root: str) -> dict[str, str]:
   paths = {"csv": os.path.join(root, "results.csv"), "markdown": os.path.join(root, "report.md")}
   write_csv(rows, cols, paths["csv"])
   paths.update(figs.write_figures(root, runs, rows))
-  meta, r0 = _suite_meta(root), runs[0]["results"]
-  suite = meta.get("suite", os.path.basename(os.path.normpath(root)))
-  total = sum(r["results"].get("wall_time_s", 0.0) for r in runs)
-  seeds = sorted({r["seed"] for r in runs})
-  lines = [f"# {suite}", "", meta.get("description", ""), "",
-           f"* Data: {r0.get('dataset', '?')}, {r0.get('num_train', '?')} training images, "
-           f"{r0.get('num_classes', '?')} classes.",
-           f"* Train class counts: {r0.get('train_class_counts', '?')}",
-           f"* Seeds: {seeds} ({len(runs)} runs); mean ± sample std over seeds.",
-           f"* Machine: {_machine(root)}.",
-           f"* Code: {_commits(runs)}.",
-           f"* Total measured wall time of the runs: {total:.0f} s ({total / 60:.1f} min).",
-           f"* Regenerate: `python -m experiments.sweep "
-           f"--config=experiments/configs/suites.py:{suite}`; report only: "
-           f"`python -m experiments.report --root={root}`.", "",
-           "## Accuracy (%)", "", markdown_table(rows, cols), ""]
+  lines = _header(root, runs) + ["## Accuracy (%)", "", markdown_table(rows, cols), ""]
   if "val bal acc" in cols and len({family(r["name"]) for r in rows}) < len(rows):
     lines += ["## Selection on validation", "",
               "`val bal acc`: the final model's class-balanced accuracy on the validation "
