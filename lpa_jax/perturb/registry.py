@@ -162,6 +162,8 @@ LOGIT: dict[str, Callable[..., LogitMethod]] = {
         drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize,
         normalized_head=ctx.head == "cosine"),
 }
+
+
 class GradientPlacement(NamedTuple):
   """Where a run's config puts its gradient-level method (the methods themselves are optax
   transforms, or LPG's logit method): ``pre`` on the raw gradients, before the optimiser;
