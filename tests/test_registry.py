@@ -190,3 +190,30 @@ def test_lpa_with_logit_adjust_then_lpl_trains_with_all_three_acting(tmp_path, f
   assert max(row["lpl_delta_norm_C"]) > 0 and max(row["delta_norm_C"]) > 0
   row_lpl = first_row("lpl", tmp_path / "lpl")
   assert not np.allclose(row["loss"], row_lpl["loss"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"activation": "lpa", "lpa.eps": 0.0, "lpa.delta_eps": 0.0}, "lpa with eps=0 and delta_eps=0"),
+    ({"activation": "dropout", "dropout.rate": 0.0}, "dropout with rate=0"),
+    ({"activation": "noise", "noise.sigma": 0.0}, "noise with sigma=0"),
+    ({"activation": "adversarial", "adversarial.eps": 0.0}, "adversarial with eps=0"),
+    ({"logit": "lpl", "lpl.alpha": 0.0}, "lpl with alpha=0"),
+    ({"logit": "logit_adjust,lpl", "logit_adjust.tau": 0.0}, "logit_adjust with tau=0"),
+    ({"gradient": "lpg", "lpg.eps": 0.0, "lpg.delta_eps": 0.0}, "lpg with eps=0 and delta_eps=0"),
+    ({"gradient": "grad_noise", "grad_noise.eta": 0.0}, "grad_noise with eta=0"),
+])
+def test_a_selected_method_that_perturbs_nothing_is_refused(overrides, reason):
+  from experiments.configs import common, longtail
+  c = longtail.get_config("quick")
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = c.perturb
+    for p in path:
+      node = node[p]
+    node[last] = value
+  with pytest.raises(common.InvalidConfig, match=f"{reason} perturbs nothing"):
+    common.validate(c)
+  # The same block is fine while the method is not selected.
+  for level in ("activation", "logit", "gradient"):
+    c.perturb[level] = "none"
+  common.validate(c)

@@ -235,7 +235,51 @@ def selected(pcfg) -> list[tuple[str, str]]:
     _lookup({"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}[level], level, name)
   chosen = [(lvl, n) for lvl, n in out if n != "none"]
   check_one_split(pcfg, [n for _, n in chosen])
+  for _, n in chosen:
+    check_not_null(n, getattr(pcfg, n, None))
   return chosen
+
+
+def _zero(*fields):
+  """A rule: ``'f=0 and g=0'`` when every one of ``fields`` is zero, else None."""
+  return lambda b: (" and ".join(f"{f}=0" for f in fields)
+                    if all(float(b[f]) == 0 for f in fields) else None)
+
+
+def _lpl_null(b):
+  if float(b["alpha"]) == 0:
+    return "alpha=0"
+  return "steps=0 (fixed K)" if not b["varied"] and int(b["steps"]) == 0 else None
+
+
+def _lpg_null(b):
+  if b["varied"]:
+    return _zero("eps", "delta_eps")(b)
+  return "eps=0 (fixed radius)" if float(b["eps"]) == 0 else None
+
+
+# A selected method whose strength is zero would run as plain training under its name.  The
+# factories accept zero (identity at zero radius is a property the tests use); a run does not.
+NULL_SETTINGS: dict[str, Callable] = {
+    "lpa": _zero("eps", "delta_eps"), "lpa_adaptive": _zero("eps", "delta_eps"),
+    "dropout": _zero("rate"), "noise": _zero("sigma"), "adversarial": _zero("eps"),
+    "lpl": _lpl_null, "logit_adjust": _zero("tau"), "lpg": _lpg_null,
+    "grad_noise": _zero("eta"),
+}
+
+
+def check_not_null(name: str, block) -> None:
+  """Refuses a selected method whose hyper-parameters make it do nothing (``lpl.alpha=0``,
+  ``logit_adjust.tau=0``, a zero radius, rate or noise scale): its run would be plain training
+  reported under the method's name.
+
+  >>> check_not_null("logit_adjust", {"tau": 1.0, "mode": "loss"})   # perturbs: no error
+  """
+  rule = NULL_SETTINGS.get(name)
+  reason = rule(block) if rule is not None and block is not None else None
+  if reason:
+    raise ValueError(f"{name} with {reason} perturbs nothing: the run would be plain training "
+                     f"under {name}'s name; set a non-zero value, or select none at its level")
 
 
 CLASS_LEVEL = ("lpa", "lpa_adaptive", "lpl", "lpg")
