@@ -122,12 +122,8 @@ def progress_bar(total: int, desc: str, progress: bool):
   try:
     from tqdm.auto import tqdm
   except ImportError:  # pragma: no cover
-    tqdm = None
-  if tqdm is None:
-    class _NoBar:
-      def __getattr__(self, _):
-        return lambda *a, **k: None
-    return _NoBar()
+    from lpa_jax.train.loop import NoBar
+    return NoBar()
   return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
 
 

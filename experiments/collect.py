@@ -23,6 +23,7 @@ RECORDS = ("config.json", "method.json", "results.json", "metrics.jsonl", "predi
 DONE = ("results.json", "stopped.json")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+
 def finished_runs(src: str) -> list[str]:
   """``runs/<method>/seed<k>`` paths under ``src`` that hold ``results.json`` or
   ``stopped.json``, sorted."""
@@ -43,8 +44,8 @@ def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
   in the sweep (``--stale=rerun``) leaves no file of its earlier version behind.
   """
   with open(os.path.join(src, "suite.json")) as f:
-    suite = json.load(f)["suite"]
-  dest = dest or os.path.join(RESULTS, suite)
+    meta = json.load(f)
+  dest = dest or os.path.join(RESULTS, meta["suite"])
   runs = finished_runs(src)
   if not runs:
     raise FileNotFoundError(f"No finished runs under {src}/runs (nothing holds "
@@ -58,16 +59,14 @@ def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
       path = os.path.join(src, rel, name)
       if os.path.exists(path):
         shutil.copy2(path, os.path.join(target, name))
-  _write_suite(src, dest)
+  _write_suite(meta, dest)
   return dest, runs
 
 
-def _write_suite(src: str, dest: str) -> None:
-  """``src``'s ``suite.json`` with ``seeds`` the seeds ``dest``'s records hold (a sweep writes
-  those of its own invocation, e.g. one ``--seeds`` slice)."""
+def _write_suite(meta: dict, dest: str) -> None:
+  """The sweep's ``suite.json`` ``meta`` into ``dest``, with ``seeds`` the seeds ``dest``'s
+  records hold (a sweep writes those of its own invocation, e.g. one ``--seeds`` slice)."""
   from lpa_jax.train.workdir import write_json_atomic
-  with open(os.path.join(src, "suite.json")) as f:
-    meta = json.load(f)
   seeds = {int(s.removeprefix("seed")) for rel in finished_runs(dest)
            for s in [os.path.basename(rel)]}
   meta["seeds"] = sorted(seeds)

@@ -245,8 +245,8 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
       continue
     if status == "stopped":
       cli.say(f"{suite.name}: {r['name']} seed {r['seed']} was stopped earlier, not rerun "
-           f"(delete {os.path.join(workdir, STOPPED_FILE)} to try again): "
-           f"{detail.splitlines()[0][:300]}")
+              f"(delete {os.path.join(workdir, STOPPED_FILE)} to try again): "
+              f"{detail.splitlines()[0][:300]}")
       counts["stopped"] += 1
       bar.update(1)
       continue
@@ -275,7 +275,7 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
       counts["ran"] += 1
       bar.update(1)
       cli.say(f"{suite.name}: {r['name']} seed {r['seed']}: test acc "
-           f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
+              f"{100 * res['test_accuracy']:.2f}%  ({res['wall_time_s']:.0f} s)")
   bar.close()
   if report:
     from experiments import report as report_mod

@@ -201,6 +201,7 @@ def test_lpa_with_logit_adjust_then_lpl_trains_with_all_three_acting(tmp_path, f
     ({"logit": "logit_adjust,lpl", "logit_adjust.tau": 0.0}, "logit_adjust with tau=0"),
     ({"gradient": "lpg", "lpg.eps": 0.0, "lpg.delta_eps": 0.0}, "lpg with eps=0 and delta_eps=0"),
     ({"gradient": "grad_noise", "grad_noise.eta": 0.0}, "grad_noise with eta=0"),
+    ({"gradient": "sam", "sam.rho": 0.0}, "sam with rho=0"),
 ])
 def test_a_selected_method_that_perturbs_nothing_is_refused(overrides, reason):
   from experiments.configs import common, longtail

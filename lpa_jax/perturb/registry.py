@@ -136,10 +136,6 @@ def _class_level(factory, *fields):
   return make
 
 
-def _fields(factory, *fields):
-  return lambda cfg, ctx: factory(**{f: cfg[f] for f in fields})
-
-
 ACTIVATION: dict[str, Callable[..., Placed]] = {
     "none": lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1]), diagnostics=False),
     "lpa": _lpa,
@@ -185,17 +181,12 @@ def _gaf(cfg, ctx: Context) -> GradientPlacement:
   return GradientPlacement(pre=tx) if cfg.where == "raw" else GradientPlacement(post=tx)
 
 
-def _sam(cfg, ctx: Context) -> GradientPlacement:
-  gradient.sam(optax.identity(), cfg.rho)  # checks rho now, not when the optimiser is built
-  return GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho))
-
-
 GRADIENT: dict[str, Callable[..., GradientPlacement]] = {
     "none": lambda cfg, ctx: GradientPlacement(),
     "lpg": lambda cfg, ctx: GradientPlacement(
         logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)),
     "gaf": _gaf,
-    "sam": _sam,
+    "sam": lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho)),
     "clip": lambda cfg, ctx: GradientPlacement(pre=gradient.clip(cfg.max_norm)),
     "grad_noise": lambda cfg, ctx: GradientPlacement(pre=gradient.grad_noise(
         cfg.eta, cfg.gamma, seed=_run_seed(ctx.seed, cfg.seed))),
@@ -264,14 +255,14 @@ NULL_SETTINGS: dict[str, Callable] = {
     "lpa": _zero("eps", "delta_eps"), "lpa_adaptive": _zero("eps", "delta_eps"),
     "dropout": _zero("rate"), "noise": _zero("sigma"), "adversarial": _zero("eps"),
     "lpl": _lpl_null, "logit_adjust": _zero("tau"), "lpg": _lpg_null,
-    "grad_noise": _zero("eta"),
+    "grad_noise": _zero("eta"), "sam": _zero("rho"),
 }
 
 
 def check_not_null(name: str, block) -> None:
   """Refuses a selected method whose hyper-parameters make it do nothing (``lpl.alpha=0``,
-  ``logit_adjust.tau=0``, a zero radius, rate or noise scale): its run would be plain training
-  reported under the method's name.
+  ``logit_adjust.tau=0``, ``sam.rho=0``, a zero radius, rate or noise scale): its run would be
+  plain training reported under the method's name.
 
   >>> check_not_null("logit_adjust", {"tau": 1.0, "mode": "loss"})   # perturbs: no error
   """
