@@ -8,7 +8,13 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
   intervals and McNemar's test, against the first method and the best other baseline);
 * ``strength:<name>`` — that suite's perturbation-strength table;
 * ``rarest:<name>`` — that suite's per-seed test accuracy on its three rarest classes;
+* ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
+
+``<name>`` may join suites whose runs share the protocol and pair by seed (the same data,
+initialisation and batch order for the same seed): ``main[ce|lpa]+mechanism@0,1,2`` takes
+``main``'s methods with run slugs ``ce`` and ``lpa`` (in that order, the first the paired
+reference), then every method of ``mechanism``, all at seeds 0, 1, 2.
 * ``bench:<path.json>`` — the table and target checks of a ``python -m experiments.bench`` run
   (or, for a ``--fractions`` run, its F_up/F table);
 * ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise);
@@ -32,6 +38,7 @@ BLOCK = re.compile(r"(<!-- BEGIN (\S+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 
 def suite_table(name: str) -> str:
+  """The accuracy table of a suite (or joined suites, :func:`_runs`)."""
   runs = _runs(name)
   cols = [c for c, _ in report.metric_columns(runs)]
   return report.markdown_table(report.summarise(runs), cols)
@@ -113,10 +120,29 @@ def throughput_table(path: str) -> str:
           + "\n\n" + throughput.markdown(run))
 
 
-def _runs(name: str) -> list[dict]:
-  runs = report.load_runs(os.path.join(RESULTS, name))
-  if not runs:
-    raise FileNotFoundError(f"no finished runs for suite {name!r} under {RESULTS}")
+def _runs(spec: str) -> list[dict]:
+  """The finished runs a block names: a suite, or suites joined as described above."""
+  spec, _, seed_list = spec.partition("@")
+  seeds = {int(k) for k in seed_list.split(",")} if seed_list else None
+  runs = []
+  for part in spec.split("+"):
+    name, _, picked = part.partition("[")
+    suite = report.load_runs(os.path.join(RESULTS, name))
+    if not suite:
+      raise FileNotFoundError(f"no finished runs for suite {name!r} under {RESULTS}")
+    if picked:
+      slugs = picked.rstrip("]").split("|")
+      missing = sorted(set(slugs) - {r["slug"] for r in suite})
+      if missing:
+        raise ValueError(f"suite {name!r} has no runs {missing}; its methods' slugs: "
+                         f"{sorted({r['slug'] for r in suite})}")
+      suite = sorted((r for r in suite if r["slug"] in slugs),
+                     key=lambda r: (slugs.index(r["slug"]), r["seed"]))
+    runs += [r for r in suite if seeds is None or r["seed"] in seeds]
+  names = [r["name"] for r in runs]
+  clash = {n for n in names if names.count(n) > len({r["seed"] for r in runs if r["name"] == n})}
+  if clash:
+    raise ValueError(f"{spec}: joined suites both have methods named {sorted(clash)}")
   return runs
 
 
@@ -130,6 +156,8 @@ def render(key: str) -> str:
     return report.strength_table(_runs(arg))
   if kind == "rarest":
     return report.rarest_table(_runs(arg))
+  if kind == "stopped":
+    return report.stopped_table(os.path.join(RESULTS, arg))
   if kind == "suites-time":
     return suites_time()
   if kind == "bench":
@@ -139,7 +167,7 @@ def render(key: str) -> str:
   if kind == "bench-throughput":
     return throughput_table(arg)
   raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
-                   "strength:<name>, rarest:<name>, suites-time, bench:<json>, "
+                   "strength:<name>, rarest:<name>, stopped:<name>, suites-time, bench:<json>, "
                    "bench-diff:<json>,<json>, bench-throughput:<json>")
 
 

@@ -297,6 +297,26 @@ def stopped_runs(root: str) -> list[tuple[str, str]]:
   return out
 
 
+def stopped_table(root: str) -> str:
+  """Each stopped run's epochs as it logged them (``metrics.jsonl``): training and test
+  accuracy and the loss change on the perturbed classes, so how it ended can be read."""
+  out = []
+  for workdir, _ in stopped_runs(root):
+    rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if not rows:
+      continue
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    nats = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    out += [f"`{os.path.relpath(workdir, root)}` (epochs logged before the stop: 1–{rows[-1]['epoch']}):", "",
+            "| epoch | " + " | ".join(str(r["epoch"]) for r in rows) + " |",
+            "|---|" + "---|" * len(rows),
+            "| train acc % | " + " | ".join(pct(r.get("accuracy")) for r in rows) + " |",
+            "| test acc % | " + " | ".join(pct(r.get("test_accuracy")) for r in rows) + " |",
+            "| loss change (nats) | " + " | ".join(nats(r.get("loss_change_signed"))
+                                                  for r in rows) + " |", ""]
+  return "\n".join(out).rstrip()
+
+
 def _section(title: str, text: str, table: str) -> list[str]:
   """A report section's lines (heading, explanation, table); none for an empty table."""
   return [f"## {title}", "", text, "", table, ""] if table else []
@@ -382,6 +402,8 @@ def write_report(root: str) -> dict[str, str]:
     lines += ["", "## Runs stopped by the trainer's guards (not in the tables)", ""]
     lines += [f"* `{os.path.relpath(p, root)}`: {reason.splitlines()[0]}"
               for p, reason in stopped]
+    lines += ["", "Their epochs up to the stop (training accuracy is on the perturbed "
+              "batches):", "", stopped_table(root)]
   if unreadable:  # named, so a missing row is never mistaken for a finished suite
     lines += ["", "## Unreadable run files (left out of the tables)", ""]
     lines += [f"* `{os.path.relpath(p, root)}`: {err}" for p, err in unreadable]

@@ -126,7 +126,8 @@ def plan(suite, seeds=None) -> list[dict]:
 
 def machine() -> dict:
   import jax
-  return {"platform": platform.platform(), "processor": platform.processor() or "?",
+  from lpa_jax.train.results import host_cpu
+  return {"platform": platform.platform(), "processor": host_cpu(),
           "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 

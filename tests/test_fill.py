@@ -90,3 +90,25 @@ def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
     before = copy.read_text()
     fill.fill(str(copy))
     assert copy.read_text() == before, f"{rel} is stale: python -m experiments.fill {rel}"
+
+
+def test_joined_suites_pair_by_seed_and_name_bad_slugs():
+  import pytest
+  spec = "fmnist_lt_main[ce|lpa]+fmnist_lt_mechanism@0,1,2"
+  runs = fill._runs(spec)
+  names = list(dict.fromkeys(r["name"] for r in runs))
+  assert names[:2] == ["CE", "LPA"] and "LPA fixed radius" in names
+  assert {r["seed"] for r in runs} == {0, 1, 2}
+  paired = fill.render("paired:" + spec)
+  # The mechanism rows are paired with the main table's CE over the 3 shared seeds.
+  assert "| LPA fixed radius | CE | 3 |" in paired
+  assert "| LPA tail-expansive only | LPA | 3 |" in fill.render(
+      "paired:fmnist_lt_main[lpa]+fmnist_lt_mechanism@0,1,2")
+  with pytest.raises(ValueError, match=r"has no runs \['cee'\].*'ce'"):
+    fill._runs("fmnist_lt_main[cee]")
+
+
+def test_stopped_block_shows_the_stopped_runs_epochs():
+  text = fill.render("stopped:fmnist_lt_mechanism")
+  assert text.startswith("`runs/lpa-beta-0-9/seed1` (epochs logged before the stop: 1–8)")
+  assert "| test acc % |" in text and "| loss change (nats) |" in text

@@ -436,6 +436,32 @@ def test_check_perturbing_allows_a_balanced_split_before_its_first_signs():
     check_perturbing({"delta_norm_C": [0.0, 0.0], "sign_C": [0.0, -1.0]}, epoch=1)
 
 
+def test_nothing_perturbed_names_dead_features_apart_from_a_radius_fault():
+  # fmnist_lt_mechanism's "LPA beta=0.9" seed 1: training collapsed, the clean activations at
+  # the point died, and the relative radius with them; the message must say so, not blame
+  # the radius setting.
+  from lpa_jax.train.guards import NothingPerturbed, check_perturbing
+  dead = {"delta_norm_C": [0.0, 0.0, 0.0], "sign_C": [-1.0, 1.0, 1.0], "act_norm_C": [0.0] * 3,
+          "present_C": [1.0, 1.0, 0.0], "accuracy": 0.41, "test_accuracy": 0.1}
+  with pytest.raises(NothingPerturbed, match=r"(?s)the clean activations at the point are "
+                     r"zero.*features there died.*training accuracy 41\.0 %.*test accuracy "
+                     r"10\.0 %") as err:
+    check_perturbing(dead, epoch=9, perturbation=("lpa", "stage2"))
+  assert "Check the radius" not in str(err.value)
+  alive = {**dead, "act_norm_C": [0.0, 2.5, 0.0]}  # one present class still has features
+  with pytest.raises(NothingPerturbed, match="Check the radius") as err:
+    check_perturbing(alive, epoch=9, perturbation=("lpa", "stage2"))
+  assert "died" not in str(err.value)
+
+
+def test_diagnostics_report_the_clean_activation_norm():
+  import jax.numpy as jnp
+  from lpa_jax.perturb.diagnostics import perturbation_diagnostics
+  act = jnp.array([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]])
+  aux = perturbation_diagnostics(act + 1.0, act, jnp.array([0, 1, 0]), 3, None, None, None)
+  assert jnp.allclose(aux["act_norm_C"], jnp.array([7.5, 0.0, 0.0]))
+
+
 def test_absurd_absolute_radius_stops_the_run(tmp_path, fmnist_lt):
   from lpa_jax.train.guards import NothingPerturbed
   cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.radius_mode": "absolute",

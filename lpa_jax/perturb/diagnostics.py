@@ -16,7 +16,7 @@ from lpa_jax.perturb.tables import per_class_mean, row_norms
 # Per-class vectors that must be finite for every present class (a NaN statistic would
 # otherwise give NaN radii and, through the projection, a silently zero δ).
 CHECKED = ("class_stat_C", "delta_norm_C", "radius_C", "delta_table_norm_C", "loss_change_C",
-           "expansive_share_C", "clean_prob_C", "sign_C")
+           "expansive_share_C", "clean_prob_C", "sign_C", "act_norm_C")
 
 
 def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, logits,
@@ -24,7 +24,9 @@ def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, 
                              loss_fn=None) -> dict:
   """Per-class means over the batch's samples of a perturbation ``δ = new_act − act``.
 
-  ``delta_norm_C`` (mean ‖δ_i‖), ``sign_C``, ``expansive_share_C`` (share with ‖a+δ‖ > ‖a‖),
+  ``delta_norm_C`` (mean ‖δ_i‖), ``act_norm_C`` (mean clean ‖a_i‖: a relative radius is a share
+  of it, and a zero here means the features at the point died), ``sign_C``,
+  ``expansive_share_C`` (share with ‖a+δ‖ > ‖a‖),
   ``present_C``, ``invalid_labels`` (labels outside ``[0, C)``: :func:`check_finite` raises on
   them); with ``clean_logits`` also ``loss_change_C`` (perturbed minus clean loss, in
   ``loss_fn`` — the loss PGD follows, default cross-entropy; the clean loss uses
@@ -40,6 +42,7 @@ def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, 
   sign_C = jnp.zeros((num_classes,)) if sign_C is None else sign_C
   out = {
       "delta_norm_C": per_class_mean(onehot_BxC, row_norms(delta)),
+      "act_norm_C": per_class_mean(onehot_BxC, row_norms(act)),
       "sign_C": jnp.asarray(sign_C, jnp.float32) * jnp.ones(num_classes),
       "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
       "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),

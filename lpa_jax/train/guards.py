@@ -9,6 +9,10 @@ with no signed class at all is how that split starts, not a fault.
   >>> check_perturbing({"delta_norm_C": [0.0, 0.2], "sign_C": [0.0, 1.0]}, epoch=2)
   >>> check_perturbing({"delta_norm_C": [0.0, 0.0], "sign_C": [0.0, 0.0]}, epoch=1)
 
+δ can also vanish because the network did: when training collapses, the features at the point
+die (every clean activation zero) and a relative radius ε·‖a‖ is zero with them.  The rows'
+``act_norm_C`` tells the two apart, and the message names the one that happened.
+
 Strength: the per-class loss change ``loss_change_C`` (perturbed minus clean loss) that LPA and
 the adversarial baseline log grows during training, about tenfold on Fashion-MNIST-LT between
 epoch 1 and mid-training (``experiments/results/fmnist_lt_tune``), so a radius calibrated at
@@ -48,12 +52,40 @@ def check_perturbing(row: dict, epoch: int, perturbation=("none", None)) -> None
   method, point = perturbation
   where = f"{method}" + (f" at point {point!r}" if point else "")
   signed = np.flatnonzero(sign_C != 0).tolist() if np.ndim(sign_C) else []
+  head = (f"Training stopped: {where} perturbed nothing in epoch {epoch}: δ is zero for every "
+          f"class (signed classes: {signed or 'none'}), so this run would equal plain "
+          "cross-entropy under the method's name. ")
+  if _features_died(row):
+    raise NothingPerturbed(
+        head + "The cause is the network, not the radius: the clean activations at the "
+        "point are zero for every class (mean ‖a‖ per class: "
+        f"{_rounded(row['act_norm_C'])}), so a radius relative to ‖a‖ is zero too. The "
+        "features there died: training collapsed (this epoch's training accuracy "
+        f"{_percent(row.get('accuracy'))}, test accuracy {_percent(row.get('test_accuracy'))}). "
+        "Look at the earlier epochs' loss change (metrics.jsonl, loss_change_C) for the "
+        "perturbation that drove it; a smaller radius (perturb.*.eps), β or learning rate "
+        "avoids it. The last good checkpoint is kept in the work dir.")
   raise NothingPerturbed(
-      f"Training stopped: {where} perturbed nothing in epoch {epoch}: δ is zero for every "
-      f"class (signed classes: {signed or 'none'}), so this run would equal plain "
-      "cross-entropy under the method's name. Check the radius (perturb.*.eps and its "
-      "radius_mode: an absolute radius far beyond the activations' scale overflows) and the "
-      "class split. The last good checkpoint is kept in the work dir.")
+      head + "Check the radius (perturb.*.eps and its radius_mode: an absolute radius far "
+      "beyond the activations' scale overflows) and the class split. The last good "
+      "checkpoint is kept in the work dir.")
+
+
+def _features_died(row: dict) -> bool:
+  """Whether the row's clean activation norms (``act_norm_C``) are zero at every present class."""
+  if "act_norm_C" not in row:
+    return False
+  norm_C = np.asarray(row["act_norm_C"], np.float64)
+  present = np.asarray(row.get("present_C", np.ones_like(norm_C)), np.float64) > 0
+  return bool(np.any(present) and np.all(norm_C[present] == 0))
+
+
+def _rounded(values) -> list[float]:
+  return [float(f"{v:.3g}") for v in np.asarray(values, np.float64)]
+
+
+def _percent(value) -> str:
+  return "n/a" if value is None else f"{100 * float(value):.1f} %"
 
 
 class PerturbationTooStrong(FloatingPointError):

@@ -113,9 +113,12 @@ def write_predictions(path: str, preds: dict, data) -> None:
 
 def code_version() -> dict:
   """The git commit of the code that ran (``dirty`` when it had uncommitted changes; ``None``
-  outside a git checkout) and ``XLA_FLAGS``: every run records what produced it (on XLA:CPU
-  the thread count changes the floating-point sums, so a rerun matches exactly only under the
-  same flags)."""
+  outside a git checkout), ``XLA_FLAGS`` and the host CPU (:func:`host_cpu`): every run
+  records what produced it.  On XLA:CPU the thread count changes the floating-point sums, and
+  XLA compiles for the host's vector instructions, so a rerun matches bit for bit only under
+  the same flags on the same kind of CPU.  (Reruns of Fashion-MNIST-LT main-table runs on a
+  later session's machine differed from the records in the last digits from the first epoch
+  on; which CPU made the records was not recorded then.)"""
   import subprocess
   here = os.path.dirname(os.path.abspath(__file__))
   try:
@@ -127,4 +130,21 @@ def code_version() -> dict:
   except (OSError, subprocess.SubprocessError):
     commit, status = None, None
   return {"commit": commit, "dirty": None if status is None else bool(status.strip()),
-          "xla_flags": os.environ.get("XLA_FLAGS")}
+          "xla_flags": os.environ.get("XLA_FLAGS"), "cpu": host_cpu()}
+
+
+def host_cpu() -> str:
+  """The host CPU's model name and its vector extensions (``/proc/cpuinfo``; on other systems
+  ``platform.processor()``), e.g. ``'AMD EPYC; avx2 avx512f fma'``."""
+  import platform
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or "?"
+  field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines()  # noqa: E731
+                            if line.startswith(key)), "")
+  flags = sorted(f for f in field("flags").split()
+                 if f.startswith(("avx", "fma", "amx")) or f in ("sse4_2", "f16c"))
+  return "; ".join(x for x in (field("model name") or platform.processor() or "?",
+                               " ".join(flags)) if x)
