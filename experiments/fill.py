@@ -10,6 +10,7 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``rarest:<name>`` — that suite's per-seed test accuracy on its three rarest classes;
 * ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
+* ``time:<name>`` — that suite's run count and summed run wall time (one core per run);
 
 ``<name>`` may join suites whose runs share the protocol and pair by seed (the same data,
 initialisation and batch order for the same seed): ``main[ce|lpa]+mechanism@0,1,2`` takes
@@ -52,6 +53,15 @@ def suites_time() -> str:
       total += sum(r["results"].get("wall_time_s", 0.0) for r in runs)
       n += len(runs)
   return f"{n} runs, summed wall time {total:.0f} s ({total / 60:.0f} min)"
+
+
+def suite_time(names: str) -> str:
+  """``suite: N runs, X core-hours`` (each run's measured wall time, one core per run);
+  ``a+b+...`` gives the total over those suites."""
+  runs = [r for name in names.split("+") for r in _runs(name)]
+  total = sum(r["results"].get("wall_time_s", 0.0) for r in runs)
+  label = " + ".join(f"`{n}`" for n in names.split("+"))
+  return f"{label}: {len(runs)} runs, {total / 3600:.1f} core-hours"
 
 
 def bench_table(path: str) -> str:
@@ -160,6 +170,8 @@ def render(key: str) -> str:
     return report.stopped_table(os.path.join(RESULTS, arg))
   if kind == "suites-time":
     return suites_time()
+  if kind == "time":
+    return suite_time(arg)
   if kind == "bench":
     return bench_table(arg)
   if kind == "bench-diff":
@@ -167,7 +179,7 @@ def render(key: str) -> str:
   if kind == "bench-throughput":
     return throughput_table(arg)
   raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
-                   "strength:<name>, rarest:<name>, stopped:<name>, suites-time, bench:<json>, "
+                   "strength:<name>, rarest:<name>, stopped:<name>, time:<name>, suites-time, bench:<json>, "
                    "bench-diff:<json>,<json>, bench-throughput:<json>")
 
 

@@ -112,3 +112,13 @@ def test_stopped_block_shows_the_stopped_runs_epochs():
   text = fill.render("stopped:fmnist_lt_mechanism")
   assert text.startswith("`runs/lpa-beta-0-9/seed1` (epochs logged before the stop: 1–8)")
   assert "| test acc % |" in text and "| loss change (nats) |" in text
+
+
+def test_time_block_sums_the_runs_wall_time():
+  from experiments import report
+  runs = report.load_runs(fill.RESULTS + "/fmnist_lt_schedule")
+  hours = sum(r["results"]["wall_time_s"] for r in runs) / 3600
+  assert fill.render("time:fmnist_lt_schedule") == (
+      f"`fmnist_lt_schedule`: {len(runs)} runs, {hours:.1f} core-hours")
+  both = fill.render("time:fmnist_lt_schedule+fmnist_lt_schedule")
+  assert both.endswith(f"{2 * len(runs)} runs, {2 * hours:.1f} core-hours")
