@@ -309,11 +309,31 @@ def _noisy(setting: str):
                     "fmnist_lt_tune; last and best epoch's test accuracy."))
 
 
+CIFAR_LT_EPOCHS = 30
+
+
+def cifar_lt_probe():
+  """Issue 20's long-tail CIFAR question, asked cheaply first: CE on the published CIFAR-10
+  (JPEG-75)-LT settings (all 5000 images of the largest class, IR 100 / 50 / 10: 12,406 /
+  13,996 / 20,431 images) with the quick_cifar10 CNN (32-64-128, crop and flip) for
+  30 epochs, one seed: which is the cheapest at which CE learns every class,
+  and what one run costs on this machine.  The table of 5 methods x 3 seeds runs there only if
+  that cost fits the budget."""
+  methods = tuple({"name": f"CE IR {ir:g}", "data.imbalance_ratio": float(ir)}
+                  for ir in (100, 50, 10))
+  return _suite("cifar_lt_probe", "longtail.py:quick_cifar10", methods, seeds=(0,),
+                overrides={"data.n_max": 5000, "optim.num_epochs": CIFAR_LT_EPOCHS,
+                           "train.checkpoint_every": 2}, description=(
+                    f"CIFAR-10 (JPEG-75)-LT, n_max 5000 (the published profile), IR 100 / 50 / "
+                    f"10, full test set, CNN 32-64-128, crop+flip, 30 epochs, "
+                    "CE, seed 0: where CE learns every class, and the cost of a run."))
+
+
 CONVERGED = {"fmnist_lt_schedule": fmnist_lt_schedule, "fmnist_lt_tune": fmnist_lt_tune,
              "fmnist_lt_main": fmnist_lt_main, "fmnist_lt_mechanism": fmnist_lt_mechanism,
              "repro_sample": repro_sample,
              "rmnist_schedule": rmnist_schedule, "rmnist_dg": rmnist_dg,
-             "noisy_schedule": noisy_schedule,
+             "noisy_schedule": noisy_schedule, "cifar_lt_probe": cifar_lt_probe,
              **{f"noisy_fmnist_{k}": (lambda k=k: _noisy(k)) for k in NOISE_SETTINGS}}
 
 
