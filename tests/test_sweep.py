@@ -27,6 +27,16 @@ def test_every_suite_plans_valid_configs():
   assert suites.get_config("all").suites == suites.SUITES
 
 
+def test_every_evidence_suite_plans_valid_configs():
+  for name in suites.CONVERGED:
+    suite = suites.get_config(name)
+    runs = sweep.plan(suite)
+    assert len(runs) == len(suite.methods) * len(suite.seeds), name
+  probe = {r["name"]: r["config"] for r in sweep.plan(suites.get_config("cifar_lt_probe"))}
+  assert sorted(c.data.imbalance_ratio for c in probe.values()) == [10.0, 50.0, 100.0]
+  assert {c.data.n_max for c in probe.values()} == {5000}
+
+
 def test_methods_override_the_right_fields():
   runs = {r["name"]: r["config"] for r in sweep.plan(suites.get_config("ablation_fmnist"), [0])}
   assert runs["LPA contractive only"].perturb.lpa.split == "all_negative"
