@@ -206,7 +206,8 @@ def measure_lpl(setup: Setup, alpha: float, steps: int | None = None) -> dict:
   count = _counts(setup)
   change, own, norm = 0.0, 0.0, 0.0
   for z, batch in zip(setup.clean_logits, setup.batches):
-    z2, w_B, aux = apply(state, z, batch)
+    out = apply(state, z, batch)
+    z2, w_B, aux = out.logits_BxC, out.weights_B, out.aux
     t = batch.targets_BxC
     dloss_B = w_B * default_loss(z2, t) - default_loss(z, t)
     n_C = np.asarray(t.sum(0))

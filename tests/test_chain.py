@@ -67,7 +67,7 @@ def test_lpa_then_la_and_lpl_compose_without_a_context():
   batch = BATCH._replace(x=x)
   loss_fn = pgd_loss_of(logit, logit.init(), batch, 0)
   out = perturbed_apply(method, cut, method.init(), variables, x, Y, loss_fn=loss_fn)
-  z, w_B, aux = logit.apply(logit.init(), out.logits_BxC, batch, 0)
+  z, w_B, _, aux = logit.apply(logit.init(), out.logits_BxC, batch, 0)
   by_hand = lp.apply(lp.init(), la.apply(la.init(), out.logits_BxC, batch, 0)[0], batch, 0)[0]
   np.testing.assert_array_equal(z, by_hand)
   np.testing.assert_array_equal(w_B, 1.0)
@@ -87,7 +87,7 @@ def test_la_lpl_lpg_chain_in_order_with_lpg_on_the_gradient_only():
   la, lp, g = _la(), _lpl(), _lpg()
   three, two = chain(la, lp, g), chain(la, lp)
   assert len(three.init()) == 3
-  z3, w3, aux3 = _run(three)
+  z3, w3, _, aux3 = _run(three)
   np.testing.assert_array_equal(z3, _run(two)[0])             # LPG keeps the forward
   assert set(aux3) == {"lpl_delta_norm_C", "lpl_steps_C", "lpg_radius_C"}
   np.testing.assert_array_equal(w3, 1.0)
@@ -104,6 +104,26 @@ def test_la_lpl_lpg_chain_in_order_with_lpg_on_the_gradient_only():
                                 pgd_loss_of(two, two.init(), BATCH, 0)(Z, t))
   state = three.refresh(three.init(), None, 1)
   assert len(state) == 3
+
+
+def test_class_level_logit_methods_keep_their_own_statistics_and_refresh_from_them():
+  """LPL (balanced split) starts with no direction, gathers the batch's statistics from the
+  clean logits a chain was given, and re-splits from them at refresh: below-mean classes
+  expansive."""
+  lp = lpl(C, split="balanced", alpha=0.1, steps=2)
+  m = chain(_la(), lp)
+  out = m.apply(m.init(), Z, BATCH, 0)
+  own = out.state[1]
+  np.testing.assert_array_equal(own.sign_C, 0.0)                       # no split yet
+  np.testing.assert_array_equal(own.stats.count_C, np.asarray(BATCH.targets_BxC.sum(0)))
+  prob_C = np.asarray((jax.nn.softmax(Z) * BATCH.targets_BxC).sum(-1) @ BATCH.targets_BxC)
+  np.testing.assert_allclose(own.stats.prob_sum_C, prob_C, rtol=1e-5)  # Z, not LA's output
+  new = m.refresh(out.state)
+  q_C = prob_C / np.maximum(np.asarray(BATCH.targets_BxC.sum(0)), 1)
+  seen = np.asarray(BATCH.targets_BxC.sum(0)) > 0
+  want = np.where(seen, np.where(q_C < q_C[seen].mean(), 1.0, -1.0), 0.0)
+  np.testing.assert_array_equal(new[1].sign_C, want)
+  np.testing.assert_array_equal(new[1].stats.count_C, 0.0)              # a fresh epoch
 
 
 def test_chain_order_matters_where_it_should():
@@ -132,7 +152,7 @@ def test_predict_weights_and_nesting():
 def test_chain_of_none_or_one_is_that_method():
   lp = _lpl()
   assert chain(lp) is lp
-  z, w_B, aux = _run(chain())
+  z, w_B, _, aux = _run(chain())
   np.testing.assert_array_equal(z, Z)
   assert chain().init() == identity_logits().init() == () and aux == {}
 
@@ -170,7 +190,8 @@ def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
             cut=lj.cut_linen(Net10(), "block2", input_shape=(6,)),
             lpa=lj.lpa(10, split="longtail", class_counts=counts, eps=0.5))
   exec(compile(source, "README.md[logit-chain]", "exec"), ns)  # noqa: S102
-  new, _, loss = ns["train_step_la_lpl"](state, ns["lpa"].init(), x, y, jax.random.key(5))
+  new, _, lstate, loss = ns["train_step_la_lpl"](state, ns["lpa"].init(), ns["logit"].init(),
+                                                 x, y, jax.random.key(5))
   logit, batch = ns["logit"], Batch(x, y, jax.nn.one_hot(y, 10))
   out = perturbed_apply(ns["lpa"], ns["cut"], ns["lpa"].init(), {"params": state.params}, x, y,
                         jax.random.key(5), loss_fn=pgd_loss_of(logit, logit.init(), batch, 0))
@@ -178,6 +199,13 @@ def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
   assert abs(float(want) - float(_ce(out.logits_BxC, batch))) > 1e-3   # LA + LPL acted
   assert int(new.step) == 1
+  # LPL's state gathered the batch's class statistics from the clean logits (before LPA's δ
+  # and LA's shift); LA keeps no state.
+  stats = lstate[1].stats
+  np.testing.assert_array_equal(stats.count_C, np.bincount(np.asarray(y), minlength=10))
+  prob = jnp.sum(jax.nn.softmax(out.clean_logits) * batch.targets_BxC, -1)
+  np.testing.assert_allclose(stats.prob_sum_C, prob @ batch.targets_BxC, rtol=1e-5)
+  assert lstate[0] == ()
 
 
 # --------------------------------------------------------------------------- bad arguments
@@ -247,7 +275,7 @@ def test_hyper_parameters_are_keyword_only_and_ldam_schedules_agree():
   for step in (1599, 1600):
     for a, b in zip(_run(by_epochs, step=step), _run(by_step, step=step)):
       np.testing.assert_array_equal(jax.tree.leaves(a), jax.tree.leaves(b))
-  assert float(_run(ldam(COUNTS, normalized_head=True, drw=False), step=10**6)[2]["drw_on"]) == 0
+  assert float(_run(ldam(COUNTS, normalized_head=True, drw=False), step=10**6).aux["drw_on"]) == 0
 
 
 def test_every_gradient_method_goes_into_a_users_own_optimiser():
@@ -262,7 +290,7 @@ def test_every_gradient_method_goes_into_a_users_own_optimiser():
   def loss(p, logit=None):
     z = model.apply({"params": p}, x)
     if logit is not None:
-      z, _, _ = logit.apply(logit.init(), z, Batch(x, y, jax.nn.one_hot(y, C)), 0)
+      z, _, _, _ = logit.apply(logit.init(), z, Batch(x, y, jax.nn.one_hot(y, C)), 0)
     return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
   def update(tx, logit=None):

@@ -13,7 +13,6 @@ from flax import nnx
 
 from lpa_jax.models import get_model
 from lpa_jax.perturb.base import Batch, identity_logits
-from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
@@ -248,7 +247,7 @@ def _one_step(cut, variables):
   params = variables["params"]
   model_state = {k: s for k, s in variables.items() if k != "params"}
   state = TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params), act.init(),
-                     (), ClassStats.zeros(C), jax.random.PRNGKey(3))
+                     (), jax.random.PRNGKey(3))
   step = jax.jit(make_train_step(act, identity_logits(), tx,
                                  StepConfig(2, C)))
   batch = {"image": jax.random.normal(jax.random.PRNGKey(4), X.shape),

@@ -13,7 +13,6 @@ from lpa_jax.data.task import TaskData
 from lpa_jax.models import get_model
 from experiments.configs import methods as defaults
 from lpa_jax.perturb import activation, gradient, logit, registry
-from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.base import Batch, Context, LogitMethod, chain, identity, identity_logits
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
@@ -171,10 +170,10 @@ def test_ldam_margins_and_drw_switch_on_at_the_right_step():
                  num_epochs=5, steps_per_epoch=10)
   z = jax.random.normal(jax.random.key(4), (8, 4))
   apply = jax.jit(lambda s: m.apply((), z, batch, s))
-  out, w0, _ = apply(39)
+  out, w0, _, _ = apply(39)
   np.testing.assert_allclose(out, 30.0 * (z - batch.targets_BxC * m_C), rtol=1e-5)
   np.testing.assert_allclose(w0, 1.0)
-  _, w1, aux = apply(40)
+  _, w1, _, aux = apply(40)
   cb = (1 - 0.9999) / (1 - 0.9999 ** COUNTS)
   np.testing.assert_allclose(w1, (cb * 4 / cb.sum())[batch.labels_B], rtol=1e-5)
   assert float(aux["drw_on"]) == 1.0
@@ -204,7 +203,7 @@ def test_lpl_varied_steps_and_longtail_split():
   st = p.init()
   np.testing.assert_array_equal(st.sign_C, [-1, -1, 1, 1])      # head = round(0.4·4) = 2
   z = jax.random.normal(jax.random.key(5), (8, 4))
-  _, _, aux = p.apply(st, z, batch, 0)
+  _, _, _, aux = p.apply(st, z, batch, 0)
   # q_c = rank/3, τ = 1.5/3: gaps (.5, 1/6, 1/6, .5) → K_c = 2 + round(4·gap/max gap).
   np.testing.assert_array_equal(aux["lpl_steps_C"], [6, 3, 3, 6])
   norm_C = np.asarray(aux["lpl_delta_norm_C"])
@@ -258,7 +257,7 @@ def test_sam_step_matches_a_two_pass_reference():
   step = jax.jit(make_train_step(at(ctx, "logits", identity()), identity_logits(), tx, cfg))
   params = v["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), (), (),
-                     ClassStats.zeros(4), jax.random.key_data(jax.random.key(0)))
+                     jax.random.key_data(jax.random.key(0)))
   new, _ = step(state, {"image": x, "label": batch.labels_B})
 
   def loss(p):
@@ -289,7 +288,7 @@ def test_chain_composes_apply_weights_and_predict():
   z = jax.random.normal(jax.random.key(8), (8, 4))
   m = chain(logit.logit_adjust(COUNTS, mode="posthoc"),
             logit.ldam(COUNTS, normalized_head=True, scale=1.0, drw_start_step=40))
-  out, w, _ = m.apply(m.init(), z, batch, 49)
+  out, w, _, _ = m.apply(m.init(), z, batch, 49)
   np.testing.assert_allclose(out, z - batch.targets_BxC * logit.ldam_margins(COUNTS), rtol=1e-6)
   assert not np.allclose(w, 1.0)
   np.testing.assert_allclose(m.predict(m.init(), z), z - np.log(COUNTS / COUNTS.sum()), rtol=1e-6)

@@ -15,7 +15,6 @@ from flax import nnx
 
 from lpa_jax.models.staged import run_stages
 from lpa_jax.perturb.base import identity_logits
-from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional, reseed_nnx
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
@@ -343,7 +342,7 @@ def test_train_step_on_dropout_models(kind):
   tx = optax.sgd(0.1)
   params = variables.pop("params")
   state = TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params), act.init(),
-                     (), ClassStats.zeros(C), jax.random.PRNGKey(3))
+                     (), jax.random.PRNGKey(3))
   step = jax.jit(make_train_step(act, identity_logits(), tx, StepConfig(2, C)))
   batch = {"image": X, "label": jnp.arange(B) % C}
   new, metrics = step(state, batch)

@@ -140,7 +140,7 @@ def test_pgd_loss_of_a_composed_logit_method_carries_its_weights():
   y = jnp.arange(8) % 4
   b = lj.perturb.Batch(z, y, jax.nn.one_hot(y, 4))
   loss_fn = lj.perturb.pgd_loss_of(logit, logit.init(), b, 0)
-  zz, w, _ = logit.apply(logit.init(), z, b, 0)
+  zz, w, _, _ = logit.apply(logit.init(), z, b, 0)
   np.testing.assert_allclose(loss_fn(z, b.targets_BxC),
                              w * optax.softmax_cross_entropy(zz, b.targets_BxC), rtol=1e-6)
 

@@ -128,7 +128,7 @@ def _train(method, steps, spe, counter=None):
   tx = optax.sgd(0.05)
   params = VARS["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, {"batch_stats": VARS["batch_stats"]},
-                     tx.init(params), method.init(), (), ClassStats.zeros(C),
+                     tx.init(params), method.init(), (),
                      jax.random.PRNGKey(3))
   inner = make_train_step(method, identity_logits(), tx, StepConfig(spe, C))
 

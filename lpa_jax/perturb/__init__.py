@@ -15,7 +15,8 @@ rewrite the training logits (or their gradient) and compose in order with :func:
 >>> logit = chain(logit_adjust(counts, tau=1.0),
 ...               lpl(10, split="longtail", class_counts=counts, alpha=0.15),
 ...               lpg(10, split="longtail", class_counts=counts, eps=0.1))
->>> z, w_B, aux = logit.apply(logit.init(), z, Batch(x, y, targets), step)
+>>> out = logit.apply(lstate, z, Batch(x, y, targets), step)   # LogitOut(logits, weights,
+>>> lstate = out.state                                          #          state, aux)
 
 Gradient methods are optax transforms chained into your optimiser (:func:`gaf`, :func:`clip`,
 :func:`grad_noise`; :func:`sam` wraps one); LPG (:func:`lpg`) edits the logit gradients, so it
@@ -26,10 +27,10 @@ is a logit method chained last:
 from lpa_jax.perturb.activation import (adversarial, deep_augmentation, dropout, input_cut,
                                         manifold_mixup, mix, noise)
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, LogitMethod,
+from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, LogitMethod, LogitOut,
                                   Perturbed, Placed, chain, identity, identity_logits,
                                   pgd_loss_of)
-from lpa_jax.perturb.classes import ClassStats, Split
+from lpa_jax.perturb.classes import ClassStats, Split, SplitState
 from lpa_jax.perturb.diagnostics import check_finite
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
 from lpa_jax.perturb.gradient import clip, gaf, grad_noise, lpg, lpg_logits, sam
@@ -40,7 +41,8 @@ from lpa_jax.perturb.place import perturbed_apply, place
 
 __all__ = [
     "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "LPA",
-    "LPAState", "LogitMethod", "Perturbed", "Placed", "Split", "add_delta", "adversarial", "chain",
+    "LPAState", "LogitMethod", "LogitOut", "Perturbed", "Placed", "Split", "SplitState",
+    "add_delta", "adversarial", "chain",
     "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged", "deep_augmentation", "dropout",
     "full_apply", "gaf", "grad_noise", "identity", "identity_logits", "input_cut", "ldam",
     "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpg_logits", "lpl", "manifold_mixup", "mix",

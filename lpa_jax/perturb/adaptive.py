@@ -124,6 +124,9 @@ def _forward(candidates, select, state, variables, batch, rng, train, loss_fn=No
 
 
 def _refresh(candidates, every, state, stats=None, epoch=0) -> AdaptiveState:
+  if stats is None:  # every candidate re-splits from what the active one saw this epoch
+    stats = jax.tree.map(lambda *xs: jnp.stack(xs)[state.index],
+                         *(s.stats for s in state.states))
   states = tuple(m.refresh(s, stats, epoch) for (m, _), s in zip(candidates, state.states))
   choose = (epoch % every == 0) & (state.score_n > 0)
   best = jnp.argmax(state.score_sum_K).astype(jnp.int32)

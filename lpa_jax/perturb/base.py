@@ -9,13 +9,17 @@ through pure functions:
   and its new state; ``train=False`` is the identity.  The caller owns the model and the
   lower/upper split (:func:`lpa_jax.perturb.place.perturbed_apply` does it for a ``Cut``);
 * a :class:`LogitMethod` rewrites the training logits (and per-example loss weights), and may
-  rewrite evaluation logits (post-hoc logit adjustment);
+  rewrite evaluation logits (post-hoc logit adjustment): ``apply(state, logits, batch, step)
+  -> LogitOut(logits, weights_B, state, aux)``;
 * gradient methods are plain ``optax.GradientTransformation`` s
   (:mod:`lpa_jax.perturb.gradient`), chained into the optimiser; LPG, which edits the logit
   gradients with a ``custom_vjp``, is a :class:`LogitMethod`.
 
-``refresh(state, stats, epoch)`` is called at the epoch boundaries the caller chooses, with
-the epoch's :class:`~lpa_jax.perturb.classes.ClassStats`.
+Methods that split the classes (LPA, LPL, LPG) keep their split and the epoch's class
+statistics in their own state (:class:`~lpa_jax.perturb.classes.SplitState`): ``apply`` adds
+the batch's clean logits to them and returns the new state, and ``refresh(state)`` at the
+epoch boundaries the caller chooses re-splits from them (``refresh(state, stats, epoch)``
+takes statistics gathered elsewhere instead).
 """
 
 import math
@@ -151,9 +155,16 @@ class Context(NamedTuple):
 
 
 class Batch(NamedTuple):
+  """A training batch as logit methods see it.
+
+  ``clean_logits`` are the network's unperturbed logits, the ones class statistics are
+  gathered from (an activation method's ``Forward.clean_logits``); ``None``: the logits the
+  method is given.
+  """
   x: jax.Array           # float inputs (augmented and normalised by the input pipeline)
   labels_B: jax.Array    # int labels (possibly noisy)
   targets_BxC: jax.Array  # soft targets (one-hot unless a method mixes)
+  clean_logits: jax.Array | None = None
 
 
 class Perturbed(NamedTuple):
@@ -200,16 +211,26 @@ class Placed(NamedTuple):
   refresh: Callable[..., PyTree]
 
 
+class LogitOut(NamedTuple):
+  """What a logit method's ``apply`` returns: the logits to train on, per-example loss weights,
+  the method's new state and its diagnostics."""
+  logits_BxC: jax.Array
+  weights_B: jax.Array
+  state: PyTree
+  aux: dict = {}
+
+
 class LogitMethod(NamedTuple):
-  """``apply(state, logits, batch, step) -> (logits, weights_B, aux)``.
+  """``apply(state, logits, batch, step) -> LogitOut``; ``refresh(state, stats=None,
+  epoch=None) -> state``; ``predict(state, logits) -> logits`` at evaluation.
 
   ``pgd_apply`` is the same map as seen by an activation method's PGD (default: ``apply``);
   gradient-level edits that leave the loss unchanged (LPG's custom backward) set it to skip
   themselves, since PGD follows the training *loss*.
   """
   init: Callable[[], PyTree]
-  apply: Callable[[PyTree, jax.Array, Batch, jax.Array], tuple[jax.Array, jax.Array, dict]]
-  refresh: Callable[[PyTree, Any, jax.Array], PyTree]
+  apply: Callable[[PyTree, jax.Array, Batch, jax.Array], LogitOut]
+  refresh: Callable[..., PyTree]
   predict: Callable[[PyTree, jax.Array], jax.Array] = lambda state, logits: logits
   pgd_apply: Callable | None = None
 
@@ -225,10 +246,14 @@ def identity() -> ActivationMethod:
   return ActivationMethod(lambda: (), apply, keep_state)
 
 
+def unit_weights(logits_BxC: jax.Array) -> jax.Array:
+  return jnp.ones(logits_BxC.shape[:1], logits_BxC.dtype)
+
+
 def identity_logits() -> LogitMethod:
   """No logit perturbation: unit weights."""
   def apply(state, logits_BxC, batch, step):
-    return logits_BxC, jnp.ones(logits_BxC.shape[:1], logits_BxC.dtype), {}
+    return LogitOut(logits_BxC, unit_weights(logits_BxC), state)
   return LogitMethod(lambda: (), apply, keep_state)
 
 
@@ -241,19 +266,23 @@ def _check_members(methods) -> None:
 
 
 def _chained(fns) -> Callable:
-  """``apply`` of members ``fns`` in order: weights multiplied, aux merged (clashes refused)."""
+  """``apply`` of members ``fns`` in order: weights multiplied, states a tuple, aux merged
+  (clashes refused)."""
   def apply(state, logits_BxC, batch, step):
-    z, w_B, aux, owner = logits_BxC, None, {}, {}
+    if batch.clean_logits is None:  # class statistics read the chain's input, not a member's
+      batch = batch._replace(clean_logits=jax.lax.stop_gradient(logits_BxC))
+    z, w_B, aux, owner, states = logits_BxC, None, {}, {}, []
     for i, (fn, s) in enumerate(zip(fns, state)):
-      z, w_i, aux_i = fn(s, z, batch, step)
-      w_B = w_i if w_B is None else w_B * w_i
-      for key in aux_i:
+      out = fn(s, z, batch, step)
+      z, w_B = out.logits_BxC, out.weights_B if w_B is None else w_B * out.weights_B
+      states.append(out.state)
+      for key in out.aux:
         if key in owner:
           raise ValueError(f"chain: methods {owner[key]} and {i} both report aux {key!r}; "
                            "chain methods whose aux keys differ")
         owner[key] = i
-      aux.update(aux_i)
-    return z, w_B, aux
+      aux.update(out.aux)
+    return LogitOut(z, w_B, tuple(states), aux)
   return apply
 
 
@@ -261,13 +290,15 @@ def chain(*methods: LogitMethod) -> LogitMethod:
   """Applies logit methods in the order given, like ``optax.chain``.
 
   The state is the tuple of the members' states; ``apply`` feeds each member the logits the
-  previous one returned, multiplies their weights and merges their aux (two members reporting
-  the same aux key raise); ``predict`` and ``pgd_apply`` are chained in the same order.
-  ``chain()`` is :func:`identity_logits` and ``chain(m)`` is ``m``.
+  previous one returned (and the batch's clean logits, for class statistics), multiplies
+  their weights, collects their new states and merges their aux (two members reporting the
+  same aux key raise); ``refresh``, ``predict`` and ``pgd_apply`` are chained in the same
+  order.  ``chain()`` is :func:`identity_logits` and ``chain(m)`` is ``m``.
 
   >>> la = logit_adjust(counts, tau=1.0)
   >>> m = chain(la, lpl(10, class_counts=counts, split="longtail"), lpg_logits(10))
-  >>> z, w_B, aux = m.apply(m.init(), z, batch, step)   # LA, then LPL, then LPG's backward
+  >>> out = m.apply(m.init(), z, batch, step)   # LA, then LPL, then LPG's backward
+  >>> z, w_B, state = out.logits_BxC, out.weights_B, out.state
   """
   _check_members(methods)
   if not methods:
@@ -278,7 +309,7 @@ def chain(*methods: LogitMethod) -> LogitMethod:
   def init():
     return tuple(m.init() for m in methods)
 
-  def refresh(state, stats, epoch):
+  def refresh(state, stats=None, epoch=None):
     return tuple(m.refresh(s, stats, epoch) for m, s in zip(methods, state))
 
   def predict(state, logits_BxC):
@@ -306,6 +337,6 @@ def pgd_loss_of(logit: LogitMethod, state, batch: Batch, step) -> Callable:
   fn = logit.pgd_apply or logit.apply
 
   def loss_fn(logits_BxC, targets_BxC):
-    z, w_B, _ = fn(state, logits_BxC, batch._replace(targets_BxC=targets_BxC), step)
-    return w_B * default_loss(z, targets_BxC)
+    out = fn(state, logits_BxC, batch._replace(targets_BxC=targets_BxC), step)
+    return out.weights_B * default_loss(out.logits_BxC, targets_BxC)
   return loss_fn

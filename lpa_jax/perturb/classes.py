@@ -1,8 +1,10 @@
 """Per-class statistics, positive/negative class splits and per-class radii (SPEC §1).
 
 The split decides the *direction* of each class's perturbation: sign ``+1`` (positive set P,
-expansive, loss-increasing) or ``-1`` (negative set N, contractive).  Statistics accumulate
-inside the train state during an epoch; the split is refreshed once per epoch from them.
+expansive, loss-increasing) or ``-1`` (negative set N, contractive).  Every class-level
+method (LPA, LPL, LPG) keeps its split and the epoch's running statistics in its own state, a
+:class:`SplitState`: its ``apply`` adds each batch's clean logits to the statistics, and its
+``refresh`` re-splits from them (balanced rules) and starts the next epoch's.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 SPLITS = ("balanced", "balanced_accuracy", "longtail", "all_positive", "all_negative", "signs")
 REFRESHED = ("balanced", "balanced_accuracy")  # rules re-split each epoch from statistics
@@ -45,6 +48,44 @@ class Split(NamedTuple):
   sign_C: jax.Array
   q_C: jax.Array
   tau: jax.Array
+
+
+class SplitState(NamedTuple):
+  """A class-level method's state: its class split and this epoch's running statistics."""
+  split: Split
+  stats: ClassStats
+
+  @property
+  def sign_C(self) -> jax.Array:
+    return self.split.sign_C
+
+  @property
+  def split_ready(self) -> jax.Array:
+    """Whether any class has a direction yet: ``False`` for the balanced rules until the first
+    ``refresh`` (every sign 0, so the method perturbs nothing); reported per step as
+    ``aux['split_ready']`` by LPA."""
+    return jnp.any(self.split.sign_C != 0)
+
+  def observe(self, clean_logits_BxC, labels_B, loss_B=None) -> "SplitState":
+    """The state with a batch's clean logits added to the statistics (stop-gradient).
+    ``loss_B`` defaults to the clean cross-entropy; no split rule reads it."""
+    clean_logits_BxC = jax.lax.stop_gradient(clean_logits_BxC)
+    if loss_B is None:
+      loss_B = optax.softmax_cross_entropy(
+          clean_logits_BxC, jax.nn.one_hot(labels_B, clean_logits_BxC.shape[-1]))
+    return self._replace(stats=self.stats.add(clean_logits_BxC, labels_B,
+                                              jax.lax.stop_gradient(loss_B)))
+
+  def refreshed(self, rule: str, stats: ClassStats | None = None) -> "SplitState":
+    """A new split by ``rule`` from ``stats`` (default: the state's own) and fresh statistics."""
+    stats = self.stats if stats is None else stats
+    return SplitState(refresh_split(rule, self.split, stats),
+                      ClassStats.zeros(self.stats.count_C.shape[-1]))
+
+
+def split_state(split: Split) -> SplitState:
+  """``split`` with empty statistics."""
+  return SplitState(split, ClassStats.zeros(split.sign_C.shape[-1]))
 
 
 def validate_split(rule: str, signs=None, num_classes: int | None = None) -> None:

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (LogitMethod, check_class_counts, check_finite_params,
+from lpa_jax.perturb.base import (LogitMethod, LogitOut, check_class_counts, check_finite_params,
                                   check_num_classes)
+from lpa_jax.perturb.logit import observe
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -84,18 +85,20 @@ def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
 
   def apply(state, logits_BxC, batch, step):
     onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=logits_BxC.dtype)
-    radius_C = classes.class_radii(state, eps, delta_eps, 1.0, 0, varied)
+    radius_C = classes.class_radii(state.split, eps, delta_eps, 1.0, 0, varied)
     out = perturb_logit_grad(logits_BxC, onehot_BxC, state.sign_C, radius_C)
-    return out, jnp.ones_like(logits_BxC[:, 0]), {"lpg_radius_C": radius_C * (state.sign_C != 0)}
+    return LogitOut(out, jnp.ones_like(logits_BxC[:, 0]), observe(state, logits_BxC, batch),
+                    {"lpg_radius_C": radius_C * (state.sign_C != 0)})
 
-  def refresh(state, stats, epoch):
-    return classes.refresh_split(split, state, stats)
+  def refresh(state, stats=None, epoch=None):
+    return state.refreshed(split, stats)
 
   def pgd_apply(state, logits_BxC, batch, step):
     # PGD follows the training loss, which LPG leaves unchanged (it edits only gradients).
-    return logits_BxC, jnp.ones_like(logits_BxC[:, 0]), {}
+    return LogitOut(logits_BxC, jnp.ones_like(logits_BxC[:, 0]), state)
 
-  return LogitMethod(lambda: init_split, apply, refresh, pgd_apply=pgd_apply)
+  return LogitMethod(lambda: classes.split_state(init_split), apply, refresh,
+                     pgd_apply=pgd_apply)
 
 
 def lpg(num_classes: int, *, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,

@@ -1,15 +1,17 @@
 """The logit-level family (SPEC §2): LPL, logit adjustment and LDAM-DRW.
 
 Each is a :class:`~lpa_jax.perturb.base.LogitMethod`: ``apply`` rewrites the training logits
-and returns per-example loss weights; ``predict`` rewrites evaluation logits (post-hoc logit
-adjustment); ``refresh`` re-splits classes once per epoch.
+and returns them with per-example loss weights and the method's new state (LPL's gathers the
+epoch's class statistics); ``predict`` rewrites evaluation logits (post-hoc logit
+adjustment); ``refresh`` re-splits classes, once per epoch.
 
 Each factory takes hyper-parameters only (no run ``Context``); combine them with
 :func:`~lpa_jax.perturb.base.chain`:
 
 >>> method = chain(logit_adjust(counts, tau=1.0),
 ...                lpl(10, class_counts=counts, split="longtail", alpha=0.15, steps=20))
->>> logits, w_B, aux = method.apply(method.init(), logits, batch, step)
+>>> out = method.apply(state, logits, batch, step)   # out.logits_BxC, out.weights_B, out.state
+>>> state = method.refresh(out.state)                 # at the end of an epoch
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (LogitMethod, check_class_counts, check_finite_params,
-                                  check_num_classes, keep_state)
+from lpa_jax.perturb.base import (LogitMethod, LogitOut, check_class_counts,
+                                  check_finite_params, check_num_classes, keep_state,
+                                  unit_weights)
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -80,6 +83,13 @@ def _check_lpl(alpha, steps, steps_min, steps_max) -> None:
     raise ValueError(f"lpl.steps_min must be <= lpl.steps_max, got {steps_min} > {steps_max}")
 
 
+def observe(state: classes.SplitState, logits_BxC, batch) -> classes.SplitState:
+  """A class-level logit method's state with the batch's clean logits (``batch.clean_logits``,
+  else the logits the method was given) added to its class statistics."""
+  clean = logits_BxC if batch.clean_logits is None else batch.clean_logits
+  return state.observe(clean, batch.labels_B)
+
+
 def lpl(num_classes: int, *, split: str = "balanced", alpha: float = 0.005, steps: int = 20,
         varied: bool = False, steps_min: int = 10, steps_max: int = 40, normalize: bool = True,
         class_counts=None, num_head: int | None = None, signs=None) -> LogitMethod:
@@ -106,16 +116,17 @@ def lpl(num_classes: int, *, split: str = "balanced", alpha: float = 0.005, step
 
   def apply(state, logits_BxC, batch, step):
     onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=logits_BxC.dtype)
-    steps_C = class_steps(state, steps, varied, steps_min, steps_max)
+    steps_C = class_steps(state.split, steps, varied, steps_min, steps_max)
     delta_CxC = class_logit_delta(logits_BxC, onehot_BxC, batch.targets_BxC, state.sign_C,
                                   alpha, steps_C, max_steps, normalize)
     aux = {"lpl_delta_norm_C": row_norms(delta_CxC), "lpl_steps_C": steps_C.astype(jnp.float32)}
-    return logits_BxC + onehot_BxC @ delta_CxC, jnp.ones_like(logits_BxC[:, 0]), aux
+    return LogitOut(logits_BxC + onehot_BxC @ delta_CxC, unit_weights(logits_BxC),
+                    observe(state, logits_BxC, batch), aux)
 
-  def refresh(state, stats, epoch):
-    return classes.refresh_split(split, state, stats)
+  def refresh(state, stats=None, epoch=None):
+    return state.refreshed(split, stats)
 
-  return LogitMethod(lambda: init_split, apply, refresh)
+  return LogitMethod(lambda: classes.split_state(init_split), apply, refresh)
 
 
 def log_prior(class_counts) -> np.ndarray:
@@ -144,7 +155,7 @@ def logit_adjust(class_counts, *, tau: float = 1.0, mode: str = "loss") -> Logit
 
   def apply(state, logits_BxC, batch, step):
     out = logits_BxC + shift_C if mode == "loss" else logits_BxC
-    return out, jnp.ones_like(logits_BxC[:, 0]), {}
+    return LogitOut(out, unit_weights(logits_BxC), state)
 
   def predict(state, logits_BxC):
     return logits_BxC - shift_C if mode == "posthoc" else logits_BxC
@@ -258,6 +269,6 @@ def ldam(class_counts, *, normalized_head: bool = False, max_margin: float = 0.5
     w_B = jnp.where(on, onehot_BxC @ weight_C, 1.0)
     if batch_normalize:
       w_B = w_B * w_B.shape[0] / jnp.sum(w_B)
-    return out, w_B, {"drw_on": on.astype(jnp.float32)}
+    return LogitOut(out, w_B, state, {"drw_on": on.astype(jnp.float32)})
 
   return LogitMethod(lambda: (), apply, keep_state)

@@ -37,20 +37,9 @@ RADIUS_MODES = ("absolute", "relative")
 MAIN = "act"  # key of the perturbed point's table among the (multi-layer) tables
 
 
-class LPAState(NamedTuple):
-  """The class split (``sign_C``, ``q_C``, ``tau``) and this epoch's running class statistics."""
-  split: classes.Split
-  stats: classes.ClassStats
-
-  @property
-  def sign_C(self) -> jax.Array:
-    return self.split.sign_C
-
-  @property
-  def split_ready(self) -> jax.Array:
-    """Whether any class has a direction yet: ``False`` for the balanced rules until the first
-    ``refresh`` (every sign 0, so δ = 0); reported per step as ``aux['split_ready']``."""
-    return jnp.any(self.split.sign_C != 0)
+# LPA's state: its class split and this epoch's running class statistics (the state every
+# class-level method keeps, :class:`~lpa_jax.perturb.classes.SplitState`).
+LPAState = classes.SplitState
 
 
 class LPA(NamedTuple):
@@ -156,7 +145,7 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
   init_split = classes.initial_split(split, num_classes, class_counts, signs, num_head)
   cfg = LPAConfig(num_classes, split, eps, delta_eps, beta, steps, varied, normalize, lowrank,
                   radius_mode, {MAIN: depth, **extra_points})
-  init = lambda: LPAState(init_split, classes.ClassStats.zeros(num_classes))  # noqa: E731
+  init = lambda: classes.split_state(init_split)  # noqa: E731
   return LPA(init, functools.partial(_apply, cfg), functools.partial(_refresh, cfg),
              functools.partial(_delta, cfg), functools.partial(_accumulate, cfg),
              functools.partial(_radii, cfg), tuple(extra_points))
@@ -227,8 +216,7 @@ def _delta(cfg: LPAConfig, state, upper, act, labels_B, *, loss_fn=None, targets
 
 def _accumulate(cfg: LPAConfig, state: LPAState, clean_logits, labels_B) -> LPAState:
   check_labels(labels_B, cfg.num_classes, "lpa.accumulate", clean_logits)
-  loss_B = default_loss(clean_logits, jax.nn.one_hot(labels_B, cfg.num_classes))
-  return state._replace(stats=state.stats.add(clean_logits, labels_B, loss_B))
+  return state.observe(clean_logits, labels_B)
 
 
 def _apply(cfg: LPAConfig, state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None,
@@ -249,9 +237,7 @@ def _apply(cfg: LPAConfig, state, act, labels_B, upper, rng=None, train=True, *,
 
 
 def _refresh(cfg: LPAConfig, state: LPAState, stats=None, epoch=None) -> LPAState:
-  stats = state.stats if stats is None else stats
-  return LPAState(classes.refresh_split(cfg.split, state.split, stats),
-                  classes.ClassStats.zeros(cfg.num_classes))
+  return state.refreshed(cfg.split, stats)
 
 
 def _extra_shapes(extra_points, extra_shapes) -> dict:

@@ -21,7 +21,6 @@ from lpa_jax.data.pipeline import dataset_stats, epoch_permutation, normalize, p
 from lpa_jax.models import get_model
 from lpa_jax.perturb import registry
 from lpa_jax.perturb.base import Context, chain
-from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.train import distributed
 from lpa_jax.train.schedules import make_optimizer, make_schedule
@@ -119,8 +118,7 @@ def init_state(config, model, input_shape, tx, methods: Methods, num_classes: in
   params = variables.pop("params")
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
                      opt_state=tx.init(params), act_state=methods.act.init(),
-                     logit_state=methods.logit.init(),
-                     class_stats=ClassStats.zeros(num_classes), rng=k_run)
+                     logit_state=methods.logit.init(), rng=k_run)
   rep = NamedSharding(mesh, P())
   if jax.process_count() > 1:  # every process made the same state: each places its copies
     return jax.tree.map(lambda x: distributed.host_array(np.asarray(x), rep), state)

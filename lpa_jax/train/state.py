@@ -6,8 +6,6 @@ from typing import Any
 import flax.struct
 import jax
 
-from lpa_jax.perturb.classes import ClassStats
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -15,7 +13,6 @@ class TrainState:
   params: Any
   model_state: Any      # mutable model collections, e.g. {'batch_stats': ...}
   opt_state: Any
-  act_state: Any        # activation-level perturbation state (e.g. LPA's class split)
-  logit_state: Any      # logit-level perturbation state
-  class_stats: ClassStats  # running per-class statistics of the current epoch
+  act_state: Any        # the activation method's state (LPA: class split and statistics)
+  logit_state: Any      # the logit methods' states (LPL, LPG: class split and statistics)
   rng: jax.Array        # raw uint32 key; per-step keys are fold_in(rng, step)

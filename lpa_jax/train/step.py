@@ -39,17 +39,15 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def _refresh(state: TrainState, act: Placed, logit: LogitMethod, spe: int):
-  """At an epoch boundary: every method re-splits from the epoch's statistics, which reset."""
+  """At an epoch boundary every method re-splits from the class statistics in its own state,
+  which start afresh."""
   new_epoch = (state.step > 0) & (state.step % spe == 0)
   epoch = state.step // spe
-  act_state = jax.lax.cond(new_epoch,
-                           lambda: act.refresh(state.act_state, state.class_stats, epoch),
+  act_state = jax.lax.cond(new_epoch, lambda: act.refresh(state.act_state, None, epoch),
                            lambda: state.act_state)
-  logit_state = jax.lax.cond(new_epoch,
-                             lambda: logit.refresh(state.logit_state, state.class_stats, epoch),
+  logit_state = jax.lax.cond(new_epoch, lambda: logit.refresh(state.logit_state, None, epoch),
                              lambda: state.logit_state)
-  stats = jax.tree.map(lambda s: jnp.where(new_epoch, jnp.zeros_like(s), s), state.class_stats)
-  return act_state, logit_state, stats
+  return act_state, logit_state
 
 
 def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransformation,
@@ -64,7 +62,7 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
 
   def step(state: TrainState, batch: dict):
     _, r_act = step_keys(state.rng, state.step)
-    act_state, logit_state, stats = _refresh(state, act, logit, cfg.steps_per_epoch)
+    act_state, logit_state = _refresh(state, act, logit, cfg.steps_per_epoch)
     labels_B = batch["label"]
     inputs = Batch(batch["image"], labels_B, jax.nn.one_hot(labels_B, cfg.num_classes))
     pgd_loss = pgd_loss_of(logit, logit_state, inputs, state.step)
@@ -72,12 +70,18 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
     def loss_fn(params):
       variables = {"params": params, **state.model_state}
       fwd = act.forward(act_state, variables, inputs, r_act, True, loss_fn=pgd_loss)
-      logits, w_B, laux = logit.apply(logit_state, fwd.logits_BxC,
-                                      inputs._replace(targets_BxC=fwd.targets_BxC), state.step)
-      loss_B = optax.softmax_cross_entropy(logits, fwd.targets_BxC)
-      return jnp.mean(w_B * loss_B), (fwd, loss_B, laux)
+      # Class statistics read the clean logits when the activation method computed them
+      # (LPA, adversarial, or a clean pass some class split needs), else the training ones.
+      clean_BxC = jax.lax.stop_gradient(
+          fwd.clean_logits if fwd.clean_logits is not None else fwd.logits_BxC)
+      out = logit.apply(logit_state, fwd.logits_BxC,
+                        inputs._replace(targets_BxC=fwd.targets_BxC, clean_logits=clean_BxC),
+                        state.step)
+      loss_B = optax.softmax_cross_entropy(out.logits_BxC, fwd.targets_BxC)
+      return jnp.mean(out.weights_B * loss_B), (fwd, clean_BxC, out)
 
-    (loss, (fwd, loss_B, laux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (fwd, clean_BxC, lout)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     extra = {}
     if isinstance(tx, optax.GradientTransformationExtraArgs):
       # optax.contrib.sam asks for the loss's gradient function; other members of a chain
@@ -85,20 +89,15 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
       extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    # Class statistics and the accuracy metric read the clean logits when the method computed
-    # them (LPA, adversarial, or a clean pass some class split needs), else the training ones.
-    clean_BxC = jax.lax.stop_gradient(
-        fwd.clean_logits if fwd.clean_logits is not None else fwd.logits_BxC)
-    stats = stats.add(clean_BxC, labels_B, jax.lax.stop_gradient(loss_B))
     # Labels are traced here, so out-of-range ones are counted, not raised on: the loop's
     # host-side check_finite turns a positive count into an error.
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
-               "grad_norm": optax.tree.norm(grads), **fwd.aux, **laux,
+               "grad_norm": optax.tree.norm(grads), **fwd.aux, **lout.aux,
                "invalid_labels": invalid_label_count(labels_B, cfg.num_classes)}
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state={**state.model_state, **fwd.model_state},
-                              opt_state=opt_state, act_state=fwd.state, logit_state=logit_state,
-                              class_stats=stats)
+                              opt_state=opt_state, act_state=fwd.state,
+                              logit_state=lout.state)
     return new_state, metrics
 
   return step
@@ -114,7 +113,7 @@ def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
 # A K-run state: every field carries a leading run axis except the step, which the runs share
 # (they advance together), so step-dependent branches stay real branches under vmap.
 PARALLEL_AXES = TrainState(step=None, params=0, model_state=0, opt_state=0, act_state=0,
-                           logit_state=0, class_stats=0, rng=0)
+                           logit_state=0, rng=0)
 
 
 def jit_parallel_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
