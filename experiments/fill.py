@@ -179,8 +179,8 @@ def render(key: str) -> str:
   if kind == "bench-throughput":
     return throughput_table(arg)
   raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
-                   "strength:<name>, rarest:<name>, stopped:<name>, time:<name>, suites-time, bench:<json>, "
-                   "bench-diff:<json>,<json>, bench-throughput:<json>")
+                   "strength:<name>, rarest:<name>, stopped:<name>, time:<name>, suites-time, "
+                   "bench:<json>, bench-diff:<json>,<json>, bench-throughput:<json>")
 
 
 def fill(path: str) -> int:

@@ -307,7 +307,8 @@ def stopped_table(root: str) -> str:
       continue
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
     nats = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    out += [f"`{os.path.relpath(workdir, root)}` (epochs logged before the stop: 1–{rows[-1]['epoch']}):", "",
+    name, last = os.path.relpath(workdir, root), rows[-1]["epoch"]
+    out += [f"`{name}` (epochs logged before the stop: 1–{last}):", "",
             "| epoch | " + " | ".join(str(r["epoch"]) for r in rows) + " |",
             "|---|" + "---|" * len(rows),
             "| train acc % | " + " | ".join(pct(r.get("accuracy")) for r in rows) + " |",

@@ -324,8 +324,8 @@ def cifar_lt_probe():
   return _suite("cifar_lt_probe", "longtail.py:quick_cifar10", methods, seeds=(0,),
                 overrides={"data.n_max": 5000, "optim.num_epochs": CIFAR_LT_EPOCHS,
                            "train.checkpoint_every": 2}, description=(
-                    f"CIFAR-10 (JPEG-75)-LT, n_max 5000 (the published profile), IR 100 / 50 / "
-                    f"10, full test set, CNN 32-64-128, crop+flip, 30 epochs, "
+                    "CIFAR-10 (JPEG-75)-LT, n_max 5000 (the published profile), IR 100 / 50 / "
+                    "10, full test set, CNN 32-64-128, crop+flip, 30 epochs, "
                     "CE, seed 0: where CE learns every class, and the cost of a run."))
 
 
