@@ -260,3 +260,41 @@ def test_a_users_jitted_step_compiles_once_across_steps_and_refreshes(batch):
     # The balanced split now has signs for the classes seen, from the clean statistics.
     assert int(jnp.sum(pstate.sign_C != 0)) >= 6 and float(pstate.stats.count_C.sum()) == 0
   assert np.isfinite(float(loss))
+
+
+class _ThreeDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8, name="a")(x))
+    h = nn.relu(nn.Dense(8, name="b")(h))
+    return nn.Dense(4, name="out")(h)
+
+def test_placed_methods_take_the_same_call():
+  """Manifold Mixup and adaptive LPA, built placed at their points, go through
+  perturbed_apply like LPA does (cut=None), and give what their own forward gives."""
+  from lpa_jax.perturb import (cut_linen, input_cut, lpa, lpa_adaptive, manifold_mixup,
+                               perturbed_apply, place)
+  x, y = jax.random.normal(jax.random.key(0), (16, 6)), jnp.arange(16) % 4
+  model = _ThreeDense()
+  v = model.init(jax.random.key(1), x)
+  cut_a, cut_b = (cut_linen(model, p, input_shape=(6,)) for p in ("a", "b"))
+  top = cut_linen(model, "out", input_shape=(6,))
+  mixup = manifold_mixup([input_cut(top), cut_a], alpha=0.4)
+  out = perturbed_apply(mixup, None, mixup.init(), v, x, y, jax.random.key(2))
+  assert out.logits_BxC.shape == (16, 4) and out.targets_BxC.shape == (16, 4)
+  assert not np.allclose(out.targets_BxC, jax.nn.one_hot(y, 4))        # mixed
+  want = mixup.forward(mixup.init(), v, lj.perturb.Batch(x, y, jax.nn.one_hot(y, 4)),
+                       jax.random.key(2), True)
+  np.testing.assert_array_equal(out.logits_BxC, want.logits_BxC)
+  ada = lpa_adaptive([(lpa(4, split="all_positive", eps=0.5), cut_a),
+                      (lpa(4, split="all_positive", eps=0.5), cut_b)], every=1)
+  fwd = perturbed_apply(ada, None, ada.init(), v, x, y, jax.random.key(3))
+  assert fwd.logits_BxC.shape == (16, 4) and "layer_index" in fwd.aux
+  with pytest.raises(TypeError, match="already placed"):
+    perturbed_apply(mixup, cut_a, mixup.init(), v, x, y, jax.random.key(2))
+  with pytest.raises(TypeError, match=r"\['clean_pass'\] are set when a placed method is built"):
+    perturbed_apply(mixup, None, mixup.init(), v, x, y, jax.random.key(2), clean_pass=False)
+  with pytest.raises(TypeError, match="needs the Cut at its point"):
+    perturbed_apply(lpa(4, split="all_positive", eps=0.5), None, (), v, x, y)
+  placed = place(lpa(4, split="all_positive", eps=0.5), cut_b)
+  assert perturbed_apply(placed, None, placed.init(), v, x, y).logits_BxC.shape == (16, 4)

@@ -50,10 +50,14 @@ class Split(NamedTuple):
   tau: jax.Array
 
 
-class SplitState(NamedTuple):
-  """A class-level method's state: its class split and this epoch's running statistics."""
-  split: Split
-  stats: ClassStats
+# The fields are declared with real types (not this module's postponed annotations), so API
+# documentation tools can resolve them.
+_SplitStateFields = NamedTuple("_SplitStateFields", [("split", Split), ("stats", ClassStats)])
+
+
+class SplitState(_SplitStateFields):
+  """A class-level method's state: its class ``split`` and this epoch's running ``stats``."""
+  __slots__ = ()
 
   @property
   def sign_C(self) -> jax.Array:

@@ -8,7 +8,12 @@ parameters) to the method, and runs the layers above on the method's activation:
     loss = optax.softmax_cross_entropy(out.logits_BxC, out.targets_BxC).mean()
     # out.state: the method's new state; out.model_state: new BatchNorm statistics
 
-:func:`place` binds a method to a cut for the library's own train step.
+:func:`place` binds a method to a cut for the library's own train step.  Methods built
+already placed, because they choose among several points (Manifold Mixup, adaptive-layer LPA),
+go through the same call with ``cut=None``::
+
+    mixup = manifold_mixup([cut_a, cut_b], alpha=0.2)
+    out = perturbed_apply(mixup, None, mstate, variables, x, labels, rng)
 """
 from __future__ import annotations
 
@@ -29,15 +34,17 @@ def _rng_kw(rng):
   return {} if rng is None else {"rng": jax.random.fold_in(rng, MODEL_RNG)}
 
 
-def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, x, labels_B,
-                    rng=None, train: bool = True, *, loss_fn: Callable | None = None,
+def perturbed_apply(method: ActivationMethod | Placed, cut: Cut | None, state, variables: dict,
+                    x, labels_B, rng=None, train: bool = True, *, loss_fn: Callable | None = None,
                     targets=None, clean_logits=None, diagnostics: bool = True,
                     clean_pass: bool = True, extra_shapes=None) -> Forward:
   """One forward pass with ``method`` applied at ``cut``'s point.
 
   Args:
-    method: an activation method (``init``/``apply``/``refresh``), e.g. ``lpa(...)``.
-    cut: the network split at the method's point (``cut_linen``, ``cut_nnx``, ``cut_staged``).
+    method: an activation method (``init``/``apply``/``refresh``), e.g. ``lpa(...)``, or one
+      built placed at its points (``manifold_mixup``, ``lpa_adaptive``).
+    cut: the network split at the method's point (``cut_linen``, ``cut_nnx``, ``cut_staged``);
+      ``None`` for a placed method.
     state: the method's state (``method.init()`` at first).
     variables: the model's variables (``{'params': ..., 'batch_stats': ...}``).
     x, labels_B: the batch; integer labels in ``[0, C)``, one per example of ``x`` (checked:
@@ -60,6 +67,12 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
     methods), the model's new mutable state, the method's new state, the clean logits (if
     known) and the diagnostics.
   """
+  if isinstance(method, Placed):
+    return _placed_apply(method, cut, state, variables, x, labels_B, rng, train, loss_fn,
+                         targets, clean_logits, diagnostics, clean_pass, extra_shapes)
+  if cut is None:
+    raise TypeError(f"perturbed_apply: a {type(method).__name__} needs the Cut at its point; "
+                    "only methods built placed (manifold_mixup, lpa_adaptive) take cut=None")
   act, st = cut.lower(variables, x, train, **_rng_kw(rng))
   up_vars = {**variables, **st}
   frozen = jax.lax.stop_gradient(up_vars)
@@ -85,6 +98,22 @@ def perturbed_apply(method: ActivationMethod, cut: Cut, state, variables: dict, 
                                         r.targets_BxC, clean_targets_BxC=targets,
                                         sign_C=r.aux.get("sign_C"), loss_fn=loss_fn))
   return Forward(logits, r.targets_BxC, {**st, **st2}, r.state, clean, aux)
+
+
+def _placed_apply(method: Placed, cut, state, variables, x, labels_B, rng, train, loss_fn,
+                  targets, clean_logits, diagnostics, clean_pass, extra_shapes) -> Forward:
+  """:func:`perturbed_apply` of a method built placed: its own ``forward`` on the batch."""
+  if cut is not None:
+    raise TypeError("perturbed_apply: this method is already placed at its points (Manifold "
+                    "Mixup, adaptive LPA); pass cut=None")
+  fixed = {"clean_logits": clean_logits is None, "diagnostics": diagnostics is True,
+           "clean_pass": clean_pass is True, "extra_shapes": extra_shapes is None}
+  if not all(fixed.values()):  # they were chosen when the method was built
+    bad = [k for k, ok in fixed.items() if not ok]
+    raise TypeError(f"perturbed_apply: {bad} are set when a placed method is built (e.g. "
+                    "manifold_mixup(..., clean_pass=False)), not per call")
+  return method.forward(state, variables, Batch(x, labels_B, targets), rng, train,
+                        loss_fn=loss_fn)
 
 
 def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None,
