@@ -218,3 +218,18 @@ def test_a_selected_method_that_perturbs_nothing_is_refused(overrides, reason):
   for level in ("activation", "logit", "gradient"):
     c.perturb[level] = "none"
   common.validate(c)
+
+
+def test_every_registered_method_has_one_defaults_block_and_one_registry_line():
+  """Adding a method touches its module, its defaults block and one registry Entry: the
+  registry and the defaults name the same methods, and the null rules and class-level flags
+  live in the entries."""
+  blocks = methods.method_blocks("longtail")
+  names = {n for t in registry.TABLES.values() for n in t if n != "none"}
+  assert names == set(blocks)
+  assert {n for n in names if registry.entry(n).class_level} == {"lpa", "lpa_adaptive", "lpl",
+                                                                  "lpg"}
+  for name in names:  # each null rule reads only fields of its own block
+    e = registry.entry(name)
+    if e.null is not None:
+      assert e.null(blocks[name]) is None, name   # the defaults perturb

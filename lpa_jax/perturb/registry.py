@@ -1,10 +1,13 @@
 """Builds perturbation methods by name from a config: one activation, one logit and one
 gradient method, composable (e.g. ``activation=lpa, logit=lpl, gradient=sam``).
 
-Each registry maps a name to ``factory(cfg, ctx)``, where ``cfg`` is the method's own config
-block (``config.perturb.<name>``) and ``ctx`` the run :class:`~lpa_jax.perturb.base.Context`;
-the entries read what the method's factory needs (class counts, schedule) off ``ctx`` and pass
-it as hyper-parameters.
+Each registry maps a name to an :class:`Entry`: ``build(cfg, ctx)``, where ``cfg`` is the
+method's own config block (``config.perturb.<name>``, its defaults in
+``experiments/configs/methods.py``) and ``ctx`` the run :class:`~lpa_jax.perturb.base.Context`
+(the entry reads what the method's factory needs — class counts, schedule — off ``ctx`` and
+passes it as hyper-parameters), with the settings at which the method would do nothing and
+whether it splits the classes.  Adding a method touches its module, its defaults block and one
+line here.
 """
 from __future__ import annotations
 
@@ -20,6 +23,15 @@ from lpa_jax.perturb.base import (Context, LogitMethod, Placed, chain, check_fin
                                   identity, identity_logits)
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
+
+
+class Entry(NamedTuple):
+  """A registered method: ``build(cfg, ctx)``; ``null(block)`` names the settings at which it
+  would perturb nothing (``'rate=0'``) or returns ``None``; ``class_level``: it splits the
+  classes (all class-level methods of a run share one split)."""
+  build: Callable
+  null: Callable | None = None
+  class_level: bool = False
 
 
 def logit_equivalent_point(points) -> str:
@@ -136,30 +148,6 @@ def _class_level(factory, *fields):
   return make
 
 
-ACTIVATION: dict[str, Callable[..., Placed]] = {
-    "none": lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1]), diagnostics=False),
-    "lpa": _lpa,
-    "lpa_adaptive": _lpa_adaptive,
-    "dropout": _at_point(activation.dropout, "rate"),
-    "noise": _at_point(activation.noise, "sigma", "mode"),
-    "manifold_mixup": _mixup,
-    "adversarial": _at_point(activation.adversarial, "eps", "beta", "method", "steps", depth=True),
-    "deep_augmentation": _at_point(activation.deep_augmentation, "mode", "rate", "pca_frac"),
-}
-LOGIT: dict[str, Callable[..., LogitMethod]] = {
-    "none": lambda cfg, ctx: identity_logits(),
-    "lpl": _class_level(logit.lpl, "alpha", "steps", "varied", "steps_min", "steps_max",
-                        "normalize"),
-    "logit_adjust": lambda cfg, ctx: logit.logit_adjust(ctx.class_counts, tau=cfg.tau,
-                                                        mode=cfg.mode),
-    "ldam": lambda cfg, ctx: logit.ldam(
-        ctx.class_counts, max_margin=cfg.max_margin, scale=cfg.scale, drw=cfg.drw,
-        drw_beta=cfg.drw_beta, num_epochs=ctx.num_epochs, steps_per_epoch=ctx.steps_per_epoch,
-        drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize,
-        normalized_head=ctx.head == "cosine"),
-}
-
-
 class GradientPlacement(NamedTuple):
   """Where a run's config puts its gradient-level method (the methods themselves are optax
   transforms, or LPG's logit method): ``pre`` on the raw gradients, before the optimiser;
@@ -181,22 +169,82 @@ def _gaf(cfg, ctx: Context) -> GradientPlacement:
   return GradientPlacement(pre=tx) if cfg.where == "raw" else GradientPlacement(post=tx)
 
 
-GRADIENT: dict[str, Callable[..., GradientPlacement]] = {
-    "none": lambda cfg, ctx: GradientPlacement(),
-    "lpg": lambda cfg, ctx: GradientPlacement(
-        logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)),
-    "gaf": _gaf,
-    "sam": lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho)),
-    "clip": lambda cfg, ctx: GradientPlacement(pre=gradient.clip(cfg.max_norm)),
-    "grad_noise": lambda cfg, ctx: GradientPlacement(pre=gradient.grad_noise(
-        cfg.eta, cfg.gamma, seed=_run_seed(ctx.seed, cfg.seed))),
+def _zero(*fields):
+  """A rule: ``'f=0 and g=0'`` when every one of ``fields`` is zero, else None."""
+  return lambda b: (" and ".join(f"{f}=0" for f in fields)
+                    if all(float(b[f]) == 0 for f in fields) else None)
+
+
+def _lpl_null(b):
+  if float(b["alpha"]) == 0:
+    return "alpha=0"
+  return "steps=0 (fixed K)" if not b["varied"] and int(b["steps"]) == 0 else None
+
+
+def _lpg_null(b):
+  if b["varied"]:
+    return _zero("eps", "delta_eps")(b)
+  return "eps=0 (fixed radius)" if float(b["eps"]) == 0 else None
+
+
+# The registries.  A selected method whose strength is zero would run as plain training under
+# its name: the factories accept zero (identity at zero radius is a property the tests use); a
+# run does not (``null``).
+ACTIVATION: dict[str, Entry] = {
+    "none": Entry(lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1]),
+                                         diagnostics=False)),
+    "lpa": Entry(_lpa, _zero("eps", "delta_eps"), class_level=True),
+    "lpa_adaptive": Entry(_lpa_adaptive, _zero("eps", "delta_eps"), class_level=True),
+    "dropout": Entry(_at_point(activation.dropout, "rate"), _zero("rate")),
+    "noise": Entry(_at_point(activation.noise, "sigma", "mode"), _zero("sigma")),
+    "manifold_mixup": Entry(_mixup),
+    "adversarial": Entry(_at_point(activation.adversarial, "eps", "beta", "method", "steps",
+                                   depth=True), _zero("eps")),
+    "deep_augmentation": Entry(_at_point(activation.deep_augmentation, "mode", "rate",
+                                         "pca_frac")),
 }
+LOGIT: dict[str, Entry] = {
+    "none": Entry(lambda cfg, ctx: identity_logits()),
+    "lpl": Entry(_class_level(logit.lpl, "alpha", "steps", "varied", "steps_min", "steps_max",
+                              "normalize"), _lpl_null, class_level=True),
+    "logit_adjust": Entry(lambda cfg, ctx: logit.logit_adjust(ctx.class_counts, tau=cfg.tau,
+                                                              mode=cfg.mode), _zero("tau")),
+    "ldam": Entry(lambda cfg, ctx: logit.ldam(
+        ctx.class_counts, max_margin=cfg.max_margin, scale=cfg.scale, drw=cfg.drw,
+        drw_beta=cfg.drw_beta, num_epochs=ctx.num_epochs, steps_per_epoch=ctx.steps_per_epoch,
+        drw_fraction=cfg.drw_fraction, batch_normalize=cfg.batch_normalize,
+        normalized_head=ctx.head == "cosine")),
+}
+GRADIENT: dict[str, Entry] = {
+    "none": Entry(lambda cfg, ctx: GradientPlacement()),
+    "lpg": Entry(lambda cfg, ctx: GradientPlacement(
+        logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)), _lpg_null,
+        class_level=True),
+    "gaf": Entry(_gaf),
+    "sam": Entry(lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho)),
+                 _zero("rho")),
+    "clip": Entry(lambda cfg, ctx: GradientPlacement(pre=gradient.clip(cfg.max_norm))),
+    "grad_noise": Entry(lambda cfg, ctx: GradientPlacement(pre=gradient.grad_noise(
+        cfg.eta, cfg.gamma, seed=_run_seed(ctx.seed, cfg.seed))), _zero("eta")),
+}
+TABLES = {"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}
 
 
-def _lookup(table: dict, kind: str, name: str):
-  if name not in table:
-    raise ValueError(f"Unknown {kind} perturbation {name!r}; registered: {', '.join(table)}")
-  return table[name]
+def entry(name: str, level: str | None = None) -> Entry:
+  """The registered method ``name`` (at ``level``, or at any level); a plain ``build`` function
+  put in a table counts as an :class:`Entry` with no null settings."""
+  tables = [TABLES[level]] if level else list(TABLES.values())
+  for table in tables:
+    if name in table:
+      e = table[name]
+      return e if isinstance(e, Entry) else Entry(e)
+  known = ", ".join(n for t in tables for n in t)
+  raise ValueError(f"Unknown {level or ''} perturbation {name!r}; registered: {known}".replace(
+      "Unknown  ", "Unknown "))
+
+
+def _lookup(kind: str, name: str):
+  return entry(name, kind).build
 
 
 def check_block(name: str, block) -> None:
@@ -223,40 +271,12 @@ def selected(pcfg) -> list[tuple[str, str]]:
   out += [("logit", n) for n in logit_names(pcfg.logit)]
   out.append(("gradient", pcfg.gradient))
   for level, name in out:
-    _lookup({"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}[level], level, name)
+    entry(name, level)
   chosen = [(lvl, n) for lvl, n in out if n != "none"]
   check_one_split(pcfg, [n for _, n in chosen])
   for _, n in chosen:
     check_not_null(n, getattr(pcfg, n, None))
   return chosen
-
-
-def _zero(*fields):
-  """A rule: ``'f=0 and g=0'`` when every one of ``fields`` is zero, else None."""
-  return lambda b: (" and ".join(f"{f}=0" for f in fields)
-                    if all(float(b[f]) == 0 for f in fields) else None)
-
-
-def _lpl_null(b):
-  if float(b["alpha"]) == 0:
-    return "alpha=0"
-  return "steps=0 (fixed K)" if not b["varied"] and int(b["steps"]) == 0 else None
-
-
-def _lpg_null(b):
-  if b["varied"]:
-    return _zero("eps", "delta_eps")(b)
-  return "eps=0 (fixed radius)" if float(b["eps"]) == 0 else None
-
-
-# A selected method whose strength is zero would run as plain training under its name.  The
-# factories accept zero (identity at zero radius is a property the tests use); a run does not.
-NULL_SETTINGS: dict[str, Callable] = {
-    "lpa": _zero("eps", "delta_eps"), "lpa_adaptive": _zero("eps", "delta_eps"),
-    "dropout": _zero("rate"), "noise": _zero("sigma"), "adversarial": _zero("eps"),
-    "lpl": _lpl_null, "logit_adjust": _zero("tau"), "lpg": _lpg_null,
-    "grad_noise": _zero("eta"), "sam": _zero("rho"),
-}
 
 
 def check_not_null(name: str, block) -> None:
@@ -266,20 +286,19 @@ def check_not_null(name: str, block) -> None:
 
   >>> check_not_null("logit_adjust", {"tau": 1.0, "mode": "loss"})   # perturbs: no error
   """
-  rule = NULL_SETTINGS.get(name)
+  rule = entry(name).null
   reason = rule(block) if rule is not None and block is not None else None
   if reason:
     raise ValueError(f"{name} with {reason} perturbs nothing: the run would be plain training "
                      f"under {name}'s name; set a non-zero value, or select none at its level")
 
 
-CLASS_LEVEL = ("lpa", "lpa_adaptive", "lpl", "lpg")
 SPLIT_FIELDS = ("split", "num_head", "signs")
 
 
 def check_one_split(pcfg, names) -> None:
   """All class-level methods of a run share one class split (rule, head size, signs)."""
-  blocks = [(n, pcfg[n]) for n in names if n in CLASS_LEVEL]
+  blocks = [(n, pcfg[n]) for n in names if entry(n).class_level]
   for n, block in blocks[1:]:
     for f in SPLIT_FIELDS:
       a, b = blocks[0][1][f], block[f]
@@ -299,8 +318,8 @@ def _run_seed(run_seed: int, offset: int) -> int:
 def needs_class_statistics(pcfg) -> bool:
   """Whether a logit or gradient method of the run re-splits classes from the epoch's
   statistics (LPL / LPG with a balanced split), which must come from clean logits."""
-  return any(name in ("lpl", "lpg") and pcfg[name].split in classes.REFRESHED
-             for _, name in selected(pcfg))
+  return any(level != "activation" and entry(name, level).class_level
+             and pcfg[name].split in classes.REFRESHED for level, name in selected(pcfg))
 
 
 def make_activation(pcfg, ctx: Context) -> Placed:
@@ -309,7 +328,7 @@ def make_activation(pcfg, ctx: Context) -> Placed:
   selected(pcfg)
   ctx = ctx._replace(clean_pass=needs_class_statistics(pcfg))
   name = pcfg.activation
-  return _lookup(ACTIVATION, "activation", name)(_block(pcfg, name), ctx)
+  return _lookup("activation", name)(_block(pcfg, name), ctx)
 
 
 def logit_names(spec) -> list[str]:
@@ -325,10 +344,10 @@ def logit_names(spec) -> list[str]:
 def make_logit(pcfg, ctx: Context) -> LogitMethod:
   """One logit method, or several :func:`~lpa_jax.perturb.base.chain` ed in the order given
   (``logit_adjust,lpl``); ``none`` is :func:`~lpa_jax.perturb.base.identity_logits`."""
-  return chain(*(_lookup(LOGIT, "logit", name)(_block(pcfg, name), ctx)
+  return chain(*(_lookup("logit", name)(_block(pcfg, name), ctx)
                  for name in logit_names(pcfg.logit)))
 
 
 def make_gradient(pcfg, ctx: Context) -> GradientPlacement:
   name = pcfg.gradient
-  return _lookup(GRADIENT, "gradient", name)(_block(pcfg, name), ctx)
+  return _lookup("gradient", name)(_block(pcfg, name), ctx)
