@@ -86,7 +86,9 @@ def main(argv=None):
   print(f"{len(runs)} finished runs copied to {dest}")
   if args.report:
     from experiments import report
-    report.write_report(dest)
+    # A path relative to the repository, so the report's "regenerate" line works anywhere.
+    report.write_report(os.path.relpath(dest) if not os.path.relpath(dest).startswith("..")
+                        else dest)
     print(f"report written: {os.path.join(dest, 'report.md')}")
 
 
