@@ -25,3 +25,11 @@ def test_every_public_name_has_a_docstring(module):
   m = importlib.import_module(module)
   missing = [n for n in getattr(m, "__all__", ()) if not inspect.getdoc(getattr(m, n))]
   assert not missing, f"{module}: no docstring for {missing}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_public_function_shows_an_example(module):
+  m = importlib.import_module(module)
+  missing = [n for n in getattr(m, "__all__", ()) if inspect.isfunction(getattr(m, n))
+             and ">>>" not in (inspect.getdoc(getattr(m, n)) or "")]
+  assert not missing, f"{module}: no '>>>' example in the docstring of {missing}"

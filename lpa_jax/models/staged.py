@@ -82,6 +82,8 @@ def intervene(module: nn.Module, name: str, act: jnp.ndarray) -> jnp.ndarray:
   Unlike a bare ``Module.perturb``, a ``perturbations`` collection may name only some points,
   and ``init`` creates none (so variables hold no batch-shaped zeros); get a zero template with
   ``model.apply(variables, x, mutable=["perturbations"])[1]``.
+
+  >>> h = intervene(self, "stage2", h)   # inside a module's __call__: a point named stage2
   """
   module.sow("intermediates", name, act)
   if module.is_initializing():
@@ -93,7 +95,12 @@ def intervene(module: nn.Module, name: str, act: jnp.ndarray) -> jnp.ndarray:
 
 def run_stages(module: nn.Module, layers: Sequence[Layer], x, train: bool,
                start: str | None, stop: str | None):
-  """Runs ``layers`` (name, fn(h, train)) from just above ``start`` up to and including ``stop``."""
+  """Runs ``layers`` (name, fn(h, train)) from just above ``start`` up to and including ``stop``.
+
+  >>> layers = [("stage1", block1), ("stage2", block2), ("logits", head)]
+  >>> act = run_stages(self, layers, x, train, start=None, stop="stage1")   # below stage2
+  >>> logits = run_stages(self, layers, act, train, start="stage1", stop=None)
+  """
   names = [n for n, _ in layers]
   check_point(start, names, "start")
   check_point(stop, names, "stop")

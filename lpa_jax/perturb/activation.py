@@ -105,7 +105,11 @@ def _mix_draw(rng, alpha, batch_size):
 
 def input_cut(top: Cut) -> Cut:
   """A pseudo-cut at the network input (Manifold Mixup's layer 0): ``lower`` is the identity;
-  ``top`` is the network cut at its logits."""
+  ``top`` is the network cut at its logits.
+
+  >>> top = cut_linen(model, "head", input_shape=(32, 32, 3))        # the logits' module
+  >>> mixup = manifold_mixup([input_cut(top), cut_linen(model, "block1", input_shape=(32, 32, 3))])
+  """
   def upper(variables, x, train, extra=None, **kw):
     return full_apply(top, variables, x, train, **kw)
   return Cut(lambda variables, x, train, **kw: (x, {}), upper, "input", top.depth)

@@ -240,7 +240,10 @@ def keep_state(state, stats=None, epoch=None):
 
 
 def identity() -> ActivationMethod:
-  """No activation perturbation: ``act`` unchanged, empty state."""
+  """No activation perturbation: ``act`` unchanged, empty state.
+
+  >>> out = perturbed_apply(identity(), cut, (), variables, x, y)   # the plain forward
+  """
   def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None):
     return Perturbed(act, targets, state)
   return ActivationMethod(lambda: (), apply, keep_state)
@@ -251,7 +254,10 @@ def unit_weights(logits_BxC: jax.Array) -> jax.Array:
 
 
 def identity_logits() -> LogitMethod:
-  """No logit perturbation: unit weights."""
+  """No logit perturbation: unit weights.
+
+  >>> out = identity_logits().apply((), logits, batch, step)   # out.logits_BxC is logits
+  """
   def apply(state, logits_BxC, batch, step):
     return LogitOut(logits_BxC, unit_weights(logits_BxC), state)
   return LogitMethod(lambda: (), apply, keep_state)

@@ -189,7 +189,10 @@ def sam(optimizer: optax.GradientTransformation, rho: float = 0.05
 
 
 def clip(max_norm: float = 1.0) -> optax.GradientTransformation:
-  """Global-norm clipping (``optax.clip_by_global_norm``; ``max_norm`` 1.0 is ours)."""
+  """Global-norm clipping (``optax.clip_by_global_norm``; ``max_norm`` 1.0 is ours).
+
+  >>> tx = optax.chain(clip(1.0), optax.sgd(0.05, momentum=0.9))   # on the raw gradients
+  """
   check_finite_params("clip", max_norm=max_norm)
   if max_norm <= 0:
     raise ValueError(f"clip.max_norm must be > 0, got {max_norm}")
@@ -199,6 +202,9 @@ def clip(max_norm: float = 1.0) -> optax.GradientTransformation:
 def grad_noise(eta: float = 0.01, gamma: float = 0.55,
                seed: int = 0) -> optax.GradientTransformation:
   """Annealed Gaussian gradient noise (Neelakantan et al.; ``optax.add_noise``): variance
-  ``η/(1+t)^γ``."""
+  ``η/(1+t)^γ``; ``seed`` seeds the noise (give each run its own).
+
+  >>> tx = optax.chain(grad_noise(0.01, 0.55, seed=run_seed), optax.sgd(0.05))
+  """
   check_finite_params("grad_noise", eta=eta, gamma=gamma)
   return optax.add_noise(eta, gamma, key=seed)

@@ -66,6 +66,10 @@ def perturbed_apply(method: ActivationMethod | Placed, cut: Cut | None, state, v
     :class:`~lpa_jax.perturb.base.Forward` with the logits, targets (mixed by mixing
     methods), the model's new mutable state, the method's new state, the clean logits (if
     known) and the diagnostics.
+
+  >>> out = perturbed_apply(lpa_method, cut, pstate, variables, x, y, rng)
+  >>> loss = optax.softmax_cross_entropy(out.logits_BxC, out.targets_BxC).mean()
+  >>> pstate = out.state
   """
   if isinstance(method, Placed):
     return _placed_apply(method, cut, state, variables, x, labels_B, rng, train, loss_fn,
