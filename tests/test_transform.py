@@ -292,9 +292,12 @@ def test_placed_methods_take_the_same_call():
   assert fwd.logits_BxC.shape == (16, 4) and "layer_index" in fwd.aux
   with pytest.raises(TypeError, match="already placed"):
     perturbed_apply(mixup, cut_a, mixup.init(), v, x, y, jax.random.key(2))
-  with pytest.raises(TypeError, match=r"\['clean_pass'\] are set when a placed method is built"):
+  with pytest.raises(TypeError, match="clean_pass"):   # an option of place(), not of the call
     perturbed_apply(mixup, None, mixup.init(), v, x, y, jax.random.key(2), clean_pass=False)
   with pytest.raises(TypeError, match="needs the Cut at its point"):
     perturbed_apply(lpa(4, split="all_positive", eps=0.5), None, (), v, x, y)
-  placed = place(lpa(4, split="all_positive", eps=0.5), cut_b)
-  assert perturbed_apply(placed, None, placed.init(), v, x, y).logits_BxC.shape == (16, 4)
+  placed = place(lpa(4, split="all_positive", eps=0.5), cut_b, diagnostics=False)
+  fwd = perturbed_apply(placed, None, placed.init(), v, x, y)
+  assert fwd.logits_BxC.shape == (16, 4) and "delta_norm_C" not in fwd.aux
+  assert "delta_norm_C" in perturbed_apply(lpa(4, split="all_positive", eps=0.5), cut_b,
+                                           placed.init(), v, x, y).aux

@@ -37,12 +37,12 @@ from lpa_jax.perturb.gradient import clip, gaf, grad_noise, lpg, lpg_logits, sam
 from lpa_jax.perturb.hooks import Cut, cut_staged, full_apply
 from lpa_jax.perturb.logit import ldam, logit_adjust, lpl
 from lpa_jax.perturb.lpa import LPA, LPAState, add_delta, lpa
-from lpa_jax.perturb.place import perturbed_apply, place
+from lpa_jax.perturb.place import apply_at, perturbed_apply, place
 
 __all__ = [
     "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "LPA",
     "LPAState", "LogitMethod", "LogitOut", "Perturbed", "Placed", "Split", "SplitState",
-    "add_delta", "adversarial", "chain",
+    "add_delta", "adversarial", "apply_at", "chain",
     "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged", "deep_augmentation", "dropout",
     "full_apply", "gaf", "grad_noise", "identity", "identity_logits", "input_cut", "ldam",
     "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpg_logits", "lpl", "manifold_mixup", "mix",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from lpa_jax.perturb.base import (ActivationMethod, Perturbed, Placed, check_finite_params,
                                   default_loss, keep_state)
 from lpa_jax.perturb.hooks import Cut, full_apply
-from lpa_jax.perturb.place import perturbed_apply
+from lpa_jax.perturb.place import apply_at, perturbed_apply
 from lpa_jax.perturb.tables import row_norms, rowwise
 
 NOISE_MODES = ("additive", "multiplicative")
@@ -146,10 +146,9 @@ def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto"
     # The clean logits do not depend on the branch: one no-gradient pass serves them all.
     clean = (jax.lax.stop_gradient(full_apply(cuts[-1], variables, batch.x, True)[0])
              if clean_pass else None)
-    branches = [lambda c=c: perturbed_apply(method, c, state, variables, batch.x,
-                                            batch.labels_B, rng, True,
-                                            targets=batch.targets_BxC, clean_logits=clean,
-                                            clean_pass=False)
+    branches = [lambda c=c: apply_at(method, c, state, variables, batch.x, batch.labels_B,
+                                     rng, True, targets=batch.targets_BxC, clean_logits=clean,
+                                     clean_pass=False)
                 for c in cuts]
     if select == "switch":
       fwd = jax.lax.switch(index, branches)

@@ -36,8 +36,7 @@ def _rng_kw(rng):
 
 def perturbed_apply(method: ActivationMethod | Placed, cut: Cut | None, state, variables: dict,
                     x, labels_B, rng=None, train: bool = True, *, loss_fn: Callable | None = None,
-                    targets=None, clean_logits=None, diagnostics: bool = True,
-                    clean_pass: bool = True, extra_shapes=None) -> Forward:
+                    targets=None) -> Forward:
   """One forward pass with ``method`` applied at ``cut``'s point.
 
   Args:
@@ -54,13 +53,11 @@ def perturbed_apply(method: ActivationMethod | Placed, cut: Cut | None, state, v
     loss_fn: ``(logits, targets) -> loss_B``, the loss PGD follows (default cross-entropy);
       the diagnostics' ``loss_change_C`` is measured in it too.
     targets: soft targets (default ``one_hot(labels)``).
-    clean_logits: unperturbed logits if already known (skips the diagnostics' clean pass).
-    diagnostics: add the per-class diagnostics to ``aux``.
-    clean_pass: for methods that do not compute the clean logits themselves (dropout, noise,
-      deep augmentation, mixup), run one extra no-gradient pass for them: the loss-change
-      diagnostic and class statistics that must not see random noise need it.  Without it
-      the diagnostics keep ``‖δ‖``, the expansive share and the sign, and ``clean_logits``
-      is ``None``.
+
+  How the method runs at its point — with or without the per-class diagnostics, with or
+  without a random method's extra clean pass — is chosen once, by :func:`place`
+  (``perturbed_apply(place(method, cut, clean_pass=False), None, ...)``); unplaced, a method
+  runs with both.
 
   Returns:
     :class:`~lpa_jax.perturb.base.Forward` with the logits, targets (mixed by mixing
@@ -72,11 +69,38 @@ def perturbed_apply(method: ActivationMethod | Placed, cut: Cut | None, state, v
   >>> pstate = out.state
   """
   if isinstance(method, Placed):
-    return _placed_apply(method, cut, state, variables, x, labels_B, rng, train, loss_fn,
-                         targets, clean_logits, diagnostics, clean_pass, extra_shapes)
+    if cut is not None:
+      raise TypeError("perturbed_apply: this method is already placed at its points (place(), "
+                      "manifold_mixup, lpa_adaptive); pass cut=None")
+    return method.forward(state, variables, Batch(x, labels_B, targets), rng, train,
+                          loss_fn=loss_fn)
   if cut is None:
     raise TypeError(f"perturbed_apply: a {type(method).__name__} needs the Cut at its point; "
-                    "only methods built placed (manifold_mixup, lpa_adaptive) take cut=None")
+                    "only methods built placed (place(), manifold_mixup, lpa_adaptive) take "
+                    "cut=None")
+  return apply_at(method, cut, state, variables, x, labels_B, rng, train, loss_fn=loss_fn,
+                  targets=targets)
+
+
+def apply_at(method: ActivationMethod, cut: Cut, state, variables: dict, x, labels_B, rng=None,
+             train: bool = True, *, loss_fn: Callable | None = None, targets=None,
+             clean_logits=None, diagnostics: bool = True, clean_pass: bool = True,
+             extra_shapes=None) -> Forward:
+  """:func:`perturbed_apply` of an unplaced method, with the options :func:`place` fixes.
+
+  Args (beyond :func:`perturbed_apply`'s):
+    clean_logits: unperturbed logits if already known (skips the diagnostics' clean pass).
+    diagnostics: add the per-class diagnostics to ``aux``.
+    clean_pass: for methods that do not compute the clean logits themselves (dropout, noise,
+      deep augmentation, mixup), run one extra no-gradient pass for them: the loss-change
+      diagnostic and class statistics that must not see random noise need it.  Without it
+      the diagnostics keep ``‖δ‖``, the expansive share and the sign, and ``clean_logits``
+      is ``None``.
+    extra_shapes: ``{point: per-example shape}`` at a multi-layer method's extra points.
+
+  >>> fwd = apply_at(mix(0.2), cut, (), variables, x, y, rng, clean_logits=clean,
+  ...                clean_pass=False)   # Manifold Mixup's branches share one clean pass
+  """
   act, st = cut.lower(variables, x, train, **_rng_kw(rng))
   up_vars = {**variables, **st}
   frozen = jax.lax.stop_gradient(up_vars)
@@ -104,22 +128,6 @@ def perturbed_apply(method: ActivationMethod | Placed, cut: Cut | None, state, v
   return Forward(logits, r.targets_BxC, {**st, **st2}, r.state, clean, aux)
 
 
-def _placed_apply(method: Placed, cut, state, variables, x, labels_B, rng, train, loss_fn,
-                  targets, clean_logits, diagnostics, clean_pass, extra_shapes) -> Forward:
-  """:func:`perturbed_apply` of a method built placed: its own ``forward`` on the batch."""
-  if cut is not None:
-    raise TypeError("perturbed_apply: this method is already placed at its points (Manifold "
-                    "Mixup, adaptive LPA); pass cut=None")
-  fixed = {"clean_logits": clean_logits is None, "diagnostics": diagnostics is True,
-           "clean_pass": clean_pass is True, "extra_shapes": extra_shapes is None}
-  if not all(fixed.values()):  # they were chosen when the method was built
-    bad = [k for k, ok in fixed.items() if not ok]
-    raise TypeError(f"perturbed_apply: {bad} are set when a placed method is built (e.g. "
-                    "manifold_mixup(..., clean_pass=False)), not per call")
-  return method.forward(state, variables, Batch(x, labels_B, targets), rng, train,
-                        loss_fn=loss_fn)
-
-
 def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None,
           clean_pass: bool = True, diagnostics: bool = True) -> Placed:
   """Binds ``method`` to ``cut`` for the train step: ``forward(state, variables, batch, rng,
@@ -127,14 +135,14 @@ def place(method: ActivationMethod, cut: Cut, shape_of: Callable | None = None,
 
   ``shape_of(variables, x, train) -> {point: per-example shape}`` supplies the activation
   shapes at a multi-layer method's extra points (abstract evaluation: no FLOPs at run time).
-  ``clean_pass``, ``diagnostics``: see :func:`perturbed_apply`.
+  ``clean_pass``, ``diagnostics``: see :func:`apply_at`.
 
   >>> placed = place(lpa(10, split="all_positive", eps=0.5), cut_staged(model, "stage3"))
   >>> fwd = placed.forward(placed.init(), variables, batch, rng, True)
   """
   def forward(state, variables, batch: Batch, rng, train, loss_fn=None):
     shapes = shape_of(variables, batch.x, train) if shape_of is not None else None
-    return perturbed_apply(method, cut, state, variables, batch.x, batch.labels_B, rng, train,
-                           loss_fn=loss_fn, targets=batch.targets_BxC, extra_shapes=shapes,
-                           clean_pass=clean_pass, diagnostics=diagnostics)
+    return apply_at(method, cut, state, variables, batch.x, batch.labels_B, rng, train,
+                    loss_fn=loss_fn, targets=batch.targets_BxC, extra_shapes=shapes,
+                    clean_pass=clean_pass, diagnostics=diagnostics)
   return Placed(method.init, forward, method.refresh)
