@@ -345,11 +345,26 @@ def cifar_lt_probe():
                     "CE, seed 0: where CE learns every class, and the cost of a run."))
 
 
+def cifar_balanced_probe():
+  """Issue 20's balanced question, asked cheaply first: CE on CIFAR-10 (JPEG-75) with 1000
+  training images per class (10,000) and the balanced quick config's CNN (32-64-128, crop and
+  flip) for 15 and 30 epochs, one seed, with a 10 % validation split: whether 30 epochs
+  reach a plateau at this size, and what one run costs, before the 5-method table."""
+  methods = tuple({"name": f"CE {e} epochs", "optim.num_epochs": e} for e in (15, 30))
+  return _suite("cifar_balanced_probe", "balanced.py:quick", methods, seeds=(0,),
+                overrides={"data.n_max": 1000, "data.val_fraction": 0.1,
+                           "train.checkpoint_every": 2}, description=(
+                    "CIFAR-10 (JPEG-75), 1000 training images per class (10 % held out for "
+                    "validation), full test set, CNN 32-64-128, crop+flip; CE for 15 / 30 "
+                    "epochs, seed 0: the schedule and cost of the balanced suite."))
+
+
 CONVERGED = {"fmnist_lt_schedule": fmnist_lt_schedule, "fmnist_lt_tune": fmnist_lt_tune,
              "fmnist_lt_main": fmnist_lt_main, "fmnist_lt_mechanism": fmnist_lt_mechanism,
              "repro_sample": repro_sample, "repro_balanced": repro_balanced,
              "rmnist_schedule": rmnist_schedule, "rmnist_dg": rmnist_dg,
              "noisy_schedule": noisy_schedule, "cifar_lt_probe": cifar_lt_probe,
+             "cifar_balanced_probe": cifar_balanced_probe,
              **{f"noisy_fmnist_{k}": (lambda k=k: _noisy(k)) for k in NOISE_SETTINGS}}
 
 
