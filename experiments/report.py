@@ -18,8 +18,9 @@ import platform
 
 import numpy as np
 
-from experiments.report_tables import (is_baseline, paired_table, rarest_table,  # noqa: F401
-                                       run_strength, strength_table)
+from experiments.report_tables import (domain_paired_table, is_baseline,  # noqa: F401
+                                       paired_table, rarest_table, run_strength,
+                                       strength_table)
 
 
 def method_name(config: dict) -> str:
@@ -378,18 +379,26 @@ def write_report(root: str) -> dict[str, str]:
       "accuracy on 20 % held out from the training domains (DomainBed's training-domain "
       "validation). Mean ± std over seeds; the average is taken per seed over the domains it "
       "has all of.", domain_table(runs))
+  domains = any(r.get("domain") is not None for r in runs)
   lines += _section(
+      "Paired comparisons per held-out domain",
+      "Per-seed differences of the test accuracy at the epoch training-domain validation "
+      "selects, against the first method at the same held-out domain and on the average over "
+      "the domains: mean and 95 % t-interval over the seeds both ran (McNemar's test is not "
+      "given: the per-sample predictions saved are the last epoch's, not the selected one's).",
+      domain_paired_table(runs)) if domains else _section(
       "Paired comparisons",
       "Per-seed differences of test accuracy (runs with the same seed share the data and "
       "differ only in the method), mean and 95 % t-interval over the seeds both methods ran; "
       "McNemar's exact test on the test predictions pooled over those seeds (b: samples the "
       "method gets right and the reference wrong, c: the reverse). One seed gives no "
       "interval.", paired_table(runs))
-  lines += _section(
-      "Rarest training classes (test accuracy % per seed)",
-      "Each method's test accuracy on the three rarest training classes, one value per seed "
-      "in seed order: a class a method leaves unlearned in any seed shows as 0.0.",
-      rarest_table(runs))
+  if not domains:  # held-out domains are balanced: no rare classes
+    lines += _section(
+        "Rarest training classes (test accuracy % per seed)",
+        "Each method's test accuracy on the three rarest training classes, one value per "
+        "seed in seed order: a class a method leaves unlearned in any seed shows as 0.0.",
+        rarest_table(runs))
   lines += _section(
       "Perturbation strength over training",
       "`loss_change_signed` per epoch (`metrics.jsonl`): the mean |loss change| the activation "

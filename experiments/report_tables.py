@@ -104,3 +104,43 @@ def rarest_table(runs: list[dict], k: int = 3) -> str:
     out.append(f"| {name} | {len(mine)} | " + " | ".join(cells) +
                f" | {min(min(v) for v in per):.1f} |")
   return "\n".join(out)
+
+
+def _selected(run: dict) -> float | None:
+  sel = run["results"].get("selected_by_val") or {}
+  return sel.get("test_accuracy")
+
+
+def domain_paired_table(runs: list[dict]) -> str:
+  """Leave-one-domain-out runs: each method against the suite's first method (ERM) at the same
+  held-out domain, and on the average over the domains, per seed: the paired difference of the
+  test accuracy at the epoch training-domain validation selects (points, mean and 95 %
+  t-interval over the seeds both ran).  Different held-out domains are never paired."""
+  from experiments.stats import paired_difference
+  dg = [r for r in runs if r.get("domain") is not None]
+  if not dg:
+    return ""
+  bases = list(dict.fromkeys(r["base"] or r["name"] for r in dg))
+  domains = list(dict.fromkeys(r["domain"] for r in dg))
+
+  def per_seed(base, domain):
+    return {r["seed"]: _selected(r) for r in dg if (r["base"] or r["name"]) == base
+            and r["domain"] == domain and _selected(r) is not None}
+
+  def average(base):
+    by = [per_seed(base, d) for d in domains]
+    seeds = set.intersection(*(set(b) for b in by)) if by else set()
+    return {s: float(np.mean([b[s] for b in by])) for s in seeds}
+
+  ref = bases[0]
+  out = ["| method | vs | held-out domain | paired seeds | Δ test acc (points) | 95 % interval |",
+         "|---|---|---|---|---|---|"]
+  for base in bases[1:]:
+    for domain, a, b in ([(d, per_seed(base, d), per_seed(ref, d)) for d in domains]
+                         + [("average", average(base), average(ref))]):
+      d = paired_difference(a, b)
+      if not d["n"]:
+        continue
+      ci = f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—"
+      out.append(f"| {base} | {ref} | {domain} | {d['n']} | {100 * d['mean']:+.2f} | {ci} |")
+  return "\n".join(out)

@@ -156,3 +156,19 @@ def test_every_committed_report_is_what_its_records_regenerate(root, tmp_path):
   fresh = (copy / "report.md").read_text().replace(str(copy), rel)
   assert fresh == open(os.path.join(root, "report.md")).read(), (
       f"{rel}/report.md is stale: run `python -m experiments.report --root={rel}`")
+
+
+def test_domain_paired_table_pairs_each_held_out_domain_with_the_same_domain_only():
+  from experiments.report_tables import domain_paired_table
+
+  def run(base, domain, seed, acc):
+    return {"name": f"{base} @ {domain}", "base": base, "domain": domain, "seed": seed,
+            "results": {"selected_by_val": {"test_accuracy": acc}}}
+  runs = [run("ERM", d, s, a) for d, base_acc in (("0°", 0.80), ("15°", 0.95))
+          for s, a in ((0, base_acc), (1, base_acc + 0.01))]
+  runs += [run("LPA", "0°", 0, 0.82), run("LPA", "0°", 1, 0.83), run("LPA", "15°", 0, 0.94)]
+  table = domain_paired_table(runs)
+  assert "| LPA | ERM | 0° | 2 | +2.00 | [+2.00, +2.00] |" in table
+  assert "| LPA | ERM | 15° | 1 | -1.00 | — |" in table          # seed 1 missing: not paired
+  assert "| LPA | ERM | average | 1 | +0.50 | — |" in table     # seed 0 has every domain
+  assert domain_paired_table([{**runs[0], "domain": None}]) == ""
