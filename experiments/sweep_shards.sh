@@ -6,13 +6,19 @@
 # training, so a long run (Manifold Mixup) does not leave a core idle at the end.
 #   experiments/sweep_shards.sh ROOT N SUITE [SUITE ...]
 # Every suite goes to ROOT/<suite>; rerunning resumes (finished runs are skipped, an
-# interrupted one resumes from its checkpoint). Copy finished records into the repository
-# with: python -m experiments.collect ROOT/<suite> --report
+# interrupted one resumes from its checkpoint). On a fresh machine, a suite whose records are
+# committed (experiments/results/<suite>/runs) starts from them: its finished and stopped runs
+# are skipped. Copy finished records into the repository with:
+#   python -m experiments.collect ROOT/<suite> --report
 set -euo pipefail
 root=$1; n=$2; shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$root"
 for suite in "$@"; do
+  if [ ! -d "$root/$suite/runs" ] && [ -d "experiments/results/$suite/runs" ]; then
+    mkdir -p "$root/$suite" && cp -r "experiments/results/$suite/runs" "$root/$suite/"
+    echo "$suite: starting from the committed records in experiments/results/$suite"
+  fi
   pids=()
   for ((i = 0; i < n; i++)); do
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \

@@ -218,3 +218,16 @@ def test_mechanism_fixed_radius_spends_the_varied_radius_mean():
   flat = classes.class_radii(split, fixed.eps, fixed.delta_eps, fixed.beta, 1, False)
   np.testing.assert_allclose(float(flat.mean()), float(varied.mean()), rtol=1e-4)
   assert float(varied.min()) < float(flat[0]) < float(varied.max())
+
+
+@pytest.mark.slow  # two subprocesses (sweep, report): ~15 s
+def test_sweep_shards_starts_a_fresh_root_from_the_committed_records(tmp_path):
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run(["bash", "experiments/sweep_shards.sh", str(tmp_path), "1",
+                        "repro_balanced"], cwd=repo, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "starting from the committed records" in res.stdout
+  log = (tmp_path / "repro_balanced.proc0.log").read_text()
+  assert "ran 0, skipped 3 finished" in log               # nothing retrained
+  assert (tmp_path / "repro_balanced" / "report.md").exists()
