@@ -38,11 +38,12 @@ def perturbation_diagnostics(new_act, act, labels_B, num_classes, clean_logits, 
   onehot_BxC = jax.nn.one_hot(labels_B, num_classes)
   delta = (new_act - act).astype(jnp.float32)
   act = act.astype(jnp.float32)
-  expansive_B = (row_norms(act + delta) > row_norms(act)).astype(jnp.float32)
+  act_norm_B = row_norms(act)
+  expansive_B = (row_norms(act + delta) > act_norm_B).astype(jnp.float32)
   sign_C = jnp.zeros((num_classes,)) if sign_C is None else sign_C
   out = {
       "delta_norm_C": per_class_mean(onehot_BxC, row_norms(delta)),
-      "act_norm_C": per_class_mean(onehot_BxC, row_norms(act)),
+      "act_norm_C": per_class_mean(onehot_BxC, act_norm_B),
       "sign_C": jnp.asarray(sign_C, jnp.float32) * jnp.ones(num_classes),
       "expansive_share_C": per_class_mean(onehot_BxC, expansive_B),
       "present_C": (onehot_BxC.sum(0) > 0).astype(jnp.float32),

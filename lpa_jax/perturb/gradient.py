@@ -22,7 +22,7 @@ import optax
 
 from lpa_jax.perturb import classes
 from lpa_jax.perturb.base import (LogitMethod, LogitOut, check_class_counts, check_finite_params,
-                                  check_num_classes)
+                                  check_num_classes, unit_weights)
 from lpa_jax.perturb.logit import observe
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
@@ -87,7 +87,7 @@ def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
     onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=logits_BxC.dtype)
     radius_C = classes.class_radii(state.split, eps, delta_eps, 1.0, 0, varied)
     out = perturb_logit_grad(logits_BxC, onehot_BxC, state.sign_C, radius_C)
-    return LogitOut(out, jnp.ones_like(logits_BxC[:, 0]), observe(state, logits_BxC, batch),
+    return LogitOut(out, unit_weights(logits_BxC), observe(state, logits_BxC, batch),
                     {"lpg_radius_C": radius_C * (state.sign_C != 0)})
 
   def refresh(state, stats=None, epoch=None):
@@ -95,7 +95,7 @@ def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
 
   def pgd_apply(state, logits_BxC, batch, step):
     # PGD follows the training loss, which LPG leaves unchanged (it edits only gradients).
-    return LogitOut(logits_BxC, jnp.ones_like(logits_BxC[:, 0]), state)
+    return LogitOut(logits_BxC, unit_weights(logits_BxC), state)
 
   return LogitMethod(lambda: classes.split_state(init_split), apply, refresh,
                      pgd_apply=pgd_apply)
