@@ -86,9 +86,10 @@ def main(argv=None):
   print(f"{len(runs)} finished runs copied to {dest}")
   if args.report:
     from experiments import report
-    # A path relative to the repository, so the report's "regenerate" line works anywhere.
-    report.write_report(os.path.relpath(dest) if not os.path.relpath(dest).startswith("..")
-                        else dest)
+    # A path relative to the working directory (the repository, run from its root), so the
+    # report's "regenerate" line works in any checkout.
+    rel = os.path.relpath(dest)
+    report.write_report(dest if rel.startswith("..") else rel)
     print(f"report written: {os.path.join(dest, 'report.md')}")
 
 

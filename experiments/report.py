@@ -18,9 +18,9 @@ import platform
 
 import numpy as np
 
-from experiments.report_tables import (domain_paired_table, is_baseline,  # noqa: F401
-                                       paired_table, rarest_table, run_strength,
-                                       strength_table)
+from experiments.report_tables import (domain_accuracies, domain_average,  # noqa: F401
+                                       domain_paired_table, is_baseline, paired_table,
+                                       rarest_table, run_strength, strength_table)
 
 
 def method_name(config: dict) -> str:
@@ -261,24 +261,19 @@ def _machine(root: str) -> str:
 
 
 def domain_table(runs: list[dict]) -> str:
-  """Leave-one-domain-out runs (method.json's ``domain`` and ``base``) as DomainBed tables do:
-  one row per method, one column per held-out domain and their average; test accuracy (%) of
-  the epoch selected by training-domain validation (``selected_by_val``), mean ± std over
-  seeds, the average taken per seed over the domains it has all of."""
-  dg = [r for r in runs if r.get("domain") is not None]
-  if not dg:
+  """Leave-one-domain-out runs as DomainBed tables do: one row per method, one column per
+  held-out domain and their average; test accuracy (%) of the epoch selected by
+  training-domain validation (:func:`~experiments.report_tables.domain_accuracies`), mean ±
+  std over seeds, the average taken per seed over the domains it has all of."""
+  acc = domain_accuracies(runs)
+  if not acc:
     return ""
-  domains = list(dict.fromkeys(r["domain"] for r in dg))
+  domains = list(next(iter(acc.values())))
   out = ["| method | " + " | ".join(domains) + " | average |",
          "|" + "---|" * (len(domains) + 2)]
-  for base in dict.fromkeys(r["base"] or r["name"] for r in dg):
-    mine = [r for r in dg if (r["base"] or r["name"]) == base]
-    acc = lambda r: _get(r["results"], ("selected_by_val", "test_accuracy"))  # noqa: E731
-    cells = [_fmt(mean_std([acc(r) for r in mine if r["domain"] == d])) for d in domains]
-    per_seed = {}
-    for r in mine:
-      per_seed.setdefault(r["seed"], {})[r["domain"]] = acc(r)
-    avgs = [np.mean(list(v.values())) for v in per_seed.values() if len(v) == len(domains)]
+  for base, per_domain in acc.items():
+    cells = [_fmt(mean_std(list(per_domain[d].values()))) for d in domains]
+    avgs = list(domain_average(per_domain).values())
     out.append(f"| {base} | " + " | ".join(cells) + f" | {_fmt(mean_std(avgs))} |")
   return "\n".join(out)
 
@@ -298,11 +293,12 @@ def stopped_runs(root: str) -> list[tuple[str, str]]:
   return out
 
 
-def stopped_table(root: str) -> str:
+def stopped_table(root: str, stopped: list[tuple[str, str]] | None = None) -> str:
   """Each stopped run's epochs as it logged them (``metrics.jsonl``): training and test
-  accuracy and the loss change on the perturbed classes, so how it ended can be read."""
+  accuracy and the loss change on the perturbed classes, so how it ended can be read.
+  ``stopped``: :func:`stopped_runs` of ``root`` if already read."""
   out = []
-  for workdir, _ in stopped_runs(root):
+  for workdir, _ in stopped_runs(root) if stopped is None else stopped:
     rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if not rows:
       continue
@@ -413,7 +409,7 @@ def write_report(root: str) -> dict[str, str]:
     lines += [f"* `{os.path.relpath(p, root)}`: {reason.splitlines()[0]}"
               for p, reason in stopped]
     lines += ["", "Their epochs up to the stop (training accuracy is on the perturbed "
-              "batches):", "", stopped_table(root)]
+              "batches):", "", stopped_table(root, stopped)]
   if unreadable:  # named, so a missing row is never mistaken for a finished suite
     lines += ["", "## Unreadable run files (left out of the tables)", ""]
     lines += [f"* `{os.path.relpath(p, root)}`: {err}" for p, err in unreadable]

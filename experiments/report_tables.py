@@ -80,7 +80,7 @@ def paired_table(runs: list[dict]) -> str:
         mc = f"{m['b']} / {m['c']} | {m['p']:.3g}"
       else:
         mc = "— | —"
-      ci = (f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—")
+      ci = interval(d)
       label = ref + (" (best baseline)" if ref != names[0] else "")
       out.append(f"| {n} | {label} | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {mc} |")
   return "\n".join(out)
@@ -106,9 +106,32 @@ def rarest_table(runs: list[dict], k: int = 3) -> str:
   return "\n".join(out)
 
 
-def _selected(run: dict) -> float | None:
-  sel = run["results"].get("selected_by_val") or {}
-  return sel.get("test_accuracy")
+def domain_accuracies(runs: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+  """Leave-one-domain-out runs (method.json's ``domain`` and ``base``):
+  ``{method: {held-out domain: {seed: test accuracy}}}``, the test accuracy at the epoch
+  training-domain validation selects (``selected_by_val``), in the runs' order; ``{}`` when no
+  run has a domain."""
+  out: dict[str, dict[str, dict[int, float]]] = {}
+  domains = list(dict.fromkeys(r["domain"] for r in runs if r.get("domain") is not None))
+  for r in runs:
+    if r.get("domain") is None:
+      continue
+    per_domain = out.setdefault(r["base"] or r["name"], {d: {} for d in domains})
+    acc = (r["results"].get("selected_by_val") or {}).get("test_accuracy")
+    if acc is not None:
+      per_domain[r["domain"]][r["seed"]] = acc
+  return out
+
+
+def domain_average(per_domain: dict[str, dict[int, float]]) -> dict[int, float]:
+  """``{seed: mean over the domains}`` for the seeds that have every domain."""
+  seeds = set.intersection(*(set(v) for v in per_domain.values())) if per_domain else set()
+  return {s: float(np.mean([v[s] for v in per_domain.values()])) for s in sorted(seeds)}
+
+
+def interval(d: dict) -> str:
+  """A :func:`~experiments.stats.paired_difference`'s 95 % interval in points, ``—`` if none."""
+  return f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—"
 
 
 def domain_paired_table(runs: list[dict]) -> str:
@@ -117,30 +140,18 @@ def domain_paired_table(runs: list[dict]) -> str:
   test accuracy at the epoch training-domain validation selects (points, mean and 95 %
   t-interval over the seeds both ran).  Different held-out domains are never paired."""
   from experiments.stats import paired_difference
-  dg = [r for r in runs if r.get("domain") is not None]
-  if not dg:
+  acc = domain_accuracies(runs)
+  if not acc:
     return ""
-  bases = list(dict.fromkeys(r["base"] or r["name"] for r in dg))
-  domains = list(dict.fromkeys(r["domain"] for r in dg))
-
-  def per_seed(base, domain):
-    return {r["seed"]: _selected(r) for r in dg if (r["base"] or r["name"]) == base
-            and r["domain"] == domain and _selected(r) is not None}
-
-  def average(base):
-    by = [per_seed(base, d) for d in domains]
-    seeds = set.intersection(*(set(b) for b in by)) if by else set()
-    return {s: float(np.mean([b[s] for b in by])) for s in seeds}
-
-  ref = bases[0]
+  ref, *others = acc
   out = ["| method | vs | held-out domain | paired seeds | Δ test acc (points) | 95 % interval |",
          "|---|---|---|---|---|---|"]
-  for base in bases[1:]:
-    for domain, a, b in ([(d, per_seed(base, d), per_seed(ref, d)) for d in domains]
-                         + [("average", average(base), average(ref))]):
+  for base in others:
+    pairs = [(d, acc[base][d], acc[ref][d]) for d in acc[base]]
+    pairs.append(("average", domain_average(acc[base]), domain_average(acc[ref])))
+    for domain, a, b in pairs:
       d = paired_difference(a, b)
-      if not d["n"]:
-        continue
-      ci = f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—"
-      out.append(f"| {base} | {ref} | {domain} | {d['n']} | {100 * d['mean']:+.2f} | {ci} |")
+      if d["n"]:
+        out.append(f"| {base} | {ref} | {domain} | {d['n']} | {100 * d['mean']:+.2f} | "
+                   f"{interval(d)} |")
   return "\n".join(out)
