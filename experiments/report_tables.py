@@ -106,18 +106,20 @@ def rarest_table(runs: list[dict], k: int = 3) -> str:
   return "\n".join(out)
 
 
-def domain_accuracies(runs: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+def domain_accuracies(runs: list[dict], key: str = "test_accuracy"
+                      ) -> dict[str, dict[str, dict[int, float]]]:
   """Leave-one-domain-out runs (method.json's ``domain`` and ``base``):
-  ``{method: {held-out domain: {seed: test accuracy}}}``, the test accuracy at the epoch
-  training-domain validation selects (``selected_by_val``), in the runs' order; ``{}`` when no
-  run has a domain."""
+  ``{method: {held-out domain: {seed: accuracy}}}``, the test accuracy (``key``; or
+  ``"val_accuracy"``, the training-domain validation accuracy) at the epoch training-domain
+  validation selects (``selected_by_val``), in the runs' order; ``{}`` when no run has a
+  domain."""
   out: dict[str, dict[str, dict[int, float]]] = {}
   domains = list(dict.fromkeys(r["domain"] for r in runs if r.get("domain") is not None))
   for r in runs:
     if r.get("domain") is None:
       continue
     per_domain = out.setdefault(r["base"] or r["name"], {d: {} for d in domains})
-    acc = (r["results"].get("selected_by_val") or {}).get("test_accuracy")
+    acc = (r["results"].get("selected_by_val") or {}).get(key)
     if acc is not None:
       per_domain[r["domain"]][r["seed"]] = acc
   return out
@@ -127,6 +129,31 @@ def domain_average(per_domain: dict[str, dict[int, float]]) -> dict[int, float]:
   """``{seed: mean over the domains}`` for the seeds that have every domain."""
   seeds = set.intersection(*(set(v) for v in per_domain.values())) if per_domain else set()
   return {s: float(np.mean([v[s] for v in per_domain.values()])) for s in sorted(seeds)}
+
+
+def domain_selection_table(runs: list[dict]) -> str:
+  """Leave-one-domain-out runs: per method family with several settings (bases named
+  ``family knob=value``, :func:`experiments.report.family`), each setting's training-domain
+  validation accuracy averaged over the held-out domains (mean ± std over seeds) and the
+  setting it selects (highest mean), as DomainBed selects hyper-parameters without the test
+  domain; its test accuracy on the same average beside it.  ``""`` when no family has two."""
+  from experiments.report import _fmt, family, mean_std
+  val, test = domain_accuracies(runs, "val_accuracy"), domain_accuracies(runs)
+  families: dict[str, list[str]] = {}
+  for base in val:
+    families.setdefault(family(base), []).append(base)
+  out = ["| method | setting | val acc % (training domains, domain average) | "
+         "test acc % (domain average) | selected |", "|---|---|---|---|---|"]
+  for fam, bases in families.items():
+    if len(bases) < 2:
+      continue
+    scores = {b: mean_std(list(domain_average(val[b]).values())) for b in bases}
+    best = max(bases, key=lambda b: scores[b][0] if scores[b][0] == scores[b][0] else -1)
+    for b in bases:
+      out.append(f"| {fam} | {b} | {_fmt(scores[b])} | "
+                 f"{_fmt(mean_std(list(domain_average(test[b]).values())))} | "
+                 f"{'yes' if b == best else ''} |")
+  return "\n".join(out) if len(out) > 2 else ""
 
 
 def interval(d: dict) -> str:

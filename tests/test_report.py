@@ -172,3 +172,20 @@ def test_domain_paired_table_pairs_each_held_out_domain_with_the_same_domain_onl
   assert "| LPA | ERM | 15° | 1 | -1.00 | — |" in table          # seed 1 missing: not paired
   assert "| LPA | ERM | average | 1 | +0.50 | — |" in table     # seed 0 has every domain
   assert domain_paired_table([{**runs[0], "domain": None}]) == ""
+
+
+def test_domain_selection_picks_a_setting_by_training_domain_validation_not_by_test():
+  from experiments.report_tables import domain_selection_table
+
+  def run(base, domain, seed, val, test):
+    return {"name": f"{base} @ {domain}", "base": base, "domain": domain, "seed": seed,
+            "results": {"selected_by_val": {"val_accuracy": val, "test_accuracy": test}}}
+  runs = [run(b, d, s, val, test) for b, val, test in (("ERM", 0.9, 0.8),
+                                                         ("LPA", 0.9, 0.95),
+                                                         ("LPA eps=0.1", 0.95, 0.7))
+          for d in ("0°", "15°") for s in (0, 1)]
+  table = domain_selection_table(runs).splitlines()
+  assert table[2] == "| LPA | LPA | 90.00 ± 0.00 | 95.00 ± 0.00 |  |"
+  assert table[3] == "| LPA | LPA eps=0.1 | 95.00 ± 0.00 | 70.00 ± 0.00 | yes |"
+  assert len(table) == 4                       # ERM has one setting: nothing to select
+  assert domain_selection_table(runs[:4]) == ""

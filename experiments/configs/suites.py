@@ -274,10 +274,20 @@ def rmnist_schedule():
                     "epochs."))
 
 
+# rmnist_dg: LPA all-positive at fmnist_lt_tune's ε 0.01 moved the loss by 0.014-0.016 nats (2nd
+# half of training) in all 18 runs, below SPEC §1's 0.05 floor: with every class expansive
+# (no contractive head to collapse) the task differs, so ε is chosen again on its own
+# training-domain validation among these, Δε = ε (0.1 is the library's default).
+DG_LPA_EPS = (0.03, 0.1)
+
+
 def rmnist_dg():
   """Leave-one-domain-out on all six Rotated MNIST domains, 3 seeds: ERM, LPA (every class
-  expansive, the paper's DG rule), Manifold Mixup, adversarial feature perturbation."""
-  bases = (_named(CE, "ERM"), _named(LPA, "LPA (all-positive)"), MIXUP, ADV)
+  expansive, the paper's DG rule) at ε 0.01 and :data:`DG_LPA_EPS`, Manifold Mixup,
+  adversarial feature perturbation."""
+  lpa_eps = tuple(_named({**LPA, "perturb.lpa.eps": e, "perturb.lpa.delta_eps": e},
+                         f"LPA (all-positive) ε={e:g}") for e in DG_LPA_EPS)
+  bases = (_named(CE, "ERM"), _named(LPA, "LPA (all-positive)"), *lpa_eps, MIXUP, ADV)
   methods = tuple({**m, "name": f"{m['name']} @ {d}", "data.test_domain": k, "domain": d,
                    "base": m["name"]} for m in bases for k, d in enumerate(RMNIST_DOMAINS))
   return _suite("rmnist_dg", "domain.py:quick", methods, seeds=(0, 1, 2),
