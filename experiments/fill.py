@@ -8,6 +8,9 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
   intervals and McNemar's test, against the first method and the best other baseline);
 * ``strength:<name>`` — that suite's perturbation-strength table;
 * ``rarest:<name>`` — that suite's per-seed test accuracy on its three rarest classes;
+* ``domain:<name>``, ``domain-paired:<name>``, ``domain-select:<name>`` — a
+  leave-one-domain-out suite's test accuracy per held-out domain, its paired differences
+  against ERM at the same domain, and the settings training-domain validation selects;
 * ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``time:<name>`` — that suite's run count and summed run wall time (one core per run);
@@ -166,6 +169,12 @@ def render(key: str) -> str:
     return report.strength_table(_runs(arg))
   if kind == "rarest":
     return report.rarest_table(_runs(arg))
+  if kind == "domain":
+    return report.domain_table(_runs(arg))
+  if kind == "domain-paired":
+    return report.domain_paired_table(_runs(arg))
+  if kind == "domain-select":
+    return report.domain_selection_table(_runs(arg))
   if kind == "stopped":
     return report.stopped_table(os.path.join(RESULTS, arg))
   if kind == "suites-time":
@@ -179,7 +188,8 @@ def render(key: str) -> str:
   if kind == "bench-throughput":
     return throughput_table(arg)
   raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
-                   "strength:<name>, rarest:<name>, stopped:<name>, time:<name>, suites-time, "
+                   "strength:<name>, rarest:<name>, domain:<name>, domain-paired:<name>, "
+                   "domain-select:<name>, stopped:<name>, time:<name>, suites-time, "
                    "bench:<json>, bench-diff:<json>,<json>, bench-throughput:<json>")
 
 

@@ -80,6 +80,17 @@ def test_paired_and_strength_blocks_equal_the_suite_report(tmp_path):
     assert table.strip() and table.strip() in report
 
 
+def test_domain_blocks_equal_the_leave_one_domain_out_report(tmp_path):
+  doc = tmp_path / "doc.md"
+  doc.write_text("".join(f"<!-- BEGIN {k}:rmnist_dg -->\nSTALE-BODY\n<!-- END "
+                         f"{k}:rmnist_dg -->\n" for k in ("domain", "domain-paired")))
+  assert fill.fill(str(doc)) == 2
+  body, report = doc.read_text(), open(fill.RESULTS + "/rmnist_dg/report.md").read()
+  assert "STALE-BODY" not in body and "| ERM |" in body and "| average |" in body
+  for _, _, table, _ in fill.BLOCK.findall(body):
+    assert table.strip() and table.strip() in report
+
+
 def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
   # Every number in a generated block comes from the records: refilling changes nothing.
   import os
