@@ -66,6 +66,20 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
   assert rows == [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
 
 
+def test_a_resumed_runs_wall_time_counts_every_invocation(tmp_path, monkeypatch):
+  # The sweeps' measured core-hours add results.json's wall_time_s: a run resumed from a
+  # checkpoint must not report only its last invocation.  The first invocation runs on a
+  # clock that advances 100 s per reading, the second on the real one.
+  import types
+  cfg = small_config(**{"optim.batch_size": 32})
+  ticks = iter(range(0, 10**6, 100))
+  monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
+  assert loop.train_and_evaluate(cfg, str(tmp_path), progress=False, max_steps=3) is None
+  monkeypatch.undo()
+  res = loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
+  assert 100 <= res["wall_time_s"] < 100 + 600, res["wall_time_s"]
+
+
 def test_results_json_has_the_promised_fields(tmp_path):
   cfg = small_config(**{"perturb.activation": "lpa", "optim.num_epochs": 1})
   loop.train_and_evaluate(cfg, str(tmp_path), progress=False)

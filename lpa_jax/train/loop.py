@@ -205,14 +205,15 @@ def _epoch_row(run: Run, config, state, epoch: int, log: MetricLog, best):
   return row, update_best(best, row)
 
 
-def _save_all(group: Group, mgrs, state, logs, histories, force: bool = False):
+def _save_all(group: Group, mgrs, state, logs, histories, elapsed, force: bool = False):
   # The steps of a partly done epoch travel with each checkpoint, so the epoch's row after a
   # resume averages over all of its steps, not only those after the resume; so do the rows of
-  # the finished epochs, the durable copy of metrics.jsonl.
-  for k, (mgr, log, history) in enumerate(zip(mgrs, logs, histories)):
+  # the finished epochs, the durable copy of metrics.jsonl, and the run's wall time so far
+  # (``elapsed()``: per run), so a resumed run's results.json counts every invocation.
+  for k, (mgr, log, history, wall) in enumerate(zip(mgrs, logs, histories, elapsed())):
     checkpoint.save(mgr, group.state_of(state, k),
-                    extra={"epoch_rows": to_json_rows(log.rows), "history": list(history)},
-                    force=force)
+                    extra={"epoch_rows": to_json_rows(log.rows), "history": list(history),
+                           "wall_time_s": wall}, force=force)
 
 
 def _close(objs, failing: bool):
@@ -245,9 +246,10 @@ def _finish_epoch(group: Group, configs, state, epoch, logs, bests, histories, w
 
 
 def _train(group: Group, configs, state, workdirs, mgrs, logs, histories, bests, stop_at,
-           progress):
+           progress, elapsed):
   """Runs epochs until ``stop_at``, appending each run's epoch rows to its history (its
-  lines); returns ``(state, finished)`` (``bests`` updated in place)."""
+  lines); returns ``(state, finished)`` (``bests`` updated in place).  ``elapsed()`` gives
+  each run's wall time so far, saved with its checkpoints."""
   spe, n_epochs = group.run.steps_per_epoch, configs[0].optim.num_epochs
   start = int(jax.device_get(state.step))
   main = distributed.is_main()
@@ -263,13 +265,13 @@ def _train(group: Group, configs, state, workdirs, mgrs, logs, histories, bests,
         first = start % spe if epoch == start // spe else 0
         state, done = run_epoch(group, state, epoch, first, stop_at, logs, bar, stop, workdirs)
         if done < spe:
-          _save_all(group, mgrs, state, logs, histories, force=True)
+          _save_all(group, mgrs, state, logs, histories, elapsed, force=True)
           _raise_if_stopped(stop, state, workdirs)
           failing = False
           return state, False
         _finish_epoch(group, configs, state, epoch, logs, bests, histories, workdirs, tbs)
         if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-          _save_all(group, mgrs, state, logs, histories)
+          _save_all(group, mgrs, state, logs, histories, elapsed)
     failing = False
   except KeyboardInterrupt as e:
     if e.args:  # the clean stop's own message
@@ -323,9 +325,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
 
 
 def resume(run: Run, workdir: str):
-  """``(mgr, state, log, history)`` of the run in ``workdir``: its newest usable checkpoint,
-  the metrics of a partly done epoch and the history's lines, ``metrics.jsonl`` checked (and
-  restored if damaged) against the copy in the checkpoint."""
+  """``(mgr, state, log, history, wall_s)`` of the run in ``workdir``: its newest usable
+  checkpoint, the metrics of a partly done epoch, the history's lines (``metrics.jsonl``
+  checked, and restored if damaged, against the copy in the checkpoint) and the wall time the
+  run had spent up to that checkpoint (0 for a new run)."""
   mgr = checkpoint.manager(workdir)
   state, extra = checkpoint.restore_latest(mgr, run.init_state)
   extra = extra or {}
@@ -333,7 +336,7 @@ def resume(run: Run, workdir: str):
   history = resume_history(os.path.join(workdir, "metrics.jsonl"), start, run.steps_per_epoch,
                            extra.get("history"), write=distributed.is_main())
   log = MetricLog(extra.get("epoch_rows", []) if start % run.steps_per_epoch else [])
-  return mgr, state, log, history
+  return mgr, state, log, history, float(extra.get("wall_time_s", 0.0))
 
 
 def resume_group(group: Group, workdirs) -> list[tuple]:
@@ -347,8 +350,10 @@ def train_resumed(group: Group, configs, workdirs, data, resumed, progress: bool
   """Trains the runs of ``group`` on from ``resumed`` (:func:`resume_group`; every run at the
   same step) and writes each run's ``results.json``; returns the results, or ``None`` when
   ``max_steps`` stopped this invocation first.  With several runs each ``results.json``
-  records its share of the group's wall time and ``parallel: {runs, group_wall_time_s}``."""
-  mgrs, states, logs, histories = (list(x) for x in zip(*resumed))
+  records its share of the group's wall time and ``parallel: {runs, group_wall_time_s}``.
+  ``wall_time_s`` adds the time earlier invocations spent up to the checkpoint this one
+  resumed from (work redone after a hard kill is counted once, when redone)."""
+  mgrs, states, logs, histories, priors = (list(x) for x in zip(*resumed))
   steps = sorted({int(jax.device_get(s.step)) for s in states})
   if len(steps) > 1:
     raise ValueError(f"The runs of a group must resume from one step, got steps {steps}")
@@ -356,15 +361,18 @@ def train_resumed(group: Group, configs, workdirs, data, resumed, progress: bool
   total = spe * configs[0].optim.num_epochs
   stop_at = total if max_steps is None else min(total, steps[0] + max_steps)
   bests = [best_of(json.loads(x) for x in h) for h in histories]
+  def elapsed():
+    return [p + (time.time() - t0) / n_runs for p in priors]
+
   state, finished = _train(group, configs, group.stack(states), workdirs, mgrs, logs,
-                           histories, bests, stop_at, progress)
+                           histories, bests, stop_at, progress, elapsed)
   if not finished:
     return None
   wall, out = time.time() - t0, []
   for k, (config, workdir) in enumerate(zip(configs, workdirs)):
     # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
     res = final_results(config, group.run, data, group.state_of(state, k), bests[k], workdir,
-                   wall / n_runs, histories[k])
+                   priors[k] + wall / n_runs, histories[k])
     if n_runs > 1:
       res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
     res = finite_json(res)

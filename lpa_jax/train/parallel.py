@@ -169,7 +169,7 @@ def _resume(group: loop.Group, configs, workdirs, data, mesh) -> list[tuple]:
   to its step one by one (an interrupted group saves them all at one step, but a run may have
   been continued alone)."""
   resumed = loop.resume_group(group, workdirs)
-  steps = [int(jax.device_get(state.step)) for _, state, _, _ in resumed]
+  steps = [int(jax.device_get(state.step)) for _, state, *_ in resumed]
   if len(set(steps)) > 1:
     _catch_up(configs, workdirs, steps, data, mesh)
     for mgr, *_ in resumed:  # a manager caches its steps: read those the catch-up wrote afresh
