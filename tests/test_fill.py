@@ -1,4 +1,6 @@
 """Generated Markdown blocks equal what the report writer and the bench JSON say."""
+import pytest
+
 from experiments import fill
 
 
@@ -69,24 +71,16 @@ def test_compare_reports_identical_and_different_runs(tmp_path):
   assert compare.compare(str(tmp_path / "a"), str(tmp_path / "b"))[0][3] is False
 
 
-def test_paired_and_strength_blocks_equal_the_suite_report(tmp_path):
+@pytest.mark.parametrize("suite,kinds,expect", [
+    ("fmnist_lt_main", ("paired", "strength"), ("| LPA | CE |",)),
+    ("rmnist_dg", ("domain", "domain-paired"), ("| ERM |", "| average |"))])
+def test_comparison_blocks_equal_the_suite_report(tmp_path, suite, kinds, expect):
   doc = tmp_path / "doc.md"
-  doc.write_text("".join(f"<!-- BEGIN {k}:fmnist_lt_main -->\nSTALE-BODY\n<!-- END "
-                         f"{k}:fmnist_lt_main -->\n" for k in ("paired", "strength")))
-  assert fill.fill(str(doc)) == 2
-  body, report = doc.read_text(), open(fill.RESULTS + "/fmnist_lt_main/report.md").read()
-  assert "STALE-BODY" not in body and "| LPA | CE |" in body
-  for _, _, table, _ in fill.BLOCK.findall(body):
-    assert table.strip() and table.strip() in report
-
-
-def test_domain_blocks_equal_the_leave_one_domain_out_report(tmp_path):
-  doc = tmp_path / "doc.md"
-  doc.write_text("".join(f"<!-- BEGIN {k}:rmnist_dg -->\nSTALE-BODY\n<!-- END "
-                         f"{k}:rmnist_dg -->\n" for k in ("domain", "domain-paired")))
-  assert fill.fill(str(doc)) == 2
-  body, report = doc.read_text(), open(fill.RESULTS + "/rmnist_dg/report.md").read()
-  assert "STALE-BODY" not in body and "| ERM |" in body and "| average |" in body
+  doc.write_text("".join(f"<!-- BEGIN {k}:{suite} -->\nSTALE-BODY\n<!-- END {k}:{suite} -->\n"
+                         for k in kinds))
+  assert fill.fill(str(doc)) == len(kinds)
+  body, report = doc.read_text(), open(f"{fill.RESULTS}/{suite}/report.md").read()
+  assert "STALE-BODY" not in body and all(e in body for e in expect)
   for _, _, table, _ in fill.BLOCK.findall(body):
     assert table.strip() and table.strip() in report
 
