@@ -104,6 +104,9 @@ def test_rarest_table_lists_each_seed_on_the_rarest_classes():
   balanced = [{"name": "CE", "seed": 0, "results": {**res([1.0] * 4),
                                                      "train_class_counts": [5] * 4}}]
   assert rarest_table(balanced) == ""
+  noisy = [{**balanced[0], "results": {**balanced[0]["results"],  # label noise's spread
+                                       "train_class_counts": [96, 100, 104, 99]}}]
+  assert rarest_table(noisy) == ""
 
 
 def test_noisy_runs_report_the_best_epoch_beside_the_last(tmp_path):
