@@ -46,6 +46,9 @@ config_flags.DEFINE_config_file("config", "experiments/configs/suites.py:smoke",
 flags.DEFINE_string("root", None, "Suite root (default experiments/results/<suite>); with "
                     "several suites, the parent of their roots.")
 flags.DEFINE_list("seeds", None, "Override the suite's seeds, e.g. --seeds=0,1.")
+flags.DEFINE_list("methods", None, "Run only these methods of the suite, by run directory name "
+                  "(slug), e.g. --methods=erm-45,lpa-all-positive-45: a sample rerun of a "
+                  "committed suite to check it reproduces (experiments.compare).")
 flags.DEFINE_bool("progress", True, "Show the overall progress bar.")
 flags.DEFINE_bool("report", True, "Write the report after the runs.")
 flags.DEFINE_enum("stale", "refuse", ["refuse", "rerun"], "Runs whose recorded config differs "
@@ -99,8 +102,10 @@ def apply_overrides(config, overrides) -> None:
     node[leaf] = tuple(value) if isinstance(value, list) else value
 
 
-def plan(suite, seeds=None) -> list[dict]:
-  """The runs of a suite: one dict per (method, seed) with its name, slug, seed and config.
+def plan(suite, seeds=None, methods=None) -> list[dict]:
+  """The runs of a suite: one dict per (method, seed) with its name, slug, seed and config;
+  ``methods`` (slugs) keeps only those methods, and a slug the suite lacks is an error that
+  lists the suite's.
 
   >>> runs = plan(suites.get_config("smoke"))                      # doctest: +SKIP
   >>> [(r["name"], r["seed"]) for r in runs]                        # doctest: +SKIP
@@ -111,8 +116,14 @@ def plan(suite, seeds=None) -> list[dict]:
   slugs = [slug(m["name"]) for m in suite.methods]
   if len(set(slugs)) != len(slugs):
     raise ValueError(f"Method names must give distinct directory names, got {slugs}")
+  unknown = sorted(set(methods or ()) - set(slugs))
+  if unknown:
+    raise ValueError(f"Suite {suite.name!r} has no method(s) {unknown}; its methods are: "
+                     f"{', '.join(slugs)}")
   runs = []
   for method, s in zip(suite.methods, slugs):
+    if methods and s not in methods:
+      continue
     for seed in seeds:
       config = copy.deepcopy(task_config(suite.task))
       apply_overrides(config, dict(suite.overrides))
@@ -202,8 +213,8 @@ def write_meta(suite, runs, root) -> None:
 
 
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
-              stale: str = "refuse", parallel: int = 1, shard: tuple[int, int] = (0, 1)
-              ) -> dict:
+              stale: str = "refuse", parallel: int = 1, shard: tuple[int, int] = (0, 1),
+              methods=None) -> dict:
   """Runs every unfinished (method, seed) of ``suite`` under ``root``; returns counts
   ``{"ran": n, "skipped": m, "stopped": k}``.  Writes the report at the end when ``report``.
   A run stopped by one of the trainer's guards (too strong a perturbation, none at all) is
@@ -217,11 +228,12 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   sweep of the same shard working under ``root`` raises :class:`~lpa_jax.train.lock.Busy`
   naming it.  ``shard`` :data:`ANY` runs every run no other process is training (it skips
   a run whose work dir another process holds, and one finished meanwhile), so several such
-  sweeps of one root share its runs as they free up (with ``parallel`` 1).
+  sweeps of one root share its runs as they free up (with ``parallel`` 1).  ``methods``
+  (slugs) runs only those methods (:func:`plan`).
   """
   if shard == ANY and parallel > 1:
     raise ValueError("--shard=any takes one run at a time: use --parallel=1")
-  runs = plan(suite, seeds)
+  runs = plan(suite, seeds, methods)
   with root_lock(root, shard):
     return _run_planned(suite, runs, root, progress, report, stale, parallel, shard)
 
@@ -391,7 +403,7 @@ def _run_all(config, names, suites) -> None:
     else:
       root = FLAGS.root or os.path.join(RESULTS_DIR, suite.name)
     counts = run_suite(suite, root, FLAGS.seeds, FLAGS.progress, FLAGS.report, FLAGS.stale,
-                       FLAGS.parallel, parse_shard(FLAGS.shard))
+                       FLAGS.parallel, parse_shard(FLAGS.shard), FLAGS.methods)
     stopped = (f", {counts['stopped']} STOPPED by the trainer's guards (stopped.json in "
                "their work dirs says why)") if counts["stopped"] else ""
     print(f"{suite.name}: ran {counts['ran']}, skipped {counts['skipped']} finished{stopped}; "

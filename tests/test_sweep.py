@@ -231,3 +231,11 @@ def test_sweep_shards_starts_a_fresh_root_from_the_committed_records(tmp_path):
   log = (tmp_path / "repro_balanced.proc0.log").read_text()
   assert "ran 0, skipped 3 finished" in log               # nothing retrained
   assert (tmp_path / "repro_balanced" / "report.md").exists()
+
+
+def test_methods_picks_runs_by_slug_and_names_the_suites_methods_on_a_typo():
+  suite = suites.get_config("rmnist_dg")
+  runs = sweep.plan(suite, [0], ["erm-45", "lpa-all-positive-45"])
+  assert [(r["slug"], r["seed"]) for r in runs] == [("erm-45", 0), ("lpa-all-positive-45", 0)]
+  with pytest.raises(ValueError, match=r"no method\(s\) \['erm-46'\].*erm-45, erm-60"):
+    sweep.plan(suite, [0], ["erm-46"])
