@@ -217,7 +217,7 @@ def test_damaged_history_is_restored_from_the_checkpoint(tmp_path, val_run, how)
 
 def test_damaged_history_without_a_copy_is_refused(tmp_path, fmnist_lt, monkeypatch):
   # A checkpoint made before checkpoints kept the history: nothing to restore from.
-  def old_save(group, mgrs, state, logs, histories, force=False):
+  def old_save(group, mgrs, state, logs, histories, elapsed, force=False):
     for k, mgr in enumerate(mgrs):
       checkpoint.save(mgr, group.state_of(state, k), extra={"epoch_rows": []}, force=force)
   monkeypatch.setattr(loop, "_save_all", old_save)
