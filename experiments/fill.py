@@ -161,36 +161,24 @@ def _runs(spec: str) -> list[dict]:
 
 def render(key: str) -> str:
   kind, _, arg = key.partition(":")
-  if kind == "suite":
-    return suite_table(arg)
-  if kind == "paired":
-    return report.paired_table(_runs(arg))
-  if kind == "strength":
-    return report.strength_table(_runs(arg))
-  if kind == "rarest":
-    return report.rarest_table(_runs(arg))
-  if kind == "domain":
-    return report.domain_table(_runs(arg))
-  if kind == "domain-paired":
-    return report.domain_paired_table(_runs(arg))
-  if kind == "domain-select":
-    return report.domain_selection_table(_runs(arg))
-  if kind == "stopped":
-    return report.stopped_table(os.path.join(RESULTS, arg))
-  if kind == "suites-time":
-    return suites_time()
-  if kind == "time":
-    return suite_time(arg)
-  if kind == "bench":
-    return bench_table(arg)
-  if kind == "bench-diff":
-    return bench_diff(arg)
-  if kind == "bench-throughput":
-    return throughput_table(arg)
-  raise ValueError(f"unknown block {key!r}; known: suite:<name>, paired:<name>, "
-                   "strength:<name>, rarest:<name>, domain:<name>, domain-paired:<name>, "
-                   "domain-select:<name>, stopped:<name>, time:<name>, suites-time, "
-                   "bench:<json>, bench-diff:<json>,<json>, bench-throughput:<json>")
+  if kind in RUN_TABLES:
+    return RUN_TABLES[kind](_runs(arg))
+  if kind in OTHER:
+    return OTHER[kind](arg)
+  known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
+      "stopped:<name>", "time:<name>", "suites-time",
+      "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
+  raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
+
+
+# Blocks computed from a suite's (or joined suites') runs, and the others, by argument.
+RUN_TABLES = {"paired": report.paired_table, "strength": report.strength_table,
+              "rarest": report.rarest_table, "domain": report.domain_table,
+              "domain-paired": report.domain_paired_table,
+              "domain-select": report.domain_selection_table}
+OTHER = {"suite": suite_table, "time": suite_time, "suites-time": lambda _: suites_time(),
+         "stopped": lambda name: report.stopped_table(os.path.join(RESULTS, name)),
+         "bench": bench_table, "bench-diff": bench_diff, "bench-throughput": throughput_table}
 
 
 def fill(path: str) -> int:

@@ -127,3 +127,8 @@ def test_time_block_sums_the_runs_wall_time():
       f"`fmnist_lt_schedule`: {len(runs)} runs, {hours:.1f} core-hours")
   both = fill.render("time:fmnist_lt_schedule+fmnist_lt_schedule")
   assert both.endswith(f"{2 * len(runs)} runs, {2 * hours:.1f} core-hours")
+
+
+def test_an_unknown_block_names_the_known_ones():
+  with pytest.raises(ValueError, match=r"unknown block 'nope:x'; known: suite:<name>, paired:"):
+    fill.render("nope:x")
