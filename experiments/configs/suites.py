@@ -375,13 +375,32 @@ def cifar_balanced_probe():
                     "epochs, seed 0: the schedule and cost of the balanced suite."))
 
 
+CIFAR_LT_IRS = (100, 50, 10)
+
+
+def _cifar_lt(ir: int):
+  """Issue 20's long-tail CIFAR table at one imbalance ratio, 3 seeds: CE, LA, LDAM-DRW, LPA
+  and LPA+LA on the cifar_lt_probe protocol (n_max 5000, quick_cifar10 CNN, crop+flip,
+  :data:`CIFAR_LT_EPOCHS` epochs) with fmnist_lt_tune's radii.  It runs at the cheapest ratio
+  at which cifar_lt_probe's CE learns every class, if that fits the budget."""
+  methods = (CE, LA, LDAM, LPA, {**LPA, "name": "LPA+LA", "perturb.logit": "logit_adjust"})
+  return _suite(f"cifar_lt_ir{ir}", "longtail.py:quick_cifar10", methods, seeds=(0, 1, 2),
+                overrides={"data.n_max": 5000, "data.imbalance_ratio": float(ir),
+                           "optim.num_epochs": CIFAR_LT_EPOCHS, "train.checkpoint_every": 2,
+                           **_tuned_overrides()}, description=(
+                    f"CIFAR-10 (JPEG-75)-LT, n_max 5000, IR {ir}, full test set, CNN "
+                    f"32-64-128, crop+flip, {CIFAR_LT_EPOCHS} epochs, radii from "
+                    "fmnist_lt_tune."))
+
+
 CONVERGED = {"fmnist_lt_schedule": fmnist_lt_schedule, "fmnist_lt_tune": fmnist_lt_tune,
              "fmnist_lt_main": fmnist_lt_main, "fmnist_lt_mechanism": fmnist_lt_mechanism,
              "repro_sample": repro_sample, "repro_balanced": repro_balanced,
              "rmnist_schedule": rmnist_schedule, "rmnist_dg": rmnist_dg,
              "noisy_schedule": noisy_schedule, "cifar_lt_probe": cifar_lt_probe,
              "cifar_balanced_probe": cifar_balanced_probe,
-             **{f"noisy_fmnist_{k}": (lambda k=k: _noisy(k)) for k in NOISE_SETTINGS}}
+             **{f"noisy_fmnist_{k}": (lambda k=k: _noisy(k)) for k in NOISE_SETTINGS},
+             **{f"cifar_lt_ir{ir}": (lambda ir=ir: _cifar_lt(ir)) for ir in CIFAR_LT_IRS}}
 
 
 def get_config(arg: str = "smoke"):
