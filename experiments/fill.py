@@ -11,6 +11,8 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``domain:<name>``, ``domain-paired:<name>``, ``domain-select:<name>`` — a
   leave-one-domain-out suite's test accuracy per held-out domain, its paired differences
   against ERM at the same domain, and the settings training-domain validation selects;
+* ``across:<a>,<b>,...`` — one row per method, one column per suite (e.g. the noise settings):
+  mean test accuracy and the paired difference from each suite's first method;
 * ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``time:<name>`` — that suite's run count and summed run wall time (one core per run);
@@ -166,7 +168,7 @@ def render(key: str) -> str:
   if kind in OTHER:
     return OTHER[kind](arg)
   known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
-      "stopped:<name>", "time:<name>", "suites-time",
+      "across:<name>,<name>", "stopped:<name>", "time:<name>", "suites-time",
       "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
   raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
 
@@ -177,6 +179,7 @@ RUN_TABLES = {"paired": report.paired_table, "strength": report.strength_table,
               "domain-paired": report.domain_paired_table,
               "domain-select": report.domain_selection_table}
 OTHER = {"suite": suite_table, "time": suite_time, "suites-time": lambda _: suites_time(),
+         "across": lambda names: report.across_table({n: _runs(n) for n in names.split(",")}),
          "stopped": lambda name: report.stopped_table(os.path.join(RESULTS, name)),
          "bench": bench_table, "bench-diff": bench_diff, "bench-throughput": throughput_table}
 

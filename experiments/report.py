@@ -18,10 +18,10 @@ import platform
 
 import numpy as np
 
-from experiments.report_tables import (domain_accuracies, domain_average,  # noqa: F401
-                                       domain_paired_table, domain_selection_table,
-                                       is_baseline, paired_table, rarest_table, run_strength,
-                                       strength_table)
+from experiments.report_tables import (across_table, domain_accuracies,  # noqa: F401
+                                       domain_average, domain_paired_table,
+                                       domain_selection_table, is_baseline, paired_table,
+                                       rarest_table, run_strength, strength_table)
 
 
 def method_name(config: dict) -> str:

@@ -158,6 +158,34 @@ def domain_selection_table(runs: list[dict]) -> str:
   return "\n".join(out) if len(out) > 2 else ""
 
 
+def across_table(suites: dict[str, list[dict]], key: str = "test_accuracy") -> str:
+  """One row per method, one column per suite (``{label: runs}``, e.g. the noise settings of
+  one task): the method's mean ``key`` (%) and its paired difference from the suite's first
+  method (points, 95 % t-interval over the seeds both ran); ``—`` where a suite lacks it."""
+  from experiments.report import mean_std
+  from experiments.stats import paired_difference
+  by = {label: {} for label in suites}
+  for label, runs in suites.items():
+    for r in runs:
+      by[label].setdefault(r["name"], {})[r["seed"]] = r["results"][key]
+  names = list(dict.fromkeys(n for per in by.values() for n in per))
+  out = ["| method | " + " | ".join(suites) + " |", "|---" * (len(suites) + 1) + "|"]
+  for n in names:
+    cells = []
+    for per in by.values():
+      if n not in per:
+        cells.append("—")
+        continue
+      ref = next(iter(per))
+      cell = f"{100 * mean_std(per[n].values())[0]:.2f}"
+      if n != ref:
+        d = paired_difference(per[n], per[ref])
+        cell += f" ({100 * d['mean']:+.2f} {interval(d)})" if d["n"] else ""
+      cells.append(cell)
+    out.append(f"| {n} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def interval(d: dict) -> str:
   """A :func:`~experiments.stats.paired_difference`'s 95 % interval in points, ``—`` if none."""
   return f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["lo"] == d["lo"] else "—"

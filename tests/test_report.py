@@ -198,3 +198,15 @@ def test_domain_selection_picks_a_setting_by_training_domain_validation_not_by_t
   assert table[3] == "| LPA | LPA eps=0.1 | 95.00 ± 0.00 | 70.00 ± 0.00 | yes |"
   assert len(table) == 4                       # ERM has one setting: nothing to select
   assert domain_selection_table(runs[:4]) == ""
+
+
+def test_across_table_pairs_each_method_with_its_own_suites_first_method():
+  def run(name, seed, acc):
+    return {"name": name, "seed": seed, "results": {"test_accuracy": acc}}
+  low = [run("CE", 0, 0.80), run("CE", 1, 0.82), run("LPA", 0, 0.81), run("LPA", 1, 0.84)]
+  high = [run("CE", 0, 0.60), run("CE", 1, 0.62), run("GAF", 0, 0.61)]
+  table = report.across_table({"20 %": low, "60 %": high}).splitlines()
+  assert table[0] == "| method | 20 % | 60 % |"
+  assert table[2] == "| CE | 81.00 | 61.00 |"
+  assert table[3] == "| LPA | 82.50 (+1.50 [-4.85, +7.85]) | — |"
+  assert table[4] == "| GAF | — | 61.00 (+1.00 —) |"          # one paired seed: no interval
