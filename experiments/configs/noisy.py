@@ -11,6 +11,11 @@ Variants:
                       ResNet-32, 200 epochs, lr 0.1 ÷10 at 100 and 150
   paper_cifar10_asym  CIFAR-10, 40 % asymmetric noise (truck→automobile, bird→airplane,
                       deer→horse, cat↔dog)
+
+LPA here is not a recommended setting: in the noisy suites (experiments/results/README.md §3)
+LPA with the balanced split lost to CE at 20 % and 40 % symmetric noise (−0.66 and −2.19
+points), mostly through its contractive half; GAF's gain there equals its
+learning-rate-matched control's.
 """
 from experiments.configs.common import base_config, paper_protocol, validate
 from experiments.configs.longtail import tuned_on_validation
