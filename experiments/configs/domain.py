@@ -7,7 +7,9 @@ Variants:
   quick           Rotated MNIST, test domain 0°, small CNN, capped domain size, CPU
   paper           Rotated MNIST, all images, DomainBed-sized CNN; pick the domain with
                   ``--config.data.test_domain=k`` (0..5 for 0°..75°)
-  colored_quick   Colored MNIST (test environment -90%), small CNN
+  colored_quick   Colored MNIST (test environment -90%), small CNN, with Rotated MNIST's
+                  small-CNN settings carried over (``quick_cnn_radii``); no Colored MNIST
+                  suite has tuned or tested them
 PACS, VLCS, OfficeHome and TerraIncognita need ImageNet-pretrained ResNet-50 weights and the
 datasets themselves, which no offline builder provides; they are not wired up.
 """
