@@ -175,11 +175,16 @@ def test_domain_paired_table_pairs_each_held_out_domain_with_the_same_domain_onl
   assert "| LPA | ERM | 15° | 1 | -1.00 | — |" in table          # seed 1 missing: not paired
   assert "| LPA | ERM | average | 1 | +0.50 | — |" in table     # seed 0 has every domain
   assert "best baseline" not in table                          # no baseline besides ERM
-  runs += [run("Mixup", d, s, a - 0.01) for d, a in (("0°", 0.80), ("15°", 0.95))
+  weaker = runs + [run("Mixup", d, s, a - 0.01) for d, a in (("0°", 0.80), ("15°", 0.95))
+                   for s in (0, 1)]
+  table = domain_paired_table(weaker)
+  assert "| Mixup | ERM | average | 2 | -1.50 | [-7.85, +4.85] |" in table
+  assert "best baseline" not in table                          # ERM is the best baseline
+  runs += [run("Mixup", d, s, a + 0.01) for d, a in (("0°", 0.80), ("15°", 0.95))
            for s in (0, 1)]
   table = domain_paired_table(runs)
-  assert "| LPA | Mixup (best baseline) | average | 1 | +1.50 | — |" in table
-  assert "| Mixup | ERM | average | 2 | -1.50 | [-7.85, +4.85] |" in table
+  assert "| LPA | Mixup (best baseline) | average | 1 | -0.50 | — |" in table
+  assert "| Mixup | ERM | average | 2 | +0.50 | [-5.85, +6.85] |" in table
   assert domain_paired_table([{**runs[0], "domain": None}]) == ""
 
 
