@@ -368,11 +368,11 @@ def train_resumed(group: Group, configs, workdirs, data, resumed, progress: bool
                            histories, bests, stop_at, progress, elapsed)
   if not finished:
     return None
-  wall, out = time.time() - t0, []
+  wall, walls, out = time.time() - t0, elapsed(), []
   for k, (config, workdir) in enumerate(zip(configs, workdirs)):
     # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
     res = final_results(config, group.run, data, group.state_of(state, k), bests[k], workdir,
-                   priors[k] + wall / n_runs, histories[k])
+                        walls[k], histories[k])
     if n_runs > 1:
       res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
     res = finite_json(res)
