@@ -13,6 +13,7 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
   against ERM at the same domain, and the settings training-domain validation selects;
 * ``across:<a>,<b>,...`` — one row per method, one column per suite (e.g. the noise settings):
   mean test accuracy and the paired difference from each suite's first method;
+  ``across-best:<a>,<b>,...`` the same for the best epoch's test accuracy (an oracle);
 * ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``time:<name>`` — that suite's run count and summed run wall time (one core per run);
@@ -168,7 +169,7 @@ def render(key: str) -> str:
   if kind in OTHER:
     return OTHER[kind](arg)
   known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
-      "across:<name>,<name>", "stopped:<name>", "time:<name>", "suites-time",
+      "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>", "suites-time",
       "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
   raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
 
@@ -180,6 +181,8 @@ RUN_TABLES = {"paired": report.paired_table, "strength": report.strength_table,
               "domain-select": report.domain_selection_table}
 OTHER = {"suite": suite_table, "time": suite_time, "suites-time": lambda _: suites_time(),
          "across": lambda names: report.across_table({n: _runs(n) for n in names.split(",")}),
+         "across-best": lambda names: report.across_table(
+             {n: _runs(n) for n in names.split(",")}, "best_epoch_test_accuracy"),
          "stopped": lambda name: report.stopped_table(os.path.join(RESULTS, name)),
          "bench": bench_table, "bench-diff": bench_diff, "bench-throughput": throughput_table}
 

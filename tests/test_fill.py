@@ -129,6 +129,15 @@ def test_time_block_sums_the_runs_wall_time():
   assert both.endswith(f"{2 * len(runs)} runs, {2 * hours:.1f} core-hours")
 
 
+def test_across_best_block_pairs_the_best_epochs_test_accuracy():
+  from experiments import report
+  runs = report.load_runs(fill.RESULTS + "/noisy_fmnist_asym40")
+  ce = [r["results"]["best_epoch_test_accuracy"] for r in runs if r["name"] == "CE"]
+  last = fill.render("across:noisy_fmnist_asym40").splitlines()[2]
+  best = fill.render("across-best:noisy_fmnist_asym40").splitlines()[2]
+  assert best == f"| CE | {100 * sum(ce) / len(ce):.2f} |" and best != last
+
+
 def test_an_unknown_block_names_the_known_ones():
   with pytest.raises(ValueError, match=r"unknown block 'nope:x'; known: suite:<name>, paired:"):
     fill.render("nope:x")
