@@ -102,7 +102,10 @@ def rarest_table(runs: list[dict], k: int = 3) -> str:
     return ""
   names = runs[0]["results"].get("class_names") or [str(c) for c in range(len(counts))]
   rare = sorted(range(len(counts)), key=lambda c: (counts[c], c))[:k]
-  out = ["| method | seeds | " + " | ".join(f"{names[c]} (n={counts[c]})" for c in rare) +
+  def n(c):  # a class's count, or each distinct count in run order where runs differ (an IR grid)
+    per = dict.fromkeys(r["results"].get("train_class_counts", counts)[c] for r in runs)
+    return " / ".join(str(v) for v in per)
+  out = ["| method | seeds | " + " | ".join(f"{names[c]} (n={n(c)})" for c in rare) +
          " | min over seeds and these classes |", "|---" * (len(rare) + 3) + "|"]
   for name in dict.fromkeys(r["name"] for r in runs):
     mine = sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"])

@@ -107,6 +107,9 @@ def test_rarest_table_lists_each_seed_on_the_rarest_classes():
   noisy = [{**balanced[0], "results": {**balanced[0]["results"],  # label noise's spread
                                        "train_class_counts": [96, 100, 104, 99]}}]
   assert rarest_table(noisy) == ""
+  grid = runs + [{"name": "CE IR 2", "seed": 0, "results": {**res([1.0] * 4),  # an IR grid
+                                                            "train_class_counts": [50, 25, 30, 2]}}]
+  assert "| d (n=1 / 2) | b (n=5 / 25) | c (n=20 / 30) |" in rarest_table(grid)
 
 
 def test_noisy_runs_report_the_best_epoch_beside_the_last(tmp_path):
