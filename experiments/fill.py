@@ -17,6 +17,7 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``time:<name>`` — that suite's run count and summed run wall time (one core per run);
+  ``times:<a>+<b>+...`` — the same as a table, one row per suite and the total;
 
 ``<name>`` may join suites whose runs share the protocol and pair by seed (the same data,
 initialisation and batch order for the same seed): ``main[ce|lpa]+mechanism@0,1,2`` takes
@@ -59,6 +60,20 @@ def suites_time() -> str:
       total += sum(r["results"].get("wall_time_s", 0.0) for r in runs)
       n += len(runs)
   return f"{n} runs, summed wall time {total:.0f} s ({total / 60:.0f} min)"
+
+
+def suite_times(names: str) -> str:
+  """A table of :func:`suite_time`'s run count and core-hours per suite of ``a+b+...``, and
+  their total."""
+  out = ["| suite | runs | core-hours |", "|---|---|---|"]
+  total, count = 0.0, 0
+  for name in names.split("+"):
+    runs = _runs(name)
+    hours = sum(r["results"].get("wall_time_s", 0.0) for r in runs) / 3600
+    out.append(f"| `{name}` | {len(runs)} | {hours:.2f} |")
+    total, count = total + hours, count + len(runs)
+  out.append(f"| all | {count} | {total:.2f} |")
+  return "\n".join(out)
 
 
 def suite_time(names: str) -> str:
@@ -169,7 +184,7 @@ def render(key: str) -> str:
   if kind in OTHER:
     return OTHER[kind](arg)
   known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
-      "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>", "suites-time",
+      "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>", "times:<name>+<name>", "suites-time",
       "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
   raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
 
@@ -179,7 +194,7 @@ RUN_TABLES = {"paired": report.paired_table, "strength": report.strength_table,
               "rarest": report.rarest_table, "domain": report.domain_table,
               "domain-paired": report.domain_paired_table,
               "domain-select": report.domain_selection_table}
-OTHER = {"suite": suite_table, "time": suite_time, "suites-time": lambda _: suites_time(),
+OTHER = {"suite": suite_table, "time": suite_time, "times": suite_times, "suites-time": lambda _: suites_time(),
          "across": lambda names: report.across_table({n: _runs(n) for n in names.split(",")}),
          "across-best": lambda names: report.across_table(
              {n: _runs(n) for n in names.split(",")}, "best_epoch_test_accuracy"),

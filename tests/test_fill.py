@@ -138,6 +138,16 @@ def test_across_best_block_pairs_the_best_epochs_test_accuracy():
   assert best == f"| CE | {100 * sum(ce) / len(ce):.2f} |" and best != last
 
 
+def test_times_block_lists_each_suite_and_the_total():
+  rows = fill.render("times:fmnist_lt_schedule+noisy_schedule").splitlines()
+  one = fill.render("time:fmnist_lt_schedule").split(": ")[1]      # "N runs, X core-hours"
+  n, hours = int(one.split()[0]), float(one.split()[2])
+  assert rows[2].startswith(f"| `fmnist_lt_schedule` | {n} | ") and len(rows) == 5
+  assert abs(float(rows[2].split("|")[3]) - hours) < 0.051
+  both = fill.render("time:fmnist_lt_schedule+noisy_schedule").split(": ")[1]
+  assert rows[4].startswith(f"| all | {int(both.split()[0])} | ")
+
+
 def test_an_unknown_block_names_the_known_ones():
   with pytest.raises(ValueError, match=r"unknown block 'nope:x'; known: suite:<name>, paired:"):
     fill.render("nope:x")
