@@ -62,6 +62,11 @@ def suites_time() -> str:
   return f"{n} runs, summed wall time {total:.0f} s ({total / 60:.0f} min)"
 
 
+def _core_hours(runs: list[dict]) -> float:
+  """The runs' summed measured wall time in hours (one core per run)."""
+  return sum(r["results"].get("wall_time_s", 0.0) for r in runs) / 3600
+
+
 def suite_times(names: str) -> str:
   """A table of :func:`suite_time`'s run count and core-hours per suite of ``a+b+...``, and
   their total."""
@@ -69,7 +74,7 @@ def suite_times(names: str) -> str:
   total, count = 0.0, 0
   for name in names.split("+"):
     runs = _runs(name)
-    hours = sum(r["results"].get("wall_time_s", 0.0) for r in runs) / 3600
+    hours = _core_hours(runs)
     out.append(f"| `{name}` | {len(runs)} | {hours:.2f} |")
     total, count = total + hours, count + len(runs)
   out.append(f"| all | {count} | {total:.2f} |")
@@ -80,9 +85,8 @@ def suite_time(names: str) -> str:
   """``suite: N runs, X core-hours`` (each run's measured wall time, one core per run);
   ``a+b+...`` gives the total over those suites."""
   runs = [r for name in names.split("+") for r in _runs(name)]
-  total = sum(r["results"].get("wall_time_s", 0.0) for r in runs)
   label = " + ".join(f"`{n}`" for n in names.split("+"))
-  return f"{label}: {len(runs)} runs, {total / 3600:.1f} core-hours"
+  return f"{label}: {len(runs)} runs, {_core_hours(runs):.1f} core-hours"
 
 
 def bench_table(path: str) -> str:
@@ -184,8 +188,8 @@ def render(key: str) -> str:
   if kind in OTHER:
     return OTHER[kind](arg)
   known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
-      "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>", "times:<name>+<name>", "suites-time",
-      "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
+      "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>",
+      "times:<name>+<name>", "suites-time", "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
   raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
 
 
@@ -194,10 +198,13 @@ RUN_TABLES = {"paired": report.paired_table, "strength": report.strength_table,
               "rarest": report.rarest_table, "domain": report.domain_table,
               "domain-paired": report.domain_paired_table,
               "domain-select": report.domain_selection_table}
-OTHER = {"suite": suite_table, "time": suite_time, "times": suite_times, "suites-time": lambda _: suites_time(),
-         "across": lambda names: report.across_table({n: _runs(n) for n in names.split(",")}),
-         "across-best": lambda names: report.across_table(
-             {n: _runs(n) for n in names.split(",")}, "best_epoch_test_accuracy"),
+def _across(names: str, key: str = "test_accuracy") -> str:
+  return report.across_table({n: _runs(n) for n in names.split(",")}, key)
+
+
+OTHER = {"suite": suite_table, "time": suite_time, "times": suite_times,
+         "suites-time": lambda _: suites_time(), "across": _across,
+         "across-best": lambda names: _across(names, "best_epoch_test_accuracy"),
          "stopped": lambda name: report.stopped_table(os.path.join(RESULTS, name)),
          "bench": bench_table, "bench-diff": bench_diff, "bench-throughput": throughput_table}
 
