@@ -189,7 +189,8 @@ def render(key: str) -> str:
     return OTHER[kind](arg)
   known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
       "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>",
-      "times:<name>+<name>", "suites-time", "bench:<json>", "bench-diff:<json>,<json>", "bench-throughput:<json>"]
+      "times:<name>+<name>", "suites-time", "bench:<json>", "bench-diff:<json>,<json>",
+      "bench-throughput:<json>"]
   raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
 
 
