@@ -45,6 +45,21 @@ def test_strength_summary_takes_the_median_of_the_second_half():
   assert strength_summary([{"loss": 1.0}]) is None
 
 
+def test_a_faded_perturbation_is_not_called_plain_training():
+  from lpa_jax.train.guards import floor_message
+  # cifar_lt_tune's eps 0.01: the loss change rose to 0.88 nats, then the network collapsed
+  faded = strength_summary([{"loss_change_signed": v} for v in (0.1, 0.88, 0.08, 0.01, 0.007)],
+                           floor=0.05, ceiling=1.0)
+  assert faded["below_floor"]
+  msg = floor_message(faded, ("lpa", "stage2"))
+  assert "after reaching 0.880 nats in epoch 2" in msg and "collapses" in msg
+  assert "this run is close to plain training" not in msg
+  weak = strength_summary([{"loss_change_signed": v} for v in (0.01, 0.02, 0.02)], floor=0.05)
+  assert floor_message(weak, ("lpa", "stage2")).endswith(
+      "results.json records the per-epoch values.")
+  assert "this run is close to plain training" in floor_message(weak, ("lpa", "stage2"))
+
+
 def test_bad_floor_and_ceiling_are_named():
   from experiments.configs.common import InvalidConfig, validate
   for over, msg in [({"train.max_loss_change": -1.0}, "max_loss_change=-1.0: must be > 0"),

@@ -123,6 +123,27 @@ def check_strength(row: dict, epoch: int, perturbation=("none", None),
       "The last good checkpoint is kept in the work dir.")
 
 
+def floor_message(strength: dict, perturbation=("none", None)) -> str:
+  """The warning for a run whose loss change over the second half of training is below the
+  floor.  A run that stayed weak throughout is close to plain training; one that reached the
+  floor earlier and then faded is not, and is told apart: a network that collapses at the
+  point (its training accuracy falling) makes the loss change fade too."""
+  method, point = perturbation
+  values = strength["per_epoch"]
+  head = (f"{method} at {point!r} moved the loss of the classes it perturbs by only "
+          f"{strength['median_second_half']:.3f} nats (median over the second half of "
+          f"training), below the {strength['floor']:g}-nat floor at which a perturbation "
+          "counts as measurable (SPEC §1)")
+  if strength["floor"] is not None and strength["max"] >= strength["floor"]:
+    peak = int(np.argmax(values)) + 1
+    return (head + f", after reaching {strength['max']:.3f} nats in epoch {peak}: the "
+            "perturbation faded during training. A network that collapses at the point "
+            "fades it too, so compare the epochs' training accuracy (metrics.jsonl) before "
+            "reading this run as close to plain training.")
+  return (head + ": this run is close to plain training. A larger radius (perturb.*.eps) "
+          "perturbs more; results.json records the per-epoch values.")
+
+
 def strength_summary(rows, floor: float | None = 0.05, ceiling: float | None = None):
   """``results.json``'s ``perturbation_strength``: the epochs' ``loss_change_signed``, their
   median over the second half of training and their maximum, against ``floor`` and

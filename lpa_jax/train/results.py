@@ -15,7 +15,7 @@ import jax
 from lpa_jax.train import distributed
 from lpa_jax.train.build import Run
 from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.guards import strength_summary
+from lpa_jax.train.guards import floor_message, strength_summary
 from lpa_jax.train.workdir import config_dict
 
 
@@ -52,14 +52,7 @@ def final_results(config, run: Run, data, state, best, workdir, wall, history=()
   if strength is not None:
     res["perturbation_strength"] = strength
     if strength["below_floor"]:
-      method, point = run.perturbation
-      warnings.warn(
-          f"{method} at {point!r} moved the loss of the classes it perturbs by only "
-          f"{strength['median_second_half']:.3f} nats (median over the second half of "
-          f"training), below the {strength['floor']:g}-nat floor at which a perturbation "
-          "counts as measurable (SPEC §1): this run is close to plain training. A larger "
-          "radius (perturb.*.eps) perturbs more; results.json records the per-epoch values.",
-          stacklevel=2)
+      warnings.warn(floor_message(strength, run.perturbation), stacklevel=2)
   clipping = clipping_summary(run.clip_norm, [json.loads(x) for x in history])
   if clipping is not None:
     res["gradient_clipping"] = clipping
