@@ -408,6 +408,13 @@ def cifar_balanced_schedule():
 CIFAR_LT_IRS = (100, 50, 10)
 
 
+def _cifar_lt_protocol(ir: int) -> dict:
+  """The long-tail CIFAR table's data and schedule (cifar_lt_probe's profile, n_max 5000, at
+  ``ir``; :data:`CIFAR_LT_EPOCHS` epochs), shared by the table and its tuning."""
+  return {"data.n_max": 5000, "data.imbalance_ratio": float(ir),
+          "optim.num_epochs": CIFAR_LT_EPOCHS, "train.checkpoint_every": 2}
+
+
 def _cifar_lt(ir: int):
   """Issue 20's long-tail CIFAR table at one imbalance ratio, 3 seeds: CE, LA, LDAM-DRW, LPA
   and LPA+LA on the cifar_lt_probe protocol (n_max 5000, quick_cifar10 CNN, crop+flip) for
@@ -415,9 +422,7 @@ def _cifar_lt(ir: int):
   the cheapest ratio at which cifar_lt_probe's CE learns every class: IR 10."""
   methods = (CE, LA, LDAM, LPA, {**LPA, "name": "LPA+LA", "perturb.logit": "logit_adjust"})
   return _suite(f"cifar_lt_ir{ir}", "longtail.py:quick_cifar10", methods, seeds=(0, 1, 2),
-                overrides={"data.n_max": 5000, "data.imbalance_ratio": float(ir),
-                           "optim.num_epochs": CIFAR_LT_EPOCHS, "train.checkpoint_every": 2,
-                           **_tuned_overrides()}, description=(
+                overrides={**_cifar_lt_protocol(ir), **_tuned_overrides()}, description=(
                     f"CIFAR-10 (JPEG-75)-LT, n_max 5000, IR {ir}, full test set, CNN "
                     f"32-64-128, crop+flip, {CIFAR_LT_EPOCHS} epochs, radii from "
                     "fmnist_lt_tune."))
@@ -439,9 +444,7 @@ def cifar_lt_tune():
   methods = tuple({**LPA, "name": f"LPA eps={e:g}", "perturb.lpa.eps": e,
                    "perturb.lpa.delta_eps": e} for e in CIFAR_LT_TUNE_EPS)
   return _suite("cifar_lt_tune", "longtail.py:quick_cifar10", methods, seeds=(0,),
-                overrides={"data.n_max": 5000, "data.imbalance_ratio": 10.0,
-                           "data.val_fraction": 0.1, "optim.num_epochs": CIFAR_LT_EPOCHS,
-                           "train.checkpoint_every": 2,
+                overrides={**_cifar_lt_protocol(10), "data.val_fraction": 0.1,
                            "train.max_loss_change_action": "stop"}, description=(
                     f"CIFAR-10 (JPEG-75)-LT, n_max 5000, IR 10, 90 % train / 10 % "
                     f"validation, full test set, CNN 32-64-128, crop+flip, "

@@ -134,7 +134,7 @@ def floor_message(strength: dict, perturbation=("none", None)) -> str:
           f"{strength['median_second_half']:.3f} nats (median over the second half of "
           f"training), below the {strength['floor']:g}-nat floor at which a perturbation "
           "counts as measurable (SPEC §1)")
-  if strength["floor"] is not None and strength["max"] >= strength["floor"]:
+  if strength["max"] >= strength["floor"]:
     peak = int(np.argmax(values)) + 1
     return (head + f", after reaching {strength['max']:.3f} nats in epoch {peak}: the "
             "perturbation faded during training. A network that collapses at the point "
