@@ -28,7 +28,8 @@ reference), then every method of ``mechanism``, all at seeds 0, 1, 2.
 * ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise);
 * ``bench-throughput:<path.json>`` — the runs/hour table of a ``--throughput`` run.
 
-    python -m experiments.fill README.md experiments/results/README.md
+    python -m experiments.fill          # every document that holds a block (documents())
+    python -m experiments.fill README.md
 """
 from __future__ import annotations
 
@@ -221,6 +222,19 @@ def fill(path: str) -> int:
   return count
 
 
+def documents() -> list[str]:
+  """The committed documents with generated blocks, relative to the repository root: the
+  README, the results README and any suite's own README that holds a block."""
+  docs = ["README.md", os.path.join("experiments", "results", "README.md")]
+  for name in sorted(os.listdir(RESULTS)):
+    path = os.path.join(RESULTS, name, "README.md")
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        if BLOCK.search(f.read()):
+          docs.append(os.path.relpath(path, ROOT))
+  return docs
+
+
 if __name__ == "__main__":
-  for p in sys.argv[1:] or ["README.md", os.path.join("experiments", "results", "README.md")]:
-    print(f"{p}: {fill(p)} blocks filled")
+  for p in sys.argv[1:] or [os.path.join(ROOT, d) for d in documents()]:
+    print(f"{os.path.relpath(p)}: {fill(p)} blocks filled")

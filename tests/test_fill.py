@@ -89,8 +89,9 @@ def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
   # Every number in a generated block comes from the records: refilling changes nothing.
   import os
   import shutil
-  for rel in ("README.md", "experiments/results/README.md"):
-    copy = tmp_path / os.path.basename(rel)
+  assert {"README.md", "experiments/results/README.md"} <= set(fill.documents())
+  for i, rel in enumerate(fill.documents()):
+    copy = tmp_path / f"{i}_{os.path.basename(rel)}"
     shutil.copy(os.path.join(fill.ROOT, rel), copy)
     before = copy.read_text()
     fill.fill(str(copy))
