@@ -85,6 +85,19 @@ def test_comparison_blocks_equal_the_suite_report(tmp_path, suite, kinds, expect
     assert table.strip() and table.strip() in report
 
 
+def test_documents_finds_suite_readmes_with_blocks(tmp_path, monkeypatch):
+  results = tmp_path / "experiments" / "results"
+  for name, body in [("a", "<!-- BEGIN suite:a -->\nx\n<!-- END suite:a -->\n"),
+                     ("b", "prose only, no block\n"), ("c", None)]:
+    (results / name).mkdir(parents=True)
+    if body is not None:
+      (results / name / "README.md").write_text(body)
+  monkeypatch.setattr(fill, "ROOT", str(tmp_path))
+  monkeypatch.setattr(fill, "RESULTS", str(results))
+  assert fill.documents() == ["README.md", "experiments/results/README.md",
+                              "experiments/results/a/README.md"]
+
+
 def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
   # Every number in a generated block comes from the records: refilling changes nothing.
   import os
