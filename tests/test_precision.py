@@ -74,8 +74,8 @@ def test_bf16_logits_are_close_to_f32_and_cosines_stay_bounded(head):
 
 
 def test_unknown_dtype_names_the_field_and_the_valid_ones():
-  with pytest.raises(ValueError, match=r"model\.kwargs\.dtype='float64'.*float32, bfloat16"):
-    get_model("cnn", 10, dtype="float64")
+  with pytest.raises(ValueError, match=r"model\.kwargs\.dtype='float16x'.*float32, bfloat16"):
+    get_model("cnn", 10, dtype="float16x")
   with pytest.raises(ValueError, match="model.kwargs.dtype='int8'"):
     get_model("resnet20", 10, dtype="int8")
   with pytest.raises(ValueError, match="model.kwargs.dtype='half-ish'"):
@@ -84,9 +84,26 @@ def test_unknown_dtype_names_the_field_and_the_valid_ones():
   c = small_config()
   c.model.kwargs.dtype = "bfloat16"
   validate(c)
-  c.model.kwargs.dtype = "float64"
-  with pytest.raises(ValueError, match=r"config\.model\.kwargs\.dtype='float64'"):
+  c.model.kwargs.dtype = "float64"  # JAX is 32-bit here: refused, not silently float32
+  with pytest.raises(ValueError, match=r"config\.model\.kwargs\.dtype='float64'.*64-bit JAX"):
     validate(c)
+
+
+def test_float64_is_for_64_bit_jax_only_and_then_stays_float64():
+  with pytest.raises(ValueError, match=r"dtype='float64'.*JAX_ENABLE_X64"):
+    get_model("cnn", 10, dtype="float64")
+  with jax.enable_x64(True):
+    for head in ("linear", "cosine"):
+      model = get_model("mlp", 10, widths=(16,), head=head, dtype="float64")
+      x = np.random.default_rng(0).normal(size=(4, 4, 4, 3))
+      variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                               model.init(jax.random.key(0), x))
+      z = model.apply(variables, x)
+      assert z.dtype == jnp.float64
+      z32 = get_model("mlp", 10, widths=(16,), head=head).apply(variables, x.astype(np.float32))
+      assert z32.dtype == jnp.float32
+      np.testing.assert_allclose(z, z32, rtol=1e-4, atol=1e-5)
+      assert not np.array_equal(np.asarray(z), np.asarray(z32, np.float64))
 
 
 def _delta(model, variables, point, method, x, labels_B):

@@ -72,6 +72,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   >>> validate(c)                                                        # doctest: +SKIP
   InvalidConfig: Invalid config value config.optim.lr=inf: must be a finite number
   """
+  import jax
+
   from lpa_jax.models import DTYPES, MODELS
   from lpa_jax.perturb import registry
   _check_finite(c)
@@ -97,6 +99,8 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
       (c.model.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}"),
       (c.model.kwargs.get("dtype", "float32") in DTYPES, "model.kwargs.dtype",
        f"the compute dtype must be one of {', '.join(DTYPES)}"),
+      (c.model.kwargs.get("dtype") != "float64" or jax.config.jax_enable_x64,
+       "model.kwargs.dtype", "float64 needs 64-bit JAX, which is off (set JAX_ENABLE_X64=1)"),
       (c.data.imbalance_ratio >= 1, "data.imbalance_ratio", "must be >= 1 (1 = balanced)"),
       (0 <= c.data.noise_rate < 1, "data.noise_rate", "must lie in [0, 1)"),
   ]

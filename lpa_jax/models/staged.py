@@ -20,9 +20,14 @@ for LDAM (Cao et al. 2019), ``cosine``: ℓ2-normalised features and class weigh
 Mixed precision: every model takes ``dtype``, the compute dtype of its convolutions, dense layers
 and BatchNorms (:data:`DTYPES`; default float32).  Parameters, optimiser state and BatchNorm
 statistics stay float32 (Flax's ``param_dtype``), so the parameter tree and checkpoints do not
-change; activations at the points are in ``dtype``; the logits are always float32:
+change; activations at the points are in ``dtype``; the logits are float32 (float64 only for
+``float64``):
 
 >>> model = get_model("resnet32", 10, dtype="bfloat16")   # a string from a config is fine
+
+``float64`` is for numerical checks on the CPU and needs ``jax_enable_x64`` (refused without
+it, rather than silently computing in float32); each layer then casts its parameters to float64,
+and for float64 gradients cast the variables too (``tests/test_torch_peer.py`` does).
 
 A perturbation finer than the activation's resolution (8 mantissa bits in bfloat16) is rounded
 away when it is added.  LPA's class tables stay float32, but at ResNet-20's ``stage3.block0``
@@ -42,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 Layer = tuple[str, Callable[..., jnp.ndarray]]
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def compute_dtype(value: Any, field: str = "dtype") -> jnp.dtype:
@@ -60,6 +65,10 @@ def compute_dtype(value: Any, field: str = "dtype") -> jnp.dtype:
   if dtype is None or dtype.name not in DTYPES:
     raise ValueError(f"Invalid {field}={value!r}: the compute dtype must be one of "
                      f"{', '.join(DTYPES)}")
+  if dtype.name == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError(f"Invalid {field}={value!r}: float64 needs 64-bit JAX, which is off "
+                     "(set JAX_ENABLE_X64=1, or jax.config.update('jax_enable_x64', True), "
+                     "before building the model); without it JAX computes in float32")
   return dtype
 
 
@@ -193,9 +202,15 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis, keepdims=True), eps * eps))
 
 
-# The head's products accumulate and come out in float32 whatever the compute dtype: the loss
-# (and LDAM's scale s ≈ 30 on cosines) would otherwise see logits rounded to 8 mantissa bits.
-f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+# The head's products accumulate and come out in float32 whatever the (lower) compute dtype: the
+# loss (and LDAM's scale s ≈ 30 on cosines) would otherwise see logits rounded to 8 mantissa bits.
+def _acc(dtype) -> jnp.dtype:
+  """The accumulation and logit dtype for compute ``dtype``: float32, or float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _acc_dot(dtype):
+  return functools.partial(jax.lax.dot_general, preferred_element_type=_acc(dtype))
 
 
 class CosineHead(nn.Module):
@@ -212,9 +227,10 @@ class CosineHead(nn.Module):
   @nn.compact
   def __call__(self, h_BxD):
     w_DxC = self.param("kernel", unit_columns, (h_BxD.shape[-1], self.num_classes))
-    h_BxD = l2_normalize(h_BxD.astype(jnp.float32)).astype(self.dtype)
-    w_DxC = l2_normalize(w_DxC.astype(jnp.float32), axis=0).astype(self.dtype)
-    return f32_dot(h_BxD, w_DxC, (((1,), (0,)), ((), ())))
+    acc = _acc(self.dtype)
+    h_BxD = l2_normalize(h_BxD.astype(acc)).astype(self.dtype)
+    w_DxC = l2_normalize(w_DxC.astype(acc), axis=0).astype(self.dtype)
+    return _acc_dot(self.dtype)(h_BxD, w_DxC, (((1,), (0,)), ((), ())))
 
 
 def make_head(num_classes: int, head: str = "linear", dtype: Any = jnp.float32):
@@ -222,7 +238,7 @@ def make_head(num_classes: int, head: str = "linear", dtype: Any = jnp.float32):
   ``linear`` (default) or ``cosine`` (:class:`CosineHead`, for LDAM).
 
   Its operands are in the compute ``dtype``; the logits are float32 (accumulated in float32,
-  then cast, so even a float16 product is safe for the loss).
+  then cast, so even a float16 product is safe for the loss; float64 stays float64).
 
   >>> make_head(10, "linear", "bfloat16")(features_BxD, True).dtype   # doctest: +SKIP
   dtype('float32')
@@ -232,5 +248,5 @@ def make_head(num_classes: int, head: str = "linear", dtype: Any = jnp.float32):
   dtype = compute_dtype(dtype)
   if head == "cosine":
     return lambda h, train: CosineHead(num_classes, dtype, name="logits_layer")(h)
-  return lambda h, train: nn.Dense(num_classes, dtype=dtype, dot_general=f32_dot,
-                                   name="logits_layer")(h).astype(jnp.float32)
+  return lambda h, train: nn.Dense(num_classes, dtype=dtype, dot_general=_acc_dot(dtype),
+                                   name="logits_layer")(h).astype(_acc(dtype))
