@@ -352,3 +352,76 @@ def test_train_step_on_dropout_models(kind):
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params, params)
   assert max(jax.tree.leaves(moved)) > 0
   step(new, batch)  # the output state feeds back in
+
+
+# ------------------------------------------------------ a point that does not separate the model
+class SkipOver(nn.Module):
+  """A residual connection jumps over ``body``: upper alone cannot compute the output."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.relu(nn.Conv(8, (3, 3), name="stem")(x))
+    return nn.Dense(C, name="head")((nn.Conv(8, (3, 3), name="body")(h) + h).mean((1, 2)))
+
+
+class Unused(nn.Module):
+  """``body`` runs, but the output does not use it."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    nn.Conv(8, (3, 3), name="body")(x)
+    return nn.Dense(C, name="head")(jnp.ones((x.shape[0], 4), x.dtype))
+
+
+class RematAbove(nn.Module):
+  """Rematerialised and jitted-function layers above the point (the check looks through them)."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.relu(nn.Conv(8, (3, 3), name="body")(x))
+    h = nn.remat(nn.Conv)(8, (3, 3), name="above")(jax.nn.gelu(h))
+    return nn.Dense(C, name="head")(jax.nn.softmax(h, axis=-1).mean((1, 2)))
+
+
+class NnxSkip(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.body = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+    self.head = nnx.Linear(8, C, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.stem(x))
+    return self.head((self.body(h) + h).mean((1, 2)))
+
+
+def _upper_jit(cut, v, act):
+  return jax.jit(lambda v, a: cut.upper(v, a, True, rng=KEY)[0])(v, act)
+
+
+def test_a_skip_connection_over_the_point_is_refused_not_computed_from_the_placeholder():
+  model = SkipOver()
+  v = _init(model)
+  act = _cut_l(model, "body").lower(v, X, True, rng=KEY)[0]
+  with pytest.raises(ValueError, match="does not separate SkipOver.*bypasses 'body'"):
+    _upper_jit(_cut_l(model, "body"), v, act)
+  with pytest.raises(ValueError, match="bypasses 'body'"):  # un-jitted too
+    _cut_l(model, "body").upper(v, act, False)
+  # What the check guards against: without it, lower + upper is not the model's forward.
+  wrong = _upper_jit(_cut_l(model, "body", check=False), v, act)
+  assert not np.allclose(wrong, model.apply(v, X), atol=1e-3)
+  nmodel = NnxSkip(nnx.Rngs(0))
+  nv, ncut = nnx_functional(nmodel)[1], _cut_n(nmodel)
+  with pytest.raises(ValueError, match="does not separate the NNX model.*bypasses 'body'"):
+    _upper_jit(ncut, nv, ncut.lower(nv, X, True)[0])
+
+
+def test_an_output_that_ignores_the_point_is_refused():
+  model = Unused()
+  v = _init(model)
+  with pytest.raises(ValueError, match="does not depend on 'body'.*changes nothing"):
+    _upper_jit(_cut_l(model, "body"), v, jnp.ones((B, HW, HW, 8)))
+
+
+def test_the_check_looks_through_remat_and_jitted_functions():
+  model = RematAbove()
+  v = _init(model)
+  cut = _cut_l(model, "body")
+  act = cut.lower(v, X, True, rng=KEY)[0]
+  np.testing.assert_allclose(_upper_jit(cut, v, act), model.apply(v, X), rtol=1e-5, atol=1e-6)

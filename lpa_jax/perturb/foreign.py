@@ -15,8 +15,9 @@ model to the end and the layers above the point are dead.  Outside jit they woul
 the step (the library always does); what remains is trace/compile time, as every half traces
 the whole model.  The point must *separate* input from output: if a skip connection bypasses
 the target, ``upper`` would see the placeholder there, and lower+upper would differ from the
-model's own forward: compare the two once when adopting a new model (as
-``tests/test_compose.py`` does).
+model's own forward.  So ``upper`` traces the model once more and follows the data flow
+(:func:`check_separates`): an output that depends on the input other than through the point,
+or not on the point at all, is refused with the reason.
 
 A cut is stateless: the placeholder's per-example shape and dtype are the constructor's
 ``input_shape`` / ``input_dtype`` (required: ``upper`` cannot infer the input from ``act``), its
@@ -56,6 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.extend import core as jex_core
 from flax import traverse_util
 
 from lpa_jax.perturb.hooks import Cut, apply_linen, linen_rngs
@@ -113,6 +115,74 @@ def _stand_in(act, out, point):
     raise ValueError(f"upper got an activation of shape {shapes(act)}, but {point!r} returns "
                      f"{shapes(out)} for this batch")
   return jax.tree.map(lambda a, o: a.astype(o.dtype), act, out)
+
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
+          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
+
+
+def _inner_jaxpr(eqn):
+  """The jaxpr a call-like equation runs, when its inputs and outputs map one to one."""
+  if eqn.primitive.name not in _CALLS:
+    return None
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    sub = eqn.params.get(key)
+    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+    if (sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars)
+        and len(sub.outvars) == len(eqn.outvars)):
+      return sub
+  return None
+
+
+def _depends(jaxpr, flags) -> list[bool]:
+  """Which outputs of ``jaxpr`` depend on the inputs flagged in ``flags`` (data flow; inside
+  calls it looks through, elsewhere every output of an equation with a flagged input)."""
+  hit = {v for v, f in zip(jaxpr.invars, flags) if f}
+  dep = lambda v: not isinstance(v, jex_core.Literal) and v in hit  # noqa: E731
+  for eqn in jaxpr.eqns:
+    ins = [dep(v) for v in eqn.invars]
+    if not any(ins):
+      continue
+    sub = _inner_jaxpr(eqn)
+    outs = _depends(sub, ins) if sub is not None else [True] * len(eqn.outvars)
+    hit.update(v for v, f in zip(eqn.outvars, outs) if f)
+  return [dep(v) for v in jaxpr.outvars]
+
+
+def check_separates(out_of, x, act, point: str, model: str = "the model") -> None:
+  """Raises unless ``out_of(x, act)`` (``upper``'s run on the placeholder ``x`` with ``act``
+  at the point) depends on ``act`` and not on ``x``, by tracing it once (no FLOPs).
+
+  A dependence on ``x`` means a path from the input to the output bypasses the point (a skip
+  connection over it, an input-derived mask): ``upper`` would compute it from the
+  placeholder, and lower + upper would not be the model's forward pass.  No dependence on
+  ``act`` means nothing above the point uses it: a perturbation there changes nothing.
+  Calls it looks into (``jit``, ``remat``, ``custom_jvp``/``custom_vjp``) are followed
+  exactly; any other higher-order primitive (``scan``, ``while``, ``cond``) counts as using
+  all its inputs for all its outputs.  Cost: one more trace of the model (measured on a
+  12-block Linen ResNet on CPU: +0.4 s on a 3.5 s compile of the LPA train step).
+
+  >>> check_separates(lambda x, a: a.sum(1), jnp.zeros((2, 3)), jnp.ones((2, 4)), "block2")
+  >>> check_separates(lambda x, a: (x + a).sum(1), jnp.zeros((2, 4)), jnp.ones((2, 4)), "b")
+  Traceback (most recent call last):
+  ...
+  ValueError: The cut at 'b' does not separate the model: ...
+  """
+  closed = jax.make_jaxpr(out_of)(x, act)
+  n_x, n_act = len(jax.tree.leaves(x)), len(jax.tree.leaves(act))
+  from_x = _depends(closed.jaxpr, [True] * n_x + [False] * n_act)
+  from_act = _depends(closed.jaxpr, [False] * n_x + [True] * n_act)
+  if any(from_x):
+    raise ValueError(
+        f"The cut at {point!r} does not separate {model}: its output depends on the model's "
+        f"input by a path that bypasses {point!r} (a skip connection over it, or a mask or "
+        "value computed from the input above it), and upper would compute that path from a "
+        f"placeholder. Cut at a module that every path from input to output passes through "
+        "(a whole block or stage), or pass check=False to the cut if this reading is wrong")
+  if not any(from_act):
+    raise ValueError(
+        f"The output of {model} does not depend on {point!r}'s output: a perturbation there "
+        "changes nothing. Cut at a module on the path to the output")
 
 
 def _no_extra(extra, point):
@@ -193,7 +263,8 @@ def cut_linen(model: nn.Module, path: PathLike, *,
               input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
               method: Callable | str | None = None, train_kw: str | None = "auto",
               target_method: str = "__call__", mutable: Sequence[str] = ("batch_stats",),
-              rng_names: Sequence[str] = ("dropout",), depth: None = None) -> Cut:
+              rng_names: Sequence[str] = ("dropout",), depth: None = None,
+              check: bool = True) -> Cut:
   """Cuts any Linen model at the output of the submodule at ``path``, without editing it.
 
   Args:
@@ -210,6 +281,10 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
     depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
       ``lpa(..., depth=2)``; the cut's ``depth`` is ``None``.
+    check: every ``upper`` traces the model once more (no FLOPs: trace time only, once per
+      compile under jit) and raises if its output depends on the input by a path that
+      bypasses the point (a skip connection over it) or does not depend on the point at all
+      (:func:`check_separates`); ``False`` skips that.
 
   >>> cut = cut_linen(TheirResNet(), "layer3", input_shape=x.shape[1:])
   >>> act, st = cut.lower(variables, x, True, rng=key)
@@ -229,7 +304,11 @@ def cut_linen(model: nn.Module, path: PathLike, *,
 
   def upper(variables, act, train, extra=None, rng=None):
     _no_extra(extra, _fmt(target))
-    logits, _, state, below = run(variables, _placeholder(act, shape, dtype), train, rng, act)
+    x = _placeholder(act, shape, dtype)
+    if check:
+      check_separates(lambda x, a: run(variables, x, train, rng, a)[0], x, act, _fmt(target),
+                      type(model).__name__)
+    logits, _, state, below = run(variables, x, train, rng, act)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
 
   return Cut(lower, upper, _fmt(target), None, tuple(mutable))
@@ -362,7 +441,7 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
 
 def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
             input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
-            depth: None = None) -> Cut:
+            depth: None = None, check: bool = True) -> Cut:
   """Cuts any NNX model at the output of the submodule at attribute path ``path``.
 
   Inside each traced call the model is merged from ``variables`` (from
@@ -371,6 +450,7 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   ``input_shape`` / ``input_dtype``: the model's per-example input (required).  ``rng``
   reseeds the model's RNG streams for the call; without it the stored streams are used.
   ``depth``: removed, as in :func:`cut_linen` (pass it to the method, ``lpa(depth=)``).
+  ``check``: as in :func:`cut_linen` (a skip connection over the point is refused).
 
   NNX's own ``Module.perturb`` / ``nnx.capture`` need a ``self.perturb`` call written into
   the model, and still run the layers below it, so they cannot cut a model you did not write.
@@ -398,6 +478,9 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   def upper(variables, act, train, extra=None, rng=None):
     _no_extra(extra, _fmt(target))
     x = _placeholder(act, shape, dtype)
+    if check:
+      check_separates(lambda x, a: _nnx_run(graphdef, target, variables, x, train, rng, a)[0],
+                      x, act, _fmt(target), "the NNX model")
     out, _, ctx, below = _nnx_run(graphdef, target, variables, x, train, rng, act)
     return out, (_finish(ctx, variables, lambda k: not below(k), rng)
                  if train else {})
