@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpa_jax.perturb import activation, logit
+from lpa_jax.perturb import activation, classes, logit
 from lpa_jax.perturb.base import Batch, Context, default_loss, pgd_loss_of
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import Cut, full_apply
@@ -159,7 +159,8 @@ def measure_lpa(setup: Setup, point: str, eps: float, radius_mode: str, acts=Non
   cut, depth = _method_cut(setup, point, acts)
   method = lpa(setup.ctx.num_classes, split=b.split, eps=eps, delta_eps=0.0, beta=b.beta,
                steps=b.steps, varied=False, normalize=b.normalize, radius_mode=radius_mode,
-               depth=depth, class_counts=setup.ctx.class_counts, num_head=b.num_head,
+               depth=depth, class_counts=setup.ctx.class_counts,
+               num_head=classes.run_num_head(b.num_head, setup.ctx.num_classes),
                signs=b.signs)
   return run_placed(setup, place(method, cut), acts)
 

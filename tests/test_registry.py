@@ -12,9 +12,11 @@ import pytest
 
 from experiments.configs import methods
 from lpa_jax.models import get_model
-from lpa_jax.perturb import activation, classes, registry
+from lpa_jax.data.longtail import longtail_counts
+from lpa_jax.perturb import activation, classes, logit, registry
 from lpa_jax.perturb.base import Batch, Context
 from lpa_jax.perturb.hooks import cut_staged
+from lpa_jax.perturb.lpa import lpa
 
 COUNTS = np.array([500, 300, 200, 100, 60, 40, 20, 10, 6, 5])
 
@@ -63,6 +65,25 @@ def test_one_class_split_per_run():
   with pytest.raises(ValueError, match="One class split per run: lpa.num_head=None but "
                                        "lpl.num_head=3"):
     registry.make_activation(pc, ctx)
+
+
+def test_lpa_on_its_own_splits_at_the_median_count_as_the_spec_says():
+  """SPEC §1: classes with a below-median count are P. LPL and LPG on their own keep the LPL
+  paper's 4 of 10; in a config run all three share the run's head (above)."""
+  counts = longtail_counts(5000, 10, 100)
+  signs = lambda m: np.asarray(m.init().sign_C if hasattr(m.init(), "sign_C")  # noqa: E731
+                               else m.init().split.sign_C)
+  np.testing.assert_array_equal(signs(lpa(10, split="longtail", class_counts=counts)),
+                                [-1] * 5 + [1] * 5)
+  np.testing.assert_array_equal(signs(lpa(10, split="longtail", class_counts=counts[::-1])),
+                                [1] * 5 + [-1] * 5)  # by count, not by index
+  np.testing.assert_array_equal(signs(lpa(10, split="longtail", class_counts=counts,
+                                          num_head=4)), [-1] * 4 + [1] * 6)
+  np.testing.assert_array_equal(signs(lpa(7, split="longtail", class_counts=[9, 9, 5, 5, 5, 1, 1])),
+                                [-1] * 5 + [1] * 2)  # ties at the median are head
+  assert np.all(signs(lpa(4, split="longtail", class_counts=[3, 3, 3, 3])) == -1)
+  np.testing.assert_array_equal(signs(logit.lpl(10, split="longtail", class_counts=counts)),
+                                [-1] * 4 + [1] * 6)
 
 
 def test_gradient_noise_draws_from_the_run_seed():

@@ -122,7 +122,8 @@ def _torch_lpa(ctx: dict, net, device, steps: int):
   b = ctx["lpa_block"]
   depth = cut_staged(ctx["model"], ctx["point"]).depth
   split = lj.lpa(10, split=SPLIT, class_counts=ctx["counts"], eps=b.eps, delta_eps=b.delta_eps,
-                 beta=b.beta, radius_mode=b.radius_mode, depth=depth).init().split
+                 beta=b.beta, radius_mode=b.radius_mode, depth=depth,
+                 num_head=classes.run_num_head(b.num_head, 10)).init().split
   rel = classes.class_radii(split, b.eps, b.delta_eps, b.beta, depth, b.varied)
   return TorchLPA(net.block_index(ctx["point"]),
                   torch.tensor(np.asarray(split.sign_C, np.float32), device=device),

@@ -104,15 +104,37 @@ def validate_split(rule: str, signs=None, num_classes: int | None = None) -> Non
 
 
 def default_num_head(num_classes: int) -> int:
-  """The head size of every long-tail split in a run (LPA, LPL, LPG share it): ``round(0.4·C)``,
-  the LPL paper's 4 head classes of CIFAR-10-LT, generalised to ``C`` classes **(ours)**."""
+  """The head size of every long-tail split in a config run (LPA, LPL, LPG share it) and LPL's
+  and LPG's own default: ``round(0.4·C)``, the LPL paper's 4 head classes of CIFAR-10-LT,
+  generalised to ``C`` classes **(ours)**.
+
+  >>> default_num_head(10)
+  4
+  """
   return max(1, int(round(0.4 * num_classes)))
+
+
+def median_num_head(class_counts) -> int:
+  """LPA's own default head size (SPEC §1): the classes whose count is at least the median are
+  the head (N), those with a below-median count the tail (P).
+
+  >>> median_num_head([5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50])   # CIFAR-10-LT
+  5
+  """
+  counts = np.asarray(class_counts, np.float64)
+  return int(np.sum(counts >= np.median(counts))) if counts.size else 0
+
+
+def run_num_head(num_head: int | None, num_classes: int) -> int:
+  """A config run's head size: ``num_head`` when set, else :func:`default_num_head`, the one
+  rule every class-level method of the run shares."""
+  return default_num_head(num_classes) if num_head is None else int(num_head)
 
 
 def frequency_split(class_counts, num_head: int | None = None) -> Split:
   """Long-tail split: the ``num_head`` most frequent classes are N, the rest P.
 
-  Default ``num_head``: :func:`default_num_head` (one rule for every class-level method).
+  Default ``num_head``: :func:`default_num_head` (LPA passes :func:`median_num_head`).
   ``q_c`` is the class's frequency rank scaled to [0, 1] (0 = most frequent) and ``tau`` the
   rank threshold, so ``|tau - q_c|`` grows towards both ends of the distribution.
   """

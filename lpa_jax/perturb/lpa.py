@@ -131,7 +131,9 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
     depth: ``L − l`` of the point, for ``β^(L−l)`` (the one place it is set: a cut does not
       carry it; ``cut_staged(...).depth`` tells it for lpa_jax's own models).
     class_counts: training examples per class (long-tail split), ``num_classes`` of them.
-    num_head: head size of the long-tail split (default :func:`classes.default_num_head`).
+    num_head: head size of the long-tail split; default :func:`classes.median_num_head`, the
+      SPEC's rule (classes with a below-median count are P). A config run shares one head
+      with LPL and LPG instead (:func:`classes.run_num_head`, ``round(0.4·C)`` unless set).
     extra_points: ``{name: depth}`` of higher points perturbed jointly (multi-layer variant;
       the network's ``upper(act, extra)`` must accept per-example tensors there).
 
@@ -142,6 +144,8 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
   extra_points = dict(extra_points or {})
   for p, d in extra_points.items():
     check_finite_params("lpa", **{f"extra_points[{p}]": d})
+  if num_head is None and split == "longtail" and class_counts is not None:
+    num_head = classes.median_num_head(class_counts)
   init_split = classes.initial_split(split, num_classes, class_counts, signs, num_head)
   cfg = LPAConfig(num_classes, split, eps, delta_eps, beta, steps, varied, normalize, lowrank,
                   radius_mode, {MAIN: depth, **extra_points})

@@ -87,7 +87,8 @@ def _lpa_kwargs(cfg, ctx: Context) -> dict:
   return dict(num_classes=ctx.num_classes, class_counts=ctx.class_counts, split=cfg.split,
               eps=cfg.eps, delta_eps=cfg.delta_eps, beta=cfg.beta, steps=cfg.steps,
               varied=cfg.varied, normalize=cfg.normalize, lowrank=cfg.lowrank or None,
-              radius_mode=cfg.radius_mode, num_head=cfg.num_head, signs=cfg.signs)
+              radius_mode=cfg.radius_mode,
+              num_head=classes.run_num_head(cfg.num_head, ctx.num_classes), signs=cfg.signs)
 
 
 def _shape_of(ctx: Context, points):
