@@ -215,6 +215,7 @@ def test_lpa_with_logit_adjust_then_lpl_trains_with_all_three_acting(tmp_path, f
 
 @pytest.mark.parametrize("overrides,reason", [
     ({"activation": "lpa", "lpa.eps": 0.0, "lpa.delta_eps": 0.0}, "lpa with eps=0 and delta_eps=0"),
+    ({"activation": "lpa", "lpa.eps": 0.0, "lpa.varied": False}, r"eps=0 \(fixed radius\)"),
     ({"activation": "dropout", "dropout.rate": 0.0}, "dropout with rate=0"),
     ({"activation": "noise", "noise.sigma": 0.0}, "noise with sigma=0"),
     ({"activation": "adversarial", "adversarial.eps": 0.0}, "adversarial with eps=0"),

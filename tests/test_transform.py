@@ -158,6 +158,39 @@ def test_nonfinite_hyperparameters_are_rejected_naming_the_field(field, value):
     registry.make_activation(pc, ctx)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(depth=-1), r"lpa.depth .* must be >= 0, got -1"),
+    (dict(lowrank=0.0), r"lpa.lowrank .* must lie in \(0, 1\], got 0.0; None turns"),
+    (dict(lowrank=2), r"lpa.lowrank .* must lie in \(0, 1\], got 2"),
+    (dict(steps=1.5), r"lpa.steps \(PGD steps T\) must be an integer >= 1, got 1.5"),
+    (dict(steps=0), r"lpa.steps .* got 0"),
+    (dict(split="longtail", class_counts=[5, -1] + [1] * (C - 2)), r"finite counts >= 0"),
+])
+def test_lpa_that_would_do_nothing_or_something_else_is_refused(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    lj.lpa(C, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(eps=0, varied=False), r"eps=0 and varied=False has radius 0.*perturbs nothing"),
+    (dict(eps=0, delta_eps=0), r"eps=0 and delta_eps=0 has radius 0"),
+    (dict(split="signs", signs=(0,) * C), r"split signs are all 0.*no class is perturbed"),
+])
+def test_lpa_that_perturbs_nothing_warns(kwargs, message):
+  """Built by hand it warns (the plain forward is a check of its own); a config run selecting
+  it is refused (test_registry)."""
+  with pytest.warns(UserWarning, match=message):
+    lj.lpa(C, **kwargs)
+
+
+def test_lpa_settings_at_the_edge_of_valid_are_accepted():
+  lj.lpa(C, eps=0, delta_eps=0.1)  # varied: the radius is Δε·|τ − q_c|
+  lj.lpa(C, lowrank=1.0, depth=0, steps=np.int64(1))
+  lj.lpa(C, split="longtail", class_counts=[0] + [5] * (C - 1))  # an absent class
+  with pytest.raises(ValueError, match="lpa.num_classes must be a positive int, got 0"):
+    lj.lpa(0)
+
+
 @pytest.mark.parametrize("name,field", [("dropout", "rate"), ("noise", "sigma"),
                                         ("lpl", "alpha"), ("logit_adjust", "tau"),
                                         ("ldam", "max_margin"), ("gaf", "beta"),

@@ -8,6 +8,7 @@ method (LPA, LPL, LPG) keeps its split and the epoch's running statistics in its
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -101,6 +102,10 @@ def validate_split(rule: str, signs=None, num_classes: int | None = None) -> Non
                        f"got {signs!r}")
     if not all(s in (-1, 0, 1) for s in signs):
       raise ValueError(f"split signs must be -1, 0 or +1, got {signs!r}")
+    if not any(signs):
+      warnings.warn(f"split signs are all 0 ({signs!r}): no class is perturbed; give +1 "
+                    "(expansive) or -1 (contractive) to at least one class", UserWarning,
+                    stacklevel=4)
 
 
 def default_num_head(num_classes: int) -> int:

@@ -19,16 +19,26 @@ Built from hyper-parameters alone, used through pure, jittable functions (like o
 produces parameter gradients).  PGD ascends/descends ``loss_fn(logits, targets) -> loss_B``,
 the loss the caller trains with (default softmax cross-entropy); a composed logit method's
 loss (LDAM margins, logit adjustment, LPL) and per-example weights go in through ``loss_fn``.
+
+The class gradient ``g_c = (1/N_c) Σ_{i∈S_c} ∂ℓ/∂a_i`` is the gradient of the batch's summed
+loss with respect to ``δ_c``, over ``N_c``: one backward pass per step.  Where nothing above
+the point couples the samples of a batch it equals the SPEC's per-sample sum; with a
+training-mode BatchNorm above the point it also counts how class ``c``'s shift moves the other
+samples' losses through the batch statistics (the literal per-sample form would need a
+backward pass per example).
 """
 
 import functools
+import numbers
+import warnings
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Perturbed, check_finite_params, check_labels, default_loss
+from lpa_jax.perturb.base import (Perturbed, check_class_counts, check_finite_params,
+                                  check_labels, check_num_classes, default_loss)
 from lpa_jax.perturb.pgd import class_pgd
 from lpa_jax.perturb.tables import class_counts as batch_counts
 from lpa_jax.perturb.tables import gather_rows, per_class_mean, row_norms
@@ -76,14 +86,27 @@ def add_delta(act_BxD: jax.Array, delta_CxD: jax.Array, labels_B: jax.Array) -> 
   return act_BxD + gather_rows(delta_CxD, labels_B).astype(act_BxD.dtype)
 
 
-def _validate(steps, eps, delta_eps, beta, radius_mode, depth):
-  for name, v in (("eps", eps), ("delta_eps", delta_eps), ("beta", beta), ("depth", depth)):
+def _validate(steps, eps, delta_eps, beta, radius_mode, depth, varied, lowrank):
+  for name, v in (("eps", eps), ("delta_eps", delta_eps), ("beta", beta), ("depth", depth),
+                  ("lowrank", lowrank)):
     check_finite_params("lpa", **{name: v})
-  if steps < 1:
-    raise ValueError(f"lpa.steps must be >= 1, got {steps}")
+  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    raise ValueError(f"lpa.steps (PGD steps T) must be an integer >= 1, got {steps!r}")
   if eps < 0 or delta_eps < 0 or not 0 < beta <= 1:
     raise ValueError(f"lpa needs eps >= 0, delta_eps >= 0 and 0 < beta <= 1; got eps={eps}, "
                      f"delta_eps={delta_eps}, beta={beta}")
+  if eps == 0 and (not varied or delta_eps == 0):
+    # A warning, not an error: radius 0 is the plain forward, a useful check of its own (a
+    # config run selecting it is refused, registry.check_not_null).
+    warnings.warn(f"lpa with eps=0 and {'varied=False' if not varied else 'delta_eps=0'} has "
+                  "radius 0 for every class: it perturbs nothing (the plain forward); set "
+                  "eps > 0", UserWarning, stacklevel=3)
+  if depth < 0:
+    raise ValueError(f"lpa.depth (L − l, the stages between the point and the logits) must be "
+                     f">= 0, got {depth}: a negative depth would enlarge the radius by β^(L−l)")
+  if lowrank is not None and not 0 < lowrank <= 1:
+    raise ValueError(f"lpa.lowrank (the top-k fraction of directions kept) must lie in (0, 1], "
+                     f"got {lowrank!r}; None turns the low-rank variant off")
   if radius_mode not in RADIUS_MODES:
     raise ValueError(f"lpa.radius_mode must be one of {RADIUS_MODES}, got {radius_mode!r}")
 
@@ -140,7 +163,9 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
   >>> method = lpa(10, split="all_positive", eps=0.5)
   >>> out = method.apply(method.init(), act_BxD, labels_B, upper, None)
   """
-  _validate(steps, eps, delta_eps, beta, radius_mode, depth)
+  num_classes = check_num_classes("lpa", num_classes)
+  check_class_counts("lpa", class_counts, num_classes, required=False)
+  _validate(steps, eps, delta_eps, beta, radius_mode, depth, varied, lowrank)
   extra_points = dict(extra_points or {})
   for p, d in extra_points.items():
     check_finite_params("lpa", **{f"extra_points[{p}]": d})

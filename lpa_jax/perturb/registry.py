@@ -182,7 +182,8 @@ def _lpl_null(b):
   return "steps=0 (fixed K)" if not b["varied"] and int(b["steps"]) == 0 else None
 
 
-def _lpg_null(b):
+def _radius_null(b):
+  """LPA's and LPG's radius ``ε + Δε·|τ − q_c|`` (varied) or ``ε`` (fixed) is 0 everywhere."""
   if b["varied"]:
     return _zero("eps", "delta_eps")(b)
   return "eps=0 (fixed radius)" if float(b["eps"]) == 0 else None
@@ -194,8 +195,8 @@ def _lpg_null(b):
 ACTIVATION: dict[str, Entry] = {
     "none": Entry(lambda cfg, ctx: place(identity(), ctx.cut_fn(ctx.points[-1]),
                                          diagnostics=False)),
-    "lpa": Entry(_lpa, _zero("eps", "delta_eps"), class_level=True),
-    "lpa_adaptive": Entry(_lpa_adaptive, _zero("eps", "delta_eps"), class_level=True),
+    "lpa": Entry(_lpa, _radius_null, class_level=True),
+    "lpa_adaptive": Entry(_lpa_adaptive, _radius_null, class_level=True),
     "dropout": Entry(_at_point(activation.dropout, "rate"), _zero("rate")),
     "noise": Entry(_at_point(activation.noise, "sigma", "mode"), _zero("sigma")),
     "manifold_mixup": Entry(_mixup),
@@ -219,7 +220,7 @@ LOGIT: dict[str, Entry] = {
 GRADIENT: dict[str, Entry] = {
     "none": Entry(lambda cfg, ctx: GradientPlacement()),
     "lpg": Entry(lambda cfg, ctx: GradientPlacement(
-        logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)), _lpg_null,
+        logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)), _radius_null,
         class_level=True),
     "gaf": Entry(_gaf),
     "sam": Entry(lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho)),
