@@ -130,3 +130,79 @@ def test_packed_state_keeps_each_runs_newest_checkpoint(tmp_path):
                    "suite.json"]
   runner.unpack_state(str(tmp_path / "s.tar.gz"), str(tmp_path / "again"))
   assert (tmp_path / "again" / "runs/ce/seed0/checkpoints/192/state").read_text() == "192"
+
+
+# ----------------------------------------------------------- the jpeg encoding of the data file
+def _cifar_jpegs(n_per_class: int = 3):
+  """The first JPEG files of each class and split of the CIFAR-10 (JPEG-75) offline copy."""
+  import tarfile
+
+  from lpa_jax.data.sources import CIFAR10_JPEG_TARBALL, resolve_data_dir
+  root, _ = resolve_data_dir()
+  if root is None or not (root / CIFAR10_JPEG_TARBALL).exists():
+    pytest.skip("no CIFAR-10 (JPEG-75) offline copy")
+  out = {"train": [], "test": []}
+  seen = {}
+  with tarfile.open(root / CIFAR10_JPEG_TARBALL) as tar:
+    for m in tar:
+      split, _, rest = m.name.partition("/")
+      cls = rest.split("/")[0]
+      if m.isfile() and split in out and seen.get((split, cls), 0) < n_per_class:
+        seen[(split, cls)] = seen.get((split, cls), 0) + 1
+        out[split].append((cls, tar.extractfile(m).read()))
+      if len(seen) == 20 and all(v == n_per_class for v in seen.values()):
+        break
+  return out
+
+
+def test_pillow_decodes_the_jpegs_as_tensorflow_does():
+  """The CIFAR-10 (JPEG-75) pixels lpa_jax trains on come from tf.io.decode_image (fast IDCT,
+  fancy chroma upsampling); Pillow's own decode differs, decode_jpegs does not."""
+  import io
+
+  import tensorflow as tf
+  from PIL import Image
+
+  from lpa_jax.data.jpeg import decode_jpegs
+  blobs = [b for split in _cifar_jpegs().values() for _, b in split]
+  want = np.stack([tf.io.decode_image(b, channels=3).numpy() for b in blobs])
+  np.testing.assert_array_equal(decode_jpegs(blobs), want)
+  plain = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+  assert (plain != want).mean() > 0.1  # what it guards against
+  with pytest.raises(ValueError, match="4:2:0 colour JPEGs only"):
+    buf = io.BytesIO()
+    Image.fromarray(want[0]).save(buf, "PNG")
+    decode_jpegs([buf.getvalue()])
+
+
+def test_jpeg_encoded_file_is_exact_smaller_and_corrects_any_difference(tmp_path):
+  import tensorflow as tf
+  files = _cifar_jpegs()
+  x = {s: np.stack([tf.io.decode_image(b, channels=3).numpy() for _, b in files[s]])
+       for s in files}
+  y = {s: np.arange(len(files[s]), dtype=np.int32) % 10 for s in files}
+  x["train"][0, 0, 0] ^= 1  # an image whose JPEG no longer decodes to it: the residual fixes it
+  data = TaskData(name="CIFAR-10 (JPEG-75) sample", x_train=x["train"], y_train=y["train"],
+                  x_test=x["test"], y_test=y["test"], num_classes=10,
+                  class_names=[str(c) for c in range(10)],
+                  extras={"class_counts": np.bincount(y["train"], minlength=10),
+                          "source": "jpeg75"})
+  jpegs = {"x_train": [b for _, b in files["train"]], "x_test": [b for _, b in files["test"]]}
+  path, loco = str(tmp_path / "jpeg.npz"), str(tmp_path / "loco.npz")
+  size = save_portable(data, path, jpegs=jpegs)
+  assert size < 0.75 * save_portable(data, loco)
+  header = read_header(path)
+  assert header["encoding"] == {"x_train": "jpeg", "x_test": "jpeg"}
+  assert header["jpeg_corrected"] == {"x_train": 3, "x_test": 0}  # the flipped pixel's RGB
+  back = load_portable(path)
+  for field in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(back, field), getattr(data, field))
+  with np.load(path) as z:  # a decoder that gives other pixels is caught by the checksum
+    arrays = dict(z)
+  arrays["x_test"] = np.frombuffer(__import__("lzma").compress(
+      np.ones(x["test"].size, np.uint8).tobytes()), np.uint8)
+  np.savez(path, **arrays)
+  with pytest.raises(ValueError, match="corrupt.*JPEG files.*--encoding=loco"):
+    load_portable(path)
+  with pytest.raises(ValueError, match="2 JPEG files for 30 images"):
+    save_portable(data, path, jpegs={"x_train": jpegs["x_train"][:2]})

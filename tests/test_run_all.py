@@ -116,6 +116,37 @@ def test_a_missing_data_file_is_refused_before_anything_runs(tmp_path, capsys):
   assert "python -m experiments.gpu.longtail_paper export" in summary["problems"][0]
 
 
+def test_a_jpeg_data_file_needs_pillow_there(tmp_path, monkeypatch, capsys):
+  data = _tiny_data_file(str(tmp_path / "tiny.npz"))
+  with np.load(data) as z:  # mark it jpeg-encoded: only the header is read before refusing
+    arrays = dict(z)
+  header = json.loads(arrays["header"].tobytes().decode())
+  header["encoding"] = {"x_train": "jpeg", "x_test": "loco"}
+  arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+  np.savez(data, **arrays)
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "PIL" else real(name, *a))
+  out = str(tmp_path / "out")
+  assert run_all.main([f"--data={data}", f"--out={out}", "--state="]) == 2
+  said = capsys.readouterr().out
+  assert "PIL is not importable" in said and "--encoding=loco" in said
+
+
+def test_the_committed_tree_leaves_room_for_what_a_device_call_carries():
+  """A device call carries the working tree, the data file, .device_deps and the state in
+  64 MiB: committed records that crowd them out fail here, not in a GPU window."""
+  size = run_all.carry_size()
+  parts = size["parts"]
+  assert parts["working tree"] > 1e6 and size["total"] == sum(parts.values())
+  have = lambda path: os.path.exists(os.path.join(run_all.REPO, path))  # noqa: E731
+  assert ("data to come" in parts) != have(run_all.DATA_FILE)
+  assert ("state to come" in parts) != have(run_all.STATE_FILE)
+  assert size["ok"], (f"a device call would carry {size['total'] / 2**20:.1f} MiB "
+                      f"({parts}), over 64 MiB")
+  assert run_all.main(["--check_carry"]) in (0, 2)  # 2 only for a missing .device_deps here
+
+
 def test_a_failing_or_hanging_phase_is_recorded(tmp_path):
   boom = run_all.run_phase("x", [sys.executable, "-c", "raise ValueError('bad header')"], 60)
   assert boom["status"] == "error" and boom["error"] == "ValueError: bad header"

@@ -9,6 +9,7 @@ The GPU machines have no TensorFlow, no internet and room for a 64 MiB working t
 
      python -m experiments.gpu.longtail_paper export     # .device_data/cifar10_lt100_jpeg75.npz
      pip install --no-deps --target .device_deps ml-collections
+     python -m experiments.gpu.run_all --check_carry     # all that travels fits in 64 MiB
 
 2. On the GPU machine, with ``.device_data`` and ``.device_deps`` beside the checkout, one
    chunk per session (``$OUT``: a folder that comes back)::
@@ -36,7 +37,7 @@ import time
 
 DATA_FILE = ".device_data/cifar10_lt100_jpeg75.npz"
 TASK = "longtail.py:paper_cifar10"
-LIMIT_BYTES = 48 * 2**20  # leaves room for the checkout, the run state and .device_deps
+LIMIT_BYTES = 48 * 2**20  # at most; what else travels is checked by run_all.check_carry
 STATE_LIMIT_BYTES = 16 * 2**20  # the largest file a device call brings back
 # Config fields that decide which images the portable file holds.
 DATA_FIELDS = ("name", "imbalance_ratio", "n_max", "test_subset", "noise_type", "noise_rate",
@@ -64,20 +65,61 @@ def paper_suite(names, seeds, overrides=()):
       "(experiments/gpu/longtail_paper.py).")
 
 
-def export(out: str) -> int:
-  """Writes the paper task's data (long-tail training set, full test set) to ``out``."""
+def jpeg_files(data, data_dir: str | None = None) -> dict:
+  """``{"x_train": [bytes, ...], "x_test": [...]}``: the CIFAR-10 (JPEG-75) file each image of
+  ``data`` was decoded from, found by decoding every file of the offline copy as TFDS does
+  (``tf.io.decode_image``) and matching the pixels."""
+  import hashlib
+
+  import numpy as np
+  import tensorflow as tf
+
+  from lpa_jax.data.sources import CIFAR10_JPEG_TARBALL, resolve_data_dir
+  root, how = resolve_data_dir(data_dir)
+  tarball = root / CIFAR10_JPEG_TARBALL if root is not None else None
+  if tarball is None or not tarball.exists():
+    raise FileNotFoundError(f"the jpeg encoding needs the CIFAR-10 (JPEG-75) files, not found "
+                            f"at {tarball} (data dir from {how}); export with --encoding=loco")
+  key = lambda px: hashlib.sha256(np.ascontiguousarray(px).tobytes()).digest()  # noqa: E731
+  files = {"train": {}, "test": {}}
+  with tarfile.open(tarball) as tar:
+    for m in tar:
+      split = m.name.lstrip("./").split("/")[0]
+      if m.isfile() and m.name.endswith(".jpg") and split in files:
+        blob = tar.extractfile(m).read()
+        files[split].setdefault(key(tf.io.decode_image(blob, channels=3).numpy()), blob)
+  out = {}
+  for name, split, x in (("x_train", "train", data.x_train), ("x_test", "test", data.x_test)):
+    found = [files[split].get(key(img)) for img in x]
+    missing = [i for i, b in enumerate(found) if b is None]
+    if missing:
+      raise ValueError(f"{name}: {len(missing)} images match no file of {tarball} (first: "
+                       f"{missing[:5]}); export with --encoding=loco")
+    out[name] = found
+  return out
+
+
+def export(out: str, encoding: str = "jpeg") -> int:
+  """Writes the paper task's data (long-tail training set, full test set) to ``out``: by
+  default as the JPEG files the images came from (about a third of the lossless ``loco``
+  size; the device needs Pillow to read it), exact either way (:mod:`lpa_jax.data.portable`)."""
   from experiments.configs.longtail import get_config
   from lpa_jax.data import load_task_data
-  from lpa_jax.data.portable import save_portable
+  from lpa_jax.data.portable import ENCODINGS, save_portable
+  if encoding not in ENCODINGS:
+    raise ValueError(f"--encoding must be one of {ENCODINGS}, got {encoding!r}")
   config = get_config("paper_cifar10")
   data = load_task_data(config.data)
   meta = {"data": {k: config.data.get(k) for k in DATA_FIELDS}}
-  size = save_portable(data, out, meta=meta)
+  jpegs = jpeg_files(data, config.data.get("data_dir")) if encoding == "jpeg" else None
+  size = save_portable(data, out, meta=meta, jpegs=jpegs)
   print(f"{out}: {data.name}, {data.num_train} train / {len(data.y_test)} test images, "
-        f"{size / 2**20:.1f} MiB", flush=True)
+        f"{size / 2**20:.1f} MiB ({encoding})", flush=True)
   if size > LIMIT_BYTES:
     raise SystemExit(f"{out} is {size / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB "
                      "that leaves room beside it in a 64 MiB working tree")
+  from experiments.gpu import run_all
+  run_all.check_carry()  # the whole call: the checkout, this file, .device_deps, the state
   return size
 
 
@@ -260,6 +302,9 @@ def main(argv=None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   ex = sub.add_parser("export", help="write the paper task's data as one portable file")
   ex.add_argument("--out", default=DATA_FILE)
+  ex.add_argument("--encoding", default="jpeg", choices=("jpeg", "loco"),
+                  help="jpeg: the source JPEG files plus a residual (small; needs Pillow "
+                       "there); loco: lossless pixels (any data, ~2.5x larger)")
   tr = sub.add_parser("train", help="train one chunk of the table")
   tr.add_argument("--data", default=DATA_FILE)
   tr.add_argument("--root", default="/tmp/paper_longtail_cifar10",
@@ -277,7 +322,7 @@ def main(argv=None) -> int:
   tr.add_argument("--set", action="append", help="config override key=value (dry runs)")
   args = parser.parse_args(argv)
   if args.command == "export":
-    export(args.out)
+    export(args.out, args.encoding)
     return 0
   return train(args)
 

@@ -9,6 +9,8 @@ Beside the checkout it needs (made here; README "The prepared GPU command"):
     .device_deps/ (ml-collections)   pip install --no-deps --target .device_deps ml-collections
     .device_data/paper_lt_state.tar.gz      the previous call's state, if any (continued)
 
+and all of it with the working tree within 64 MiB (``--check_carry`` adds it up, here).
+
 It checks those first and refuses in one message, naming what is missing and the command that
 makes it, before any phase starts.  Then three phases (:mod:`experiments.gpu.phases`), each
 its own process with its share of the budget, so an error, a hang or a kill in one is recorded
@@ -55,6 +57,13 @@ OUT_FILES = ("summary.json", "throughput.json", "peer.json", "longtail.json",
 PHASE_FILES = {"throughput": "throughput.json", "peer": "peer.json", "longtail": "longtail.json"}
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections",
             "torch")
+CARRY = (".device_data", DEPS)  # git-ignored: what the run call carries beside the checkout
+MAX_CARRY = 64 * 2**20  # what one device call takes along: the working tree and CARRY
+# Room for the long tail's packed state once a call has returned one (three ResNet-32 runs in
+# progress measured 10.1-10.2 MiB on CPU) when it is not there yet.
+STATE_ALLOWANCE = 11 * 2**20
+# Likewise for the data file (the jpeg encoding measured 19.8 MiB) and ml-collections (0.4 MiB).
+DATA_ALLOWANCE, DEPS_ALLOWANCE = 20.5 * 2**20, 1 * 2**20
 NEEDED = {"ml_collections": f"pip install --no-deps --target {DEPS} ml-collections",
           "jax": "pip install jax (the GPU image has it)", "flax": "pip install flax",
           "optax": "pip install optax", "orbax.checkpoint": "pip install orbax-checkpoint"}
@@ -82,6 +91,16 @@ def _deps_on_path() -> str | None:
   return deps if os.path.isdir(deps) else None
 
 
+def _encodings(path: str) -> set[str]:
+  """The image encodings of a portable data file (``loco``, ``jpeg``); empty if unreadable."""
+  import numpy as np
+  try:
+    with np.load(path) as z:
+      return set(json.loads(z["header"].tobytes().decode()).get("encoding", {}).values())
+  except (OSError, ValueError, KeyError):
+    return set()
+
+
 def preflight(args) -> list[str]:
   """What is missing, each with the command that makes it; empty when everything is there."""
   problems = []
@@ -90,7 +109,11 @@ def preflight(args) -> list[str]:
                     "(JPEG-75) cache is with `python -m experiments.gpu.longtail_paper export` "
                     "and carry .device_data/ beside the checkout")
   deps = _deps_on_path()
-  for module, fix in NEEDED.items():
+  needed = dict(NEEDED)
+  if os.path.isfile(args.data) and "jpeg" in _encodings(args.data):
+    needed["PIL"] = ("pip install pillow (the GPU image has it), or export the data with "
+                     "--encoding=loco")
+  for module, fix in needed.items():
     try:
       found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
@@ -104,6 +127,38 @@ def preflight(args) -> list[str]:
       problems.append(f"the state {args.state} is not a tar file: remove it to start the "
                       "table afresh, or copy the paper_lt_state.tar.gz a call returned")
   return problems
+
+
+def _tree_bytes(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def carry_size(repo: str = REPO) -> dict:
+  """What a device call would take along (run here, before the call): the files git sees
+  (tracked, and untracked ones it does not ignore) and the carried folders, in bytes, against
+  :data:`MAX_CARRY`; allowances stand in for the data, deps and state not made yet, so the
+  check also runs in a fresh clone (``tests/test_run_all.py`` does: the committed tree must
+  leave room for them).
+
+  >>> carry_size()["ok"]   # doctest: +SKIP
+  True
+  """
+  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          cwd=repo, capture_output=True, check=True).stdout.decode()
+  tree = sum(os.path.getsize(os.path.join(repo, f)) for f in listed.split("\0")
+             if f and os.path.isfile(os.path.join(repo, f)))
+  parts = {"working tree": tree}
+  parts.update({c: _tree_bytes(os.path.join(repo, c)) for c in CARRY
+                if os.path.exists(os.path.join(repo, c))})
+  for path, name, allowance in ((DATA_FILE, "data to come", DATA_ALLOWANCE),
+                                (DEPS, "deps to come", DEPS_ALLOWANCE),
+                                (STATE_FILE, "state to come", STATE_ALLOWANCE)):
+    if not os.path.exists(os.path.join(repo, path)):
+      parts[name] = int(allowance)
+  total = sum(parts.values())
+  return dict(parts=parts, total=total, limit=MAX_CARRY, ok=total <= MAX_CARRY)
 
 
 def versions() -> dict:
@@ -273,7 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m experiments.gpu.run_all",
                               description=__doc__.splitlines()[0])
   p.add_argument("--budget_s", type=float, default=520.0, help="the whole call, in seconds")
-  p.add_argument("--out", required=True, help="where the files go (the folder that comes back)")
+  p.add_argument("--out", help="where the files go (the folder that comes back; required)")
   p.add_argument("--data", default=DATA_FILE, help="the portable data file")
   p.add_argument("--state", default=STATE_FILE, help="the long tail's state, if it exists")
   p.add_argument("--root", default="/tmp/paper_longtail_cifar10",
@@ -282,15 +337,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma list of throughput, peer, longtail, run in that order")
   p.add_argument("--dry_run", action="store_true",
                  help="CPU: tiny sizes (experiments.gpu.phases.DRY), same phases and files")
+  p.add_argument("--check_carry", action="store_true",
+                 help="here, before the device call: what it would carry (working tree, "
+                      f"{', '.join(CARRY)}) against the {MAX_CARRY // 2**20} MiB limit; no run")
   args = p.parse_args(argv)
   unknown = set(args.phases.split(",")) - set(PHASE_FILES)
   if unknown:
     p.error(f"--phases: unknown {sorted(unknown)}; known: {', '.join(PHASE_FILES)}")
+  if not args.out and not args.check_carry:
+    p.error("--out is required (the folder that comes back)")
   return args
+
+
+def check_carry() -> int:
+  """Prints :func:`carry_size`; 0 when it fits, 2 when the call would be refused."""
+  size = carry_size()
+  mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+  print("carry: " + ", ".join(f"{k} {mib(v)}" for k, v in size["parts"].items())
+        + f"; total {mib(size['total'])} of {mib(size['limit'])}")
+  missing = [c for c in CARRY if c not in size["parts"]]
+  if missing:
+    print(f"carry: missing {', '.join(missing)} (see the module docstring for the commands)")
+  if not size["ok"]:
+    print("carry: too large for one device call: remove untracked files or a stale state in "
+          ".device_data/, export the data with --encoding=jpeg, or commit fewer bytes")
+  return 0 if size["ok"] and not missing else 2
 
 
 def main(argv=None) -> int:
   t0, args = time.time(), parse_args(argv)
+  if args.check_carry:
+    return check_carry()
   os.makedirs(args.out, exist_ok=True)
   summary = dict(command=["python -m experiments.gpu.run_all"] + list(argv or sys.argv[1:]),
                  dry_run=args.dry_run, budget_s=args.budget_s, started=time.ctime(t0),

@@ -1,14 +1,21 @@
-"""A task's arrays in one compact file that loads with numpy and the standard library alone.
+"""A task's arrays in one compact file that loads without TensorFlow (numpy, the standard
+library and, for the ``jpeg`` encoding, Pillow).
 
 For machines without TensorFlow or the offline copies (e.g. a lent GPU box, whose whole
 working tree must fit in 64 MiB): :func:`save_portable` writes a :class:`TaskData` — e.g.
-CIFAR-10 (JPEG-75)-LT IR 100 (12,406 training images) and its 10,000 test images, 40 MiB
-instead of 69 MB of pixels — and :func:`load_portable` gives back the same arrays, bit for bit
-(a SHA-256 of the pixels and labels is checked on load).
+CIFAR-10 (JPEG-75)-LT IR 100 (12,406 training images) and its 10,000 test images, 19.8 MiB
+(``jpeg``) or 39.4 MiB (``loco``) instead of 69 MB of pixels — and :func:`load_portable` gives
+back the same arrays, bit for bit (a SHA-256 of the pixels and labels is checked on load).
 
-Images are stored losslessly: per channel, each pixel minus the LOCO-I/JPEG-LS median
-predictor of its left, upper and upper-left neighbours (mod 256), then LZMA.  The residuals
-of natural images are small, so LZMA packs them to ~61 % of the raw bytes (deflate: ~93 %).
+Images are stored losslessly in one of two encodings, per array:
+
+* ``loco``: per channel, each pixel minus the LOCO-I/JPEG-LS median predictor of its left,
+  upper and upper-left neighbours (mod 256), then LZMA.  The residuals of natural images are
+  small, so LZMA packs them to ~61 % of the raw bytes (deflate: ~93 %).  Any images.
+* ``jpeg``: the JPEG files the arrays were decoded from, plus the LZMA-packed difference
+  (mod 256) between the arrays and :func:`lpa_jax.data.jpeg.decode_jpegs` of those files —
+  all zeros where that decode reproduces the arrays, as it does for CIFAR-10 (JPEG-75).
+  About a third of ``loco``'s size; reading it needs Pillow.
 
   >>> save_portable(load_task_data(config.data), ".device_data/cifar10_lt.npz")  # doctest: +SKIP
   >>> data = load_portable(".device_data/cifar10_lt.npz")                          # doctest: +SKIP
@@ -26,7 +33,8 @@ import numpy as np
 
 from lpa_jax.data.task import TaskData
 
-FORMAT = 1
+FORMAT = 2  # 2: per-array encodings (format 1 files, all loco, still load)
+ENCODINGS = ("loco", "jpeg")
 
 
 def _neighbours(p_NxCxHxW: np.ndarray):
@@ -81,9 +89,38 @@ def _digest(data: TaskData) -> str:
   return h.hexdigest()
 
 
-def save_portable(data: TaskData, path: str, meta: dict | None = None) -> int:
+def _pack_jpegs(x: np.ndarray, blobs, name: str) -> tuple[dict, int]:
+  """The ``jpeg`` encoding of ``x``: its files, their offsets and the residual (npz arrays),
+  and how many sub-pixels the residual corrects."""
+  from lpa_jax.data.jpeg import decode_jpegs
+  if len(blobs) != len(x):
+    raise ValueError(f"{name}: {len(blobs)} JPEG files for {len(x)} images")
+  residual = (np.asarray(x, np.int16) - decode_jpegs(blobs)) % 256
+  offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+  arrays = {f"{name}_jpeg": np.frombuffer(b"".join(blobs), np.uint8),
+            f"{name}_offsets": offsets,
+            name: np.frombuffer(lzma.compress(residual.astype(np.uint8).tobytes(), preset=6),
+                                np.uint8)}
+  return arrays, int(np.count_nonzero(residual))
+
+
+def _unpack_jpegs(z, name: str, shape) -> np.ndarray:
+  from lpa_jax.data.jpeg import decode_jpegs
+  raw, offsets = z[f"{name}_jpeg"].tobytes(), z[f"{name}_offsets"]
+  blobs = [raw[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+  residual = np.frombuffer(lzma.decompress(z[name].tobytes()), np.uint8).reshape(shape)
+  return ((decode_jpegs(blobs).astype(np.int16) + residual) % 256).astype(np.uint8)
+
+
+def save_portable(data: TaskData, path: str, meta: dict | None = None,
+                  jpegs: dict | None = None) -> int:
   """Writes ``data`` (training and test split, class names and counts) to ``path`` (.npz);
   ``meta`` (JSON) is kept beside, e.g. the data config it came from.  Returns the file size.
+
+  ``jpegs``: ``{"x_train": [bytes, ...], "x_test": [...]}``, the JPEG file each image was
+  decoded from, in order, for the ``jpeg`` encoding of that array (module docstring); arrays
+  not named are stored ``loco``.  The header records, per array, how many sub-pixels the
+  residual had to correct (``jpeg_corrected``).
 
   Validation splits and per-example extras (domains, noise masks) are not stored: a task that
   has them is refused rather than silently cut.
@@ -93,16 +130,29 @@ def save_portable(data: TaskData, path: str, meta: dict | None = None) -> int:
   if extra:
     raise ValueError(f"save_portable stores train/test tasks only; {data.name!r} also has "
                      f"{extra}")
+  jpegs = dict(jpegs or {})
+  unknown = sorted(set(jpegs) - {"x_train", "x_test"})
+  if unknown:
+    raise ValueError(f"jpegs may name x_train and x_test, got {unknown}")
+  arrays, encoding, corrected = {}, {}, {}
+  for name, x in (("x_train", data.x_train), ("x_test", data.x_test)):
+    if name in jpegs:
+      packed, corrected[name] = _pack_jpegs(x, jpegs[name], name)
+      arrays.update(packed)
+      encoding[name] = "jpeg"
+    else:
+      arrays[name] = np.frombuffer(encode_images(x), np.uint8)
+      encoding[name] = "loco"
   header = {"format": FORMAT, "name": data.name, "num_classes": int(data.num_classes),
             "class_names": list(data.class_names), "source": data.extras.get("source"),
             "sha256": _digest(data), "x_train_shape": list(data.x_train.shape),
-            "x_test_shape": list(data.x_test.shape), "meta": meta or {}}
+            "x_test_shape": list(data.x_test.shape), "encoding": encoding,
+            "jpeg_corrected": corrected, "meta": meta or {}}
   tmp = f"{path}.tmp{os.getpid()}.npz"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(tmp, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
-           x_train=np.frombuffer(encode_images(data.x_train), np.uint8),
-           x_test=np.frombuffer(encode_images(data.x_test), np.uint8),
-           y_train=np.asarray(data.y_train, np.int32), y_test=np.asarray(data.y_test, np.int32))
+           y_train=np.asarray(data.y_train, np.int32), y_test=np.asarray(data.y_test, np.int32),
+           **arrays)
   os.replace(tmp, path)
   return os.path.getsize(path)
 
@@ -121,18 +171,25 @@ def load_portable(path: str) -> TaskData:
         "`python -m experiments.gpu.longtail_paper export`, and copy it here.")
   with np.load(path) as z:
     header = json.loads(z["header"].tobytes().decode())
-    if header.get("format") != FORMAT:
+    if header.get("format") not in (1, FORMAT):
       raise ValueError(f"{path}: portable format {header.get('format')}, this version reads "
-                       f"{FORMAT}; export it again")
+                       f"1 and {FORMAT}; export it again")
     y_train, y_test = z["y_train"], z["y_test"]
-    x_train = decode_images(z["x_train"].tobytes(), header["x_train_shape"])
-    x_test = decode_images(z["x_test"].tobytes(), header["x_test_shape"])
+    encoding = header.get("encoding", {})
+    x_train, x_test = (
+        _unpack_jpegs(z, name, header[f"{name}_shape"]) if encoding.get(name) == "jpeg"
+        else decode_images(z[name].tobytes(), header[f"{name}_shape"])
+        for name in ("x_train", "x_test"))
   counts = np.bincount(y_train, minlength=header["num_classes"])
   data = TaskData(name=header["name"], x_train=x_train, y_train=y_train, x_test=x_test,
                   y_test=y_test, num_classes=header["num_classes"],
                   class_names=list(header["class_names"]),
                   extras={"class_counts": counts, "source": header["source"]})
   if _digest(data) != header["sha256"]:
+    jpeg = [n for n, e in header.get("encoding", {}).items() if e == "jpeg"]
     raise ValueError(f"{path} is corrupt: its arrays do not match the checksum saved with "
-                     "them; copy or export it again")
+                     "them; copy or export it again" + (
+                         f" (its {', '.join(jpeg)} are JPEG files: if the file is intact, "
+                         "this Pillow decodes them unlike the one that wrote it; export with "
+                         "--encoding=loco)" if jpeg else ""))
   return data
