@@ -425,3 +425,20 @@ def test_the_check_looks_through_remat_and_jitted_functions():
   cut = _cut_l(model, "body")
   act = cut.lower(v, X, True, rng=KEY)[0]
   np.testing.assert_allclose(_upper_jit(cut, v, act), model.apply(v, X), rtol=1e-5, atol=1e-6)
+
+
+class RematBody(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.relu(nn.Conv(8, (3, 3), name="stem")(x))
+    return nn.Dense(C, name="head")(nn.relu(nn.remat(nn.Conv)(8, (3, 3), name="body")(h))
+                                     .mean((1, 2)))
+
+
+def test_a_point_inside_a_lifted_transform_is_refused_by_name():
+  """Its output lives in the transform's trace: handing it out leaked a tracer (an
+  UnexpectedTracerError far from the cause)."""
+  model = RematBody()
+  v = _init(model)
+  with pytest.raises(ValueError, match="'body' runs inside a lifted transform.*parent"):
+    jax.jit(lambda v, x: _cut_l(model, "body").lower(v, x, True, rng=KEY)[0])(v, X)

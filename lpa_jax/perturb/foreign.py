@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend import core as jex_core
 from flax import traverse_util
+from flax.core import tracers as flax_tracers
 
 from lpa_jax.perturb.hooks import Cut, apply_linen, linen_rngs
 
@@ -230,6 +231,10 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     if hits:
       raise ValueError(f"Module {_fmt(target)!r} is called more than once; cut at a module "
                        "called once per forward pass")
+    if flax_tracers.current_trace() != outer:
+      raise ValueError(f"Module {_fmt(target)!r} runs inside a lifted transform (nn.remat, "
+                       "nn.scan, nn.vmap, nn.jit, ...), whose output cannot be handed across "
+                       "it; cut at the transformed module's parent, or at a module outside it")
     root = ctx.module
     while isinstance(root.parent, nn.Module):
       root = root.parent
@@ -241,6 +246,7 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     return hits[-1]
 
   train_kwargs = {kw: train} if kw else {}
+  outer = flax_tracers.current_trace()
   with nn.intercept_methods(interceptor):
     # mutable=False, never []: Flax returns (out, state) for any list, even an empty one.
     out = apply_linen(model, variables, x, method=method, mutable=mut or False,
