@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import tarfile
+import time
 
 import numpy as np
 
@@ -145,6 +146,24 @@ def test_the_committed_tree_leaves_room_for_what_a_device_call_carries():
   assert size["ok"], (f"a device call would carry {size['total'] / 2**20:.1f} MiB "
                       f"({parts}), over 64 MiB")
   assert run_all.main(["--check_carry"]) in (0, 2)  # 2 only for a missing .device_deps here
+
+
+def test_a_phase_stopped_after_writing_its_final_file_counts_as_done(tmp_path):
+  """The long tail packs its state and writes its file, then its exit (interpreter teardown)
+  ran past the limit: it is done, not timed out.  A file still being rewritten is not."""
+  path = str(tmp_path / "longtail.json")
+  started = os.path.getmtime(str(tmp_path)) - 1
+  stopped = lambda: dict(status="timeout", error="stopped after 117 s")  # noqa: E731
+  with open(path, "w") as f:
+    json.dump({"phase": {"status": "ok", "reason": None}}, f)
+  record = run_all.outcome(stopped(), path, started)
+  assert record["status"] == "ok" and record["stopped_after_writing"]
+  assert run_all.outcome(stopped(), path, time.time() + 60)["status"] == "timeout"  # stale
+  for unfinished in ({"phase": {"status": "ok"}, "finished": False},
+                     {"phase": {"status": "partial"}}):
+    with open(path, "w") as f:
+      json.dump(unfinished, f)
+    assert run_all.outcome(stopped(), path, started)["status"] == "timeout"
 
 
 def test_a_failing_or_hanging_phase_is_recorded(tmp_path):

@@ -231,8 +231,11 @@ def run(scale: PeerScale, budget_s: float, write: Callable | None = None, log=pr
     result.update(times_ms=times, **summarize(times))
     if write is not None:
       write(result)
+  result["finished"] = False  # until the rounds are done (run_all tells a kill by it)
   on_round({k: [] for k in ORDER if k in timers})  # built: a kill from here leaves a file
-  on_round(time_rounds(timers, scale.steps, scale, end, on_round, log))
+  times = time_rounds(timers, scale.steps, scale, end, on_round, log)
+  result["finished"] = True
+  on_round(times)
   return result
 
 

@@ -246,10 +246,23 @@ def run_phase(name: str, cmd: list[str], timeout_s: float, log=None, env=None) -
               output_tail=None if status == "ok" else list(tail)[-12:])
 
 
-def outcome(record: dict, path: str) -> dict:
+def outcome(record: dict, path: str, started: float | None = None) -> dict:
   """A phase's record completed from the file it wrote: its own ``phase`` status (``ok``,
-  ``partial``, ``skipped``) when it exited cleanly; an error if it wrote nothing."""
+  ``partial``, ``skipped``) when it exited cleanly, or when it was stopped at its limit after
+  writing that file during this call (``started``: the phase's start time; then
+  ``stopped_after_writing`` is set); an error if it wrote nothing."""
   result = None
+  if (record["status"] == "timeout" and started is not None and os.path.exists(path)
+      and os.path.getmtime(path) >= started):
+    try:
+      with open(path) as f:
+        written = json.load(f)
+      final = (written.get("phase", {}).get("status") in ("ok", "skipped")
+               and written.get("finished", True))
+    except (OSError, ValueError):
+      final = False
+    if final:  # it had finished its work; only its exit (interpreter teardown) ran over
+      record.update(status="ok", error=None, stopped_after_writing=True)
   if os.path.exists(path):
     try:
       with open(path) as f:
@@ -391,10 +404,12 @@ def main(argv=None) -> int:
                else t0 + args.budget_s - 3.0 - time.time())
       _print(f"run_all: phase {name} (up to {share:.0f} s; {time.time() - t0:.0f} s elapsed)",
              log)
+      started = time.time()
       record = run_phase(name, phase_command(name, args, end_at), share, log,
                          child_env(name, args.dry_run))
       record["limit_s"] = share
-      summary["phases"][name] = outcome(record, os.path.join(args.out, PHASE_FILES[name]))
+      summary["phases"][name] = outcome(record, os.path.join(args.out, PHASE_FILES[name]),
+                                        started)
       _device(summary, args.out)
       summary["wall_s"] = time.time() - t0
       write_json_atomic(path, summary)
