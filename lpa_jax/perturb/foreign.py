@@ -56,10 +56,9 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax.extend import core as jex_core
-from flax import traverse_util
+from flax import nnx, traverse_util
 from flax.core import tracers as flax_tracers
+from jax.extend import core as jex_core
 
 from lpa_jax.perturb.hooks import Cut, apply_linen, linen_rngs
 
@@ -287,8 +286,8 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
     depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
       ``lpa(..., depth=2)``; the cut's ``depth`` is ``None``.
-    check: every ``upper`` traces the model once more (no FLOPs: trace time only, once per
-      compile under jit) and raises if its output depends on the input by a path that
+    check: every trace of ``upper`` traces the model once more (no FLOPs: trace time only,
+      paid when a step compiles) and raises if its output depends on the input by a path that
       bypasses the point (a skip connection over it) or does not depend on the point at all
       (:func:`check_separates`); ``False`` skips that.
 
