@@ -7,8 +7,9 @@ Pillow decodes with the accurate IDCT, so its pixels differ (most sub-pixels by 
 chroma planes at their stored resolution (each sample repeated 2×2), no colour conversion —
 and then applies libjpeg's ``h2v2_fancy_upsample`` and its fixed-point YCbCr→RGB conversion
 (``jdsample.c``, ``jdcolor.c``) in numpy.  On the CIFAR-10 (JPEG-75) files this reproduces
-TensorFlow's arrays bit for bit (checked image by image when a portable file is written, and
-by its SHA-256 when it is read).
+TensorFlow's arrays bit for bit (checked with Pillow 13.0 and its libjpeg-turbo on all 22,406
+images of the paper long-tail task; image by image whenever a portable file is written, and by
+its SHA-256 whenever it is read, so another Pillow that decodes differently is caught there).
 
 Only baseline 4:2:0 colour JPEGs (what the CIFAR-10 (JPEG-75) copy holds) are decoded; any
 other kind raises :class:`ValueError`.
