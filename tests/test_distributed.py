@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import CHILD_REPORT, small_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OVERRIDES = {"perturb.activation": "lpa", "perturb.lpa.eps": 0.5,
@@ -61,7 +61,9 @@ def _free_port() -> int:
 
 
 def _start_two_processes(workdir: str, cut) -> list[subprocess.Popen]:
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  # Not the multidevice child's marker: conftest would then give each process 8 devices.
+  env = {**{k: v for k, v in os.environ.items() if k != CHILD_REPORT},
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
              [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
   port = _free_port()
