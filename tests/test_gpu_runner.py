@@ -1,5 +1,6 @@
 """The GPU machine's paper-scale long-tail runner, dry-run on CPU; its portable data file."""
 import json
+import lzma
 import os
 import time
 
@@ -203,8 +204,8 @@ def test_jpeg_encoded_file_is_exact_smaller_and_corrects_any_difference(tmp_path
     np.testing.assert_array_equal(getattr(back, field), getattr(data, field))
   with np.load(path) as z:  # a decoder that gives other pixels is caught by the checksum
     arrays = dict(z)
-  arrays["x_test"] = np.frombuffer(__import__("lzma").compress(
-      np.ones(x["test"].size, np.uint8).tobytes()), np.uint8)
+  arrays["x_test"] = np.frombuffer(lzma.compress(np.ones(x["test"].size, np.uint8).tobytes()),
+                                   np.uint8)
   np.savez(path, **arrays)
   with pytest.raises(ValueError, match="corrupt.*JPEG files.*--encoding=loco"):
     load_portable(path)
