@@ -92,7 +92,9 @@ def _deps_on_path() -> str | None:
 
 
 def _encodings(path: str) -> set[str]:
-  """The image encodings of a portable data file (``loco``, ``jpeg``); empty if unreadable."""
+  """The image encodings of a portable data file (``loco``, ``jpeg``); empty if unreadable.
+  (``lpa_jax.data.portable.read_header`` reads the same header, but importing lpa_jax imports
+  JAX, and the preflight must report a missing JAX, not fail on it.)"""
   import numpy as np
   try:
     with np.load(path) as z:
@@ -252,23 +254,18 @@ def outcome(record: dict, path: str, started: float | None = None) -> dict:
   writing that file during this call (``started``: the phase's start time; then
   ``stopped_after_writing`` is set); an error if it wrote nothing."""
   result = None
-  if (record["status"] == "timeout" and started is not None and os.path.exists(path)
-      and os.path.getmtime(path) >= started):
-    try:
-      with open(path) as f:
-        written = json.load(f)
-      final = (written.get("phase", {}).get("status") in ("ok", "skipped")
-               and written.get("finished", True))
-    except (OSError, ValueError):
-      final = False
-    if final:  # it had finished its work; only its exit (interpreter teardown) ran over
-      record.update(status="ok", error=None, stopped_after_writing=True)
   if os.path.exists(path):
     try:
       with open(path) as f:
         result = json.load(f)
     except (OSError, ValueError) as e:
       record.update(status="error", error=f"{path} unreadable: {e}")
+  if (record["status"] == "timeout" and result is not None and started is not None
+      and os.path.getmtime(path) >= started
+      and result.get("phase", {}).get("status") in ("ok", "skipped")
+      and result.get("finished", True)):
+    # It had finished its work; only its exit (interpreter teardown) ran over.
+    record.update(status="ok", error=None, stopped_after_writing=True)
   record["file"] = os.path.basename(path) if result is not None else None
   if record["status"] == "ok":
     if result is None:
