@@ -112,6 +112,12 @@ def test_two_runs_on_one_work_dir_leave_one_working(tmp_path):
     while not (wd / "checkpoints").is_dir() and first.poll() is None and time.time() < t_end:
       time.sleep(0.05)
     second = _main(args)
+    # The checkpoint dir appears before epoch 1 ends; on a slow machine the refusal above can
+    # come first, so wait for a finished epoch before interrupting (its row is what is checked).
+    metrics = wd / "metrics.jsonl"
+    while (not metrics.exists() or not metrics.read_text().strip()) and first.poll() is None \
+        and time.time() < t_end:
+      time.sleep(0.05)
     assert first.poll() is None  # still training
   finally:
     first.send_signal(signal.SIGINT)
