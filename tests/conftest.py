@@ -35,6 +35,14 @@ def pytest_configure(config):
                                      "8 fake CPU devices (see tests/conftest.py)")
 
 
+def pytest_collection_modifyitems(config, items):
+  # Under pytest-xdist (--dist loadgroup) the multidevice tests share one worker, so their one
+  # child pytest runs once, not once per worker.
+  for item in items:
+    if item.get_closest_marker("multidevice"):
+      item.add_marker(pytest.mark.xdist_group("multidevice"))
+
+
 def pytest_collection_finish(session):
   session.config.multidevice_ids = [i.nodeid for i in session.items
                                     if i.get_closest_marker("multidevice")]
