@@ -108,16 +108,14 @@ def test_two_runs_on_one_work_dir_leave_one_working(tmp_path):
                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            preexec_fn=_default_sigint)
   try:
-    t_end = time.time() + 300
-    while not (wd / "checkpoints").is_dir() and first.poll() is None and time.time() < t_end:
-      time.sleep(0.05)
-    second = _main(args)
-    # The checkpoint dir appears before epoch 1 ends; on a slow machine the refusal above can
-    # come first, so wait for a finished epoch before interrupting (its row is what is checked).
-    metrics = wd / "metrics.jsonl"
+    # Once epoch 1's row is written the first run holds the work dir and has a row to check
+    # (its checkpoint dir appears earlier: on a slow machine the refusal could then come back
+    # before any epoch ended).
+    t_end, metrics = time.time() + 300, wd / "metrics.jsonl"
     while (not metrics.exists() or not metrics.read_text().strip()) and first.poll() is None \
         and time.time() < t_end:
       time.sleep(0.05)
+    second = _main(args)
     assert first.poll() is None  # still training
   finally:
     first.send_signal(signal.SIGINT)
