@@ -19,7 +19,7 @@ atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs 
 so the committed results stay small.  The dataset is loaded once per suite and shared.  A
 second sweep of the same root (and shard) is refused while the first works, naming it.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
-vmapped step, :mod:`lpa_jax.train.parallel`); each run's files are those a serial sweep writes.
+vmapped step, :mod:`experiments.train.parallel`); each run's files are those a serial sweep writes.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ flags.DEFINE_string("shard", None, "I/N: run only the planned runs whose index i
                     "run no other process is training (any number of processes, started "
                     "alike, share the plan as they free up; not mixed with I/N).")
 flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one program (one "
-                     "vmapped step, lpa_jax.train.parallel); 1 trains them one by one. For "
+                     "vmapped step, experiments.train.parallel); 1 trains them one by one. For "
                      "accelerators: XLA:CPU runs vmapped convolutions slower than K plain ones.",
                      lower_bound=1)
 flags.DEFINE_bool("traceback", False, "Show the traceback of errors that otherwise print one "
@@ -137,7 +137,7 @@ def plan(suite, seeds=None, methods=None) -> list[dict]:
 
 def machine() -> dict:
   import jax
-  from lpa_jax.train.results import host_cpu
+  from experiments.train.results import host_cpu
   return {"platform": platform.platform(), "processor": host_cpu(),
           "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
@@ -157,7 +157,7 @@ def run_status(workdir: str, config) -> tuple[str, str]:
   ``'unreadable'`` (results.json cut short or not JSON: run again), ``'stopped'`` (a guard of
   the trainer stopped it, ``stopped.json`` says why; ``detail`` is the reason) or ``'stale'``
   (made with another config; ``detail`` lists the fields)."""
-  from lpa_jax.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
+  from experiments.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
   results_path = os.path.join(workdir, "results.json")
   recorded, status, unreadable = None, "todo", ""
   stopped = os.path.join(workdir, STOPPED_FILE)
@@ -204,7 +204,7 @@ def check_stale(runs, statuses, root, stale: str) -> None:
 
 def write_meta(suite, runs, root) -> None:
   """``root/suite.json``: the suite's plan, the seeds of ``runs`` and the machine."""
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments.train.workdir import write_json_atomic
   write_json_atomic(os.path.join(root, "suite.json"), {
       "suite": suite.name, "description": suite.description, "task": suite.task,
       "overrides": [[k, v] for k, v in suite.overrides],
@@ -225,7 +225,7 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   ``stale='rerun'``.  A ``results.json`` that cannot be read is named and its run redone.
   ``parallel`` K > 1 trains a method's unfinished seeds in groups of up to K as one program.
   ``shard`` ``(i, n)`` runs only the planned runs with index ``i`` modulo ``n``.  Another
-  sweep of the same shard working under ``root`` raises :class:`~lpa_jax.train.lock.Busy`
+  sweep of the same shard working under ``root`` raises :class:`~experiments.train.lock.Busy`
   naming it.  ``shard`` :data:`ANY` runs every run no other process is training (it skips
   a run whose work dir another process holds, and one finished meanwhile), so several such
   sweeps of one root share its runs as they free up (with ``parallel`` 1).  ``methods``
@@ -239,7 +239,7 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
 
 
 def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) -> dict:
-  from lpa_jax.train.workdir import remove_leftovers
+  from experiments.train.workdir import remove_leftovers
   workdirs = [_workdir(root, r) for r in runs]
   statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
   check_stale(runs, statuses, root, stale)
@@ -316,15 +316,15 @@ def groups(todo: list, size: int) -> list[list]:
 def guard_errors():
   """The trainer's guard errors: a run stopped by one is recorded (:func:`record_stopped`) and
   the sweep goes on."""
-  from lpa_jax.train.guards import NothingPerturbed, PerturbationTooStrong
+  from experiments.train.guards import NothingPerturbed, PerturbationTooStrong
   return NothingPerturbed, PerturbationTooStrong
 
 
 def record_stopped(group: list, error: Exception) -> None:
   """``stopped.json`` (the guard's message, the code version) in each work dir of ``group``;
   its checkpoints stay, so a changed ceiling can resume it."""
-  from lpa_jax.train.results import code_version
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments.train.results import code_version
+  from experiments.train.workdir import write_json_atomic
   for _, workdir, _ in group:
     write_json_atomic(os.path.join(workdir, STOPPED_FILE),
                       {"reason": str(error), "error": type(error).__name__,
@@ -334,7 +334,7 @@ def record_stopped(group: list, error: Exception) -> None:
 def _take_run(item: tuple, cache: dict) -> list[dict] | None:
   """``--shard=any``: trains ``item`` (``(run, workdir, status)``) unless another process holds
   its work dir or finished it since this sweep started; ``None`` then."""
-  from lpa_jax.train.lock import Busy, hold
+  from experiments.train.lock import Busy, hold
   r, workdir, _ = item
   try:
     with hold(workdir):  # re-entrant: the loop takes the same lock again inside
@@ -348,7 +348,7 @@ def _take_run(item: tuple, cache: dict) -> list[dict] | None:
 
 def _run_group(group: list, cache: dict) -> list[dict]:
   """Trains one group of ``(run, workdir, status)``: alone, or as one program when several."""
-  from lpa_jax.train.workdir import ConfigMismatch
+  from experiments.train.workdir import ConfigMismatch
   try:
     return _train_group(group, cache)
   except ConfigMismatch as e:  # the work dir changed after the sweep checked it: its terms
@@ -357,10 +357,10 @@ def _run_group(group: list, cache: dict) -> list[dict]:
 
 
 def _train_group(group: list, cache: dict) -> list[dict]:
-  from lpa_jax import data as lpa_data
-  from lpa_jax.train.loop import train_and_evaluate
-  from lpa_jax.train.parallel import train_and_evaluate_parallel
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments import data as lpa_data
+  from experiments.train.loop import train_and_evaluate
+  from experiments.train.parallel import train_and_evaluate_parallel
+  from experiments.train.workdir import write_json_atomic
   for r, workdir, _ in group:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "method.json"),

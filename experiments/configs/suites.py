@@ -162,7 +162,7 @@ def fmnist_lt_main():
   validation-tuned defaults.  Run seed by seed (``--seeds=0``, then 1, ...) so that a complete
   table of one seed exists first."""
   from lpa_jax.models import get_model
-  from lpa_jax.perturb.registry import logit_equivalent_point
+  from experiments.registry import logit_equivalent_point
   logit_point = logit_equivalent_point(get_model("cnn", 10, widths=(16, 32, 64)).points)
   la_lpl = {"perturb.logit": "logit_adjust,lpl"}
   methods = (CE, LA, LDAM, LPL, {"name": "LA+LPL", **la_lpl}, LPA,
@@ -202,7 +202,7 @@ def fmnist_lt_mechanism():
   LPL, come from fmnist_lt_main's seeds 0-2)."""
   from experiments.configs.longtail import QUICK_TUNED
   from lpa_jax.models import get_model
-  from lpa_jax.perturb.registry import default_point, logit_equivalent_point
+  from experiments.registry import default_point, logit_equivalent_point
   points = get_model("cnn", 10, widths=(16, 32, 64)).points
   mean_eps = mean_varied_eps(QUICK_TUNED["lpa"]["eps"], QUICK_TUNED["lpa"]["delta_eps"], 10)
   # The default point, the logit-equivalent one and LPL are main-table runs (5 seeds there).

@@ -17,27 +17,28 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lpa_jax.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
+from experiments.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
 from lpa_jax.models import get_model
-from lpa_jax.perturb import registry
-from lpa_jax.perturb.base import Context, chain
+from experiments import registry
+from experiments.registry import Context
+from lpa_jax.perturb.base import chain
 from lpa_jax.perturb.hooks import cut_staged
-from lpa_jax.train import distributed
-from lpa_jax.train.schedules import make_optimizer, make_schedule
+from experiments.train import distributed
+from experiments.train.schedules import make_optimizer, make_schedule
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make_train_step,
                                 step_keys)
 
 
 class Methods(NamedTuple):
-  """The run's perturbation methods, one per level (see :mod:`lpa_jax.perturb.registry`)."""
+  """The run's perturbation methods, one per level (see :mod:`experiments.registry`)."""
   act: object       # the activation method, placed in the network (perturb.place.Placed)
   logit: object     # LogitMethod (LPG's logit hook already chained in)
   grad: object      # registry.GradientPlacement (optax transforms and where they go)
 
 
 class Run(NamedTuple):
-  """Everything :func:`lpa_jax.train.loop.train_and_evaluate` drives; plain data, no methods."""
+  """Everything :func:`experiments.train.loop.train_and_evaluate` drives; plain data, no methods."""
   train_step: Callable      # jitted (state, batch) -> (state, metrics)
   init_state: TrainState
   batch_fn: Callable        # (state, epoch, i, perm=None) -> batch
