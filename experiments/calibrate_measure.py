@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpa_jax.perturb import activation, classes, logit
-from lpa_jax.perturb.base import Batch, Context, default_loss, pgd_loss_of
+from experiments.registry import Context
+from lpa_jax.perturb.base import Batch, default_loss, pgd_loss_of
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.perturb.lpa import lpa

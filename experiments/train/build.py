@@ -80,7 +80,7 @@ def build_model(config, num_classes: int):
 def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
   """The activation, logit and gradient methods of ``config.perturb`` for this run.
 
-  The one place a run :class:`~lpa_jax.perturb.base.Context` is made.
+  The one place a run :class:`~experiments.registry.Context` is made.
 
   >>> m = build_methods(config, data, cut_fn, model.points, 7); m.act.init()   # doctest: +SKIP
   """
