@@ -4,8 +4,11 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 
 * ``suite:<name>`` — the accuracy table of ``experiments/results/<name>`` (mean ± std over
   seeds, from the runs' ``results.json``; the same table as that suite's ``report.md``);
-* ``paired:<name>`` — that suite's paired comparisons (per-seed differences with 95 %
-  intervals and McNemar's test, against the first method and the best other baseline);
+* ``paired:<name>`` — that suite's paired comparisons (mean paired difference with a crossed
+  bootstrap 95 % interval, sign-flip and Holm p, per-seed McNemar count; against the first
+  method and the best other baseline on validation);
+* ``classes:<name>`` — each method's per-class change against the first method, its mean
+  change on its expansive and contractive classes and its worst class;
 * ``strength:<name>`` — that suite's perturbation-strength table;
 * ``rarest:<name>`` — that suite's per-seed test accuracy on its three rarest classes;
 * ``domain:<name>``, ``domain-paired:<name>``, ``domain-select:<name>`` — a
@@ -196,7 +199,8 @@ def render(key: str) -> str:
 
 
 # Blocks computed from a suite's (or joined suites') runs, and the others, by argument.
-RUN_TABLES = {"paired": report.paired_table, "strength": report.strength_table,
+RUN_TABLES = {"paired": report.paired_table, "classes": report.class_change_table,
+              "strength": report.strength_table,
               "rarest": report.rarest_table, "domain": report.domain_table,
               "domain-paired": report.domain_paired_table,
               "domain-select": report.domain_selection_table}

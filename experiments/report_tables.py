@@ -1,6 +1,7 @@
 """The report's comparison tables, each computed from a suite's loaded runs
-(:func:`experiments.report.load_runs`): paired differences with McNemar's test, the rarest
-classes per seed and the perturbation strength over training.
+(:func:`experiments.report.load_runs`): paired differences (:mod:`experiments.stats`), per-class
+changes against the suite's first method, the rarest classes per seed and the perturbation
+strength over training.
 
   >>> runs = load_runs("experiments/results/fmnist_lt_main")           # doctest: +SKIP
   >>> print(paired_table(runs))                                         # doctest: +SKIP
@@ -44,50 +45,172 @@ def _test_predictions(run: dict):
     return d["test_pred"], d["test_label"]
 
 
+def _correct(runs_by_seed: dict, seeds: list):
+  """``(correct_SxN, label_N)`` of these seeds' runs from their ``predictions.npz``; ``None``
+  when one is missing or the runs were scored on different test images (no image pairing)."""
+  preds = [_test_predictions(runs_by_seed[k]) for k in seeds]
+  if not preds or any(p is None for p in preds):
+    return None
+  label = preds[0][1]
+  if any(not np.array_equal(p[1], label) for p in preds):
+    return None
+  return np.stack([p[0] == p[1] for p in preds]), label
+
+
 def is_baseline(name: str) -> bool:
   """A method without LPA in its name (CE, LA, LDAM, LPL, Mixup, ...)."""
   return "LPA" not in name
 
 
-def best_baseline(name: str, names: list[str], mean: dict[str, float]) -> str | None:
+def best_baseline(name: str, names: list[str], score: dict[str, float]) -> str | None:
   """The best baseline to pair ``name`` with: the :func:`is_baseline` method other than
-  ``name`` with the highest ``mean`` (the suite's first method included), ``None`` if none."""
-  rivals = [m for m in names if is_baseline(m) and m != name]
-  return max(rivals, key=mean.get) if rivals else None
+  ``name`` with the highest validation ``score`` (the suite's first method included); ``None``
+  if none has a finite score.  Never a test score: a rival picked on the test set is
+  flattered by the same noise it is then compared on."""
+  rivals = [m for m in names if is_baseline(m) and m != name and np.isfinite(score.get(m, np.nan))]
+  return max(rivals, key=score.get) if rivals else None
+
+
+def validation_scores(runs: list[dict]) -> tuple[dict[str, float], str]:
+  """Each method's mean validation score over its seeds and the score's name: the
+  class-balanced validation accuracy where every run has it (it estimates a balanced test set
+  on a long-tailed split), else the plain one; ``({}, "")`` for a suite without validation."""
+  for key, label in (("val_balanced_accuracy", "val bal acc"), ("val_accuracy", "val acc")):
+    if runs and all(r["results"].get(key) is not None for r in runs):
+      names = dict.fromkeys(r["name"] for r in runs)
+      return {n: float(np.mean([r["results"][key] for r in runs if r["name"] == n]))
+              for n in names}, label
+  return {}, ""
+
+
+def _comparison(a: dict, b: dict, seeds: list) -> dict:
+  """:func:`experiments.stats.compare` of two methods' runs (``{seed: run}``) over ``seeds``;
+  without paired predictions, the seed-level numbers alone (mean and sign-flip p from
+  ``results.json``), with no interval and no McNemar count."""
+  from experiments.stats import compare, sign_flip_p
+  ca, cb = _correct(a, seeds), _correct(b, seeds)
+  if ca is not None and cb is not None and np.array_equal(ca[1], cb[1]):
+    return compare(ca[0], cb[0])
+  d = [a[k]["results"]["test_accuracy"] - b[k]["results"]["test_accuracy"] for k in seeds]
+  return {"n": len(d), "mean": float(np.mean(d)), "lo": np.nan, "hi": np.nan,
+          "p": sign_flip_p(d), "mcnemar_k": None}
 
 
 def paired_table(runs: list[dict]) -> str:
-  """Each method against the suite's first method (the baseline, e.g. CE) and against the best
-  other baseline (highest mean test accuracy among :func:`is_baseline` methods): the per-seed
-  paired test-accuracy difference (points, mean and 95 % t-interval over the seeds both ran)
-  and McNemar's exact test on the test predictions pooled over those seeds."""
-  from experiments.stats import mcnemar, paired_difference
+  """Each method against the suite's first method (the baseline fixed before the runs, e.g.
+  CE) and, where the suite has a validation split, against the best other baseline on it
+  (:func:`validation_scores`, :func:`best_baseline`): over the seeds both ran, the mean paired
+  test-accuracy difference (points), its crossed-bootstrap 95 % interval over seeds and test
+  images, the exact sign-flip p over seeds, that p Holm-adjusted over the table's rows, and in
+  how many seeds McNemar's test on that seed's predictions gives p < 0.05
+  (:mod:`experiments.stats`)."""
+  from experiments.stats import holm
   names = list(dict.fromkeys(r["name"] for r in runs))
   if len(names) < 2:
     return ""
   by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
-  acc = {n: {k: r["results"]["test_accuracy"] for k, r in by[n].items()} for n in names}
-  mean = {n: float(np.mean(list(acc[n].values()))) for n in names}
-  out = ["| method | vs | paired seeds | Δ test acc (points) | 95 % interval | McNemar b / c "
-         "(pooled) | p |", "|---|---|---|---|---|---|---|"]
+  score, key = validation_scores(runs)
+  rows = []
   for n in names[1:]:
-    for ref in dict.fromkeys([names[0], best_baseline(n, names, mean)]):
-      if ref in (n, None):
+    for ref in dict.fromkeys([names[0], best_baseline(n, names, score)]):
+      seeds = sorted(set(by[n]) & set(by.get(ref, {})))
+      if ref in (n, None) or not seeds:
         continue
-      d = paired_difference(acc[n], acc[ref])
-      if not d["n"]:
-        continue
-      preds = [(_test_predictions(by[n][k]), _test_predictions(by[ref][k])) for k in d["seeds"]]
-      if all(a is not None and b is not None for a, b in preds):
-        m = mcnemar(np.concatenate([a[0] for a, _ in preds]),
-                    np.concatenate([b[0] for _, b in preds]),
-                    np.concatenate([a[1] for a, _ in preds]))
-        mc = f"{m['b']} / {m['c']} | {m['p']:.3g}"
-      else:
-        mc = "— | —"
-      ci = interval(d)
-      label = ref + (" (best baseline)" if ref != names[0] else "")
-      out.append(f"| {n} | {label} | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {mc} |")
+      label = ref + (f" (best baseline on {key})" if ref != names[0] else "")
+      rows.append((n, label, _comparison(by[n], by[ref], seeds)))
+  out = ["| method | vs | paired seeds | Δ test acc (points) | 95 % CI (seeds × images) | "
+         "sign-flip p | Holm p | seeds with McNemar p < 0.05 |", "|---" * 8 + "|"]
+  for (n, label, d), p_holm in zip(rows, holm([d["p"] for *_, d in rows])):
+    k = "—" if d["mcnemar_k"] is None else f"{d['mcnemar_k']}/{d['n']}"
+    out.append(f"| {n} | {label} | {d['n']} | {100 * d['mean']:+.2f} | {interval(d)} | "
+               f"{d['p']:.3g} | {p_holm:.3g} | {k} |")
+  return "\n".join(out)
+
+
+def _long_tailed(counts) -> bool:
+  """Training class counts spread more than label noise spreads a balanced set: the largest
+  at least twice the smallest (the long-tail suites have imbalance ratios of 10 and more)."""
+  return bool(counts) and max(counts) >= 2 * min(counts)
+
+
+def _num_head(run: dict) -> int:
+  """The run's long-tail head size: a ``num_head`` set on one of its methods, else
+  ``round(0.4·C)`` (``lpa_jax.perturb.classes.run_num_head``, recomputed here so the report
+  needs no jax)."""
+  p = run["results"].get("config", {}).get("perturb", {})
+  active = [m for level in ("activation", "logit", "gradient")
+            for m in str(p.get(level, "none")).split(",")]
+  heads = [p[m]["num_head"] for m in active if (p.get(m) or {}).get("num_head") is not None]
+  c = len(run["results"]["train_class_counts"])
+  return int(heads[0]) if heads else max(1, int(round(0.4 * c)))
+
+
+def class_split(runs_by_seed: dict, seeds: list) -> tuple[np.ndarray | None, str]:
+  """Per seed, each class's side (``S×C``: +1 expansive / tail, −1 contractive / head) and
+  where it comes from: the method's own split (``sign_C`` of the run's last ``metrics.jsonl``
+  row, when it has both sides), else on a long-tailed training set the frequency split
+  (the ``_num_head`` most frequent classes are the head, as ``frequency_split``), else
+  ``(None, "")``."""
+  own = [np.asarray((r.get("history") or [{}])[-1].get("sign_C") or [], float)
+         for r in (runs_by_seed[k] for k in seeds)]
+  if all((s == 1).any() and (s == -1).any() for s in own):
+    return np.stack(own), "own split"
+  signs = []
+  for k in seeds:
+    counts = runs_by_seed[k]["results"].get("train_class_counts")
+    if not counts or not _long_tailed(counts):
+      return None, ""
+    rank = np.empty(len(counts), int)
+    rank[np.argsort(-np.asarray(counts), kind="stable")] = np.arange(len(counts))
+    signs.append(np.where(rank < _num_head(runs_by_seed[k]), -1.0, 1.0))
+  return np.stack(signs), "frequency"
+
+
+def _split_label(sign, source: str) -> str:
+  if sign is None:
+    return "—"
+  heads = sorted({int((s == -1).sum()) for s in sign})  # one per seed where a split refreshes
+  return f"{source}: {'/'.join(map(str, heads))} N of {sign.shape[1]}"
+
+
+def class_change_table(runs: list[dict]) -> str:
+  """Each method's per-class test-accuracy change against the suite's first method (CE /
+  ERM), one row per class: mean over the paired seeds (points) and its crossed-bootstrap 95 %
+  interval (:func:`experiments.stats.class_changes`); below, per method, its class split
+  (:func:`class_split`), the mean change over its expansive / tail and its contractive / head
+  classes, and its worst class's change.  ``""`` without paired predictions."""
+  from experiments.stats import class_changes
+  names = list(dict.fromkeys(r["name"] for r in runs))
+  by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
+  r0 = runs[0]["results"]
+  counts = r0.get("train_class_counts") or []
+  num_classes = r0.get("num_classes") or len(counts)
+  base = _correct(by[names[0]], sorted(by[names[0]]))
+  cols = {}
+  for n in names[1:]:
+    seeds = sorted(set(by[n]) & set(by[names[0]]))
+    a, b = _correct(by[n], seeds), _correct(by[names[0]], seeds)
+    if base is not None and a is not None and np.array_equal(a[1], base[1]):
+      sign, source = class_split(by[n], seeds)
+      cols[n] = class_changes(a[0], b[0], a[1], num_classes, sign), _split_label(sign, source)
+  if not cols:
+    return ""
+  class_names = r0.get("class_names") or [str(c) for c in range(num_classes)]
+  ci = lambda m, lo, hi: f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+  out = [f"| class | train n | {names[0]} acc % | " + " | ".join(f"{n}: Δ" for n in cols) + " |",
+         "|---" * (len(cols) + 3) + "|"]
+  for c in range(num_classes):
+    cells = [ci(d["mean_C"][c], d["lo_C"][c], d["hi_C"][c]) for d, _ in cols.values()]
+    out.append(f"| {class_names[c]} | {counts[c] if c < len(counts) else '?'} | "
+               f"{100 * base[0][:, base[1] == c].mean():.1f} | " + " | ".join(cells) + " |")
+  group = lambda d, side: ci(*d["groups"][side]) if side in d["groups"] else "—"
+  summary = {"split (N = contractive / head)": lambda d, split: split,
+             "mean Δ, expansive / tail": lambda d, split: group(d, 1),
+             "mean Δ, contractive / head": lambda d, split: group(d, -1),
+             "worst class: Δ": lambda d, split: f"{class_names[d['worst'][0]]} "
+                                                f"{ci(*d['worst'][1:])}"}
+  for label, cell in summary.items():
+    out.append(f"| **{label}** | | | " + " | ".join(cell(*v) for v in cols.values()) + " |")
   return "\n".join(out)
 
 
@@ -205,22 +328,24 @@ def domain_paired_table(runs: list[dict]) -> str:
   test accuracy at the epoch training-domain validation selects (points, mean and 95 %
   t-interval over the seeds both ran).  Different held-out domains are never paired.  On the
   average each method is also paired with the best other baseline (:func:`is_baseline`, the
-  highest mean domain average, :func:`best_baseline`), unless that is ERM itself."""
+  highest mean domain average of the training-domain validation accuracy,
+  :func:`best_baseline`), unless that is ERM itself."""
   from experiments.stats import paired_difference
-  acc = domain_accuracies(runs)
+  acc, val = domain_accuracies(runs), domain_accuracies(runs, "val_accuracy")
   if not acc:
     return ""
   ref, *others = acc
   avg = {b: domain_average(acc[b]) for b in acc}
-  mean = {b: float(np.mean(list(v.values()))) if v else float("-inf") for b, v in avg.items()}
+  val_avg = {b: list(domain_average(v).values()) for b, v in val.items()}
+  score = {b: float(np.mean(v)) if v else np.nan for b, v in val_avg.items()}
   out = ["| method | vs | held-out domain | paired seeds | Δ test acc (points) | 95 % interval |",
          "|---|---|---|---|---|---|"]
   for base in others:
     pairs = [(ref, d, acc[base][d], acc[ref][d]) for d in acc[base]]
     pairs.append((ref, "average", avg[base], avg[ref]))
-    best = best_baseline(base, list(acc), mean)
+    best = best_baseline(base, list(acc), score)
     if best not in (None, ref):
-      pairs.append((f"{best} (best baseline)", "average", avg[base], avg[best]))
+      pairs.append((f"{best} (best baseline on val)", "average", avg[base], avg[best]))
     for vs, domain, a, b in pairs:
       d = paired_difference(a, b)
       if d["n"]:

@@ -74,22 +74,85 @@ def test_paired_statistics_match_hand_computed_values():
   assert mcnemar(a, a, label)["p"] == 1.0
 
 
-def test_paired_table_pairs_seeds_and_names_the_best_baseline(tmp_path):
-  from experiments.report import paired_table
-  label = np.zeros(10, int)
-  runs = []
-  for name, accs in (("CE", (0.5, 0.6)), ("LA", (0.7, 0.8)), ("LPA", (0.6, 0.6))):
-    for seed, acc in enumerate(accs):
+def _runs_with_predictions(tmp_path, accs, val=None):
+  """Runs whose test predictions get the first ``acc·10`` of 10 images right (label 0)."""
+  runs, label = [], np.zeros(10, int)
+  for name, per_seed in accs.items():
+    for seed, acc in enumerate(per_seed):
       wd = tmp_path / name / str(seed)
       wd.mkdir(parents=True)
       pred = np.r_[np.zeros(int(acc * 10), int), np.ones(10 - int(acc * 10), int)]
       np.savez(wd / "predictions.npz", test_pred=pred, test_label=label)
-      runs.append({"name": name, "seed": seed, "workdir": str(wd),
-                   "results": {"test_accuracy": acc}})
-  table = paired_table(runs)
-  assert "| LPA | CE | 2 | +5.00 |" in table
-  assert "| LPA | LA (best baseline) | 2 | -15.00 |" in table and "| 0 / 3 |" in table
-  assert "| LA | CE | 2 | +20.00 |" in table
+      results = {"test_accuracy": acc}
+      if val is not None:
+        results["val_balanced_accuracy"] = val[name]
+      runs.append({"name": name, "seed": seed, "workdir": str(wd), "results": results})
+  return runs
+
+
+def test_paired_table_pairs_seeds_and_chooses_the_best_baseline_on_validation(tmp_path):
+  from experiments.report import paired_table
+  accs = {"CE": (0.5, 0.6), "LA": (0.7, 0.8), "LDAM": (0.6, 0.7), "LPA": (0.6, 0.6)}
+  val = {"CE": 0.5, "LA": 0.6, "LDAM": 0.9, "LPA": 0.7}  # LA best on test, LDAM on validation
+  table = paired_table(_runs_with_predictions(tmp_path, accs, val))
+  # Per-seed differences +10, 0: every sign pattern is as extreme (p = 1); per seed, McNemar
+  # sees one discordant image at most (p = 1): 0 of 2 seeds.
+  assert "| LPA | CE | 2 | +5.00 | [" in table and "| 1 | 1 | 0/2 |" in table
+  assert "| LPA | LDAM (best baseline on val bal acc) | 2 | -5.00 |" in table
+  assert "| LPA | LA (best" not in table and "| LA | CE | 2 | +20.00 |" in table
+  assert "pooled" not in table
+  # Without a validation split no baseline is chosen: CE, fixed before the runs, only.
+  table = paired_table(_runs_with_predictions(tmp_path / "noval", accs))
+  assert "best baseline" not in table and len(table.splitlines()) == 2 + 3
+
+
+def test_paired_table_holm_adjusts_over_its_rows_and_falls_back_to_seeds(tmp_path):
+  from experiments.report import paired_table
+  from experiments.stats import holm
+  accs = {"CE": (0.5, 0.5, 0.5), "A": (0.6, 0.7, 0.6), "B": (0.6, 0.4, 0.5)}
+  runs = _runs_with_predictions(tmp_path, accs)
+  lines = paired_table(runs).splitlines()[2:]
+  p = [float(line.split(" | ")[5]) for line in lines]
+  assert p == [0.25, 1.0]                                  # 3 seeds: 0.25 at best
+  assert [float(line.split(" | ")[6]) for line in lines] == list(holm(p))
+  for r in runs:                                           # no predictions: seeds only
+    r["workdir"] = str(tmp_path / "missing")
+  assert "| A | CE | 3 | +13.33 | — | 0.25 | 0.5 | — |" in paired_table(runs)
+
+
+def test_class_change_table_shows_each_class_the_split_means_and_the_worst_class(tmp_path):
+  from experiments.report_tables import class_change_table
+  label = np.repeat([0, 1, 2], 4)
+  right = np.ones(12, bool)
+  wrong = {"CE": [], "LA": [0, 1], "LPA": [4]}             # the images each gets wrong
+  runs = []
+  for name, misses in wrong.items():
+    for seed in (0, 1):
+      wd = tmp_path / name / str(seed)
+      wd.mkdir(parents=True)
+      ok = right.copy()
+      ok[misses] = False
+      np.savez(wd / "predictions.npz", test_pred=np.where(ok, label, (label + 1) % 3),
+               test_label=label)
+      history = [{"sign_C": [-1.0, -1.0, 1.0]}] if name == "LPA" else [{"loss": 1.0}]
+      runs.append({"name": name, "seed": seed, "workdir": str(wd), "history": history,
+                   "results": {"train_class_counts": [100, 10, 1], "num_classes": 3,
+                               "class_names": ["a", "b", "c"], "config": {}}})
+  table = class_change_table(runs).splitlines()
+  assert table[0] == "| class | train n | CE acc % | LA: Δ | LPA: Δ |"
+  assert table[2].startswith("| a | 100 | 100.0 | -50.0 [") and "| +0.0 [+0.0, +0.0] |" in table[2]
+  assert table[3].startswith("| b | 10 | 100.0 | +0.0 [+0.0, +0.0] | -25.0 [")
+  # LA has no split of its own: the frequency split, round(0.4·3) = 1 head class (a).
+  assert table[5] == "| **split (N = contractive / head)** | | | frequency: 1 N of 3 | " \
+                     "own split: 2 N of 3 |"
+  assert table[6].startswith("| **mean Δ, expansive / tail** | | | +0.0 [+0.0, +0.0] | +0.0")
+  assert table[7].startswith("| **mean Δ, contractive / head** | | | -50.0 [")
+  assert "| -12.5 [" in table[7]                           # LPA: (0 − 25) / 2 over a and b
+  assert table[8].startswith("| **worst class: Δ** | | | a -50.0 [") and "| b -25.0 [" in table[8]
+  for r in runs:                                           # balanced, no own split: no sides
+    r["results"]["train_class_counts"] = [10, 10, 10]
+    r["history"] = [{}]
+  assert "| **mean Δ, expansive / tail** | | | — | — |" in class_change_table(runs)
 
 
 def test_rarest_table_lists_each_seed_on_the_rarest_classes():
@@ -126,9 +189,9 @@ def test_noisy_runs_report_the_best_epoch_beside_the_last(tmp_path):
 
 
 def test_domain_table_has_a_column_per_held_out_domain_and_the_per_seed_average():
-  def run(base, domain, seed, acc):
+  def run(base, domain, seed, acc, val=None):
     return {"name": f"{base} @ {domain}", "base": base, "domain": domain, "seed": seed,
-            "results": {"selected_by_val": {"test_accuracy": acc}}}
+            "results": {"selected_by_val": {"test_accuracy": acc, "val_accuracy": val}}}
   runs = [run("ERM", "0°", 0, 0.8), run("ERM", "15°", 0, 0.9), run("ERM", "0°", 1, 0.7),
           run("ERM", "15°", 1, 0.9), run("LPA", "0°", 0, 0.6)]  # LPA lacks 15°: no average
   table = report.domain_table(runs).splitlines()
@@ -167,9 +230,9 @@ def test_every_committed_report_is_what_its_records_regenerate(root, tmp_path):
 def test_domain_paired_table_pairs_each_held_out_domain_with_the_same_domain_only():
   from experiments.report_tables import domain_paired_table
 
-  def run(base, domain, seed, acc):
+  def run(base, domain, seed, acc, val=None):
     return {"name": f"{base} @ {domain}", "base": base, "domain": domain, "seed": seed,
-            "results": {"selected_by_val": {"test_accuracy": acc}}}
+            "results": {"selected_by_val": {"test_accuracy": acc, "val_accuracy": val}}}
   runs = [run("ERM", d, s, a) for d, base_acc in (("0°", 0.80), ("15°", 0.95))
           for s, a in ((0, base_acc), (1, base_acc + 0.01))]
   runs += [run("LPA", "0°", 0, 0.82), run("LPA", "0°", 1, 0.83), run("LPA", "15°", 0, 0.94)]
@@ -186,7 +249,11 @@ def test_domain_paired_table_pairs_each_held_out_domain_with_the_same_domain_onl
   runs += [run("Mixup", d, s, a + 0.01) for d, a in (("0°", 0.80), ("15°", 0.95))
            for s in (0, 1)]
   table = domain_paired_table(runs)
-  assert "| LPA | Mixup (best baseline) | average | 1 | -0.50 | — |" in table
+  assert "best baseline" not in table            # better on test, but no validation: not chosen
+  for r in runs:                                 # training-domain validation favours Mixup
+    r["results"]["selected_by_val"]["val_accuracy"] = 0.9 if r["base"] == "Mixup" else 0.8
+  table = domain_paired_table(runs)
+  assert "| LPA | Mixup (best baseline on val) | average | 1 | -0.50 | — |" in table
   assert "| Mixup | ERM | average | 2 | +0.50 | [-5.85, +6.85] |" in table
   assert domain_paired_table([{**runs[0], "domain": None}]) == ""
 
