@@ -116,7 +116,7 @@ def calibrate(config, data, points=None, grids=None, methods=("lpa", "adversaria
   0.21
   """
   from experiments import calibrate_measure as cm
-  from lpa_jax.perturb.registry import resolve_point
+  from experiments.registry import resolve_point
   config = with_lpa(config)
   grids = grids or GRIDS
   n_point = (len(grids["absolute"]) + len(grids["relative"])) * ("lpa" in methods) \
@@ -191,7 +191,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from experiments.configs.common import validate
-  from lpa_jax.data import load_task_data
+  from experiments.data import load_task_data
   config = FLAGS.config
   grids = {"absolute": _floats(FLAGS.abs_radii), "relative": _floats(FLAGS.rel_radii),
            "adversarial": _floats(FLAGS.adv_radii), "lpl": _floats(FLAGS.lpl_alphas)}

@@ -76,7 +76,7 @@ def shrink(config):
 
 def load_data(config):
   """The config's data, loaded once per distinct ``config.data``."""
-  from lpa_jax.data import load_task_data
+  from experiments.data import load_task_data
   key = repr(sorted(config.data.to_dict().items()))
   if key not in _data_cache:
     _data_cache[key] = load_task_data(config.data)
@@ -87,7 +87,7 @@ def distinct(configs) -> list[tuple[list[str], object]]:
   """Groups ``[(label, config)]`` whose small-mode measurement is the same (suite methods
   that differ only in name or in fields the measurement never reads: schedule, epochs)."""
   from lpa_jax.models import get_model
-  from lpa_jax.perturb import registry
+  from experiments import registry
   groups: dict = {}
   for label, config in configs:
     c = shrink(config)
@@ -109,7 +109,7 @@ def check(config, batches: int = 2, train_steps: int = 0, small: bool = True,
   its signed classes (and per-class numbers) on ``batches`` training batches; ``norms`` adds
   the mean activation norm at the point."""
   from experiments import calibrate_measure as cm
-  from lpa_jax.perturb.registry import resolve_point
+  from experiments.registry import resolve_point
   c = shrink(config) if small else config
   setup = cm.prepare(c, load_data(c), batches, train_steps)
   pc = cm.measure_configured(setup)

@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpa_jax.perturb import activation, classes, logit
-from lpa_jax.perturb.base import Batch, Context, default_loss, pgd_loss_of
+from experiments.registry import Context
+from lpa_jax.perturb.base import Batch, default_loss, pgd_loss_of
 from lpa_jax.perturb.classes import ClassStats
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
 from lpa_jax.perturb.tables import per_class_mean, row_norms
-from lpa_jax.train.build import build_methods, build_model, build_train_step, steps_per_epoch
+from experiments.train.build import build_methods, build_model, build_train_step, steps_per_epoch
 from lpa_jax.train.step import make_mesh
 
 THRESHOLD = 0.05  # nats: SPEC §1's "measurably perturbs" (mean |loss change| of signed classes)

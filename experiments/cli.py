@@ -82,11 +82,11 @@ def user_error(e: BaseException, extra_types=()) -> str | None:
   """The one message to show for an error whose cause the user can fix, else None (a bug:
   its traceback is wanted).  ``extra_types``: more such error classes of the caller."""
   from experiments.configs.common import InvalidConfig
-  from lpa_jax.data.sources import CacheUnreadable
-  from lpa_jax.train.checkpoint import CheckpointMismatch, NoUsableCheckpoint
-  from lpa_jax.train.history import HistoryDamaged
-  from lpa_jax.train.lock import Busy
-  from lpa_jax.train.workdir import ConfigMismatch, disk_full
+  from experiments.data.sources import CacheUnreadable
+  from experiments.train.checkpoint import CheckpointMismatch, NoUsableCheckpoint
+  from experiments.train.history import HistoryDamaged
+  from experiments.train.lock import Busy
+  from experiments.train.workdir import ConfigMismatch, disk_full
   cause = disk_full(e)
   if cause is not None:
     # A full disk fails deep inside orbax or the writers, under hundreds of lines of
@@ -122,7 +122,7 @@ def progress_bar(total: int, desc: str, progress: bool):
   try:
     from tqdm.auto import tqdm
   except ImportError:  # pragma: no cover
-    from lpa_jax.train.loop import NoBar
+    from experiments.train.loop import NoBar
     return NoBar()
   return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
 

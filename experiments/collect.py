@@ -66,7 +66,7 @@ def collect(src: str, dest: str | None = None) -> tuple[str, list[str]]:
 def _write_suite(meta: dict, dest: str) -> None:
   """The sweep's ``suite.json`` ``meta`` into ``dest``, with ``seeds`` the seeds ``dest``'s
   records hold (a sweep writes those of its own invocation, e.g. one ``--seeds`` slice)."""
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments.train.workdir import write_json_atomic
   seeds = {int(s.removeprefix("seed")) for rel in finished_runs(dest)
            for s in [os.path.basename(rel)]}
   meta["seeds"] = sorted(seeds)

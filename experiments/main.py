@@ -46,7 +46,7 @@ def run(config, workdir: str, progress: bool, fresh: bool) -> int:
   import jax
   from experiments.configs.common import validate
   from experiments.report import results_table
-  from lpa_jax.train.loop import train_and_evaluate
+  from experiments.train.loop import train_and_evaluate
   config = validate(config)
   main_process = jax.process_index() == 0
   if main_process:
@@ -64,7 +64,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS are chatty at INFO
   cli.one_line_warnings()
   if FLAGS.distributed or FLAGS.coordinator_address:  # before anything starts a JAX backend
-    from lpa_jax.train.distributed import initialize
+    from experiments.train.distributed import initialize
     initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = _workdir()
   return cli.run_guarded(lambda: run(FLAGS.config, workdir, FLAGS.progress, FLAGS.fresh),

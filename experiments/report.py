@@ -58,7 +58,7 @@ def results_table(results: list[dict]) -> str:
 # ---- suite reports ----------------------------------------------------------------------
 
 def _read_jsonl(path: str) -> list[dict]:
-  from lpa_jax.train.history import read_history
+  from experiments.train.history import read_history
   return read_history(path)
 
 
@@ -69,7 +69,7 @@ def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
   A ``results.json`` that is not valid JSON is left out; ``unreadable`` (if given) collects
   ``(path, error)`` for each, so the report can name them.
   """
-  from lpa_jax.train.workdir import read_json
+  from experiments.train.workdir import read_json
   runs = []
   for path in sorted(glob.glob(os.path.join(root, "runs", "*", "seed*", "results.json"))):
     workdir = os.path.dirname(path)
@@ -148,7 +148,7 @@ def selection_table(rows: list[dict], key: str = "val bal acc") -> str:
 
 
 def _suite_meta(root: str) -> dict:
-  from lpa_jax.train.workdir import read_json
+  from experiments.train.workdir import read_json
   path = os.path.join(root, "suite.json")
   if not os.path.exists(path):
     return {}

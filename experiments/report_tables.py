@@ -15,7 +15,7 @@ import numpy as np
 def run_strength(run: dict, floor: float = 0.05, ceiling: float = 1.0) -> dict | None:
   """The trainer's ``perturbation_strength`` of a run, recomputed from its ``metrics.jsonl``
   (so records made before the trainer wrote it get it too); ``None`` without a loss change."""
-  from lpa_jax.train.guards import signed_loss_change, strength_summary
+  from experiments.train.guards import signed_loss_change, strength_summary
   rows = [{"loss_change_signed": signed_loss_change(r)} for r in run["history"]]
   return strength_summary(rows, floor, ceiling)
 

@@ -50,7 +50,7 @@ def lock_name(shard: tuple[int, int] = (0, 1)) -> str:
 def root_lock(root: str, shard: tuple[int, int]):
   """The suite root's lock: none for :data:`ANY` (its processes share the root; each run's
   work-dir lock keeps two of them off one run)."""
-  from lpa_jax.train.lock import hold
+  from experiments.train.lock import hold
   if shard == ANY:
     os.makedirs(root, exist_ok=True)
     return contextlib.nullcontext()

@@ -23,7 +23,7 @@ methods) is refused with the differing fields listed (``--stale=rerun`` replaces
 one of the same plan adds its seeds.  Under ``--shard=any`` a run found stale when taken
 (another plan's process made it since the sweep started) is refused as ``--stale`` says.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
-vmapped step, :mod:`lpa_jax.train.parallel`); each run's files are those a serial sweep writes.
+vmapped step, :mod:`experiments.train.parallel`); each run's files are those a serial sweep writes.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ flags.DEFINE_string("shard", None, "I/N: run only the planned runs whose index i
                     "run no other process is training (any number of processes, started "
                     "alike, share the plan as they free up; not mixed with I/N).")
 flags.DEFINE_integer("parallel", 1, "Train up to K seeds of a method as one program (one "
-                     "vmapped step, lpa_jax.train.parallel); 1 trains them one by one. For "
+                     "vmapped step, experiments.train.parallel); 1 trains them one by one. For "
                      "accelerators: XLA:CPU runs vmapped convolutions slower than K plain ones.",
                      lower_bound=1)
 flags.DEFINE_bool("traceback", False, "Show the traceback of errors that otherwise print one "
@@ -143,7 +143,7 @@ def plan(suite, seeds=None, methods=None) -> list[dict]:
 
 def machine() -> dict:
   import jax
-  from lpa_jax.train.results import host_cpu
+  from experiments.train.results import host_cpu
   return {"platform": platform.platform(), "processor": host_cpu(),
           "python": platform.python_version(), "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
@@ -163,7 +163,7 @@ def run_status(workdir: str, config) -> tuple[str, str]:
   ``'unreadable'`` (results.json cut short or not JSON: run again), ``'stopped'`` (a guard of
   the trainer stopped it, ``stopped.json`` says why; ``detail`` is the reason) or ``'stale'``
   (made with another config; ``detail`` lists the fields)."""
-  from lpa_jax.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
+  from experiments.train.workdir import CONFIG_FILE, config_diff, describe_diff, read_json
   results_path = os.path.join(workdir, "results.json")
   recorded, status, unreadable = None, "todo", ""
   stopped = os.path.join(workdir, STOPPED_FILE)
@@ -222,7 +222,7 @@ def suite_plan(suite) -> dict:
 def read_meta(root: str, say: bool = False) -> dict | None:
   """``root/suite.json``, or None when there is none or it cannot be read (then said when
   ``say``: this sweep's plan replaces it)."""
-  from lpa_jax.train.workdir import read_json
+  from experiments.train.workdir import read_json
   path = os.path.join(root, "suite.json")
   if not os.path.exists(path):
     return None
@@ -238,7 +238,7 @@ def write_meta(suite, runs, root) -> None:
   """``root/suite.json``: the suite's plan, the seeds of ``runs`` and the machine.  A record of
   the same plan keeps its seeds and machines beside these (``machines`` lists them when
   several sweeps of the plan ran on different machines); one of another plan is replaced."""
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments.train.workdir import write_json_atomic
   meta = {"suite": suite.name, "description": suite.description, **suite_plan(suite),
           "seeds": sorted({r["seed"] for r in runs}), "machine": machine()}
   recorded = read_meta(root)
@@ -257,7 +257,7 @@ def record_plan(suite, runs, statuses, root, stale: str) -> None:
   """Checks ``root``'s ``suite.json`` holds ``suite``'s plan (else raises :class:`OtherPlan`
   naming the differing fields, unless ``stale == 'rerun'``), checks the runs for staleness
   (:func:`check_stale`), then writes it (:func:`write_meta`), under the root's plan lock."""
-  from lpa_jax.train.workdir import describe_diff
+  from experiments.train.workdir import describe_diff
   with plan_lock(root):
     diff = plan_diff(read_meta(root, say=True), suite_plan(suite))
     if diff and stale != "rerun":
@@ -283,7 +283,7 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   ``stale='rerun'``.  A ``results.json`` that cannot be read is named and its run redone.
   ``parallel`` K > 1 trains a method's unfinished seeds in groups of up to K as one program.
   ``shard`` ``(i, n)`` runs only the planned runs with index ``i`` modulo ``n``.  Another
-  sweep of the same shard working under ``root`` raises :class:`~lpa_jax.train.lock.Busy`
+  sweep of the same shard working under ``root`` raises :class:`~experiments.train.lock.Busy`
   naming it.  ``shard`` :data:`ANY` runs every run no other process is training (it skips
   a run whose work dir another process holds, and one finished meanwhile), so several such
   sweeps of one root share its runs as they free up (with ``parallel`` 1); one of them that
@@ -300,7 +300,7 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
 
 
 def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) -> dict:
-  from lpa_jax.train.workdir import remove_leftovers
+  from experiments.train.workdir import remove_leftovers
   workdirs = [_workdir(root, r) for r in runs]
   statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
   record_plan(suite, runs, statuses, root, stale)
@@ -376,15 +376,15 @@ def groups(todo: list, size: int) -> list[list]:
 def guard_errors():
   """The trainer's guard errors: a run stopped by one is recorded (:func:`record_stopped`) and
   the sweep goes on."""
-  from lpa_jax.train.guards import NothingPerturbed, PerturbationTooStrong
+  from experiments.train.guards import NothingPerturbed, PerturbationTooStrong
   return NothingPerturbed, PerturbationTooStrong
 
 
 def record_stopped(group: list, error: Exception) -> None:
   """``stopped.json`` (the guard's message, the code version) in each work dir of ``group``;
   its checkpoints stay, so a changed ceiling can resume it."""
-  from lpa_jax.train.results import code_version
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments.train.results import code_version
+  from experiments.train.workdir import write_json_atomic
   for _, workdir, _ in group:
     write_json_atomic(os.path.join(workdir, STOPPED_FILE),
                       {"reason": str(error), "error": type(error).__name__,
@@ -396,7 +396,7 @@ def _take_run(item: tuple, cache: dict, stale: str = "refuse") -> list[dict] | N
   its work dir or finished it since this sweep started; ``None`` then.  A run another process
   made with another config meanwhile is stale: :class:`StaleRuns` naming it and the fields,
   unless ``stale == 'rerun'`` (then it is redone)."""
-  from lpa_jax.train.lock import Busy, hold
+  from experiments.train.lock import Busy, hold
   r, workdir, _ = item
   try:
     with hold(workdir):  # re-entrant: the loop takes the same lock again inside
@@ -415,7 +415,7 @@ def _take_run(item: tuple, cache: dict, stale: str = "refuse") -> list[dict] | N
 
 def _run_group(group: list, cache: dict) -> list[dict]:
   """Trains one group of ``(run, workdir, status)``: alone, or as one program when several."""
-  from lpa_jax.train.workdir import ConfigMismatch
+  from experiments.train.workdir import ConfigMismatch
   try:
     return _train_group(group, cache)
   except ConfigMismatch as e:  # the work dir changed after the sweep checked it: its terms
@@ -424,10 +424,10 @@ def _run_group(group: list, cache: dict) -> list[dict]:
 
 
 def _train_group(group: list, cache: dict) -> list[dict]:
-  from lpa_jax import data as lpa_data
-  from lpa_jax.train.loop import train_and_evaluate
-  from lpa_jax.train.parallel import train_and_evaluate_parallel
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments import data as lpa_data
+  from experiments.train.loop import train_and_evaluate
+  from experiments.train.parallel import train_and_evaluate_parallel
+  from experiments.train.workdir import write_json_atomic
   for r, workdir, _ in group:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "method.json"),

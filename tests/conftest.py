@@ -114,5 +114,5 @@ def small_config(variant: str = "quick", **overrides):
 @pytest.fixture(scope="session")
 def fmnist_lt():
   """Fashion-MNIST-LT (IR 100, 100 images at the head) as a TaskData, loaded once."""
-  from lpa_jax.data import load_task_data
+  from experiments.data import load_task_data
   return load_task_data(small_config().data)

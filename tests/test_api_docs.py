@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-MODULES = ("lpa_jax", "lpa_jax.perturb", "lpa_jax.train", "lpa_jax.models", "lpa_jax.data")
+MODULES = ("lpa_jax", "lpa_jax.perturb", "lpa_jax.train", "lpa_jax.models", "experiments.data")
 
 
 def test_api_reference_builds_with_warnings_as_errors(tmp_path):

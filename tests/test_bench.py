@@ -7,7 +7,7 @@ import pytest
 
 from experiments.bench import cli, flops, points, report, timing
 from lpa_jax.models import get_model
-from lpa_jax.perturb import registry
+from experiments import registry
 
 ROW_KEYS = {"method", "level", "point", "T", "ms", "ratio", "model_ratio", "step_gflops",
             "flop_fraction_above", "timed_model", "times_ms", "compile_s", "note"}

@@ -15,7 +15,6 @@ import pytest
 from lpa_jax.perturb import (Batch, chain, clip, cut_linen, gaf, grad_noise, identity_logits, ldam,
                              logit_adjust, lpa, lpg, lpg_logits, lpl, perturbed_apply,
                              pgd_loss_of, sam)
-from lpa_jax.perturb.base import Context
 from lpa_jax.perturb.logit import drw_start
 
 C, B = 4, 16
@@ -209,19 +208,6 @@ def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
 
 
 # --------------------------------------------------------------------------- bad arguments
-
-def _stub_context():
-  return Context(C, COUNTS, 10, 5, None, ())
-
-
-@pytest.mark.parametrize("make", [lambda: lpl(_stub_context()), lambda: lpg(_stub_context()),
-                                  lambda: lpg_logits(_stub_context()),
-                                  lambda: logit_adjust(_stub_context()),
-                                  lambda: ldam(_stub_context(), normalized_head=True)])
-def test_a_run_context_is_refused_saying_what_to_pass(make):
-  with pytest.raises(TypeError, match="not a run Context: pass .*class_counts=ctx.class_counts"):
-    make()
-
 
 @pytest.mark.parametrize("make,match", [
     (lambda: lpl(0), r"lpl.num_classes must be a positive int, got 0"),

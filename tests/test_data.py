@@ -1,4 +1,4 @@
-"""Tests of lpa_jax.data on the real offline datasets in ../shared/data.
+"""Tests of experiments.data on the real offline datasets in ../shared/data.
 
 One session cache (tmp dir) is shared by all tests, so MNIST / Fashion-MNIST go through TFDS
 only once. Anything reading CIFAR-10 JPEGs is marked slow.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from lpa_jax import data as D
-from lpa_jax.data import sources
+from experiments import data as D
+from experiments.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = sources.DEFAULT_SHARED_DATA
@@ -280,9 +280,9 @@ def test_cached_load_never_imports_tensorflow(mnist, cache_dir, tmp_path):
       sys.modules["tensorflow_datasets"] = None
       import pathlib
       from types import SimpleNamespace
-      from lpa_jax.data import sources
+      from experiments.data import sources
       sources.DEFAULT_SHARED_DATA = pathlib.Path({str(tmp_path / "nowhere")!r})
-      from lpa_jax.data import load_task_data
+      from experiments.data import load_task_data
       for name in ("mnist", "rotated_mnist"):
         d = load_task_data(SimpleNamespace(name=name, cache_dir={cache_dir!r}, download=False))
         print(name, d.num_train)

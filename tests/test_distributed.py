@@ -27,7 +27,7 @@ OVERRIDES = {"perturb.activation": "lpa", "perturb.lpa.eps": 0.5,
 def _worker(process_id: int, port: int, workdir: str, cut: int) -> None:
   """One of the 2 processes: joins the other and trains; with ``cut`` > 0 it stops after
   ``cut`` steps and resumes to the end."""
-  from lpa_jax.train import distributed, loop
+  from experiments.train import distributed, loop
   distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
   cfg = small_config(**OVERRIDES)
@@ -40,9 +40,9 @@ def _worker(process_id: int, port: int, workdir: str, cut: int) -> None:
 def _step_worker(process_id: int, port: int, out: str) -> None:
   """One of the 2 processes: 3 train steps of the jitted step alone (no loop, no evaluation);
   process 0 saves the parameters and the last step's δ norms."""
-  from lpa_jax.data import load_task_data
-  from lpa_jax.train import distributed
-  from lpa_jax.train.build import build_train_step
+  from experiments.data import load_task_data
+  from experiments.train import distributed
+  from experiments.train.build import build_train_step
   from lpa_jax.train.step import make_mesh
   distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
   cfg = small_config(**OVERRIDES)
@@ -87,8 +87,8 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 240) -> list[str]:
 
 
 def _final_params(workdir: str, cfg, data):
-  from lpa_jax.train import checkpoint
-  from lpa_jax.train.build import build_run
+  from experiments.train import checkpoint
+  from experiments.train.build import build_run
   from lpa_jax.train.step import make_mesh
   template = build_run(cfg, data, make_mesh()).init_state
   state, _ = checkpoint.restore_latest(checkpoint.manager(workdir), template)
@@ -99,7 +99,7 @@ def _final_params(workdir: str, cfg, data):
 @pytest.mark.slow  # ~60 s on 2 shared cores: three JAX processes compile the LPA step
 @pytest.mark.parametrize("cut", [0, 4])
 def test_two_processes_match_one(tmp_path, fmnist_lt, cut):
-  from lpa_jax.train import loop
+  from experiments.train import loop
   assert jax.device_count() == 8
   cfg = small_config(**OVERRIDES)
   procs = _start_two_processes(str(tmp_path / "two"), cut)
@@ -131,7 +131,7 @@ def test_two_processes_match_one(tmp_path, fmnist_lt, cut):
 def test_two_processes_step_as_one(tmp_path, fmnist_lt):
   """3 steps over 2 processes × 4 devices equal 3 steps over 1 × 8: parameters, and δ from
   the global batch (its class norms)."""
-  from lpa_jax.train.build import build_train_step
+  from experiments.train.build import build_train_step
   from lpa_jax.train.step import make_mesh
   out = str(tmp_path / "two.npz")
   procs = _start_two_processes(out, "steps")
@@ -155,8 +155,8 @@ def test_two_processes_step_as_one(tmp_path, fmnist_lt):
 @pytest.mark.slow  # the 2-process step test above covers this path; here, bit for bit
 def test_process_local_batches_equal_the_device_gather(fmnist_lt):
   """The multi-process input path, run in one process: the same global batch, bit for bit."""
-  from lpa_jax.train import distributed
-  from lpa_jax.train.build import build_train_step, make_epoch_perm, steps_per_epoch
+  from experiments.train import distributed
+  from experiments.train.build import build_train_step, make_epoch_perm, steps_per_epoch
   from lpa_jax.train.step import make_mesh
   cfg = small_config(**OVERRIDES)
   mesh = make_mesh()

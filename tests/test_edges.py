@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import lpa_jax as lj
-from lpa_jax.data.pipeline import dataset_stats, normalize
+from experiments.data.pipeline import dataset_stats, normalize
 from lpa_jax.models import get_model
 from lpa_jax.perturb import activation, classes
 from lpa_jax.perturb.base import identity
@@ -67,8 +67,8 @@ def test_labels_outside_the_classes_are_counted_under_jit_and_raise_on_the_host(
 
 def test_the_library_train_step_reports_bad_labels_and_its_loop_check_stops(fmnist_lt):
   from conftest import small_config
-  from lpa_jax.train import loop
-  from lpa_jax.train.build import build_train_step
+  from experiments.train import loop
+  from experiments.train.build import build_train_step
   from lpa_jax.train.step import make_mesh
   cfg = small_config(**{"perturb.activation": "none"})  # no activation method: the step counts
   step, state, batch_fn = build_train_step(cfg, fmnist_lt, make_mesh())

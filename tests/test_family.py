@@ -9,11 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from lpa_jax.data.task import TaskData
+from experiments.data.task import TaskData
 from lpa_jax.models import get_model
 from experiments.configs import methods as defaults
-from lpa_jax.perturb import activation, gradient, logit, registry
-from lpa_jax.perturb.base import Batch, Context, LogitMethod, chain, identity, identity_logits
+from lpa_jax.perturb import activation, gradient, logit
+from experiments import registry
+from lpa_jax.perturb.base import Batch, LogitMethod, chain, identity, identity_logits
+from experiments.registry import Context
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
@@ -296,7 +298,7 @@ def test_chain_composes_apply_weights_and_predict():
 
 def test_lpa_lpl_sam_compose_in_one_train_step():
   from experiments.configs import longtail
-  from lpa_jax.train.build import build_run
+  from experiments.train.build import build_run
   from lpa_jax.train.step import make_mesh
   c = longtail.get_config("quick")
   c.model.update(dict(name="mlp", kwargs=mlc.ConfigDict(dict(widths=(16, 8)))))

@@ -15,10 +15,10 @@ import jax
 import pytest
 
 from conftest import small_config
-from lpa_jax.train import build, checkpoint, loop
-from lpa_jax.train.build import build_run
+from experiments.train import build, checkpoint, loop
+from experiments.train.build import build_run
 from lpa_jax.train.step import make_mesh
-from lpa_jax.train.workdir import ConfigMismatch, disk_full, write_json_atomic
+from experiments.train.workdir import ConfigMismatch, disk_full, write_json_atomic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The LPA run of the kill tests, as command-line overrides of longtail.py:quick (= small_config).

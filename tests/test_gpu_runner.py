@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from experiments.gpu import longtail_paper as runner
-from lpa_jax.data import TaskData, longtail_counts
-from lpa_jax.data.portable import (decode_images, encode_images, load_portable, read_header,
+from experiments.data import TaskData, longtail_counts
+from experiments.data.portable import (decode_images, encode_images, load_portable, read_header,
                                    save_portable)
 
 # A dry run: the paper task's config, shrunk to an MLP, batch 8, 2 epochs.
@@ -82,7 +82,7 @@ def test_a_file_for_another_data_config_is_refused(tmp_path):
 
 
 def test_deadline_stops_the_loop_like_ctrl_c():
-  from lpa_jax.train import loop
+  from experiments.train import loop
   with loop.StopFlag() as stop, runner.Deadline(0.2):
     t0 = time.time()
     while not stop.set and time.time() - t0 < 10:
@@ -142,7 +142,7 @@ def _cifar_jpegs(n_per_class: int = 3):
   """The first JPEG files of each class and split of the CIFAR-10 (JPEG-75) offline copy."""
   import tarfile
 
-  from lpa_jax.data.sources import CIFAR10_JPEG_TARBALL, resolve_data_dir
+  from experiments.data.sources import CIFAR10_JPEG_TARBALL, resolve_data_dir
   root, _ = resolve_data_dir()
   if root is None or not (root / CIFAR10_JPEG_TARBALL).exists():
     pytest.skip("no CIFAR-10 (JPEG-75) offline copy")
@@ -168,7 +168,7 @@ def test_pillow_decodes_the_jpegs_as_tensorflow_does():
   import tensorflow as tf
   from PIL import Image
 
-  from lpa_jax.data.jpeg import decode_jpegs
+  from experiments.data.jpeg import decode_jpegs
   blobs = [b for split in _cifar_jpegs().values() for _, b in split]
   want = np.stack([tf.io.decode_image(b, channels=3).numpy() for b in blobs])
   np.testing.assert_array_equal(decode_jpegs(blobs), want)

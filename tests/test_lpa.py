@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from lpa_jax.data.pipeline import dataset_stats, normalize
+from experiments.data.pipeline import dataset_stats, normalize
 from lpa_jax.models import get_model
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import Batch, Context
+from lpa_jax.perturb.base import Batch
+from experiments.registry import Context
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place

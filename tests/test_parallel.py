@@ -1,4 +1,4 @@
-"""K runs as one program (lpa_jax.train.parallel): K seeds trained by one vmapped step equal K
+"""K runs as one program (experiments.train.parallel): K seeds trained by one vmapped step equal K
 separate runs, also across a stop and resume, and the sweep's --parallel writes the same files.
 
 Tolerance: final parameters within rtol 1e-5 / atol 1e-6 (on this CPU they are bit-identical);
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from lpa_jax.train import checkpoint, loop, parallel
+from experiments.train import checkpoint, loop, parallel
 from lpa_jax.train.step import make_mesh
 
 SEEDS = (0, 1, 2)

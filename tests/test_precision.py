@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpa_jax.data.pipeline import dataset_stats, normalize
+from experiments.data.pipeline import dataset_stats, normalize
 from lpa_jax.models import MODELS, get_model
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.perturb.lpa import add_delta, lpa
@@ -189,7 +189,7 @@ def _check_what_the_layers_above_see(act16, delta_CxD, labels_B):
 
 
 def test_bf16_train_step_through_build_run(fmnist_lt):
-  from lpa_jax.train.build import build_run
+  from experiments.train.build import build_run
   from lpa_jax.train.step import make_mesh
   c = small_config(**{"model.name": "cnn", "perturb.activation": "lpa", "optim.num_epochs": 1})
   c.model.kwargs = {"widths": (8, 16), "dtype": "bfloat16"}  # as --config... gives it: a name

@@ -12,9 +12,11 @@ import pytest
 
 from experiments.configs import methods
 from lpa_jax.models import get_model
-from lpa_jax.data.longtail import longtail_counts
-from lpa_jax.perturb import activation, classes, logit, registry
-from lpa_jax.perturb.base import Batch, Context
+from experiments.data.longtail import longtail_counts
+from lpa_jax.perturb import activation, classes, logit
+from experiments import registry
+from lpa_jax.perturb.base import Batch
+from experiments.registry import Context
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.perturb.lpa import lpa
 
@@ -198,7 +200,7 @@ def test_lpa_with_logit_adjust_then_lpl_trains_with_all_three_acting(tmp_path, f
   norms), and logit adjustment acted (the training loss differs from the run without it)."""
   import json
   from conftest import small_config
-  from lpa_jax.train.loop import train_and_evaluate
+  from experiments.train.loop import train_and_evaluate
 
   def first_row(logit, workdir):
     cfg = small_config(**{"perturb.activation": "lpa", "perturb.logit": logit,

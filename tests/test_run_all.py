@@ -10,8 +10,8 @@ import time
 import numpy as np
 
 from experiments.gpu import longtail_paper, phases, run_all
-from lpa_jax.data import TaskData, longtail_counts
-from lpa_jax.data.portable import save_portable
+from experiments.data import TaskData, longtail_counts
+from experiments.data.portable import save_portable
 
 TORCH = importlib.util.find_spec("torch") is not None
 

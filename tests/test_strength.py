@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import small_config
-from lpa_jax.train import loop
-from lpa_jax.train.guards import (PerturbationTooStrong, check_strength, signed_loss_change,
+from experiments.train import loop
+from experiments.train.guards import (PerturbationTooStrong, check_strength, signed_loss_change,
                                   strength_summary)
 
 STRONG = {"perturb.activation": "lpa", "perturb.lpa.eps": 1.0, "perturb.lpa.delta_eps": 1.0,
@@ -46,7 +46,7 @@ def test_strength_summary_takes_the_median_of_the_second_half():
 
 
 def test_a_faded_perturbation_is_not_called_plain_training():
-  from lpa_jax.train.guards import floor_message
+  from experiments.train.guards import floor_message
   # cifar_lt_tune's eps 0.01: the loss change rose to 0.88 nats, then the network collapsed
   faded = strength_summary([{"loss_change_signed": v} for v in (0.1, 0.88, 0.08, 0.01, 0.007)],
                            floor=0.05, ceiling=1.0)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from lpa_jax.train import checkpoint, loop
-from lpa_jax.train.history import HistoryDamaged
-from lpa_jax.train.lock import Busy, hold
-from lpa_jax.train.workdir import claim
+from experiments.train import checkpoint, loop
+from experiments.train.history import HistoryDamaged
+from experiments.train.lock import Busy, hold
+from experiments.train.workdir import claim
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLI = ["--config.data.n_max=100", "--config.data.test_subset=500", "--config.model.name=mlp",
@@ -185,7 +185,7 @@ def test_two_concurrent_sweeps_leave_one_working_and_one_row_per_epoch(tmp_path)
 @pytest.fixture(scope="module")
 def val_run(tmp_path_factory):
   """A validation-selected task (its config, data, unbroken results and work dir)."""
-  from lpa_jax.data import load_task_data
+  from experiments.data import load_task_data
   cfg = small_config(**{"optim.batch_size": 32, "optim.num_epochs": 4,
                         "data.val_fraction": 0.3})
   data = load_task_data(cfg.data)
@@ -251,7 +251,7 @@ def test_leftovers_of_killed_writes_are_removed_on_the_next_start(tmp_path):
 # ------------------------------------------------------------------ an unreadable cache file
 
 def test_unreadable_cache_file_is_named_and_kept(tmp_path, monkeypatch):
-  from lpa_jax.data import sources
+  from experiments.data import sources
   path = tmp_path / "arrays" / "mnist__official__tfds.npz"
   raw = sources.RawData(x_train=np.zeros((2, 2), np.uint8), y_train=np.zeros(2, np.int32),
                         x_test=np.zeros((1, 2), np.uint8), y_test=np.zeros(1, np.int32),
@@ -327,7 +327,7 @@ def _older_plan_unreadable_result(tmp_path):
   results.json cut short."""
   from experiments import sweep
   from experiments.configs import suites
-  from lpa_jax.train.workdir import config_dict, write_json_atomic
+  from experiments.train.workdir import config_dict, write_json_atomic
   suite = suites.get_config("smoke")
   suite.methods = suite.methods[:1]  # CE only, 1 epoch
   run = sweep.plan(suite)[0]
@@ -408,7 +408,7 @@ def test_user_errors_exit_in_one_line_without_later_noise():
 
 
 def test_corrupt_checkpoint_fallback_is_one_warning(tmp_path, fmnist_lt, capfd):
-  from lpa_jax.train.build import build_run
+  from experiments.train.build import build_run
   from lpa_jax.train.step import make_mesh
   run = build_run(small_config(), fmnist_lt, make_mesh())
   mgr = checkpoint.manager(str(tmp_path))
@@ -428,7 +428,7 @@ def test_corrupt_checkpoint_fallback_is_one_warning(tmp_path, fmnist_lt, capfd):
 # ------------------------------------------------------------------ a method perturbing nothing
 
 def test_check_perturbing_allows_a_balanced_split_before_its_first_signs():
-  from lpa_jax.train.guards import NothingPerturbed, check_perturbing
+  from experiments.train.guards import NothingPerturbed, check_perturbing
   zeros = {"delta_norm_C": [0.0, 0.0], "sign_C": [0.0, 0.0]}
   check_perturbing(zeros, epoch=1)  # the balanced split signs classes at the end of epoch 1
   check_perturbing({"delta_norm_C": [0.3, 0.1], "sign_C": [0.0, 0.0]}, epoch=3)  # dropout
@@ -444,7 +444,7 @@ def test_nothing_perturbed_names_dead_features_apart_from_a_radius_fault():
   # fmnist_lt_mechanism's "LPA beta=0.9" seed 1: training collapsed, the clean activations at
   # the point died, and the relative radius with them; the message must say so, not blame
   # the radius setting.
-  from lpa_jax.train.guards import NothingPerturbed, check_perturbing
+  from experiments.train.guards import NothingPerturbed, check_perturbing
   dead = {"delta_norm_C": [0.0, 0.0, 0.0], "sign_C": [-1.0, 1.0, 1.0], "act_norm_C": [0.0] * 3,
           "present_C": [1.0, 1.0, 0.0], "accuracy": 0.41, "test_accuracy": 0.1}
   with pytest.raises(NothingPerturbed, match=r"(?s)the clean activations at the point are "
@@ -467,7 +467,7 @@ def test_diagnostics_report_the_clean_activation_norm():
 
 
 def test_absurd_absolute_radius_stops_the_run(tmp_path, fmnist_lt):
-  from lpa_jax.train.guards import NothingPerturbed
+  from experiments.train.guards import NothingPerturbed
   cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.radius_mode": "absolute",
                         "perturb.lpa.eps": 1e38, "optim.num_epochs": 3})
   with pytest.raises(NothingPerturbed, match="perturbed nothing in epoch"):

@@ -153,7 +153,7 @@ def test_smoke_suite_end_to_end(tmp_path):
   import subprocess
   import sys
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from lpa_jax.train.lock import hold\n"
+      [sys.executable, "-c", "import sys, time; from experiments.train.lock import hold\n"
        f"with hold({ce!r}):\n  print('held', flush=True); time.sleep(60)"],
       stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   try:
@@ -173,7 +173,7 @@ def test_smoke_suite_end_to_end(tmp_path):
 
 
 def test_stale_check_compares_what_the_run_trains_with():
-  from lpa_jax.train.workdir import config_diff
+  from experiments.train.workdir import config_diff
   rec = {"seed": 0, "train": {"checkpoint_every": 1},
          "perturb": {"activation": "lpa", "logit": "none", "gradient": "none",
                      "lpa": {"eps": 0.1}, "gaf": {"alpha": 0.1}}}
@@ -192,7 +192,7 @@ def test_stale_check_compares_what_the_run_trains_with():
 def test_runs_made_under_other_defaults_count_as_stale():
   """A run recorded before a default changed what ``point=auto`` trains is not reused."""
   from experiments.configs import longtail
-  from lpa_jax.train.workdir import config_diff, config_dict
+  from experiments.train.workdir import config_diff, config_dict
   c = longtail.get_config("quick")
   c.perturb.activation = "lpa"
   now = config_dict(c)

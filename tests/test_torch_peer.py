@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 import lpa_jax as lj  # noqa: E402
 from experiments.bench import torch_peer as tp  # noqa: E402
-from lpa_jax.data.longtail import longtail_counts  # noqa: E402
+from experiments.data.longtail import longtail_counts  # noqa: E402
 from lpa_jax.models import get_model  # noqa: E402
 from lpa_jax.perturb import classes  # noqa: E402
 from lpa_jax.perturb.hooks import cut_staged  # noqa: E402

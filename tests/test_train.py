@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from lpa_jax.train import loop
-from lpa_jax.train.build import build_run, build_train_step
-from lpa_jax.train.schedules import make_schedule
+from experiments.train import loop
+from experiments.train.build import build_run, build_train_step
+from experiments.train.schedules import make_schedule
 from lpa_jax.train.step import make_mesh
 
 

@@ -13,9 +13,11 @@ import pytest
 
 import lpa_jax as lj
 from experiments.configs import methods
-from lpa_jax.data.pipeline import dataset_stats, normalize
-from lpa_jax.perturb import activation, classes, registry
-from lpa_jax.perturb.base import Context, identity
+from experiments.data.pipeline import dataset_stats, normalize
+from lpa_jax.perturb import activation, classes
+from experiments import registry
+from lpa_jax.perturb.base import identity
+from experiments.registry import Context
 from lpa_jax.perturb.diagnostics import check_finite
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.models import get_model

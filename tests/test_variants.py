@@ -6,9 +6,10 @@ import optax
 import pytest
 
 from lpa_jax.models import get_model
-from lpa_jax.perturb import registry
+from experiments import registry
 from lpa_jax.perturb.adaptive import AdaptiveState, lpa_adaptive
-from lpa_jax.perturb.base import Batch, Context, identity_logits
+from lpa_jax.perturb.base import Batch, identity_logits
+from experiments.registry import Context
 from lpa_jax.perturb.classes import ClassStats, class_radii, constant_split
 from lpa_jax.perturb.hooks import Cut, cut_staged
 from lpa_jax.perturb.lpa import lpa

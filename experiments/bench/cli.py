@@ -40,7 +40,7 @@ from experiments.bench.flops import PAPER_FRACTION, cost_model, flop_fractions, 
 from experiments.bench.timing import (SPLIT, bench_data, configurations, decompose,
                                       experiment_config, fixed_batch, time_all)
 from lpa_jax.models import get_model
-from lpa_jax.perturb import registry
+from experiments import registry
 from lpa_jax.train.step import make_mesh
 
 

@@ -6,8 +6,8 @@
 
 For each compute dtype (``model.kwargs.dtype``) and each K, the K runs (seeds ``0..K-1``) of the
 config (default ``experiments/configs/longtail.py:paper_cifar10``) are built by
-:func:`lpa_jax.train.parallel.build_parallel` and driven by the loop's own epoch function
-(:func:`lpa_jax.train.loop.run_epoch`), so what is timed is what training runs: batch
+:func:`experiments.train.parallel.build_parallel` and driven by the loop's own epoch function
+(:func:`experiments.train.loop.run_epoch`), so what is timed is what training runs: batch
 gathering and augmentation on device, the vmapped step, the host reading each step's
 metrics.  Then each run is evaluated as the loop evaluates it at an epoch's end.  The first
 step and the first evaluation compile; they are timed apart (``warmup_s``) and left out.
@@ -38,11 +38,11 @@ from typing import Callable
 import jax
 
 from experiments.bench import report
-from lpa_jax import data as lpa_data
-from lpa_jax.train import loop, parallel
-from lpa_jax.train.build import steps_per_epoch
-from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.history import MetricLog
+from experiments import data as lpa_data
+from experiments.train import loop, parallel
+from experiments.train.build import steps_per_epoch
+from experiments.train.evaluate import evaluate_task
+from experiments.train.history import MetricLog
 from lpa_jax.train.step import make_mesh
 
 TARGET_K, TARGET_SPEEDUP = 8, 4.0  # issue 12: K = 8 at >= 4x the runs/hour of K = 1 (GPU)

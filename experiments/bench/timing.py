@@ -24,13 +24,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.bench.flops import IMAGE_SHAPE, init_variables, step_gflops
 from experiments.configs.methods import method_blocks
-from lpa_jax.data.longtail import longtail_counts
-from lpa_jax.data.pipeline import dataset_stats, prepare_batch
-from lpa_jax.data.sources import CIFAR10_CLASSES
-from lpa_jax.data.task import TaskData
-from lpa_jax.perturb import registry
+from experiments.data.longtail import longtail_counts
+from experiments.data.pipeline import dataset_stats, prepare_batch
+from experiments.data.sources import CIFAR10_CLASSES
+from experiments.data.task import TaskData
+from experiments import registry
 from lpa_jax.perturb.hooks import cut_staged, full_apply
-from lpa_jax.train.build import build_train_step
+from experiments.train.build import build_train_step
 
 SPLIT = "longtail"  # signs are mixed (+/-) from step 0, so every PGD update is live
 SLOW = 8.0  # rows slower than this many plain steps are timed in the first round only
@@ -66,7 +66,7 @@ def bench_data(batch_size: int, num_classes: int = 10, seed: int = 0) -> tuple[B
   not, so it is never built here); otherwise a deterministic synthetic batch.  With
   ``num_classes`` other than 10 the labels are synthetic, spread over all classes.
   """
-  from lpa_jax.data.sources import cached_file, load_raw
+  from experiments.data.sources import cached_file, load_raw
   rng = np.random.default_rng(seed)
   if cached_file("cifar10") is not None:
     raw = load_raw("cifar10", download=False)
@@ -109,7 +109,7 @@ def experiment_config(model: str, batch_size: int, pcfg) -> mlc.ConfigDict:
 
 
 def build(config, data: BenchData, mesh):
-  """``(jitted_step, state)`` from :func:`lpa_jax.train.build.build_train_step`, the wiring
+  """``(jitted_step, state)`` from :func:`experiments.train.build.build_train_step`, the wiring
   training runs (registry, optimiser, jitted step, initial state), so the bench times what
   training runs, even as that wiring changes.  Its ``batch_fn`` is not used: the stand-in
   data holds one batch (see :func:`fixed_batch`)."""

@@ -30,7 +30,7 @@ def base_config(split: str = "balanced") -> mlc.ConfigDict:
       batch_size=128, num_epochs=10, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
       schedule="cosine", warmup_epochs=0.0, decay_epochs=(), decay_factors=()))
   # min/max_loss_change: the floor and the ceiling, in nats, for an activation method's
-  # per-epoch mean |loss change| of the classes it perturbs (lpa_jax.train.guards); None
+  # per-epoch mean |loss change| of the classes it perturbs (experiments.train.guards); None
   # switches one off (max_loss_change=inf on the command line).  Both are warned about and
   # recorded in results.json; an epoch above the ceiling stops the run when
   # max_loss_change_action is "stop".
@@ -75,7 +75,7 @@ def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   import jax
 
   from lpa_jax.models import DTYPES, MODELS
-  from lpa_jax.perturb import registry
+  from experiments import registry
   _check_finite(c)
   _check_model_kwargs(c.model)
   checks = [
@@ -183,7 +183,7 @@ def _positive_int(v) -> bool:
 
 def _check_data(data) -> None:
   """The data loader's own checks (dataset name, ranges, combinations), before anything runs."""
-  from lpa_jax.data.task import check_options
+  from experiments.data.task import check_options
   try:
     check_options(data)
   except (ValueError, TypeError, OverflowError) as e:

@@ -2,7 +2,7 @@
 
 ResNet-32 on CIFAR-10 (JPEG-75)-LT, IR 100, 200 epochs, the SPEC schedule
 (``experiments/configs/longtail.py:paper_cifar10``); CE, LA, LDAM-DRW, LPL, LA+LPL, LPA and
-LPA+LPL, seeds 0-2, a method's seeds trained as one program (:mod:`lpa_jax.train.parallel`).
+LPA+LPL, seeds 0-2, a method's seeds trained as one program (:mod:`experiments.train.parallel`).
 The GPU machines have no TensorFlow, no internet and room for a 64 MiB working tree, so:
 
 1. Here, where the CIFAR-10 (JPEG-75) cache is, once:
@@ -74,7 +74,7 @@ def jpeg_files(data, data_dir: str | None = None) -> dict:
   import numpy as np
   import tensorflow as tf
 
-  from lpa_jax.data.sources import CIFAR10_JPEG_TARBALL, resolve_data_dir
+  from experiments.data.sources import CIFAR10_JPEG_TARBALL, resolve_data_dir
   root, how = resolve_data_dir(data_dir)
   tarball = root / CIFAR10_JPEG_TARBALL if root is not None else None
   if tarball is None or not tarball.exists():
@@ -102,10 +102,10 @@ def jpeg_files(data, data_dir: str | None = None) -> dict:
 def export(out: str, encoding: str = "jpeg") -> int:
   """Writes the paper task's data (long-tail training set, full test set) to ``out``: by
   default as the JPEG files the images came from (about a third of the lossless ``loco``
-  size; the device needs Pillow to read it), exact either way (:mod:`lpa_jax.data.portable`)."""
+  size; the device needs Pillow to read it), exact either way (:mod:`experiments.data.portable`)."""
   from experiments.configs.longtail import get_config
-  from lpa_jax.data import load_task_data
-  from lpa_jax.data.portable import ENCODINGS, save_portable
+  from experiments.data import load_task_data
+  from experiments.data.portable import ENCODINGS, save_portable
   if encoding not in ENCODINGS:
     raise ValueError(f"--encoding must be one of {ENCODINGS}, got {encoding!r}")
   config = get_config("paper_cifar10")
@@ -171,7 +171,7 @@ def unpack_state(path: str, root: str) -> None:
 
 class Deadline:
   """Sends this process one SIGINT when the budget is spent: the loop then stops at the next
-  step boundary and saves, as on Ctrl-C (:mod:`lpa_jax.train.loop`)."""
+  step boundary and saves, as on Ctrl-C (:mod:`experiments.train.loop`)."""
 
   def __init__(self, budget_s: float):
     self.end = time.time() + budget_s
@@ -198,8 +198,8 @@ def _groups(todo: list[dict], k: int) -> list[list[dict]]:
 
 
 def _train_group(group, root, data, max_steps):
-  from lpa_jax.train.loop import train_and_evaluate
-  from lpa_jax.train.parallel import train_and_evaluate_parallel
+  from experiments.train.loop import train_and_evaluate
+  from experiments.train.parallel import train_and_evaluate_parallel
   dirs = [os.path.join(root, "runs", r["slug"], f"seed{r['seed']}") for r in group]
   if len(group) == 1:
     res = train_and_evaluate(group[0]["config"], dirs[0], progress=False, data=data,
@@ -232,7 +232,7 @@ def _parse_sets(items) -> dict:
 
 
 def _finished_results(runs, root) -> list[dict]:
-  from lpa_jax.train.workdir import read_json
+  from experiments.train.workdir import read_json
   out = []
   for r in runs:
     path = os.path.join(root, "runs", r["slug"], f"seed{r['seed']}", "results.json")
@@ -246,7 +246,7 @@ def train(args) -> int:
   import jax
   from experiments import sweep
   from experiments.report import results_table
-  from lpa_jax.data.portable import load_portable, read_header
+  from experiments.data.portable import load_portable, read_header
   if args.state and os.path.exists(args.state):
     unpack_state(args.state, args.root)
   runs = sweep.plan(paper_suite(args.methods, args.seeds, _parse_sets(args.set)))

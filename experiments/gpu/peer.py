@@ -84,7 +84,7 @@ def jax_side(scale: PeerScale, log=print) -> tuple[dict, dict]:
   context holds what the torch side copies (initial variables, batch, LPA's point and split)."""
   from experiments.bench import timing
   from lpa_jax.models import get_model
-  from lpa_jax.perturb import registry
+  from experiments import registry
   from lpa_jax.train.step import make_mesh
   name, kwargs = _model_config(scale)
   model = get_model(name, 10, **kwargs)

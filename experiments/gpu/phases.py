@@ -66,7 +66,7 @@ def _print(msg: str) -> None:
 
 
 def _write(path: str, result: dict) -> None:
-  from lpa_jax.train.workdir import write_json_atomic
+  from experiments.train.workdir import write_json_atomic
   write_json_atomic(path, result)
 
 
@@ -106,7 +106,7 @@ def throughput(scale: Scale, data_file: str, out: str, budget_s: float) -> dict:
   """Times each (dtype, K) of the scale (one compile each) while the budget allows: a group is
   started only if the time left exceeds the last group of that K (or the longest so far)."""
   from experiments.bench import throughput as tput
-  from lpa_jax.data.portable import load_portable
+  from experiments.data.portable import load_portable
   end, path = time.time() + budget_s - TAIL_S, os.path.join(out, FILES["throughput"])
   config, data = throughput_config(scale), load_portable(data_file)
   parts, walls, skipped, groups = [], {}, [], []

@@ -93,7 +93,7 @@ def _deps_on_path() -> str | None:
 
 def _encodings(path: str) -> set[str]:
   """The image encodings of a portable data file (``loco``, ``jpeg``); empty if unreadable.
-  (``lpa_jax.data.portable.read_header`` reads the same header, but importing lpa_jax imports
+  (``experiments.data.portable.read_header`` reads the same header, but importing lpa_jax imports
   JAX, and the preflight must report a missing JAX, not fail on it.)"""
   import numpy as np
   try:

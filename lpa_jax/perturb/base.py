@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lpa_jax.perturb.hooks import Cut
 
 PyTree = Any
 
@@ -54,15 +53,11 @@ def check_finite_params(method: str, **values) -> None:
 
 
 def check_num_classes(who: str, num_classes) -> int:
-  """``num_classes`` as a positive int, else an error naming ``who`` (a run :class:`Context`
-  in its place, the old ``lpl(ctx, ...)`` form, says what to pass instead).
+  """``num_classes`` as a positive int, else an error naming ``who``.
 
   >>> check_num_classes("lpl", 10)
   10
   """
-  if isinstance(num_classes, Context):
-    raise TypeError(f"{who} is built from hyper-parameters, not a run Context: pass "
-                    "num_classes=ctx.num_classes, class_counts=ctx.class_counts")
   if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
      or num_classes < 1:
     raise ValueError(f"{who}.num_classes must be a positive int, got {num_classes!r}")
@@ -81,9 +76,6 @@ def check_class_counts(who: str, class_counts, num_classes: int | None = None,
     if required:
       raise ValueError(f"{who} needs class_counts, the training count of each class")
     return None
-  if isinstance(class_counts, Context):
-    raise TypeError(f"{who} is built from hyper-parameters, not a run Context: pass "
-                    "class_counts=ctx.class_counts")
   counts = np.asarray(class_counts)
   if counts.ndim != 1 or counts.size == 0 or \
      (num_classes is not None and counts.shape != (num_classes,)):
@@ -135,23 +127,6 @@ def check_labels(labels_B, num_classes: int, who: str, act=None) -> None:
 def invalid_label_count(labels_B, num_classes: int) -> jax.Array:
   """How many labels lie outside ``[0, num_classes)`` (jittable; see :func:`check_labels`)."""
   return jnp.sum((labels_B < 0) | (labels_B >= num_classes)).astype(jnp.float32)
-
-
-class Context(NamedTuple):
-  """Facts about the run that the config-driven registry needs to build and place methods.
-
-  Method factories themselves take hyper-parameters only; the registry reads the number of
-  classes, the class counts and the schedule from here, and cuts the model with ``cut_fn``.
-  """
-  num_classes: int
-  class_counts: np.ndarray
-  steps_per_epoch: int
-  num_epochs: int
-  cut_fn: Callable[[str], Cut]     # point name -> Cut
-  points: tuple[str, ...]          # valid point names, bottom to top
-  seed: int = 0                    # the run's seed (gradient noise draws from it)
-  head: str = "linear"             # the model's classifier head ('cosine' for LDAM)
-  clean_pass: bool = True          # random methods run a clean pass for statistics/diagnostics
 
 
 class Batch(NamedTuple):

@@ -138,7 +138,7 @@ def jit_parallel_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
 
 def make_eval_step(cut: Cut, logit: LogitMethod, cfg: StepConfig, mesh: Mesh) -> Callable:
   """``(state, x) -> logits`` in inference mode (running BN statistics); ``x`` is float input
-  normalised by the input pipeline (:func:`lpa_jax.data.pipeline.normalize`)."""
+  normalised by the input pipeline (:func:`experiments.data.pipeline.normalize`)."""
   def eval_step(state: TrainState, x):
     logits, _ = full_apply(cut, {"params": state.params, **state.model_state}, x, False)
     return logit.predict(state.logit_state, logits)

@@ -17,27 +17,28 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lpa_jax.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
+from experiments.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
 from lpa_jax.models import get_model
-from lpa_jax.perturb import registry
-from lpa_jax.perturb.base import Context, chain
+from experiments import registry
+from experiments.registry import Context
+from lpa_jax.perturb.base import chain
 from lpa_jax.perturb.hooks import cut_staged
-from lpa_jax.train import distributed
-from lpa_jax.train.schedules import make_optimizer, make_schedule
+from experiments.train import distributed
+from experiments.train.schedules import make_optimizer, make_schedule
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make_train_step,
                                 step_keys)
 
 
 class Methods(NamedTuple):
-  """The run's perturbation methods, one per level (see :mod:`lpa_jax.perturb.registry`)."""
+  """The run's perturbation methods, one per level (see :mod:`experiments.registry`)."""
   act: object       # the activation method, placed in the network (perturb.place.Placed)
   logit: object     # LogitMethod (LPG's logit hook already chained in)
   grad: object      # registry.GradientPlacement (optax transforms and where they go)
 
 
 class Run(NamedTuple):
-  """Everything :func:`lpa_jax.train.loop.train_and_evaluate` drives; plain data, no methods."""
+  """Everything :func:`experiments.train.loop.train_and_evaluate` drives; plain data, no methods."""
   train_step: Callable      # jitted (state, batch) -> (state, metrics)
   init_state: TrainState
   batch_fn: Callable        # (state, epoch, i, perm=None) -> batch
@@ -79,7 +80,7 @@ def build_model(config, num_classes: int):
 def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
   """The activation, logit and gradient methods of ``config.perturb`` for this run.
 
-  The one place a run :class:`~lpa_jax.perturb.base.Context` is made.
+  The one place a run :class:`~experiments.registry.Context` is made.
 
   >>> m = build_methods(config, data, cut_fn, model.points, 7); m.act.init()   # doctest: +SKIP
   """

@@ -12,11 +12,11 @@ import warnings
 
 import jax
 
-from lpa_jax.train import distributed
-from lpa_jax.train.build import Run
-from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.guards import floor_message, strength_summary
-from lpa_jax.train.workdir import config_dict
+from experiments.train import distributed
+from experiments.train.build import Run
+from experiments.train.evaluate import evaluate_task
+from experiments.train.guards import floor_message, strength_summary
+from experiments.train.workdir import config_dict
 
 
 def strength_limits(config) -> tuple[float | None, float | None]:

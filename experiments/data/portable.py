@@ -13,7 +13,7 @@ Images are stored losslessly in one of two encodings, per array:
   upper and upper-left neighbours (mod 256), then LZMA.  The residuals of natural images are
   small, so LZMA packs them to ~61 % of the raw bytes (deflate: ~93 %).  Any images.
 * ``jpeg``: the JPEG files the arrays were decoded from, plus the LZMA-packed difference
-  (mod 256) between the arrays and :func:`lpa_jax.data.jpeg.decode_jpegs` of those files —
+  (mod 256) between the arrays and :func:`experiments.data.jpeg.decode_jpegs` of those files —
   all zeros where that decode reproduces the arrays, as it does for CIFAR-10 (JPEG-75).
   About a third of ``loco``'s size; reading it needs Pillow.
 
@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from lpa_jax.data.task import TaskData
+from experiments.data.task import TaskData
 
 FORMAT = 2  # 2: per-array encodings (format 1 files, all loco, still load)
 ENCODINGS = ("loco", "jpeg")
@@ -92,7 +92,7 @@ def _digest(data: TaskData) -> str:
 def _pack_jpegs(x: np.ndarray, blobs, name: str) -> tuple[dict, int]:
   """The ``jpeg`` encoding of ``x``: its files, their offsets and the residual (npz arrays),
   and how many sub-pixels the residual corrects."""
-  from lpa_jax.data.jpeg import decode_jpegs
+  from experiments.data.jpeg import decode_jpegs
   if len(blobs) != len(x):
     raise ValueError(f"{name}: {len(blobs)} JPEG files for {len(x)} images")
   residual = (np.asarray(x, np.int16) - decode_jpegs(blobs)) % 256
@@ -105,7 +105,7 @@ def _pack_jpegs(x: np.ndarray, blobs, name: str) -> tuple[dict, int]:
 
 
 def _unpack_jpegs(z, name: str, shape) -> np.ndarray:
-  from lpa_jax.data.jpeg import decode_jpegs
+  from experiments.data.jpeg import decode_jpegs
   raw, offsets = z[f"{name}_jpeg"].tobytes(), z[f"{name}_offsets"]
   blobs = [raw[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
   residual = np.frombuffer(lzma.decompress(z[name].tobytes()), np.uint8).reshape(shape)

@@ -4,14 +4,15 @@ Resumable (orbax, automatic from ``workdir``, from the newest checkpoint that pa
 integrity check), with a progress bar, JSON-lines metrics (one row per epoch, also across
 kills and resumes; TensorBoard when ``tensorboardX`` is installed), and a clear stop on a
 non-finite loss or an activation method that perturbs nothing.  The work dir belongs to one
-config (:mod:`lpa_jax.train.workdir`) and to one process at a time (:mod:`lpa_jax.train.lock`);
+config (:mod:`experiments.train.workdir`) and to one process at a time
+(:mod:`experiments.train.lock`);
 each checkpoint keeps a copy of the history, which restores a damaged ``metrics.jsonl``.
 Ctrl-C stops at a step boundary with a checkpoint.  The loop dispatches step ``t`` before
 reading step ``t-1``'s metrics, so the device never waits on the host.  Everything it drives is
-built by :mod:`lpa_jax.train.build`.
+built by :mod:`experiments.train.build`.
 
 One loop trains a :class:`Group`: one run (:func:`single`) or K seeds of a config as one
-vmapped program (:func:`lpa_jax.train.parallel.build_parallel`), each run with its own work
+vmapped program (:func:`experiments.train.parallel.build_parallel`), each run with its own work
 dir, metrics, checkpoints and ``results.json``.
 """
 
@@ -28,19 +29,19 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from lpa_jax import data as lpa_data
+from experiments import data as lpa_data
 from lpa_jax.perturb.diagnostics import CAUSES, check_finite
-from lpa_jax.train import checkpoint, distributed, lock
-from lpa_jax.train.build import Run, build_run
-from lpa_jax.train.evaluate import evaluate_task
-from lpa_jax.train.guards import (PerturbationTooStrong, check_perturbing, check_strength,
+from experiments.train import checkpoint, distributed, lock
+from experiments.train.build import Run, build_run
+from experiments.train.evaluate import evaluate_task
+from experiments.train.guards import (PerturbationTooStrong, check_perturbing, check_strength,
                                   signed_loss_change)
-from lpa_jax.train.results import code_version  # noqa: F401  (re-exported: older imports)
-from lpa_jax.train.results import final_results, strength_limits, train_option
-from lpa_jax.train.history import (MetricLog, append_row, best_of, resume_history, to_json_rows,
+from experiments.train.results import code_version  # noqa: F401  (re-exported: older imports)
+from experiments.train.results import final_results, strength_limits, train_option
+from experiments.train.history import (MetricLog, append_row, best_of, resume_history, to_json_rows,
                                    update_best)
 from lpa_jax.train.step import make_mesh
-from lpa_jax.train.workdir import claim, finite_json, write_json_atomic
+from experiments.train.workdir import claim, finite_json, write_json_atomic
 
 try:  # optional: progress bars
   from tqdm.auto import tqdm
@@ -52,8 +53,8 @@ class Group(NamedTuple):
   """What the loop drives: K runs of one config trained as one program (K = 1: a single run,
   its own un-vmapped step), each with its own work dir, log, history and checkpoints.
 
-  :func:`single` makes the K = 1 group of a :class:`~lpa_jax.train.build.Run`;
-  :func:`lpa_jax.train.parallel.build_parallel` the K-run one, whose state and metrics carry a
+  :func:`single` makes the K = 1 group of a :class:`~experiments.train.build.Run`;
+  :func:`experiments.train.parallel.build_parallel` the K-run one, whose state and metrics carry a
   leading run axis.
   """
   run: Run                # run 0's pieces: predict, schedule, steps per epoch, mesh, data
@@ -299,13 +300,13 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   ``results.json``; returns the results dict.
 
   The work dir records its config (``config.json``); rerunning it with a different config
-  raises :class:`~lpa_jax.train.workdir.ConfigMismatch` naming the fields, unless ``fresh``
+  raises :class:`~experiments.train.workdir.ConfigMismatch` naming the fields, unless ``fresh``
   (delete that run and start afresh).  ``max_steps`` stops this invocation after that many
   steps with a checkpoint (for jobs under a time limit); it returns ``None`` then, and the same
-  call later continues the run.  ``data`` (a :class:`~lpa_jax.data.TaskData`) skips loading,
+  call later continues the run.  ``data`` (a :class:`~experiments.data.TaskData`) skips loading,
   e.g. when a sweep shares one.  Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``
   whose message says so.  Another process working in ``workdir`` makes it raise
-  :class:`~lpa_jax.train.lock.Busy` naming that process.
+  :class:`~experiments.train.lock.Busy` naming that process.
 
   >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")   # doctest: +SKIP
   """

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lpa_jax.data.pipeline import dataset_stats, prepare_batch
+from experiments.data.pipeline import dataset_stats, prepare_batch
 from lpa_jax.train.step import step_keys
 
 
@@ -78,7 +78,7 @@ def fetch(x: jax.Array) -> np.ndarray:
 
 
 def make_process_batch_fn(config, data, mesh, spe: int, epoch_perm: Callable) -> Callable:
-  """``(state, epoch, i, perm=None) -> batch`` like :func:`lpa_jax.train.build.make_batch_fn`,
+  """``(state, epoch, i, perm=None) -> batch`` like :func:`experiments.train.build.make_batch_fn`,
   but each process reads only its devices' rows of the global batch from host memory.
 
   The global batch (indices ``perm[i]``, augmentation keys, normalisation) is the one a single

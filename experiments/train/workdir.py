@@ -93,7 +93,7 @@ def config_dict(config) -> dict:
 
 def _resolved(config) -> dict:
   from lpa_jax.models import get_model
-  from lpa_jax.perturb.registry import describe_activation
+  from experiments.registry import describe_activation
   try:
     points = get_model(config.model.name, 10, **dict(config.model.kwargs)).points
     _, point = describe_activation(config.perturb, points)

@@ -50,7 +50,7 @@ def evaluate_task(predict, state, data, full: bool = True, predictions: dict | N
   ``predictions``, when given, receives the per-sample predicted labels (``test``, and
   ``val`` when the task has a validation split), e.g. for paired tests between runs.
 
-  ``predict(state, uint8_images) -> labels`` (see :func:`lpa_jax.train.build.make_predict`).
+  ``predict(state, uint8_images) -> labels`` (see :func:`experiments.train.build.make_predict`).
 
   >>> evaluate_task(run.predict, state, data)["test_accuracy"]   # doctest: +SKIP
   0.71

@@ -3,7 +3,7 @@ gradient method, composable (e.g. ``activation=lpa, logit=lpl, gradient=sam``).
 
 Each registry maps a name to an :class:`Entry`: ``build(cfg, ctx)``, where ``cfg`` is the
 method's own config block (``config.perturb.<name>``, its defaults in
-``experiments/configs/methods.py``) and ``ctx`` the run :class:`~lpa_jax.perturb.base.Context`
+``experiments/configs/methods.py``) and ``ctx`` the run :class:`Context`
 (the entry reads what the method's factory needs — class counts, schedule — off ``ctx`` and
 passes it as hyper-parameters), with the settings at which the method would do nothing and
 whether it splits the classes.  Adding a method touches its module, its defaults block and one
@@ -14,15 +14,34 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import jax
+import numpy as np
 import optax
 
 from lpa_jax.models.staged import stage_level
 from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (Context, LogitMethod, Placed, chain, check_finite_params,
+from lpa_jax.perturb.base import (LogitMethod, Placed, chain, check_finite_params,
                                   identity, identity_logits)
 from lpa_jax.perturb.lpa import lpa
+from lpa_jax.perturb.hooks import Cut
 from lpa_jax.perturb.place import place
+
+
+class Context(NamedTuple):
+  """Facts about the run that the config-driven registry needs to build and place methods.
+
+  Method factories themselves take hyper-parameters only; the registry reads the number of
+  classes, the class counts and the schedule from here, and cuts the model with ``cut_fn``.
+  """
+  num_classes: int
+  class_counts: np.ndarray
+  steps_per_epoch: int
+  num_epochs: int
+  cut_fn: Callable[[str], Cut]     # point name -> Cut
+  points: tuple[str, ...]          # valid point names, bottom to top
+  seed: int = 0                    # the run's seed (gradient noise draws from it)
+  head: str = "linear"             # the model's classifier head ('cosine' for LDAM)
+  clean_pass: bool = True          # random methods run a clean pass for statistics/diagnostics
 
 
 class Entry(NamedTuple):

@@ -34,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from lpa_jax.data import domains, longtail, noise, sources
+from experiments.data import domains, longtail, noise, sources
 
 STANDARD = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 DOMAIN = ("rotated_mnist", "colored_mnist")

@@ -3,7 +3,7 @@
 Each run keeps its own parameters, optimiser state, class statistics, rng and batch order (its
 own epoch permutation and data keys), and its own work dir, written as a separate run writes it
 (``config.json``, ``checkpoints/``, ``metrics.jsonl``, ``results.json``, ``tensorboard/``): a
-run started here can be continued alone by :func:`lpa_jax.train.loop.train_and_evaluate`, and
+run started here can be continued alone by :func:`experiments.train.loop.train_and_evaluate`, and
 the other way round.  The K runs share one compile and advance together, so they are always
 checkpointed at the same steps.
 
@@ -26,16 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lpa_jax import data as lpa_data
-from lpa_jax.data.pipeline import dataset_stats, prepare_batch
-from lpa_jax.train import loop
-from lpa_jax.train.build import (build_methods, build_model, build_optimizer, build_run,
+from experiments import data as lpa_data
+from experiments.data.pipeline import dataset_stats, prepare_batch
+from experiments.train import loop
+from experiments.train.build import (build_methods, build_model, build_optimizer, build_run,
                                  init_state, make_epoch_perm)
-from lpa_jax.train.lock import hold
+from experiments.train.lock import hold
 from lpa_jax.train.state import TrainState
 from lpa_jax.train.step import (StepConfig, jit_parallel_train_step, make_mesh, make_train_step,
                                 step_keys)
-from lpa_jax.train.workdir import claim, config_diff
+from experiments.train.workdir import claim, config_diff
 
 # Fields with a leading run axis in a K-run state; the step is shared.
 _MAPPED = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "step")
@@ -74,7 +74,7 @@ def unstack_state(state_K: TrainState, k: int) -> TrainState:
 
 def make_parallel_batch_fn(config, data, mesh, spe: int) -> Callable:
   """``(state_K, epoch, i, perm_KxSxB) -> batch_K``: each run's step ``epoch * spe + i`` batch
-  from its own permutation and data key, as :func:`~lpa_jax.train.build.make_batch_fn` makes
+  from its own permutation and data key, as :func:`~experiments.train.build.make_batch_fn` makes
   it for a separate run; ``[K, B, ...]``, sharded over ``'data'`` along B.
 
   >>> batch_fn = make_parallel_batch_fn(config, data, mesh, 7)             # doctest: +SKIP
@@ -97,7 +97,7 @@ def make_parallel_batch_fn(config, data, mesh, spe: int) -> Callable:
 
 
 def build_parallel(configs, data, mesh) -> loop.Group:
-  """The :class:`~lpa_jax.train.loop.Group` of K runs of one config (differing only by seed)
+  """The :class:`~experiments.train.loop.Group` of K runs of one config (differing only by seed)
   trained as one program: one vmapped step, every state field but the step with a leading
   run axis (:func:`stack_states`), each run's batches from its own permutation and data key.
 
@@ -141,7 +141,7 @@ def train_and_evaluate_parallel(configs, workdirs, progress: bool = True,
   (resuming each from its checkpoint), and writes each run's ``results.json``; returns the
   K results dicts, or ``None`` when ``max_steps`` stopped this invocation first.
 
-  Arguments are those of :func:`lpa_jax.train.loop.train_and_evaluate`, one config and work
+  Arguments are those of :func:`experiments.train.loop.train_and_evaluate`, one config and work
   dir per run; ``fresh`` is one bool or one per run.  Each ``results.json`` records the run's
   share of the group's wall time and ``parallel: {runs, group_wall_time_s}``.
 
