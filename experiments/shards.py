@@ -107,8 +107,8 @@ def plan_lock(root: str, wait_s: float = 120.0):
   """Holds the suite root's plan lock while a sweep checks and writes ``suite.json``: sweeps
   started together (``--shard=any`` processes, shards) take turns, so the second of two plans
   finds the first's record.  Waits up to ``wait_s`` for the holder (it holds it for
-  milliseconds), then raises :class:`~lpa_jax.train.lock.Busy` naming it."""
-  from lpa_jax.train.lock import Busy, hold
+  milliseconds), then raises :class:`~experiments.train.lock.Busy` naming it."""
+  from experiments.train.lock import Busy, hold
   t_end = time.monotonic() + wait_s
   with contextlib.ExitStack() as stack:
     while True:
