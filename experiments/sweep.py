@@ -7,7 +7,7 @@
 
 Layout of a suite root (default ``experiments/results/<suite>``)::
 
-  suite.json                       the suite as run (methods, seeds, task, machine)
+  suite.json                       the suite's plan (task, overrides, methods), seeds, machine
   runs/<method-slug>/seed<k>/      method.json, metrics.jsonl, results.json
   report.md, results.csv, *.png    written by :mod:`experiments.report`
 
@@ -17,20 +17,26 @@ with the differing fields listed (``--stale=rerun`` redoes them); an unreadable
 ``results.json`` is named and its run redone.  Every file written here is replaced
 atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs are deleted,
 so the committed results stay small.  The dataset is loaded once per suite and shared.  A
-second sweep of the same root (and shard) is refused while the first works, naming it.
+second sweep of the same root (and shard) is refused while the first works, naming it.  One
+root holds one plan: a sweep of another plan than its ``suite.json`` records (task, overrides,
+methods) is refused with the differing fields listed (``--stale=rerun`` replaces the record);
+one of the same plan adds its seeds.  Under ``--shard=any`` a run found stale when taken
+(another plan's process made it since the sweep started) is refused as ``--stale`` says.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
 vmapped step, :mod:`experiments.train.parallel`); each run's files are those a serial sweep writes.
 """
 from __future__ import annotations
 
 from experiments import cli
-from experiments.shards import ANY, lock_name, parse_shard, root_lock  # noqa: F401
+from experiments.shards import (ANY, lock_name, parse_shard, plan_diff,  # noqa: F401
+                                plan_lock, root_lock)
 
 # First of all: a Ctrl-C during the imports below already exits 130 in one line.
 cli.exit_on_interrupt(lambda: INTERRUPTED)
 
 import copy  # noqa: E402
 import importlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -190,6 +196,10 @@ class StaleRuns(ValueError):
   """Finished or started runs of a suite were made with a config other than the planned one."""
 
 
+class OtherPlan(StaleRuns):
+  """The suite root's ``suite.json`` records a plan other than the sweep's."""
+
+
 def check_stale(runs, statuses, root, stale: str) -> None:
   """Raises :class:`StaleRuns` listing the runs whose status is ``'stale'`` (see
   :func:`run_status`), unless ``stale == 'rerun'``."""
@@ -202,14 +212,62 @@ def check_stale(runs, statuses, root, stale: str) -> None:
         + "\n".join(lines) + "\nRerun them with --stale=rerun, or use another --root.")
 
 
+def suite_plan(suite) -> dict:
+  """The fields of ``suite.json`` that make the plan (:func:`~experiments.shards.plan_diff`)."""
+  return {"suite": suite.name, "task": suite.task,
+          "overrides": [[k, v] for k, v in suite.overrides],
+          "methods": [dict(m) for m in suite.methods]}
+
+
+def read_meta(root: str, say: bool = False) -> dict | None:
+  """``root/suite.json``, or None when there is none or it cannot be read (then said when
+  ``say``: this sweep's plan replaces it)."""
+  from experiments.train.workdir import read_json
+  path = os.path.join(root, "suite.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    return read_json(path)
+  except (ValueError, OSError) as e:
+    if say:
+      cli.say(f"{path} cannot be read, replacing it with this sweep's plan: {e}")
+    return None
+
+
 def write_meta(suite, runs, root) -> None:
-  """``root/suite.json``: the suite's plan, the seeds of ``runs`` and the machine."""
+  """``root/suite.json``: the suite's plan, the seeds of ``runs`` and the machine.  A record of
+  the same plan keeps its seeds and machines beside these (``machines`` lists them when
+  several sweeps of the plan ran on different machines); one of another plan is replaced."""
   from experiments.train.workdir import write_json_atomic
-  write_json_atomic(os.path.join(root, "suite.json"), {
-      "suite": suite.name, "description": suite.description, "task": suite.task,
-      "overrides": [[k, v] for k, v in suite.overrides],
-      "methods": [dict(m) for m in suite.methods],
-      "seeds": sorted({r["seed"] for r in runs}), "machine": machine()})
+  meta = {"suite": suite.name, "description": suite.description, **suite_plan(suite),
+          "seeds": sorted({r["seed"] for r in runs}), "machine": machine()}
+  recorded = read_meta(root)
+  if isinstance(recorded, dict) and not plan_diff(recorded, meta):
+    meta["seeds"] = sorted(set(meta["seeds"]) | {int(s) for s in recorded.get("seeds", ())})
+    machines = recorded.get("machines") or [recorded.get("machine")]
+    machines = [m for m in machines if m] + [meta["machine"]]
+    plain = [json.dumps(m, sort_keys=True, default=list) for m in machines]
+    machines = [m for i, m in enumerate(machines) if plain[i] not in plain[:i]]
+    if len(machines) > 1:
+      meta["machines"] = machines
+  write_json_atomic(os.path.join(root, "suite.json"), meta)
+
+
+def record_plan(suite, runs, statuses, root, stale: str) -> None:
+  """Checks ``root``'s ``suite.json`` holds ``suite``'s plan (else raises :class:`OtherPlan`
+  naming the differing fields, unless ``stale == 'rerun'``), checks the runs for staleness
+  (:func:`check_stale`), then writes it (:func:`write_meta`), under the root's plan lock."""
+  from experiments.train.workdir import describe_diff
+  with plan_lock(root):
+    diff = plan_diff(read_meta(root, say=True), suite_plan(suite))
+    if diff and stale != "rerun":
+      raise OtherPlan(
+          f"{os.path.join(root, 'suite.json')} records a plan other than this sweep's; one "
+          f"root holds the runs of one plan:\n{describe_diff(diff)}\nUse another --root, or "
+          "--stale=rerun to record this plan instead (its runs made with another config are "
+          "then redone).")
+    check_stale(runs, statuses, root, stale)
+    write_meta(suite, runs, root)
 
 
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,
@@ -228,8 +286,11 @@ def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool 
   sweep of the same shard working under ``root`` raises :class:`~experiments.train.lock.Busy`
   naming it.  ``shard`` :data:`ANY` runs every run no other process is training (it skips
   a run whose work dir another process holds, and one finished meanwhile), so several such
-  sweeps of one root share its runs as they free up (with ``parallel`` 1).  ``methods``
-  (slugs) runs only those methods (:func:`plan`).
+  sweeps of one root share its runs as they free up (with ``parallel`` 1); one of them that
+  finds a run made meanwhile by a process of another plan raises :class:`StaleRuns` (or redoes
+  it with ``stale='rerun'``).  A ``root`` whose ``suite.json`` records another plan raises
+  :class:`OtherPlan` before anything runs (``stale='rerun'``: the record is replaced).
+  ``methods`` (slugs) runs only those methods (:func:`plan`).
   """
   if shard == ANY and parallel > 1:
     raise ValueError("--shard=any takes one run at a time: use --parallel=1")
@@ -242,9 +303,8 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
   from experiments.train.workdir import remove_leftovers
   workdirs = [_workdir(root, r) for r in runs]
   statuses = [run_status(w, r["config"]) for w, r in zip(workdirs, runs)]
-  check_stale(runs, statuses, root, stale)
+  record_plan(suite, runs, statuses, root, stale)
   remove_leftovers(root)
-  write_meta(suite, runs, root)
   cache, counts, todo = {}, {"ran": 0, "skipped": 0, "stopped": 0}, []
   bar = cli.progress_bar(len(runs), suite.name, progress)
   for k, (r, workdir, (status, detail)) in enumerate(zip(runs, workdirs, statuses)):
@@ -271,7 +331,7 @@ def _run_planned(suite, runs, root, progress, report, stale, parallel, shard) ->
                         f"{','.join(str(r['seed']) for r, _, _ in group)}")
     try:
       results = (_run_group(group, cache) if shard != ANY else
-                 _take_run(group[0], cache))
+                 _take_run(group[0], cache, stale))
       if results is None:  # another process has it, or finished it meanwhile
         counts["skipped"] += 1
         bar.update(1)
@@ -331,16 +391,23 @@ def record_stopped(group: list, error: Exception) -> None:
                        "code": code_version()})
 
 
-def _take_run(item: tuple, cache: dict) -> list[dict] | None:
+def _take_run(item: tuple, cache: dict, stale: str = "refuse") -> list[dict] | None:
   """``--shard=any``: trains ``item`` (``(run, workdir, status)``) unless another process holds
-  its work dir or finished it since this sweep started; ``None`` then."""
+  its work dir or finished it since this sweep started; ``None`` then.  A run another process
+  made with another config meanwhile is stale: :class:`StaleRuns` naming it and the fields,
+  unless ``stale == 'rerun'`` (then it is redone)."""
   from experiments.train.lock import Busy, hold
   r, workdir, _ = item
   try:
     with hold(workdir):  # re-entrant: the loop takes the same lock again inside
-      status, _ = run_status(workdir, r["config"])
+      status, detail = run_status(workdir, r["config"])
       if status in ("finished", "stopped"):
         return None
+      if status == "stale" and stale != "rerun":  # its files stay as they are
+        raise StaleRuns(
+            f"{workdir} was made with a config other than this sweep's plan, by another "
+            f"process since this sweep started; its files are kept:\n{detail}\nRerun with "
+            "--stale=rerun to redo it, or use another --root.")
       return _run_group([(r, workdir, status)], cache)
   except Busy:
     return None
