@@ -20,10 +20,10 @@ import optax
 from lpa_jax.models.staged import stage_level
 from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (LogitMethod, Placed, chain, check_finite_params,
-                                  identity, identity_logits)
-from lpa_jax.perturb.lpa import lpa
+from experiments import gradients
+from lpa_jax.perturb.base import Perturbation, chain, check_finite_params, identity
 from lpa_jax.perturb.hooks import Cut
+from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
 
 
@@ -118,7 +118,7 @@ def _shape_of(ctx: Context, points):
   return shape_of
 
 
-def _lpa(cfg, ctx: Context) -> Placed:
+def _lpa(cfg, ctx: Context) -> Perturbation:
   point = resolve_point(cfg.point, ctx)
   cut = ctx.cut_fn(point)
   extra = [p for p in cfg.extra_points if p != point]
@@ -132,7 +132,7 @@ def _lpa(cfg, ctx: Context) -> Placed:
   return place(method, cut, _shape_of(ctx, extra) if extra else None)
 
 
-def _lpa_adaptive(cfg, ctx: Context) -> Placed:
+def _lpa_adaptive(cfg, ctx: Context) -> Perturbation:
   """Adaptive-layer LPA; its candidates default to every stage-level point below the logits."""
   candidates = tuple(cfg.candidates) or stage_level(ctx.points)[:-1]
   for p in candidates:
@@ -145,7 +145,7 @@ def _lpa_adaptive(cfg, ctx: Context) -> Placed:
 
 def _at_point(factory, *fields, depth=False):
   """A registry entry for a single-point method taking ``fields`` from its config block."""
-  def make(cfg, ctx: Context) -> Placed:
+  def make(cfg, ctx: Context) -> Perturbation:
     cut = ctx.cut_fn(resolve_point(cfg.point, ctx))
     kw = {f: cfg[f] for f in fields}
     return place(factory(**kw, **({"depth": cut.depth} if depth else {})), cut,
@@ -153,7 +153,7 @@ def _at_point(factory, *fields, depth=False):
   return make
 
 
-def _mixup(cfg, ctx: Context) -> Placed:
+def _mixup(cfg, ctx: Context) -> Perturbation:
   points = tuple(cfg.points) or default_mixup_points(ctx.points)
   top = ctx.cut_fn(ctx.points[-1])
   cuts = [activation.input_cut(top) if p == "input" else ctx.cut_fn(p) for p in points]
@@ -176,7 +176,7 @@ class GradientPlacement(NamedTuple):
   pre: optax.GradientTransformation | None = None
   post: optax.GradientTransformation | None = None
   wrap: Callable | None = None
-  logit: LogitMethod | None = None
+  logit: Perturbation | None = None
 
 
 GAF_WHERE = ("raw", "momentum")
@@ -225,7 +225,7 @@ ACTIVATION: dict[str, Entry] = {
                                          "pca_frac")),
 }
 LOGIT: dict[str, Entry] = {
-    "none": Entry(lambda cfg, ctx: identity_logits()),
+    "none": Entry(lambda cfg, ctx: identity()),
     "lpl": Entry(_class_level(logit.lpl, "alpha", "steps", "varied", "steps_min", "steps_max",
                               "normalize"), _lpl_null, class_level=True),
     "logit_adjust": Entry(lambda cfg, ctx: logit.logit_adjust(ctx.class_counts, tau=cfg.tau,
@@ -242,10 +242,10 @@ GRADIENT: dict[str, Entry] = {
         logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)), _radius_null,
         class_level=True),
     "gaf": Entry(_gaf),
-    "sam": Entry(lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho)),
+    "sam": Entry(lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradients.sam(tx, cfg.rho)),
                  _zero("rho")),
-    "clip": Entry(lambda cfg, ctx: GradientPlacement(pre=gradient.clip(cfg.max_norm))),
-    "grad_noise": Entry(lambda cfg, ctx: GradientPlacement(pre=gradient.grad_noise(
+    "clip": Entry(lambda cfg, ctx: GradientPlacement(pre=gradients.clip(cfg.max_norm))),
+    "grad_noise": Entry(lambda cfg, ctx: GradientPlacement(pre=gradients.grad_noise(
         cfg.eta, cfg.gamma, seed=_run_seed(ctx.seed, cfg.seed))), _zero("eta")),
 }
 TABLES = {"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}
@@ -343,7 +343,7 @@ def needs_class_statistics(pcfg) -> bool:
              and pcfg[name].split in classes.REFRESHED for level, name in selected(pcfg))
 
 
-def make_activation(pcfg, ctx: Context) -> Placed:
+def make_activation(pcfg, ctx: Context) -> Perturbation:
   """The activation method, placed.  Random methods (dropout, noise, deep augmentation,
   Manifold Mixup) skip their extra clean pass unless :func:`needs_class_statistics`."""
   selected(pcfg)
@@ -362,9 +362,9 @@ def logit_names(spec) -> list[str]:
   return names
 
 
-def make_logit(pcfg, ctx: Context) -> LogitMethod:
+def make_logit(pcfg, ctx: Context) -> Perturbation:
   """One logit method, or several :func:`~lpa_jax.perturb.base.chain` ed in the order given
-  (``logit_adjust,lpl``); ``none`` is :func:`~lpa_jax.perturb.base.identity_logits`."""
+  (``logit_adjust,lpl``); ``none`` is :func:`~lpa_jax.perturb.base.identity`."""
   return chain(*(_lookup("logit", name)(_block(pcfg, name), ctx)
                  for name in logit_names(pcfg.logit)))
 

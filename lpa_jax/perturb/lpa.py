@@ -10,10 +10,9 @@ Built from hyper-parameters alone, used through pure, jittable functions (like o
     method = lpa(num_classes=10, split="longtail", class_counts=counts, eps=0.5,
                  radius_mode="relative")
     state = method.init()
-    delta_CxD = method.delta(state, upper, act, labels)     # PGD through `upper` only
-    act = add_delta(act, delta_CxD, labels)                  # act + δ[y]
-    out = method.apply(state, act, labels, upper, rng)       # both, plus stats and diagnostics
+    out = method.apply(state, act, labels=labels, upper=upper)   # δ by PGD, added; out.x
     state = method.refresh(out.state)                        # at an epoch boundary you choose
+    delta_CxD = method.info["delta"](state, upper, act, labels)  # just the class table
 
 ``upper(act) -> logits`` is the network above the point (with frozen parameters: PGD never
 produces parameter gradients).  PGD ascends/descends ``loss_fn(logits, targets) -> loss_B``,
@@ -31,13 +30,13 @@ backward pass per example).
 import functools
 import numbers
 import warnings
-from typing import Callable, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (Perturbed, check_class_counts, check_finite_params,
+from lpa_jax.perturb.base import (Out, Perturbation, check_class_counts, check_finite_params,
                                   check_labels, check_num_classes, default_loss)
 from lpa_jax.perturb.pgd import class_pgd
 from lpa_jax.perturb.tables import class_counts as batch_counts
@@ -50,30 +49,6 @@ MAIN = "act"  # key of the perturbed point's table among the (multi-layer) table
 # LPA's state: its class split and this epoch's running class statistics (the state every
 # class-level method keeps, :class:`~lpa_jax.perturb.classes.SplitState`).
 LPAState = classes.SplitState
-
-
-class LPA(NamedTuple):
-  """LPA's pure functions; ``init``/``apply``/``refresh`` are the activation-method interface.
-
-  Attributes:
-    init: ``() -> LPAState``.
-    apply: ``(state, act, labels, upper, rng=None, train=True, *, loss_fn=None, targets=None,
-      extra_shapes=None) -> Perturbed``: ``δ`` by PGD, added to ``act``; the returned state has
-      the batch's clean statistics accumulated.  ``train=False`` is the identity.
-    refresh: ``(state, stats=None, epoch=None) -> state``: a new split from ``stats`` (default:
-      the state's own accumulated statistics), statistics reset.
-    delta: ``(state, upper, act, labels, *, loss_fn=None, targets=None) -> δ_CxD``.
-    accumulate: ``(state, clean_logits, labels) -> state``.
-    radii: ``(state, act, labels) -> ε_C`` at the main point.
-    extra_points: names of higher points perturbed jointly (multi-layer variant).
-  """
-  init: Callable
-  apply: Callable
-  refresh: Callable
-  delta: Callable
-  accumulate: Callable
-  radii: Callable
-  extra_points: tuple = ()
 
 
 def add_delta(act_BxD: jax.Array, delta_CxD: jax.Array, labels_B: jax.Array) -> jax.Array:
@@ -130,7 +105,7 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
         beta: float = 0.7, steps: int = 3, varied: bool = True, normalize: bool = True,
         lowrank: float | None = None, radius_mode: str = "absolute", depth: float = 0,
         class_counts=None, num_head: int | None = None, signs=None,
-        extra_points: Mapping[str, float] | None = None) -> LPA:
+        extra_points: Mapping[str, float] | None = None) -> Perturbation:
   """Builds LPA from its hyper-parameters.
 
   Every function taking ``labels`` wants integer class ids in ``[0, num_classes)``, one per
@@ -160,8 +135,13 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
     extra_points: ``{name: depth}`` of higher points perturbed jointly (multi-layer variant;
       the network's ``upper(act, extra)`` must accept per-example tensors there).
 
+  Returns:
+    an activation-level :class:`~lpa_jax.perturb.base.Perturbation`; ``info`` holds
+    ``delta(state, upper, act, labels) -> δ_CxD``, ``radii(state, act, labels) -> ε_C``,
+    ``accumulate(state, clean_logits, labels) -> state`` and ``extra_points``.
+
   >>> method = lpa(10, split="all_positive", eps=0.5)
-  >>> out = method.apply(method.init(), act_BxD, labels_B, upper, None)
+  >>> out = method.apply(method.init(), act_BxD, labels=labels_B, upper=upper)
   """
   num_classes = check_num_classes("lpa", num_classes)
   check_class_counts("lpa", class_counts, num_classes, required=False)
@@ -175,9 +155,11 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
   cfg = LPAConfig(num_classes, split, eps, delta_eps, beta, steps, varied, normalize, lowrank,
                   radius_mode, {MAIN: depth, **extra_points})
   init = lambda: classes.split_state(init_split)  # noqa: E731
-  return LPA(init, functools.partial(_apply, cfg), functools.partial(_refresh, cfg),
-             functools.partial(_delta, cfg), functools.partial(_accumulate, cfg),
-             functools.partial(_radii, cfg), tuple(extra_points))
+  info = {"delta": functools.partial(_delta, cfg),
+          "accumulate": functools.partial(_accumulate, cfg),
+          "radii": functools.partial(_radii, cfg), "extra_points": tuple(extra_points)}
+  return Perturbation(init, functools.partial(_apply, cfg), functools.partial(_refresh, cfg),
+                      "activation", info=info)
 
 
 def _radii_for(cfg: LPAConfig, state: LPAState, norm_C) -> dict:
@@ -248,21 +230,22 @@ def _accumulate(cfg: LPAConfig, state: LPAState, clean_logits, labels_B) -> LPAS
   return state.observe(clean_logits, labels_B)
 
 
-def _apply(cfg: LPAConfig, state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None,
-           targets=None, extra_shapes=None) -> Perturbed:
+def _apply(cfg: LPAConfig, state, act, *, labels, upper, rng=None, train=True, loss_fn=None,
+           targets=None, extra_shapes=None, **unused) -> Out:
+  labels_B = labels
   _check_inputs(cfg, act, labels_B, targets)
   if targets is None:
     targets = jax.nn.one_hot(labels_B, cfg.num_classes)
   if not train:
-    return Perturbed(act, targets, state)
+    return Out(act, state, targets)
   t, clean, radius_C = _tables(cfg, state, upper, act, labels_B, loss_fn, targets, extra_shapes)
   extra = {p: gather_rows(t[p], labels_B) for p in t if p != MAIN} or None
   clean = jax.lax.stop_gradient(clean)
   aux = {"sign_C": state.sign_C, "radius_C": radius_C, "class_stat_C": state.split.q_C,
          "delta_table_norm_C": row_norms(t[MAIN]),
          "split_ready": state.split_ready.astype(jnp.float32)}
-  return Perturbed(add_delta(act, t[MAIN], labels_B), targets,
-                   _accumulate(cfg, state, clean, labels_B), clean, aux, extra)
+  return Out(add_delta(act, t[MAIN], labels_B), _accumulate(cfg, state, clean, labels_B),
+             targets, None, clean, aux, extra)
 
 
 def _refresh(cfg: LPAConfig, state: LPAState, stats=None, epoch=None) -> LPAState:
