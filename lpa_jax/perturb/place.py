@@ -23,10 +23,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from lpa_jax.perturb.base import (Out, Perturbation, check_labels, default_loss,
                                   invalid_label_count, join_state, pgd_loss_of, split_chain)
 from lpa_jax.perturb.diagnostics import perturbation_diagnostics
+from lpa_jax.perturb.foreign import nnx_functional
 from lpa_jax.perturb.hooks import Cut, full_apply
 
 MODEL_RNG = 1  # the model's own randomness (dropout) draws from fold_in(rng, MODEL_RNG)
@@ -48,8 +50,11 @@ def perturbed_apply(perturb: Perturbation, cut: Cut | None, state, variables: di
     cut: the network split at the activation member's point (``cut_linen``, ``cut_nnx``,
       ``cut_staged``); ``None`` for a member built placed (``place``, ``manifold_mixup``,
       ``lpa_adaptive``).  A logit-only perturbation needs a cut for the plain forward.
-    state: the perturbation's state (``perturb.init()`` at first).
-    variables: the model's variables (``{'params': ..., 'batch_stats': ...}``).
+    state: the perturbation's state (``perturb.init()`` at first), or an ``nnx.Variable``
+      holding it, which is then updated in place (``Out.state`` is the new state either way).
+    variables: the model's variables (``{'params': ..., 'batch_stats': ...}``), or an NNX
+      model itself (inside ``nnx.value_and_grad``): its new BatchNorm statistics and RNG
+      counters are then written back into it, as ``model(x)`` does.
     x, labels_B: the batch; integer labels in ``[0, C)``, one per example of ``x`` (checked
       where concrete; under ``jit`` counted in ``aux['invalid_labels']`` and given no ``δ``).
     rng: a key for random methods (and the model's dropout, via ``fold_in(rng, 1)``).
@@ -68,6 +73,14 @@ def perturbed_apply(perturb: Perturbation, cut: Cut | None, state, variables: di
   ...                       rng)
   >>> loss, pstate = out.loss, out.state
   """
+  if isinstance(state, nnx.Variable):  # NNX style: the state object is updated in place
+    out = perturbed_apply(perturb, cut, state.get_value(), variables, x, labels_B, rng, train,
+                          targets=targets, step=step, loss_fn=loss_fn)
+    state.set_value(out.state)
+    return out
+  if isinstance(variables, nnx.Module):  # an NNX model in place of its variables
+    return _perturbed_apply_nnx(perturb, cut, state, variables, x, labels_B, rng, train,
+                                targets=targets, step=step, loss_fn=loss_fn)
   inner, inner_state, logit, logit_state = split_chain(perturb, state)
   if inner is None or inner.level == "activation":
     if cut is None:
@@ -104,8 +117,20 @@ def perturbed_apply(perturb: Perturbation, cut: Cut | None, state, variables: di
     loss_B = lout.weights_B * loss_B
   aux = {**fwd.aux, **lout.aux}
   aux.setdefault("invalid_labels", invalid_label_count(labels_B, targets.shape[-1]))
+  # The model's collections after this pass, all of them (new where it ran on real data).
+  model_state = {**{c: v for c, v in variables.items() if c != "params"}, **fwd.model_state}
   return Out(lout.x, join_state(perturb, fwd.state, lout.state), fwd.targets_BxC,
-             lout.weights_B, clean_BxC, aux, None, fwd.model_state, jnp.mean(loss_B))
+             lout.weights_B, clean_BxC, aux, None, model_state, jnp.mean(loss_B))
+
+
+def _perturbed_apply_nnx(perturb, cut, state, model, x, labels_B, rng, train, **kw) -> Out:
+  """:func:`perturbed_apply` on an NNX model: run on its variables, then write the new
+  BatchNorm statistics and RNG counters back into the model, as ``model(x)`` would."""
+  _, variables = nnx_functional(model)
+  out = perturbed_apply(perturb, cut, state, variables, x, labels_B, rng, train, **kw)
+  if out.model_state:
+    nnx.update(model, *out.model_state.values())
+  return out
 
 
 def _num_classes(inner, cut, variables, x) -> int:
@@ -113,7 +138,9 @@ def _num_classes(inner, cut, variables, x) -> int:
   if cut is None:
     return jax.eval_shape(lambda v, a: inner.apply(inner.init(), a, labels=None, variables=v,
                                                    train=False).x, variables, x).shape[-1]
-  return jax.eval_shape(lambda v, a: full_apply(cut, v, a, False)[0], variables, x).shape[-1]
+  # Training mode, as the pass it precedes: some models update BatchNorm statistics always.
+  return jax.eval_shape(lambda v, a: full_apply(cut, v, a, True, rng=jax.random.PRNGKey(0))[0],
+                        variables, x).shape[-1]
 
 
 def apply_at(method: Perturbation, cut: Cut, state, variables: dict, x, labels_B, rng=None,
