@@ -35,8 +35,8 @@ def mlp_upper(sensitivity=1.0):
 def class_loss_change(upper, new_act, act=ACT, labels=LABELS):
   """Each class's mean perturbed − clean cross-entropy, computed here, not by LPA."""
   ce = lambda a: optax.softmax_cross_entropy_with_integer_labels(upper(a), labels)  # noqa: E731
-  d = np.asarray(ce(new_act) - ce(act))
-  return np.array([d[np.asarray(labels) == c].mean() for c in range(C)])
+  d, y = np.asarray(ce(new_act) - ce(act)), np.asarray(labels)
+  return np.array([d[y == c].mean() if np.any(y == c) else np.nan for c in range(C)])
 
 
 def jit_apply(method, upper):
@@ -117,6 +117,12 @@ def test_absent_unsigned_and_insensitive_classes_keep_their_radius():
   out = jit_apply(m, mlp_upper())(s0, ACT, labels)
   moved = np.asarray(out.state.log_radius_C) != np.asarray(s0.log_radius_C)
   assert moved.tolist() == [True, True, False, False]
+  # above a batch-coupled layer (like a train-mode BatchNorm) the unsigned class's loss moves
+  # too, through the others' δ; still it has no direction to hold a strength in
+  coupled = lambda a: mlp_upper(5.0)(a - a.mean(0))  # noqa: E731
+  out = jit_apply(m, coupled)(s0, ACT, labels)
+  assert abs(class_loss_change(coupled, out.act, labels=labels)[2]) > 1e-4
+  assert out.state.log_radius_C[2] == s0.log_radius_C[2]
   # an upper that ignores the activation: |Δℓ_c| = 0 has no log, so nothing moves (no NaN)
   flat = jit_apply(m, lambda a: 0.0 * a[:, :C])(s0, ACT, LABELS)
   np.testing.assert_array_equal(flat.state.log_radius_C, s0.log_radius_C)
@@ -205,3 +211,26 @@ def test_the_config_block_reaches_lpa():
   pc.eta = 2.0
   with pytest.raises(ValueError, match=r"lpa\.eta"):
     registry.entry("lpa").build(pc, ctx)
+
+
+def test_a_loss_mode_run_logs_radii_and_sensitivity_and_resumes_exactly(tmp_path, fmnist_lt):
+  import json
+  import os
+
+  from conftest import small_config
+  from experiments.train import loop
+  cfg = small_config(**{"perturb.activation": "lpa", "perturb.lpa.radius_mode": "loss",
+                        "perturb.lpa.target": 0.1, "optim.batch_size": 32})
+  full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), progress=False, data=fmnist_lt)
+  part = str(tmp_path / "part")
+  # stopped mid-epoch: the adapted radii must come back from the checkpoint, not from init
+  assert loop.train_and_evaluate(cfg, part, progress=False, max_steps=3, data=fmnist_lt) is None
+  resumed = loop.train_and_evaluate(cfg, part, progress=False, data=fmnist_lt)
+  assert resumed["per_class_accuracy"] == full["per_class_accuracy"]
+  rows = [json.loads(x) for x in open(os.path.join(part, "metrics.jsonl"))]
+  assert rows == [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+  for r in rows:
+    assert len(r["radius_C"]) == len(r["grad_norm_C"]) == 10
+    assert all(g > 0 for g in r["grad_norm_C"])
+  # the radii moved from the starting relative radius towards the target's
+  assert rows[-1]["radius_C"] != rows[0]["radius_C"]

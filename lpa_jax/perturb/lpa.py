@@ -135,9 +135,9 @@ def _loss_params(radius_mode, eps, extra_points, **given) -> dict:
   """Loss mode's hyper-parameters with their defaults filled in; all ``None`` in other modes."""
   check_finite_params("lpa", **given)
   if radius_mode != "loss":
-    set_ = ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
-    if set_:
-      raise ValueError(f"lpa: {set_} only apply with radius_mode='loss' (the strength set in "
+    stray = ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+    if stray:
+      raise ValueError(f"lpa: {stray} only apply with radius_mode='loss' (the strength set in "
                        f"nats), got radius_mode={radius_mode!r}; leave them None or set "
                        "radius_mode='loss'")
     return given
@@ -318,7 +318,7 @@ def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC,
     logits = (upper(a, {p: gather_rows(t[p], labels_B) for p in extra_points}) if extra_points
               else upper(a))
     _check_logits(cfg, logits)
-    return loss_fn(logits, targets_BxC).astype(jnp.float32), logits
+    return loss_fn(logits, targets_BxC), logits
 
   def pgd_loss(t):
     loss_B, logits = per_example(t)
@@ -337,7 +337,8 @@ def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC,
   if cfg.radius_mode == "loss":
     # PGD evaluated the loss at δ_0 … δ_{T−1} only: the final δ's loss is loss mode's one
     # extra forward pass (forward only, above the point).
-    dloss_B = jax.lax.stop_gradient(per_example(out)[0] - clean_loss_B)
+    f32 = lambda x: jax.lax.stop_gradient(x).astype(jnp.float32)  # noqa: E731  (bf16 losses)
+    dloss_B = f32(per_example(out)[0]) - f32(clean_loss_B)
     state = _adapt(cfg, state, per_class_mean(onehot_BxC, dloss_B), count_C)
   return _PGDOut(out, clean, radius[MAIN], grad_norm[MAIN], state)
 
