@@ -107,7 +107,9 @@ def _lpa_kwargs(cfg, ctx: Context) -> dict:
               eps=cfg.eps, delta_eps=cfg.delta_eps, beta=cfg.beta, steps=cfg.steps,
               varied=cfg.varied, normalize=cfg.normalize, lowrank=cfg.lowrank or None,
               radius_mode=cfg.radius_mode,
-              num_head=classes.run_num_head(cfg.num_head, ctx.num_classes), signs=cfg.signs)
+              num_head=classes.run_num_head(cfg.num_head, ctx.num_classes), signs=cfg.signs,
+              # loss mode's fields; .get: a block saved before they existed has none
+              **{k: cfg.get(k) for k in ("target", "target_delta", "eta", "eps_min", "eps_max")})
 
 
 def _shape_of(ctx: Context, points):
