@@ -40,8 +40,8 @@ def class_loss_change(upper, new_act, act=ACT, labels=LABELS):
 
 
 def jit_apply(method, upper):
-  """``method.apply`` jitted for one ``upper``: ``(state, act, labels) -> Perturbed``."""
-  return jax.jit(lambda s, a, y: method.apply(s, a, y, upper, None))
+  """``method.apply`` jitted for one ``upper``: ``(state, act, labels) -> Out``."""
+  return jax.jit(lambda s, a, y: method.apply(s, a, labels=y, upper=upper))
 
 
 def run(method, upper, steps, act=ACT, labels=LABELS):
@@ -61,9 +61,9 @@ def test_loss_mode_holds_the_target_as_sensitivity_grows_tenfold():
   loss = lpa(C, radius_mode="loss", target=0.05, **kw)
   change, radius = {}, {}
   for s in (1.0, 10.0):
-    change["rel", s] = np.abs(class_loss_change(mlp_upper(s), run(rel, mlp_upper(s), 1).act))
+    change["rel", s] = np.abs(class_loss_change(mlp_upper(s), run(rel, mlp_upper(s), 1).x))
     out = run(loss, mlp_upper(s), 30)
-    change["loss", s] = np.abs(class_loss_change(mlp_upper(s), out.act))
+    change["loss", s] = np.abs(class_loss_change(mlp_upper(s), out.x))
     radius[s] = np.asarray(out.aux["radius_C"])
   # A relative radius's loss change follows the sensitivity (~10x) ...
   assert np.all(change["rel", 10.0] > 6 * change["rel", 1.0])
@@ -80,7 +80,7 @@ def test_loss_mode_starts_at_the_relative_radius():
   r_C = classes.class_radii(rel.init().split, 0.2, 0.3, 0.7, 2, True)
   np.testing.assert_allclose(np.exp(loss.init().log_radius_C), r_C, rtol=1e-6)
   a, b = (jit_apply(m, mlp_upper())(m.init(), ACT, LABELS) for m in (rel, loss))
-  np.testing.assert_allclose(a.act, b.act, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(a.x, b.x, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(a.aux["radius_C"], b.aux["radius_C"], rtol=1e-6)
 
 
@@ -91,7 +91,7 @@ def test_a_varied_target_grows_with_the_distance_from_the_threshold():
   lam_C = 0.03 + 0.04 * np.abs(np.asarray(split.tau - split.q_C))
   assert len(set(np.round(lam_C, 6))) == 2  # two distances from τ in this split
   out = run(m, mlp_upper(3.0), 40)
-  np.testing.assert_allclose(np.abs(class_loss_change(mlp_upper(3.0), out.act)), lam_C,
+  np.testing.assert_allclose(np.abs(class_loss_change(mlp_upper(3.0), out.x)), lam_C,
                              rtol=0.05)
 
 
@@ -121,7 +121,7 @@ def test_absent_unsigned_and_insensitive_classes_keep_their_radius():
   # too, through the others' δ; still it has no direction to hold a strength in
   coupled = lambda a: mlp_upper(5.0)(a - a.mean(0))  # noqa: E731
   out = jit_apply(m, coupled)(s0, ACT, labels)
-  assert abs(class_loss_change(coupled, out.act, labels=labels)[2]) > 1e-4
+  assert abs(class_loss_change(coupled, out.x, labels=labels)[2]) > 1e-4
   assert out.state.log_radius_C[2] == s0.log_radius_C[2]
   # an upper that ignores the activation: |Δℓ_c| = 0 has no log, so nothing moves (no NaN)
   flat = jit_apply(m, lambda a: 0.0 * a[:, :C])(s0, ACT, LABELS)
@@ -142,13 +142,13 @@ def test_loss_state_round_trips_under_jit_vmap_and_refresh():
   state = jax.jit(m.refresh)(stepped)
   assert isinstance(state, LossState) and np.all(np.asarray(state.sign_C) != 0)
   np.testing.assert_array_equal(state.log_radius_C, stepped.log_radius_C)
-  eager = m.apply(state, ACT, LABELS, mlp_upper()).state
+  eager = m.apply(state, ACT, labels=LABELS, upper=mlp_upper()).state
   jitted = jit_apply(m, mlp_upper())(state, ACT, LABELS)
   chex.assert_trees_all_close(eager, jitted.state, rtol=1e-6)
   assert not np.allclose(eager.log_radius_C, state.log_radius_C)  # the step adapted them
   # a stack of states (e.g. K runs) goes through vmap
   stack = jax.tree.map(lambda x: jnp.stack([x, x]), state)
-  vm = jax.vmap(lambda s: m.apply(s, ACT, LABELS, mlp_upper()).state)(stack)
+  vm = jax.vmap(lambda s: m.apply(s, ACT, labels=LABELS, upper=mlp_upper()).state)(stack)
   np.testing.assert_allclose(vm.log_radius_C[1], eager.log_radius_C, rtol=1e-6)
 
 
