@@ -152,7 +152,7 @@ def run_placed(setup: Setup, placed, inputs=None, logit_method=None) -> dict:
 
 def _method_cut(setup: Setup, point: str, acts):
   cut = setup.ctx.cut_fn(point)
-  return (_at_acts(cut) if acts is not None else cut), cut.depth
+  return (_at_acts(cut) if acts is not None else cut), setup.ctx.depth(point)
 
 
 def measure_lpa(setup: Setup, point: str, eps: float, radius_mode: str, acts=None) -> dict:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from lpa_jax.models.staged import stage_level
+from lpa_jax.models.staged import depth_below_logits, stage_level
 from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
 from experiments import gradients
@@ -42,6 +42,10 @@ class Context(NamedTuple):
   seed: int = 0                    # the run's seed (gradient noise draws from it)
   head: str = "linear"             # the model's classifier head ('cosine' for LDAM)
   clean_pass: bool = True          # random methods run a clean pass for statistics/diagnostics
+
+  def depth(self, point: str) -> float:
+    """``L − l`` of ``point`` in the run's staged model (LPA's radius factor ``β^(L−l)``)."""
+    return depth_below_logits(self.points, point)
 
 
 class Entry(NamedTuple):
@@ -129,7 +133,7 @@ def _lpa(cfg, ctx: Context) -> Perturbation:
     if p not in above:
       raise ValueError(f"lpa.extra_points: {p!r} is not a point above {point!r}; points above "
                        f"it are: {', '.join(above)}")
-  method = lpa(depth=cut.depth, extra_points={p: ctx.cut_fn(p).depth for p in extra},
+  method = lpa(depth=ctx.depth(point), extra_points={p: ctx.depth(p) for p in extra},
                **_lpa_kwargs(cfg, ctx))
   return place(method, cut, _shape_of(ctx, extra) if extra else None)
 
@@ -141,7 +145,7 @@ def _lpa_adaptive(cfg, ctx: Context) -> Perturbation:
     if p not in ctx.points:
       raise ValueError(f"Unknown candidate point {p!r}; valid points are: {', '.join(ctx.points)}")
   cuts = [ctx.cut_fn(p) for p in candidates]
-  return lpa_adaptive([(lpa(depth=c.depth, **_lpa_kwargs(cfg, ctx)), c) for c in cuts],
+  return lpa_adaptive([(lpa(depth=ctx.depth(c.point), **_lpa_kwargs(cfg, ctx)), c) for c in cuts],
                       cfg.every, select=cfg.select)
 
 
@@ -150,7 +154,7 @@ def _at_point(factory, *fields, depth=False):
   def make(cfg, ctx: Context) -> Perturbation:
     cut = ctx.cut_fn(resolve_point(cfg.point, ctx))
     kw = {f: cfg[f] for f in fields}
-    return place(factory(**kw, **({"depth": cut.depth} if depth else {})), cut,
+    return place(factory(**kw, **({"depth": ctx.depth(cut.point)} if depth else {})), cut,
                  clean_pass=ctx.clean_pass)
   return make
 

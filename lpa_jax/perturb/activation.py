@@ -113,7 +113,7 @@ def input_cut(top: Cut) -> Cut:
   """
   def upper(variables, x, train, extra=None, **kw):
     return full_apply(top, variables, x, train, **kw)
-  return Cut(lambda variables, x, train, **kw: (x, {}), upper, "input", top.depth)
+  return Cut(lambda variables, x, train, **kw: (x, {}), upper, "input")
 
 
 def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto",

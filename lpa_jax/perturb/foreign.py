@@ -316,7 +316,7 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     logits, _, state, below = run(variables, x, train, rng, act)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
 
-  return Cut(lower, upper, _fmt(target), None, tuple(mutable))
+  return Cut(lower, upper, _fmt(target), tuple(mutable))
 
 
 # ----------------------------------------------------------------------------------------- NNX
@@ -490,4 +490,4 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
     return out, (_finish(ctx, variables, lambda k: not below(k), rng)
                  if train else {})
 
-  return Cut(lower, upper, _fmt(target), None, ("batch_stats",))
+  return Cut(lower, upper, _fmt(target), ("batch_stats",))

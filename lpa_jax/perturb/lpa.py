@@ -199,7 +199,8 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
     eps_min, eps_max: bounds of ``ε_c`` relative to the class's mean ``‖a‖``; loss mode only,
       defaults 1e-4 and 1.
     depth: ``L − l`` of the point, for ``β^(L−l)`` (the one place it is set: a cut does not
-      carry it; ``cut_staged(...).depth`` tells it for lpa_jax's own models).
+      carry it; ``lpa_jax.models.staged.depth_below_logits(model.points, point)`` tells it
+      for lpa_jax's own models).
     class_counts: training examples per class (long-tail split), ``num_classes`` of them.
     num_head: head size of the long-tail split; default :func:`classes.median_num_head`, the
       SPEC's rule (classes with a below-median count are P). A config run shares one head
