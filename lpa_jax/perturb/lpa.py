@@ -135,7 +135,8 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
 
   Every function taking ``labels`` wants integer class ids in ``[0, num_classes)``, one per
   example of ``act``; anything else raises, naming the sizes (the range is checked where the
-  labels are concrete; under ``jit`` see :func:`~lpa_jax.perturb.base.check_labels`).
+  labels are concrete; under ``jit`` see :func:`~lpa_jax.perturb.base.check_labels`: there an
+  out-of-range label gets ``δ = 0`` and counts towards no class's δ or statistics).
 
   Args:
     num_classes: ``C``, also the number of logits the layers above the point return.

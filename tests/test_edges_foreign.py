@@ -1,0 +1,69 @@
+"""Edges found with models written outside the project (issue 32 §5): a label outside [0, C)
+under jit, effects in the layers below the point, NNX points inside transforms, a point reached
+through another method, a pytree activation, tiny radii, an empty batch and a num_classes that
+is not the model's."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lpa_jax as lj
+from lpa_jax.perturb.foreign import cut_linen
+from lpa_jax.perturb.tables import class_counts, gather_rows
+
+C, B, D = 3, 6, 5
+X = jax.random.normal(jax.random.key(1), (B, D))
+Y = jnp.arange(B) % C
+KEY = jax.random.key(7)
+
+
+class Mlp(nn.Module):
+  """stem -> body -> head; ``body`` is the point."""
+  num_classes: int = C
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8, name="stem")(x))
+    return nn.Dense(self.num_classes, name="head")(nn.relu(nn.Dense(8, name="body")(h)))
+
+
+def _lpa(num_classes=C, **kw):
+  return lj.lpa(num_classes, **{"split": "all_positive", "eps": 1.0, **kw})
+
+
+def _net(model=None, path="body", **kw):
+  model = model or Mlp()
+  v = model.init(jax.random.key(0), X[:1])
+  return model, v, cut_linen(model, path, input_shape=(D,), **kw)
+
+
+# --------------------------------------------------------------- 1. labels outside [0, C)
+def test_gather_and_counts_give_an_out_of_range_label_nothing_under_jit():
+  table_CxD = jnp.arange(1.0, C + 1)[:, None] * jnp.ones((C, 2))
+  labels = jnp.array([C, -1, 0])
+  rows = jax.jit(gather_rows)(table_CxD, labels)
+  np.testing.assert_array_equal(rows, [[0, 0], [0, 0], [1, 1]])
+  np.testing.assert_array_equal(jax.jit(class_counts, static_argnums=1)(labels, C), [1, 0, 0])
+  grad = jax.jit(jax.grad(lambda t: gather_rows(t, labels).sum()))(table_CxD)
+  np.testing.assert_array_equal(grad, [[1, 1], [0, 0], [0, 0]])  # label 0 alone reaches a row
+
+
+@pytest.mark.parametrize("bad", [C, -1])
+def test_an_out_of_range_label_takes_no_class_delta_under_jit(bad):
+  """The extra example gets δ = 0 and leaves every class's δ and statistics as they were."""
+  w_DxC = jax.random.normal(jax.random.key(2), (D, C))
+  upper = lambda a: jnp.tanh(a) @ w_DxC  # noqa: E731
+  act = jax.random.normal(jax.random.key(3), (B, D))
+  method = _lpa(radius_mode="relative")
+  f = jax.jit(lambda a, y: method.apply(method.init(), a, y, upper))
+  ref = f(act, Y)
+  # The extra example is class (bad mod C)'s first one again: clipped or wrapped, it would pull
+  # a real class's δ and counts.
+  extra = int(np.flatnonzero(np.asarray(Y) == bad % C)[0])
+  out = f(jnp.concatenate([act, act[extra:extra + 1]]), jnp.append(Y, bad))
+  np.testing.assert_array_equal(out.act[-1], act[extra])
+  np.testing.assert_allclose(out.act[:-1], ref.act, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out.aux["radius_C"], ref.aux["radius_C"], rtol=1e-6)
+  for got, want in zip(out.state.stats, ref.state.stats):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
