@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import lpa_jax as lj
-from lpa_jax.perturb.foreign import cut_linen
+from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
+from lpa_jax.perturb.hooks import full_apply
 from lpa_jax.perturb.tables import class_counts, gather_rows
 
 C, B, D = 3, 6, 5
@@ -67,3 +69,84 @@ def test_an_out_of_range_label_takes_no_class_delta_under_jit(bad):
   np.testing.assert_allclose(out.aux["radius_C"], ref.aux["radius_C"], rtol=1e-6)
   for got, want in zip(out.state.stats, ref.state.stats):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------ 2. effects in the layers below the point
+CALLS = []  # one entry each time a Noisy layer runs
+
+
+class Noisy(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8)(x)
+    jax.debug.callback(lambda _: CALLS.append(1), h)
+    return nn.relu(h)
+
+
+class NoisyStem(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = Noisy(name="stem")(x)
+    return nn.Dense(C, name="head")(nn.relu(nn.Dense(8, name="body")(h)))
+
+
+class ConstAbove(nn.Module):
+  """A module called before the point whose output (not the input's) is used above it."""
+  @nn.compact
+  def __call__(self, x):
+    bias = Bias(name="bias")()
+    h = nn.relu(nn.Dense(8, name="stem")(x))
+    return nn.Dense(C, name="head")(nn.relu(nn.Dense(8, name="body")(h)) + bias)
+
+
+class Bias(nn.Module):
+  @nn.compact
+  def __call__(self):
+    return jnp.tanh(self.param("b", nn.initializers.normal(1.0), (8,)))
+
+
+class NnxNoisyStem(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = NnxNoisy(rngs)
+    self.body = nnx.Linear(8, 8, rngs=rngs)
+    self.head = nnx.Linear(8, C, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.body(self.stem(x))))
+
+
+class NnxNoisy(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(D, 8, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.dense(x)
+    jax.debug.callback(lambda _: CALLS.append(1), h)
+    return nnx.relu(h)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_a_callback_below_the_point_runs_as_documented(kind):
+  """Once per LPA step with a Linen cut (upper skips the layers below the point); T + 2 times
+  with cut_nnx, which cannot skip them (lpa_jax.perturb.foreign's docstring says why)."""
+  if kind == "linen":
+    _, v, cut = _net(NoisyStem())
+  else:
+    model = NnxNoisyStem(nnx.Rngs(0))
+    v, cut = nnx_functional(model)[1], cut_nnx(model, "body", input_shape=(D,))
+  for steps in (1, 3):
+    method = _lpa(steps=steps)
+    step = jax.jit(lambda v: lj.perturbed_apply(method, cut, method.init(), v, X, Y).logits_BxC)
+    jax.block_until_ready(step(v))  # the first call compiles; count the second's
+    jax.effects_barrier()
+    CALLS.clear()
+    jax.block_until_ready(step(v))
+    jax.effects_barrier()
+    assert len(CALLS) == (1 if kind == "linen" else steps + 2)
+
+
+def test_upper_skips_only_what_feeds_the_point():
+  for model in (NoisyStem(), ConstAbove()):
+    model, v, cut = _net(model)
+    logits = jax.jit(lambda v, x: full_apply(cut, v, x, False)[0])(v, X)
+    np.testing.assert_allclose(logits, model.apply(v, X), rtol=1e-6, atol=1e-6)

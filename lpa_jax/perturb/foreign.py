@@ -7,29 +7,43 @@ work on these models unchanged::
     apply_fn, variables = nnx_functional(nnx_model)      # NNX -> pure function + variables dict
     cut = cut_nnx(nnx_model, "layers/3", input_shape=x.shape[1:])
 
-How the layers below the point are kept out of ``upper``: ``upper`` runs the whole model on a
-zero placeholder input, and the target submodule's output is replaced by ``act``.  Everything
-that only fed the target is then dead code, which jit removes (``jax.jit(...).lower().compile()
-.cost_analysis()`` shows it; see ``tests/test_compose.py``).  Likewise ``lower`` runs the
-model to the end and the layers above the point are dead.  Outside jit they would run, so jit
-the step (the library always does); what remains is trace/compile time, as every half traces
-the whole model.  The point must *separate* input from output: if a skip connection bypasses
-the target, ``upper`` would see the placeholder there, and lower+upper would differ from the
-model's own forward.  So ``upper`` traces the model once more and follows the data flow
-(:func:`check_separates`): an output that depends on the input other than through the point,
-or not on the point at all, is refused with the reason.
+How the layers below the point are kept out of ``upper``: ``upper`` runs the model's forward on
+a zero placeholder input, and the target submodule's output is replaced by ``act``.  A Linen
+cut also skips the module calls made before the point (on modules other than the target's
+ancestors): each hands on zeros of its output's shape without running, once a trace shows the
+output does not depend on them (a call whose value is used above the point, e.g. a table
+computed from parameters alone, runs).  What is left below the point — code in the ancestors'
+own bodies, and with ``cut_nnx`` or ``check=False`` the layers themselves — only fed the
+target and is dead code, which jit removes (``jax.jit(...).lower().compile().cost_analysis()``
+shows it; see ``tests/test_compose.py``).  Likewise ``lower`` runs the model to the end and the
+layers above the point are dead.  Outside jit they would run, so jit the step (the library
+always does); what remains is trace/compile time, as every half traces the whole model.  The
+point must *separate* input from output: if a skip connection bypasses the target, ``upper``
+would see the placeholder there, and lower+upper would differ from the model's own forward.
+So ``upper`` traces the model once more and follows the data flow (:func:`check_separates`):
+an output that depends on the input other than through the point, or not on the point at all,
+is refused with the reason; a Linen cut traces it once more again to tell the calls it skips.
+
+Dead code with an effect is not removed.  A ``jax.debug.callback`` in a layer below the point
+runs once per step (in ``lower``) with a Linen cut, but ``T + 2`` times per LPA step of ``T``
+PGD steps with ``cut_nnx`` (in ``lower``, then in PGD's ``T`` passes and the final ``upper`` on
+the placeholder), and keeps that layer alive in ``upper``.  ``cut_nnx`` cannot skip it: it
+swaps the target for a stand-in function, and putting functions in place of the other
+submodules too would break every model that hands a module holding them to an NNX transform
+(``nnx.scan``, ``nnx.vmap``, ``nnx.remat`` split the module graph and refuse a function in
+it).  An effect in an ancestor's own body below the point runs ``T + 2`` times with either cut.
 
 A cut is stateless: the placeholder's per-example shape and dtype are the constructor's
 ``input_shape`` / ``input_dtype`` (required: ``upper`` cannot infer the input from ``act``), its
 batch size that of ``act``; ``lower`` checks its input against them.  The dtype matters: a model
 that computes in its input's dtype must see a placeholder of that dtype.  ``act`` takes the
-dtype the target returns in the model's own forward (the target still runs on the placeholder,
-as dead code, to tell), so a bf16 model stays bf16 above the point even if a method hands
-``upper`` an f32 activation.
+dtype the target returns in the model's own forward (the target's own code still runs on the
+placeholder, as dead code, to tell), so a bf16 model stays bf16 above the point even if a
+method hands ``upper`` an f32 activation.
 
-Train-mode BatchNorm state (the dead-code subtlety): a BatchNorm below the point also runs on
-the placeholder in ``upper`` and would return statistics of zeros, which are *not* dead if
-returned.  So each half returns the full mutable collections, but only the entries it
+Train-mode BatchNorm state (the dead-code subtlety): a BatchNorm below the point that ``upper``
+does not skip runs on the placeholder and would return statistics of zeros, which are *not*
+dead if returned.  So each half returns the full mutable collections, but only the entries it
 owns are new: ``lower`` owns the variables written before the target was called plus the
 target's own subtree; ``upper`` owns the rest, and passes the others through from the
 variables it was given.  ``{**variables, **lower_state}`` fed to ``upper`` therefore yields
@@ -48,6 +62,7 @@ used: give such a model ``rng``.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import zlib
@@ -134,19 +149,45 @@ def _inner_jaxpr(eqn):
   return None
 
 
-def _depends(jaxpr, flags) -> list[bool]:
-  """Which outputs of ``jaxpr`` depend on the inputs flagged in ``flags`` (data flow; inside
-  calls it looks through, elsewhere every output of an equation with a flagged input)."""
-  hit = {v for v, f in zip(jaxpr.invars, flags) if f}
-  dep = lambda v: not isinstance(v, jex_core.Literal) and v in hit  # noqa: E731
+def _flow(jaxpr, sources: list) -> list[frozenset]:
+  """For each output of ``jaxpr``, the union of the ``sources`` (a set of labels per input) it
+  depends on (data flow; inside calls it looks through, elsewhere every output of an equation
+  depends on all its inputs)."""
+  none = frozenset()
+  got = {v: s for v, s in zip(jaxpr.invars, sources) if s}
+  of = lambda v: none if isinstance(v, jex_core.Literal) else got.get(v, none)  # noqa: E731
   for eqn in jaxpr.eqns:
-    ins = [dep(v) for v in eqn.invars]
+    ins = [of(v) for v in eqn.invars]
     if not any(ins):
       continue
     sub = _inner_jaxpr(eqn)
-    outs = _depends(sub, ins) if sub is not None else [True] * len(eqn.outvars)
-    hit.update(v for v, f in zip(eqn.outvars, outs) if f)
-  return [dep(v) for v in jaxpr.outvars]
+    outs = _flow(sub, ins) if sub is not None else [none.union(*ins)] * len(eqn.outvars)
+    got.update((v, o) for v, o in zip(eqn.outvars, outs) if o)
+  return [of(v) for v in jaxpr.outvars]
+
+
+def _depends(jaxpr, flags) -> list[bool]:
+  """Which outputs of ``jaxpr`` depend on the inputs flagged in ``flags`` (see :func:`_flow`)."""
+  return [bool(s) for s in _flow(jaxpr, [frozenset([0]) if f else frozenset() for f in flags])]
+
+
+def _skippable(out_of, x, act, calls: list) -> dict:
+  """Of ``calls``, the module calls made before the point (``[(key, output spec)]``), those
+  ``upper`` may skip: ``{key: zeros}``.  A call may be skipped if the output does not depend on
+  what it returns, i.e. it only fed the point, read off a trace of ``out_of(x, act, skip)``
+  with the stand-ins as inputs; a call whose value is used above the point (a table computed
+  from parameters alone) is run, and the trace repeated without it."""
+  while calls:
+    keys = [k for k, _ in calls]
+    zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec) for _, spec in calls]
+    closed = jax.make_jaxpr(lambda x, a, z, k=keys: out_of(x, a, dict(zip(k, z))))(x, act, zeros)
+    sources = [frozenset()] * len(jax.tree.leaves((x, act))) + [
+        frozenset([i]) for i, z in enumerate(zeros) for _ in jax.tree.leaves(z)]
+    used = frozenset().union(*_flow(closed.jaxpr, sources))
+    if not used:
+      return dict(zip(keys, zeros))
+    calls = [c for i, c in enumerate(calls) if i not in used]
+  return {}
 
 
 def check_separates(out_of, x, act, point: str, model: str = "the model") -> None:
@@ -214,19 +255,51 @@ def _train_kw(model: nn.Module, method, train_kw: str | None) -> str | None:
                    "wrapper, e.g. lambda m, x, train: m(x, deterministic=not train)")
 
 
+def _spec(out):
+  """``out``'s shapes and dtypes if it is a pytree of plain arrays (a call ``upper`` could
+  skip, handing on zeros), else ``None``."""
+  leaves = jax.tree.leaves(out)
+  if not all(isinstance(a, jax.Array) and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended)
+             for a in leaves):
+    return None
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out)
+
+
 def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
-               variables, x, train, rng, act=None):
+               variables, x, train, rng, act=None, record=None, skip=None):
   """One pass of ``model`` with the target intercepted: returns ``(out, target_out, state,
-  below)``, ``below(path)`` telling the state leaves the part below the point wrote."""
+  below)``, ``below(path)`` telling the state leaves the part below the point wrote.
+
+  Module calls are keyed ``(path, method, n)`` (the ``n``-th call of that method).  ``record``
+  (a list) receives ``(key, output spec)`` of the outermost calls made before the point, on
+  modules other than the target's ancestors; a call keyed in ``skip`` is not run, its value
+  is returned instead (see :func:`_skippable`)."""
   mut = [c for c in mutable if c in variables] if train else []
   before = traverse_util.flatten_dict({c: variables[c] for c in mut})
   seen, hits, written = [], [], set()
+  calls = collections.Counter()
+
+  def other(next_fun, args, kwargs, path_, name):
+    key = (path_, name, calls[path_, name])
+    calls[path_, name] += 1
+    if skip and key in skip:
+      return skip[key]
+    start = len(record) if record is not None else 0
+    out = next_fun(*args, **kwargs)
+    # Only calls in the forward's own trace: zeros handed into a lifted transform's (nn.scan,
+    # nn.remat) would cross it; the lifted module's own call is outside and can be skipped.
+    if (record is not None and not hits and path_ != target[:len(path_)]
+        and flax_tracers.current_trace() == outer):
+      del record[start:]  # the calls made inside this one are skipped with it
+      if _spec(out) is not None:
+        record.append((key, _spec(out)))
+    return out
 
   def interceptor(next_fun, args, kwargs, ctx):
     path_ = tuple(ctx.module.path)
-    seen.append(path_)
+    seen.append((path_, ctx.method_name))
     if path_ != target or ctx.method_name != target_method:
-      return next_fun(*args, **kwargs)
+      return other(next_fun, args, kwargs, path_, ctx.method_name)
     if hits:
       raise ValueError(f"Module {_fmt(target)!r} is called more than once; cut at a module "
                        "called once per forward pass")
@@ -251,7 +324,7 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     out = apply_linen(model, variables, x, method=method, mutable=mut or False,
                       rngs=linen_rngs(rng, train, rng_names), **train_kwargs)
   if not hits:
-    raise _unknown_path(target, seen)
+    raise _unknown_path(target, [p for p, _ in seen])
   logits, state = out if mut else (out, {})
   below = lambda k: k in written or k[1:1 + len(target)] == target
   return logits, hits[0], dict(state), below
@@ -286,10 +359,13 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
     depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
       ``lpa(..., depth=2)``; the cut's ``depth`` is ``None``.
-    check: every trace of ``upper`` traces the model once more (no FLOPs: trace time only,
+    check: every trace of ``upper`` traces the model twice more (no FLOPs: trace time only,
       paid when a step compiles) and raises if its output depends on the input by a path that
       bypasses the point (a skip connection over it) or does not depend on the point at all
-      (:func:`check_separates`); ``False`` skips that.
+      (:func:`check_separates`); the second trace lets ``upper`` skip the module calls below
+      the point (see the module docstring).  ``False`` skips both: the layers below then run
+      on the placeholder as dead code, and an effect there (``jax.debug.callback``) runs in
+      every ``upper`` call, ``T + 2`` times per LPA step.
 
   >>> cut = cut_linen(TheirResNet(), "layer3", input_shape=x.shape[1:])
   >>> act, st = cut.lower(variables, x, True, rng=key)
@@ -310,10 +386,14 @@ def cut_linen(model: nn.Module, path: PathLike, *,
   def upper(variables, act, train, extra=None, rng=None):
     _no_extra(extra, _fmt(target))
     x = _placeholder(act, shape, dtype)
+    skip = None
     if check:
-      check_separates(lambda x, a: run(variables, x, train, rng, a)[0], x, act, _fmt(target),
-                      type(model).__name__)
-    logits, _, state, below = run(variables, x, train, rng, act)
+      before = []  # the check's trace lists the calls made before the point
+      check_separates(lambda x, a: run(variables, x, train, rng, a, record=before)[0], x, act,
+                      _fmt(target), type(model).__name__)
+      skip = _skippable(lambda x, a, z: run(variables, x, train, rng, a, skip=z)[0], x, act,
+                        before)
+    logits, _, state, below = run(variables, x, train, rng, act, skip=skip)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
 
   return Cut(lower, upper, _fmt(target), None, tuple(mutable))
@@ -455,7 +535,10 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   ``input_shape`` / ``input_dtype``: the model's per-example input (required).  ``rng``
   reseeds the model's RNG streams for the call; without it the stored streams are used.
   ``depth``: removed, as in :func:`cut_linen` (pass it to the method, ``lpa(depth=)``).
-  ``check``: as in :func:`cut_linen` (a skip connection over the point is refused).
+  ``check``: as in :func:`cut_linen` (a skip connection over the point is refused).  Unlike
+  :func:`cut_linen`, ``upper`` runs the layers below the point on the placeholder, as dead
+  code: an effect there (``jax.debug.callback``) runs ``T + 2`` times per LPA step (see the
+  module docstring for why).
 
   NNX's own ``Module.perturb`` / ``nnx.capture`` need a ``self.perturb`` call written into
   the model, and still run the layers below it, so they cannot cut a model you did not write.
