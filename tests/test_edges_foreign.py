@@ -150,3 +150,44 @@ def test_upper_skips_only_what_feeds_the_point():
     model, v, cut = _net(model)
     logits = jax.jit(lambda v, x: full_apply(cut, v, x, False)[0])(v, X)
     np.testing.assert_allclose(logits, model.apply(v, X), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------- 3. NNX points inside NNX transforms
+class NnxRemat(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = nnx.Linear(D, 8, rngs=rngs)
+    self.body = nnx.Linear(8, 8, rngs=rngs)
+    self.head = nnx.Linear(8, C, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.stem(x))
+    h = nnx.remat(lambda m, h: nnx.relu(m.body(h)))(self, h)
+    return self.head(h)
+
+
+class NnxScan(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = nnx.Linear(D, 8, rngs=rngs)
+
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def layers(rngs):
+      return nnx.Linear(8, 8, rngs=rngs)
+
+    self.layers = layers(rngs)
+    self.head = nnx.Linear(8, C, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(h, layer):
+      return nnx.relu(layer(h))
+    return self.head(run(self.stem(x), self.layers))
+
+
+@pytest.mark.parametrize("make,path", [(NnxRemat, "body"), (NnxScan, "layers")])
+def test_an_nnx_point_inside_a_transform_is_refused_by_name(make, path):
+  model = make(nnx.Rngs(0))
+  v = nnx_functional(model)[1]
+  cut = cut_nnx(model, path, input_shape=(D,))
+  with pytest.raises(ValueError, match=rf"'{path}' runs inside an NNX transform.*nnx\.scan"):
+    jax.jit(lambda v, x: cut.lower(v, x, False)[0])(v, X)

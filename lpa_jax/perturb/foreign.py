@@ -491,6 +491,22 @@ def nnx_functional(model: nnx.Module) -> tuple[Callable, dict]:
   return apply_fn, variables
 
 
+def _in_nnx_transform(target) -> ValueError:
+  return ValueError(f"Submodule {_fmt(target)!r} runs inside an NNX transform (nnx.scan, "
+                    "nnx.remat, nnx.vmap, ...) or is handed to one, and its output cannot be "
+                    "handed across it; cut at the module that applies the transform, or at a "
+                    "submodule outside it")
+
+
+def _forward_traces(graphdef, variables, train, x) -> bool:
+  """Whether the model's own forward, without a stand-in, traces (no FLOPs)."""
+  try:
+    nnx.eval_shape(lambda m, x: m(x), _merge(graphdef, variables, train), x)
+  except Exception:  # noqa: BLE001 -- any failure: the model's own, not the cut's
+    return False
+  return True
+
+
 def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   m, svars, stored = _prepare(graphdef, variables, train, rng)
   if target not in [tuple(p) for p, _ in nnx.iter_modules(m)]:
@@ -501,12 +517,16 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   key = target[-1]
   orig = parent[key] if isinstance(key, int) else getattr(parent, key)
   start = {k: v.get_raw_value() for k, v in svars.items()}
-  hits, written = [], set()
+  hits, written, reached = [], set(), []
+  outer = flax_tracers.current_trace()
 
   def stand_in(*args, **kwargs):
+    reached.append(True)
     if hits:
       raise ValueError(f"Submodule {_fmt(target)!r} is called more than once; cut at a "
                        "submodule called once per forward pass")
+    if flax_tracers.current_trace() != outer:
+      raise _in_nnx_transform(target)
     written.update(k for k, v in svars.items() if v.get_raw_value() is not start[k])
     out = orig(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
     hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
@@ -516,6 +536,12 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   _set(stand_in)
   try:
     out = m(x)
+  except Exception as e:
+    # A transform handed a module holding the stand-in refuses the function in it (with an
+    # error about the function); the model's own forward tells whether the swap was the cause.
+    if reached or not _forward_traces(graphdef, variables, train, x):
+      raise
+    raise _in_nnx_transform(target) from e
   finally:
     _set(orig)
   if not hits:
