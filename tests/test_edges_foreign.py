@@ -191,3 +191,32 @@ def test_an_nnx_point_inside_a_transform_is_refused_by_name(make, path):
   cut = cut_nnx(model, path, input_shape=(D,))
   with pytest.raises(ValueError, match=rf"'{path}' runs inside an NNX transform.*nnx\.scan"):
     jax.jit(lambda v, x: cut.lower(v, x, False)[0])(v, X)
+
+
+# -------------------------------------------------- 4. a point reached through another method
+class Block(nn.Module):
+  def setup(self):
+    self.dense = nn.Dense(8)
+
+  def __call__(self, x):
+    return self.dense(x)
+
+  def encode(self, x):
+    return nn.relu(self.dense(x))
+
+
+class Encoded(nn.Module):
+  def setup(self):
+    self.block = Block()
+    self.head = nn.Dense(C)
+
+  def __call__(self, x):
+    return self.head(self.block.encode(x))
+
+
+def test_a_point_reached_through_another_method_names_target_method():
+  model, v, cut = _net(Encoded(), "block")
+  with pytest.raises(ValueError, match=r"'block' is called through encode.*target_method='encode'"):
+    cut.lower(v, X, False)
+  cut = cut_linen(model, "block", input_shape=(D,), target_method="encode")
+  np.testing.assert_allclose(full_apply(cut, v, X, False)[0], model.apply(v, X), rtol=1e-6)

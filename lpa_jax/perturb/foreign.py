@@ -98,6 +98,16 @@ def _unknown_path(path, valid) -> ValueError:
   return ValueError(f"Unknown module path {_fmt(path)!r}; valid module paths are: {listing}")
 
 
+def _missed(target, target_method: str, seen) -> ValueError:
+  """Why a Linen target was never called: only through other methods, or no such path."""
+  methods = sorted({name for p, name in seen if p == target})
+  if methods:
+    return ValueError(f"Module {_fmt(target)!r} is called through {', '.join(methods)}, never "
+                      f"{target_method}: pass target_method={methods[0]!r} to cut_linen to cut "
+                      "at that method's output")
+  return _unknown_path(target, [p for p, _ in seen])
+
+
 def _own(new: dict, old: dict, owned: Callable[[tuple], bool]) -> dict:
   """Leaves whose path is ``owned`` come from ``new``, the others from ``old`` (pass-through)."""
   fn, fo = traverse_util.flatten_dict(new), traverse_util.flatten_dict(old)
@@ -324,7 +334,7 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     out = apply_linen(model, variables, x, method=method, mutable=mut or False,
                       rngs=linen_rngs(rng, train, rng_names), **train_kwargs)
   if not hits:
-    raise _unknown_path(target, [p for p, _ in seen])
+    raise _missed(target, target_method, seen)
   logits, state = out if mut else (out, {})
   below = lambda k: k in written or k[1:1 + len(target)] == target
   return logits, hits[0], dict(state), below
@@ -354,7 +364,8 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     train_kw: the keyword that switches training mode.  ``"auto"`` passes the first of
       ``train, training, is_training`` the applied method's signature names, or none; a name
       forces that keyword (``ValueError`` if the method cannot take it); ``None`` passes none.
-    target_method: the target's method whose output is the activation.
+    target_method: the target's method whose output is the activation, e.g. ``"encode"``
+      for a point the model reaches as ``self.block.encode(x)``.
     mutable: collections a training pass updates (those present in ``variables``).
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
     depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
