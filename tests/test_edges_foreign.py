@@ -220,3 +220,48 @@ def test_a_point_reached_through_another_method_names_target_method():
     cut.lower(v, X, False)
   cut = cut_linen(model, "block", input_shape=(D,), target_method="encode")
   np.testing.assert_allclose(full_apply(cut, v, X, False)[0], model.apply(v, X), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ 5. a pytree activation
+class Pair(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8)(x)
+    return h, h > 0
+
+
+class Paired(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h, mask = Pair(name="pair")(nn.relu(nn.Dense(8, name="stem")(x)))
+    return nn.Dense(C, name="head")(h * mask)
+
+
+class NnxPaired(nnx.Module):
+  def __init__(self, rngs):
+    self.pair = NnxPair(rngs)
+    self.head = nnx.Linear(8, C, rngs=rngs)
+
+  def __call__(self, x):
+    h, mask = self.pair(x)
+    return self.head(h * mask)
+
+
+class NnxPair(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(D, 8, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.dense(x)
+    return h, h > 0
+
+
+def test_a_pytree_activation_is_refused_naming_the_point_and_its_structure():
+  _, v, cut = _net(Paired(), "pair")
+  method = _lpa()
+  with pytest.raises(ValueError, match=r"'pair' returns a tuple of 2 arrays.*one array"):
+    lj.perturbed_apply(method, cut, method.init(), v, X, Y)
+  model = NnxPaired(nnx.Rngs(0))
+  cut = cut_nnx(model, "pair", input_shape=(D,))
+  with pytest.raises(ValueError, match=r"'pair' returns a tuple of 2 arrays.*one array"):
+    cut.lower(nnx_functional(model)[1], X, False)

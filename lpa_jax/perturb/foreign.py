@@ -133,6 +133,20 @@ def _placeholder(act, shape, dtype):
   return jnp.zeros((jax.tree.leaves(act)[0].shape[0],) + shape, dtype)
 
 
+def _one_array(out, point: str):
+  """``out`` if it is one array; a pytree (``(h, mask)``) is refused, naming its structure:
+  every method adds ``δ`` to one array, and the rest of the pytree could not be handed to
+  ``upper`` without computing it below the point."""
+  if isinstance(out, jax.Array):
+    return out
+  leaves = jax.tree.map(lambda a: f"{getattr(a, 'dtype', type(a).__name__)}"
+                        f"{list(getattr(a, 'shape', ()))}", out)
+  raise ValueError(f"{point!r} returns a {type(out).__name__} of {len(jax.tree.leaves(out))} "
+                   f"arrays, {leaves}, not one array: the perturbation methods add δ to one "
+                   "array. Cut at a submodule that returns one (the one computing the array you "
+                   "mean to perturb)")
+
+
 def _stand_in(act, out, point):
   """``act`` in place of the target's output ``out``: same shapes, cast to ``out``'s dtypes."""
   shapes = lambda t: jax.tree.map(lambda a: tuple(a.shape), t)
@@ -323,7 +337,8 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     now = traverse_util.flatten_dict({c: root.variables.get(c, {}) for c in mut})
     # Identity, not value: a BatchNorm that already ran holds a new array object.
     written.update(k for k, v in now.items() if v is not before.get(k))
-    out = next_fun(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
+    # In upper: dead code, it only tells act's shape and dtype.
+    out = _one_array(next_fun(*args, **kwargs), _fmt(target))
     hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
     return hits[-1]
 
@@ -539,7 +554,8 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
     if flax_tracers.current_trace() != outer:
       raise _in_nnx_transform(target)
     written.update(k for k, v in svars.items() if v.get_raw_value() is not start[k])
-    out = orig(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
+    # In upper: dead code, it only tells act's shape and dtype.
+    out = _one_array(orig(*args, **kwargs), _fmt(target))
     hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
     return hits[-1]
 
