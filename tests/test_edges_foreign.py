@@ -6,12 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import lpa_jax as lj
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
 from lpa_jax.perturb.hooks import full_apply
+from lpa_jax.perturb.pgd import project_rows
 from lpa_jax.perturb.tables import class_counts, gather_rows
 
 C, B, D = 3, 6, 5
@@ -265,3 +267,27 @@ def test_a_pytree_activation_is_refused_naming_the_point_and_its_structure():
   cut = cut_nnx(model, "pair", input_shape=(D,))
   with pytest.raises(ValueError, match=r"'pair' returns a tuple of 2 arrays.*one array"):
     cut.lower(nnx_functional(model)[1], X, False)
+
+
+# ----------------------------------------------------------------------------- 6. tiny radii
+@pytest.mark.parametrize("radius", [1e-30, 1e-20])
+def test_a_tiny_radius_gives_a_zero_delta_not_nan(radius):
+  """optax squares the radius: below √tiny (1.1e-19 in float32) that is 0, and 0/0 was NaN."""
+  table_CxD = jax.random.normal(jax.random.key(4), (C, 4), jnp.float32) * radius
+  got = jax.jit(project_rows)(table_CxD, jnp.full((C,), radius, jnp.float32))
+  np.testing.assert_array_equal(got, 0.0)
+  _, v, cut = _net()
+  method = _lpa(eps=radius)
+  out = jax.jit(lambda v: lj.perturbed_apply(method, cut, method.init(), v, X, Y))(v)
+  assert np.all(np.isfinite(out.logits_BxC))
+  act = cut.lower(v, X, False)[0]
+  delta = jax.jit(lambda a: method.delta(method.init(), lambda z: cut.upper(v, z, False)[0], a,
+                                         Y))(act)
+  np.testing.assert_array_equal(delta, 0.0)
+
+
+def test_ordinary_radii_project_as_optax_does_to_the_bit():
+  table_CxD = jax.random.normal(jax.random.key(5), (C, 16), jnp.float32)
+  radius_C = jnp.array([1e-3, 0.7, 10.0], jnp.float32)
+  want = jax.jit(jax.vmap(optax.projections.projection_l2_ball))(table_CxD, radius_C)
+  np.testing.assert_array_equal(jax.jit(project_rows)(table_CxD, radius_C), want)
