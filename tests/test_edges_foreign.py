@@ -291,3 +291,18 @@ def test_ordinary_radii_project_as_optax_does_to_the_bit():
   radius_C = jnp.array([1e-3, 0.7, 10.0], jnp.float32)
   want = jax.jit(jax.vmap(optax.projections.projection_l2_ball))(table_CxD, radius_C)
   np.testing.assert_array_equal(jax.jit(project_rows)(table_CxD, radius_C), want)
+
+
+# ------------------------------------------------------------------------- 7. an empty batch
+@pytest.mark.parametrize("jit", [False, True])
+def test_an_empty_batch_passes_through_unchanged(jit):
+  model, v, cut = _net()
+  method = _lpa()
+  x0, y0 = X[:0], Y[:0]
+  fwd = lambda v: lj.perturbed_apply(method, cut, method.init(), v, x0, y0)  # noqa: E731
+  out = (jax.jit(fwd) if jit else fwd)(v)
+  assert out.logits_BxC.shape == (0, C)
+  act = cut.lower(v, x0, False)[0]
+  got = method.apply(method.init(), act, y0, lambda a: cut.upper(v, a, False)[0])
+  assert got.act.shape == act.shape == (0, 8)
+  np.testing.assert_array_equal(got.state.stats.count_C, 0)

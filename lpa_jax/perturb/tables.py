@@ -11,6 +11,8 @@ Array([2., 0.], dtype=float32)
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -18,7 +20,9 @@ import jax.numpy as jnp
 def row_norms(x_NxD: jax.Array) -> jax.Array:
   """ℓ2 norm of each row (everything after the leading axis), summed in float32 (a bf16
   activation's squares would otherwise be accumulated in bf16)."""
-  flat = x_NxD.reshape(x_NxD.shape[0], -1).astype(jnp.float32)
+  # The row size spelt out: reshape(0, -1) cannot infer it (an empty batch raised
+  # ZeroDivisionError).
+  flat = x_NxD.reshape(x_NxD.shape[0], math.prod(x_NxD.shape[1:])).astype(jnp.float32)
   return jnp.sqrt(jnp.sum(jnp.square(flat), -1))
 
 
