@@ -306,3 +306,29 @@ def test_an_empty_batch_passes_through_unchanged(jit):
   got = method.apply(method.init(), act, y0, lambda a: cut.upper(v, a, False)[0])
   assert got.act.shape == act.shape == (0, 8)
   np.testing.assert_array_equal(got.state.stats.count_C, 0)
+
+
+# ------------------------------------------------------------------- 8. a num_classes mismatch
+@pytest.mark.parametrize("built,logits", [(5, 10), (10, 3)])
+def test_a_num_classes_mismatch_speaks_of_num_classes_and_logits(built, logits):
+  model, v, cut = _net(Mlp(logits))
+  y = jnp.arange(B) % min(built, logits)
+  method = _lpa(built)
+  msg = (rf"lpa was built with num_classes={built}, but the layers above the point return "
+         rf"logits of shape \({B}, {logits}\), the model's {logits} classes")
+  with pytest.raises(ValueError, match=msg) as e:
+    lj.perturbed_apply(method, cut, method.init(), v, X, y)
+  assert "targets" not in str(e.value)
+  act = cut.lower(v, X, False)[0]
+  with pytest.raises(ValueError, match=msg):
+    method.apply(method.init(), act, y, lambda a: cut.upper(v, a, False)[0])
+
+
+def test_targets_the_caller_passed_are_still_named_when_wrong():
+  _, v, cut = _net()
+  act = cut.lower(v, X, False)[0]
+  method = _lpa()
+  with pytest.raises(ValueError, match=r"lpa: targets must have shape \(batch, num_classes\) = "
+                                       rf"\({B}, {C}\), got \({B}, {C + 1}\)"):
+    method.apply(method.init(), act, Y, lambda a: cut.upper(v, a, False)[0],
+                 targets=jax.nn.one_hot(Y, C + 1))
