@@ -22,7 +22,7 @@ point must *separate* input from output: if a skip connection bypasses the targe
 would see the placeholder there, and lower+upper would differ from the model's own forward.
 So ``upper`` traces the model once more and follows the data flow (:func:`check_separates`):
 an output that depends on the input other than through the point, or not on the point at all,
-is refused with the reason; a Linen cut traces it once more again to tell the calls it skips.
+is refused with the reason; a Linen cut traces it a third time to tell which calls it skips.
 
 Dead code with an effect is not removed.  A ``jax.debug.callback`` in a layer below the point
 runs once per step (in ``lower``) with a Linen cut, but ``T + 2`` times per LPA step of ``T``
@@ -196,11 +196,11 @@ def _depends(jaxpr, flags) -> list[bool]:
 
 
 def _skippable(out_of, x, act, calls: list) -> dict:
-  """Of ``calls``, the module calls made before the point (``[(key, output spec)]``), those
-  ``upper`` may skip: ``{key: zeros}``.  A call may be skipped if the output does not depend on
-  what it returns, i.e. it only fed the point, read off a trace of ``out_of(x, act, skip)``
-  with the stand-ins as inputs; a call whose value is used above the point (a table computed
-  from parameters alone) is run, and the trace repeated without it."""
+  """Of ``calls`` (``[(key, output spec)]``, the module calls made before the point), those
+  ``upper`` may skip, as ``{key: zeros}``: the calls whose value the output does not depend
+  on, read off a trace of ``out_of(x, act, skip)`` with the zeros as its inputs.  A call whose
+  value is used above the point (a table computed from parameters alone) must run: it is
+  dropped and the trace repeated."""
   while calls:
     keys = [k for k, _ in calls]
     zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec) for _, spec in calls]
@@ -303,7 +303,7 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
   seen, hits, written = [], [], set()
   calls = collections.Counter()
 
-  def other(next_fun, args, kwargs, path_, name):
+  def not_target(next_fun, args, kwargs, path_, name):
     key = (path_, name, calls[path_, name])
     calls[path_, name] += 1
     if skip and key in skip:
@@ -315,15 +315,16 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     if (record is not None and not hits and path_ != target[:len(path_)]
         and flax_tracers.current_trace() == outer):
       del record[start:]  # the calls made inside this one are skipped with it
-      if _spec(out) is not None:
-        record.append((key, _spec(out)))
+      spec = _spec(out)
+      if spec is not None:
+        record.append((key, spec))
     return out
 
   def interceptor(next_fun, args, kwargs, ctx):
     path_ = tuple(ctx.module.path)
     seen.append((path_, ctx.method_name))
     if path_ != target or ctx.method_name != target_method:
-      return other(next_fun, args, kwargs, path_, ctx.method_name)
+      return not_target(next_fun, args, kwargs, path_, ctx.method_name)
     if hits:
       raise ValueError(f"Module {_fmt(target)!r} is called more than once; cut at a module "
                        "called once per forward pass")
@@ -528,7 +529,7 @@ def _forward_traces(graphdef, variables, train, x) -> bool:
   """Whether the model's own forward, without a stand-in, traces (no FLOPs)."""
   try:
     nnx.eval_shape(lambda m, x: m(x), _merge(graphdef, variables, train), x)
-  except Exception:  # noqa: BLE001 -- any failure: the model's own, not the cut's
+  except Exception:  # whatever it is, it is the model's own failure, not the cut's
     return False
   return True
 
