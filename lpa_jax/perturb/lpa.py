@@ -171,7 +171,8 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
 
   Every function taking ``labels`` wants integer class ids in ``[0, num_classes)``, one per
   example of ``act``; anything else raises, naming the sizes (the range is checked where the
-  labels are concrete; under ``jit`` see :func:`~lpa_jax.perturb.base.check_labels`).
+  labels are concrete; under ``jit`` see :func:`~lpa_jax.perturb.base.check_labels`: there an
+  out-of-range label gets ``δ = 0`` and counts towards no class's δ or statistics).
 
   Args:
     num_classes: ``C``, also the number of logits the layers above the point return.
@@ -300,7 +301,7 @@ def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC,
     a = add_delta(act_sg, t[MAIN], labels_B)
     logits = (upper(a, {p: gather_rows(t[p], labels_B) for p in extra_points}) if extra_points
               else upper(a))
-    _check_logits(cfg, logits)
+    _check_logits(cfg, logits, targets_BxC)
     return loss_fn(logits, targets_BxC), logits
 
   def pgd_loss(t):
@@ -326,16 +327,27 @@ def _tables(cfg: LPAConfig, state, upper, act, labels_B, loss_fn, targets_BxC,
   return _PGDOut(out, clean, radius[MAIN], grad_norm[MAIN], state)
 
 
-def _check_logits(cfg: LPAConfig, logits) -> None:
-  if logits.ndim != 2 or logits.shape[-1] != cfg.num_classes:
+def _check_logits(cfg: LPAConfig, logits, targets_BxC) -> None:
+  """The model's logits against ``num_classes`` first, then the targets: targets a caller did
+  not pass are ``one_hot(labels, <the model's number of logits>)`` (``perturbed_apply``), so
+  a model with another number of classes must be named as such, not as wrong targets."""
+  if logits.ndim != 2:
+    raise ValueError(f"lpa: the layers above the point must return logits of shape (batch, "
+                     f"num_classes), got {tuple(logits.shape)}")
+  if logits.shape[-1] != cfg.num_classes:
     raise ValueError(f"lpa was built with num_classes={cfg.num_classes}, but the layers above "
-                     f"the point return logits of shape {tuple(logits.shape)}")
+                     f"the point return logits of shape {tuple(logits.shape)}, the model's "
+                     f"{logits.shape[-1]} classes: build it with num_classes={logits.shape[-1]}")
+  if tuple(targets_BxC.shape) != tuple(logits.shape):
+    raise ValueError(f"lpa: targets must have shape (batch, num_classes) = "
+                     f"{tuple(logits.shape)}, got {tuple(targets_BxC.shape)}")
 
 
 def _check_inputs(cfg: LPAConfig, act, labels_B, targets) -> None:
-  """Static shape and dtype checks (and the label range outside jit); no effect on the math."""
+  """Static shape and dtype checks (and the label range outside jit); no effect on the math.
+  The targets' classes are checked with the logits (:func:`_check_logits`)."""
   check_labels(labels_B, cfg.num_classes, "lpa", act)
-  if targets is not None and tuple(targets.shape) != (labels_B.shape[0], cfg.num_classes):
+  if targets is not None and (targets.ndim != 2 or targets.shape[0] != labels_B.shape[0]):
     raise ValueError(f"lpa: targets must have shape (batch, num_classes) = "
                      f"{(labels_B.shape[0], cfg.num_classes)}, got {tuple(targets.shape)}")
 

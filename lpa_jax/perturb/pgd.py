@@ -22,11 +22,19 @@ def project_rows(table_CxD: jax.Array, radius_C: jax.Array) -> jax.Array:
   """Per-class ℓ2-ball projection: optax's projection vmapped over the class axis.
 
   optax divides by the norm, which is 0/0 for a zero row at radius 0: those rows stay 0.
-  A NaN radius stays NaN (it is reported, never silently turned into δ = 0).
+  It also squares the radius, which underflows to 0 below ``√tiny`` (``1.1e-19`` in float32),
+  where the same 0/0 gave NaN: rows with such a radius are 0 too, a δ that small being below
+  float32's resolution of any activation it is added to.  A NaN radius stays NaN (it is
+  reported, never silently turned into δ = 0).
+
+  >>> project_rows(jnp.ones((2, 2)), jnp.array([1e-20, 1.0]))
+  Array([[0.        , 0.        ],
+         [0.70710677, 0.70710677]], dtype=float32)
   """
-  safe_C = jnp.where(radius_C > 0, radius_C, 1.0)
+  r_min = jnp.sqrt(jnp.finfo(table_CxD.dtype).tiny)
+  safe_C = jnp.where(radius_C >= r_min, radius_C, 1.0)
   projected = jax.vmap(optax.projections.projection_l2_ball)(table_CxD, safe_C)
-  keep = rowwise((radius_C > 0) | jnp.isnan(radius_C), table_CxD)
+  keep = rowwise((radius_C >= r_min) | jnp.isnan(radius_C), table_CxD)
   return jnp.where(keep, projected, 0.0) + rowwise(radius_C * 0.0, table_CxD)
 
 
