@@ -60,14 +60,14 @@ def test_an_out_of_range_label_takes_no_class_delta_under_jit(bad):
   upper = lambda a: jnp.tanh(a) @ w_DxC  # noqa: E731
   act = jax.random.normal(jax.random.key(3), (B, D))
   method = _lpa(radius_mode="relative")
-  f = jax.jit(lambda a, y: method.apply(method.init(), a, y, upper))
+  f = jax.jit(lambda a, y: method.apply(method.init(), a, labels=y, upper=upper))
   ref = f(act, Y)
   # The extra example is class (bad mod C)'s first one again: clipped or wrapped, it would pull
   # a real class's δ and counts.
   extra = int(np.flatnonzero(np.asarray(Y) == bad % C)[0])
   out = f(jnp.concatenate([act, act[extra:extra + 1]]), jnp.append(Y, bad))
-  np.testing.assert_array_equal(out.act[-1], act[extra])
-  np.testing.assert_allclose(out.act[:-1], ref.act, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(out.x[-1], act[extra])
+  np.testing.assert_allclose(out.x[:-1], ref.x, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out.aux["radius_C"], ref.aux["radius_C"], rtol=1e-6)
   for got, want in zip(out.state.stats, ref.state.stats):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
