@@ -303,8 +303,8 @@ def test_an_empty_batch_passes_through_unchanged(jit):
   out = (jax.jit(fwd) if jit else fwd)(v)
   assert out.logits_BxC.shape == (0, C)
   act = cut.lower(v, x0, False)[0]
-  got = method.apply(method.init(), act, y0, lambda a: cut.upper(v, a, False)[0])
-  assert got.act.shape == act.shape == (0, 8)
+  got = method.apply(method.init(), act, labels=y0, upper=lambda a: cut.upper(v, a, False)[0])
+  assert got.x.shape == act.shape == (0, 8)
   np.testing.assert_array_equal(got.state.stats.count_C, 0)
 
 
@@ -321,7 +321,7 @@ def test_a_num_classes_mismatch_speaks_of_num_classes_and_logits(built, logits):
   assert "targets" not in str(e.value)
   act = cut.lower(v, X, False)[0]
   with pytest.raises(ValueError, match=msg):
-    method.apply(method.init(), act, y, lambda a: cut.upper(v, a, False)[0])
+    method.apply(method.init(), act, labels=y, upper=lambda a: cut.upper(v, a, False)[0])
 
 
 def test_targets_the_caller_passed_are_still_named_when_wrong():
@@ -330,5 +330,5 @@ def test_targets_the_caller_passed_are_still_named_when_wrong():
   method = _lpa()
   with pytest.raises(ValueError, match=r"lpa: targets must have shape \(batch, num_classes\) = "
                                        rf"\({B}, {C}\), got \({B}, {C + 1}\)"):
-    method.apply(method.init(), act, Y, lambda a: cut.upper(v, a, False)[0],
+    method.apply(method.init(), act, labels=Y, upper=lambda a: cut.upper(v, a, False)[0],
                  targets=jax.nn.one_hot(Y, C + 1))
