@@ -77,7 +77,7 @@ def measure_setup(setup, points, grids, methods, bar) -> dict:
   out = {"train_steps": setup.train_steps, "points": {}}
   for point in points:
     norm_C, acts = cm.activation_norms(setup, point)
-    entry = {"act_norm_C": norm_C.tolist(), "depth": setup.ctx.cut_fn(point).depth,
+    entry = {"act_norm_C": norm_C.tolist(), "depth": setup.ctx.depth(point),
              "lpa": [], "adversarial": []}
     if "lpa" in methods:
       for mode in ("absolute", "relative"):

@@ -129,8 +129,10 @@ def run_placed(setup: Setup, placed, inputs=None, logit_method=None) -> dict:
 
   @jax.jit
   def fwd(state, lstate, variables, batch, rng):
-    loss_fn = pgd_loss_of(logit_method, lstate, batch, 0) if logit_method else None
-    return placed.forward(state, variables, batch, rng, True, loss_fn=loss_fn).aux
+    loss_fn = (pgd_loss_of(logit_method, lstate, batch.labels_B, batch.targets_BxC, 0)
+               if logit_method else None)
+    return placed.apply(state, batch.x, labels=batch.labels_B, variables=variables, rng=rng,
+                        train=True, loss_fn=loss_fn, targets=batch.targets_BxC).aux
 
   keys = ("loss_change_C", "delta_norm_C", "expansive_share_C", "radius_C")
   sums, sign = {}, None
@@ -150,7 +152,7 @@ def run_placed(setup: Setup, placed, inputs=None, logit_method=None) -> dict:
 
 def _method_cut(setup: Setup, point: str, acts):
   cut = setup.ctx.cut_fn(point)
-  return (_at_acts(cut) if acts is not None else cut), cut.depth
+  return (_at_acts(cut) if acts is not None else cut), setup.ctx.depth(point)
 
 
 def measure_lpa(setup: Setup, point: str, eps: float, radius_mode: str, acts=None) -> dict:

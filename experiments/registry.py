@@ -17,13 +17,13 @@ import jax
 import numpy as np
 import optax
 
-from lpa_jax.models.staged import stage_level
+from lpa_jax.models.staged import depth_below_logits, stage_level
 from lpa_jax.perturb import activation, classes, gradient, logit
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (LogitMethod, Placed, chain, check_finite_params,
-                                  identity, identity_logits)
-from lpa_jax.perturb.lpa import lpa
+from experiments import gradients
+from lpa_jax.perturb.base import Perturbation, chain, check_finite_params, identity
 from lpa_jax.perturb.hooks import Cut
+from lpa_jax.perturb.lpa import lpa
 from lpa_jax.perturb.place import place
 
 
@@ -42,6 +42,10 @@ class Context(NamedTuple):
   seed: int = 0                    # the run's seed (gradient noise draws from it)
   head: str = "linear"             # the model's classifier head ('cosine' for LDAM)
   clean_pass: bool = True          # random methods run a clean pass for statistics/diagnostics
+
+  def depth(self, point: str) -> float:
+    """``L − l`` of ``point`` in the run's staged model (LPA's radius factor ``β^(L−l)``)."""
+    return depth_below_logits(self.points, point)
 
 
 class Entry(NamedTuple):
@@ -107,7 +111,9 @@ def _lpa_kwargs(cfg, ctx: Context) -> dict:
               eps=cfg.eps, delta_eps=cfg.delta_eps, beta=cfg.beta, steps=cfg.steps,
               varied=cfg.varied, normalize=cfg.normalize, lowrank=cfg.lowrank or None,
               radius_mode=cfg.radius_mode,
-              num_head=classes.run_num_head(cfg.num_head, ctx.num_classes), signs=cfg.signs)
+              num_head=classes.run_num_head(cfg.num_head, ctx.num_classes), signs=cfg.signs,
+              # loss mode's fields; .get: a block saved before they existed has none
+              **{k: cfg.get(k) for k in ("target", "target_delta", "eta", "eps_min", "eps_max")})
 
 
 def _shape_of(ctx: Context, points):
@@ -118,7 +124,7 @@ def _shape_of(ctx: Context, points):
   return shape_of
 
 
-def _lpa(cfg, ctx: Context) -> Placed:
+def _lpa(cfg, ctx: Context) -> Perturbation:
   point = resolve_point(cfg.point, ctx)
   cut = ctx.cut_fn(point)
   extra = [p for p in cfg.extra_points if p != point]
@@ -127,33 +133,33 @@ def _lpa(cfg, ctx: Context) -> Placed:
     if p not in above:
       raise ValueError(f"lpa.extra_points: {p!r} is not a point above {point!r}; points above "
                        f"it are: {', '.join(above)}")
-  method = lpa(depth=cut.depth, extra_points={p: ctx.cut_fn(p).depth for p in extra},
+  method = lpa(depth=ctx.depth(point), extra_points={p: ctx.depth(p) for p in extra},
                **_lpa_kwargs(cfg, ctx))
   return place(method, cut, _shape_of(ctx, extra) if extra else None)
 
 
-def _lpa_adaptive(cfg, ctx: Context) -> Placed:
+def _lpa_adaptive(cfg, ctx: Context) -> Perturbation:
   """Adaptive-layer LPA; its candidates default to every stage-level point below the logits."""
   candidates = tuple(cfg.candidates) or stage_level(ctx.points)[:-1]
   for p in candidates:
     if p not in ctx.points:
       raise ValueError(f"Unknown candidate point {p!r}; valid points are: {', '.join(ctx.points)}")
   cuts = [ctx.cut_fn(p) for p in candidates]
-  return lpa_adaptive([(lpa(depth=c.depth, **_lpa_kwargs(cfg, ctx)), c) for c in cuts],
+  return lpa_adaptive([(lpa(depth=ctx.depth(c.point), **_lpa_kwargs(cfg, ctx)), c) for c in cuts],
                       cfg.every, select=cfg.select)
 
 
 def _at_point(factory, *fields, depth=False):
   """A registry entry for a single-point method taking ``fields`` from its config block."""
-  def make(cfg, ctx: Context) -> Placed:
+  def make(cfg, ctx: Context) -> Perturbation:
     cut = ctx.cut_fn(resolve_point(cfg.point, ctx))
     kw = {f: cfg[f] for f in fields}
-    return place(factory(**kw, **({"depth": cut.depth} if depth else {})), cut,
+    return place(factory(**kw, **({"depth": ctx.depth(cut.point)} if depth else {})), cut,
                  clean_pass=ctx.clean_pass)
   return make
 
 
-def _mixup(cfg, ctx: Context) -> Placed:
+def _mixup(cfg, ctx: Context) -> Perturbation:
   points = tuple(cfg.points) or default_mixup_points(ctx.points)
   top = ctx.cut_fn(ctx.points[-1])
   cuts = [activation.input_cut(top) if p == "input" else ctx.cut_fn(p) for p in points]
@@ -176,7 +182,7 @@ class GradientPlacement(NamedTuple):
   pre: optax.GradientTransformation | None = None
   post: optax.GradientTransformation | None = None
   wrap: Callable | None = None
-  logit: LogitMethod | None = None
+  logit: Perturbation | None = None
 
 
 GAF_WHERE = ("raw", "momentum")
@@ -225,7 +231,7 @@ ACTIVATION: dict[str, Entry] = {
                                          "pca_frac")),
 }
 LOGIT: dict[str, Entry] = {
-    "none": Entry(lambda cfg, ctx: identity_logits()),
+    "none": Entry(lambda cfg, ctx: identity()),
     "lpl": Entry(_class_level(logit.lpl, "alpha", "steps", "varied", "steps_min", "steps_max",
                               "normalize"), _lpl_null, class_level=True),
     "logit_adjust": Entry(lambda cfg, ctx: logit.logit_adjust(ctx.class_counts, tau=cfg.tau,
@@ -242,10 +248,10 @@ GRADIENT: dict[str, Entry] = {
         logit=_class_level(gradient.lpg, "eps", "delta_eps", "varied")(cfg, ctx)), _radius_null,
         class_level=True),
     "gaf": Entry(_gaf),
-    "sam": Entry(lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradient.sam(tx, cfg.rho)),
+    "sam": Entry(lambda cfg, ctx: GradientPlacement(wrap=lambda tx: gradients.sam(tx, cfg.rho)),
                  _zero("rho")),
-    "clip": Entry(lambda cfg, ctx: GradientPlacement(pre=gradient.clip(cfg.max_norm))),
-    "grad_noise": Entry(lambda cfg, ctx: GradientPlacement(pre=gradient.grad_noise(
+    "clip": Entry(lambda cfg, ctx: GradientPlacement(pre=gradients.clip(cfg.max_norm))),
+    "grad_noise": Entry(lambda cfg, ctx: GradientPlacement(pre=gradients.grad_noise(
         cfg.eta, cfg.gamma, seed=_run_seed(ctx.seed, cfg.seed))), _zero("eta")),
 }
 TABLES = {"activation": ACTIVATION, "logit": LOGIT, "gradient": GRADIENT}
@@ -343,7 +349,7 @@ def needs_class_statistics(pcfg) -> bool:
              and pcfg[name].split in classes.REFRESHED for level, name in selected(pcfg))
 
 
-def make_activation(pcfg, ctx: Context) -> Placed:
+def make_activation(pcfg, ctx: Context) -> Perturbation:
   """The activation method, placed.  Random methods (dropout, noise, deep augmentation,
   Manifold Mixup) skip their extra clean pass unless :func:`needs_class_statistics`."""
   selected(pcfg)
@@ -362,9 +368,9 @@ def logit_names(spec) -> list[str]:
   return names
 
 
-def make_logit(pcfg, ctx: Context) -> LogitMethod:
+def make_logit(pcfg, ctx: Context) -> Perturbation:
   """One logit method, or several :func:`~lpa_jax.perturb.base.chain` ed in the order given
-  (``logit_adjust,lpl``); ``none`` is :func:`~lpa_jax.perturb.base.identity_logits`."""
+  (``logit_adjust,lpl``); ``none`` is :func:`~lpa_jax.perturb.base.identity`."""
   return chain(*(_lookup("logit", name)(_block(pcfg, name), ctx)
                  for name in logit_names(pcfg.logit)))
 

@@ -1,9 +1,12 @@
-"""Logit methods from hyper-parameters alone, composed with ``chain`` (issue 19 §1).
+"""Logit methods from hyper-parameters alone, composed with ``chain`` (issue 19 §1), on the one
+protocol: ``apply(state, x, *, labels, targets, step, clean_logits) -> Out``.
 
-Everything a user needs comes from ``lpa_jax.perturb``: no run ``Context``, no registry."""
+Everything a user needs comes from ``lpa_jax.perturb``: no run ``Context``, no registry (the
+config's SAM, clipping and gradient noise come from the application, ``experiments``)."""
 import math
 import pathlib
 import re
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -12,16 +15,17 @@ import numpy as np
 import optax
 import pytest
 
-from lpa_jax.perturb import (Batch, chain, clip, cut_linen, gaf, grad_noise, identity_logits, ldam,
-                             logit_adjust, lpa, lpg, lpg_logits, lpl, perturbed_apply,
-                             pgd_loss_of, sam)
+from experiments.gradients import clip, grad_noise, sam
+from lpa_jax.perturb import (Out, chain, cut_linen, gaf, identity, ldam, logit_adjust, lpa, lpg,
+                             lpl, noise, perturbed_apply)
+from lpa_jax.perturb.base import pgd_loss_of
 from lpa_jax.perturb.logit import drw_start
 
 C, B = 4, 16
 COUNTS = np.array([40, 20, 10, 5])
 Z = jax.random.normal(jax.random.key(0), (B, C))
 Y = jnp.arange(B) % C
-BATCH = Batch(None, Y, jax.nn.one_hot(Y, C))
+T = jax.nn.one_hot(Y, C)
 
 
 class Net(nn.Module):
@@ -41,21 +45,22 @@ def _lpl():
 
 
 def _lpg():
-  return lpg_logits(C, split="longtail", class_counts=COUNTS, eps=0.3, varied=False)
+  return lpg(C, split="longtail", class_counts=COUNTS, eps=0.3, varied=False)
 
 
-def _run(m, z=Z, batch=BATCH, step=0):
-  return m.apply(m.init(), z, batch, step)
+def _run(m, z=Z, step=0) -> Out:
+  return m.apply(m.init(), z, labels=Y, targets=T, step=step)
 
 
-def _ce(z, batch=BATCH):
-  return optax.softmax_cross_entropy(z, batch.targets_BxC).mean()
+def _ce(z, targets=T):
+  return optax.softmax_cross_entropy(z, targets).mean()
 
 
 # ----------------------------------------------------------------------------- composition
 
 def test_lpa_then_la_and_lpl_compose_without_a_context():
-  """LPA's PGD follows the chained LA + LPL loss, and the chain applies LA then LPL."""
+  """LPA's PGD follows the chained LA + LPL loss, and the chain applies LA then LPL: one
+  ``perturbed_apply(chain(lpa, la, lpl))`` gives the numbers of that composition by hand."""
   x = jax.random.normal(jax.random.key(1), (B, 6))
   model = Net()
   variables = model.init(jax.random.key(2), x)
@@ -63,44 +68,62 @@ def test_lpa_then_la_and_lpl_compose_without_a_context():
   la, lp = _la(), _lpl()
   logit = chain(la, lp)
   method = lpa(C, split="longtail", class_counts=COUNTS, eps=0.5, varied=False)
-  batch = BATCH._replace(x=x)
-  loss_fn = pgd_loss_of(logit, logit.init(), batch, 0)
+  # By hand: LPA with PGD on the chained loss, then LA and LPL on its logits.
+  loss_fn = pgd_loss_of(logit, logit.init(), Y, T, 0)
   out = perturbed_apply(method, cut, method.init(), variables, x, Y, loss_fn=loss_fn)
-  z, w_B, _, aux = logit.apply(logit.init(), out.logits_BxC, batch, 0)
-  by_hand = lp.apply(lp.init(), la.apply(la.init(), out.logits_BxC, batch, 0)[0], batch, 0)[0]
+  lout = logit.apply(logit.init(), out.x, labels=Y, targets=T, step=0,
+                     clean_logits=out.clean_logits)
+  z, w_B, aux = lout.x, lout.weights_B, lout.aux
+  kw = dict(labels=Y, targets=T, step=0)
+  by_hand = lp.apply(lp.init(), la.apply(la.init(), out.logits_BxC, **kw).x, **kw).x
   np.testing.assert_array_equal(z, by_hand)
   np.testing.assert_array_equal(w_B, 1.0)
   assert set(aux) == {"lpl_delta_norm_C", "lpl_steps_C"}
 
   def by_hand_loss(logits, targets):  # w_B · CE(LPL(LA(z)))
-    b = batch._replace(targets_BxC=targets)
-    zz = lp.apply(lp.init(), la.apply((), logits, b, 0)[0], b, 0)[0]
+    kw = dict(labels=Y, targets=targets, step=0)
+    zz = lp.apply(lp.init(), la.apply((), logits, **kw).x, **kw).x
     return optax.softmax_cross_entropy(zz, targets)
   ref = perturbed_apply(method, cut, method.init(), variables, x, Y, loss_fn=by_hand_loss)
   np.testing.assert_allclose(out.logits_BxC, ref.logits_BxC, rtol=1e-6, atol=1e-6)
   plain = perturbed_apply(method, cut, method.init(), variables, x, Y)  # cross-entropy PGD
   assert float(jnp.abs(out.logits_BxC - plain.logits_BxC).max()) > 1e-4
 
+  # The chain in one call: PGD on the members' loss, LA then LPL, the loss on their logits.
+  perturb = chain(method, la, lp)
+  full = perturbed_apply(perturb, cut, perturb.init(), variables, x, Y)
+  np.testing.assert_allclose(full.x, z, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(full.loss, _ce(z), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(full.weights_B, 1.0)
+  np.testing.assert_allclose(full.clean_logits, out.clean_logits, rtol=1e-6, atol=1e-6)
+  assert len(full.state) == 3 and full.state[1] == ()
+  for got, want in ((full.state[0], out.state), (full.state[1:], lout.state)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+  assert {"lpl_delta_norm_C", "lpl_steps_C", "delta_norm_C"} <= set(full.aux)
+  assert float(jnp.abs(full.x - logit.apply(logit.init(), plain.x, **kw).x).max()) > 1e-4
+
 
 def test_la_lpl_lpg_chain_in_order_with_lpg_on_the_gradient_only():
   la, lp, g = _la(), _lpl(), _lpg()
   three, two = chain(la, lp, g), chain(la, lp)
   assert len(three.init()) == 3
-  z3, w3, _, aux3 = _run(three)
-  np.testing.assert_array_equal(z3, _run(two)[0])             # LPG keeps the forward
+  out3 = _run(three)
+  z3, w3, aux3 = out3.x, out3.weights_B, out3.aux
+  np.testing.assert_array_equal(z3, _run(two).x)              # LPG keeps the forward
   assert set(aux3) == {"lpl_delta_norm_C", "lpl_steps_C", "lpg_radius_C"}
   np.testing.assert_array_equal(w3, 1.0)
 
   def grad(f):
     return jax.jit(jax.grad(lambda z: _ce(f(z))))(Z)
-  got = grad(lambda z: _run(three, z)[0])
-  want = grad(lambda z: g.apply(g.init(), _run(two, z)[0], BATCH, 0)[0])
+  got = grad(lambda z: _run(three, z).x)
+  want = grad(lambda z: g.apply(g.init(), _run(two, z).x, labels=Y, targets=T, step=0).x)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  assert float(jnp.abs(got - grad(lambda z: _run(two, z)[0])).max()) > 1e-4
+  assert float(jnp.abs(got - grad(lambda z: _run(two, z).x)).max()) > 1e-4
   # PGD follows the training loss, which LPG leaves alone.
-  t = BATCH.targets_BxC
-  np.testing.assert_array_equal(pgd_loss_of(three, three.init(), BATCH, 0)(Z, t),
-                                pgd_loss_of(two, two.init(), BATCH, 0)(Z, t))
+  np.testing.assert_array_equal(pgd_loss_of(three, three.init(), Y, T, 0)(Z, T),
+                                pgd_loss_of(two, two.init(), Y, T, 0)(Z, T))
   state = three.refresh(three.init(), None, 1)
   assert len(state) == 3
 
@@ -111,15 +134,15 @@ def test_class_level_logit_methods_keep_their_own_statistics_and_refresh_from_th
   expansive."""
   lp = lpl(C, split="balanced", alpha=0.1, steps=2)
   m = chain(_la(), lp)
-  out = m.apply(m.init(), Z, BATCH, 0)
+  out = m.apply(m.init(), Z, labels=Y, targets=T, step=0)
   own = out.state[1]
   np.testing.assert_array_equal(own.sign_C, 0.0)                       # no split yet
-  np.testing.assert_array_equal(own.stats.count_C, np.asarray(BATCH.targets_BxC.sum(0)))
-  prob_C = np.asarray((jax.nn.softmax(Z) * BATCH.targets_BxC).sum(-1) @ BATCH.targets_BxC)
+  np.testing.assert_array_equal(own.stats.count_C, np.asarray(T.sum(0)))
+  prob_C = np.asarray((jax.nn.softmax(Z) * T).sum(-1) @ T)
   np.testing.assert_allclose(own.stats.prob_sum_C, prob_C, rtol=1e-5)  # Z, not LA's output
   new = m.refresh(out.state)
-  q_C = prob_C / np.maximum(np.asarray(BATCH.targets_BxC.sum(0)), 1)
-  seen = np.asarray(BATCH.targets_BxC.sum(0)) > 0
+  q_C = prob_C / np.maximum(np.asarray(T.sum(0)), 1)
+  seen = np.asarray(T.sum(0)) > 0
   want = np.where(seen, np.where(q_C < q_C[seen].mean(), 1.0, -1.0), 0.0)
   np.testing.assert_array_equal(new[1].sign_C, want)
   np.testing.assert_array_equal(new[1].stats.count_C, 0.0)              # a fresh epoch
@@ -127,10 +150,10 @@ def test_class_level_logit_methods_keep_their_own_statistics_and_refresh_from_th
 
 def test_chain_order_matters_where_it_should():
   la, lp = _la(), _lpl()
-  la_then_lpl, lpl_then_la = _run(chain(la, lp))[0], _run(chain(lp, la))[0]
+  la_then_lpl, lpl_then_la = _run(chain(la, lp)).x, _run(chain(lp, la)).x
   assert float(jnp.abs(la_then_lpl - lpl_then_la).max()) > 1e-3  # LPL's δ sees LA's shift
   half = logit_adjust(COUNTS[::-1], tau=0.5)
-  np.testing.assert_allclose(_run(chain(la, half))[0], _run(chain(half, la))[0], rtol=1e-6)
+  np.testing.assert_allclose(_run(chain(la, half)).x, _run(chain(half, la)).x, rtol=1e-6)
 
 
 def test_predict_weights_and_nesting():
@@ -140,41 +163,61 @@ def test_predict_weights_and_nesting():
   np.testing.assert_allclose(m.predict(m.init(), Z), Z - prior - prior[::-1], rtol=1e-5,
                              atol=1e-6)
   drw = ldam(COUNTS, normalized_head=True, drw_start_step=0, batch_normalize=False)
-  w_ldam, w_lpg = _run(drw)[1], _run(_lpg())[1]
-  np.testing.assert_array_equal(_run(chain(drw, _la(), _lpg()))[1], w_ldam * w_lpg)
+  w_ldam, w_lpg = _run(drw).weights_B, _run(_lpg()).weights_B
+  np.testing.assert_array_equal(_run(chain(drw, _la(), _lpg())).weights_B, w_ldam * w_lpg)
   assert not np.allclose(w_ldam, 1.0)
   flat, nested = chain(_la(), _lpl(), _lpg()), chain(chain(_la(), _lpl()), _lpg())
   assert jax.tree.structure(nested.init()) != jax.tree.structure(flat.init())
-  np.testing.assert_array_equal(_run(nested)[0], _run(flat)[0])
+  np.testing.assert_array_equal(_run(nested).x, _run(flat).x)
 
 
 def test_chain_of_none_or_one_is_that_method():
   lp = _lpl()
   assert chain(lp) is lp
-  z, w_B, _, aux = _run(chain())
+  out = _run(chain())
+  z, aux = out.x, out.aux
   np.testing.assert_array_equal(z, Z)
-  assert chain().init() == identity_logits().init() == () and aux == {}
+  assert chain().init() == identity().init() == () and aux == {}
+  assert chain().info.get("identity") and chain().level == "logit"
 
 
 def test_chain_refuses_clashing_aux_and_gradient_methods():
   twice = chain(_lpl(), lpl(C, split="all_positive", alpha=0.1))
-  with pytest.raises(ValueError, match="methods 0 and 1 both report aux 'lpl_delta_norm_C'"):
+  with pytest.raises(ValueError, match="members 0 and 1 both report aux 'lpl_delta_norm_C'"):
     _run(twice)
-  with pytest.raises(TypeError, match=r"argument 1 is a .*not a LogitMethod: gradient "
-                                      r"transforms go into the optimiser"):
+  with pytest.raises(TypeError, match=r"argument 1 is an optax gradient transformation: "
+                                      r"gradient methods go into the optimiser"):
     chain(_la(), gaf())
-  np.testing.assert_array_equal(_run(chain(_la(), lpg(C)))[0], _run(_la())[0])
+  np.testing.assert_array_equal(_run(chain(_la(), lpg(C))).x, _run(_la()).x)
+
+
+def test_chain_refuses_two_activation_members_and_one_after_a_logit_member():
+  act = lpa(C, split="all_positive", eps=0.1)
+  with pytest.raises(ValueError, match=r"members \[0, 1\] are all activation-level: one "
+                                       r"activation method per chain"):
+    chain(act, noise(0.1), _la())
+  with pytest.raises(ValueError, match=r"the activation-level member 1 comes after logit member "
+                                       r"0; put it first"):
+    chain(_la(), act)
+  with pytest.raises(TypeError, match=r"argument 1 is a tuple, not a Perturbation"):
+    chain(_la(), (1, 2))
+  mixed = chain(act, _la())                   # runs inside the network, not through apply
+  assert mixed.level == "chain" and len(mixed.init()) == 2
+  with pytest.raises(TypeError, match=r"call perturbed_apply\(chain, cut"):
+    mixed.apply(mixed.init(), Z, labels=Y)
 
 
 def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
-  """The README's ``logit-chain`` block, run on a tiny 10-class model."""
+  """The README's ``logit-chain`` block in its ``step`` block, run on a tiny 10-class model:
+  the step's loss is that of LPA (PGD on the LA + LPL loss) then LA and LPL by hand."""
   import lpa_jax as lj
   from flax.training import train_state
   text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  source = re.search(r"```python readme-test:logit-chain\n(.*?)```", text, flags=re.S).group(1)
+  blocks = dict(re.findall(r"```python readme-test:([\w-]+)\n(.*?)```", text, flags=re.S))
 
-  class TrainState(train_state.TrainState):
+  class TrainState(train_state.TrainState):   # as the README's setup block declares it
     model_state: dict
+    pstate: Any = None
 
   class Net10(nn.Module):
     @nn.compact
@@ -183,27 +226,32 @@ def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
   x, y = jax.random.normal(jax.random.key(3), (20, 6)), jnp.arange(20) % 10
   counts = np.array([100, 60, 40, 30, 20, 10, 8, 6, 4, 2])
   variables = dict(Net10().init(jax.random.key(4), x))
-  state = TrainState.create(apply_fn=None, params=variables.pop("params"),
-                            tx=optax.sgd(0.1), model_state=variables)
-  ns = dict(jax=jax, jnp=jnp, optax=optax, lj=lj, counts=counts, state=state,
-            cut=lj.cut_linen(Net10(), "block2", input_shape=(6,)),
-            lpa=lj.lpa(10, split="longtail", class_counts=counts, eps=0.5))
-  exec(compile(source, "README.md[logit-chain]", "exec"), ns)  # noqa: S102
-  new, _, lstate, loss = ns["train_step_la_lpl"](state, ns["lpa"].init(), ns["logit"].init(),
-                                                 x, y, jax.random.key(5))
-  logit, batch = ns["logit"], Batch(x, y, jax.nn.one_hot(y, 10))
-  out = perturbed_apply(ns["lpa"], ns["cut"], ns["lpa"].init(), {"params": state.params}, x, y,
-                        jax.random.key(5), loss_fn=pgd_loss_of(logit, logit.init(), batch, 0))
-  want = _ce(logit.apply(logit.init(), out.logits_BxC, batch, 0)[0], batch)
+  params = variables.pop("params")
+  ns = dict(jax=jax, jnp=jnp, optax=optax, lj=lj, counts=counts,
+            cut=lj.cut_linen(Net10(), "block2", input_shape=(6,)))
+  for name in ("logit-chain", "step"):
+    exec(compile(blocks[name], f"README.md[{name}]", "exec"), ns)  # noqa: S102
+  perturb = ns["perturb"]
+  state = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1),
+                            model_state=variables, pstate=perturb.init())
+  new, loss = ns["train_step"](state, x, y)
+  # By hand: LPA alone with PGD on the chained loss, then LA and LPL on its logits.
+  method, logit = perturb.members[0], chain(*perturb.members[1:])
+  targets = jax.nn.one_hot(y, 10)
+  out = perturbed_apply(method, ns["cut"], method.init(), {"params": state.params}, x, y,
+                        loss_fn=pgd_loss_of(logit, logit.init(), y, targets, 0))
+  want = _ce(logit.apply(logit.init(), out.logits_BxC, labels=y, targets=targets, step=0).x,
+             targets)
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
-  assert abs(float(want) - float(_ce(out.logits_BxC, batch))) > 1e-3   # LA + LPL acted
+  assert abs(float(want) - float(_ce(out.logits_BxC, targets))) > 1e-3   # LA + LPL acted
   assert int(new.step) == 1
   # LPL's state gathered the batch's class statistics from the clean logits (before LPA's δ
   # and LA's shift); LA keeps no state.
+  lstate = new.pstate[1:]
   stats = lstate[1].stats
   np.testing.assert_array_equal(stats.count_C, np.bincount(np.asarray(y), minlength=10))
-  prob = jnp.sum(jax.nn.softmax(out.clean_logits) * batch.targets_BxC, -1)
-  np.testing.assert_allclose(stats.prob_sum_C, prob @ batch.targets_BxC, rtol=1e-5)
+  prob = jnp.sum(jax.nn.softmax(out.clean_logits) * targets, -1)
+  np.testing.assert_allclose(stats.prob_sum_C, prob @ targets, rtol=1e-5)
   assert lstate[0] == ()
 
 
@@ -242,7 +290,7 @@ def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
     (lambda: ldam(COUNTS, normalized_head=True, drw=False, drw_fraction=1.5),
      r"ldam.drw_fraction must lie in \[0, 1\]"),
     (lambda: lpg(C, eps=-1.0), r"lpg needs eps >= 0"),
-    (lambda: lpg_logits(C, delta_eps=math.nan), r"lpg.delta_eps must be finite"),
+    (lambda: lpg(C, delta_eps=math.nan), r"lpg.delta_eps must be finite"),
     (lambda: lpg(C, split="longtail"), r"lpg: split='longtail' needs the training class counts"),
 ])
 def test_bad_arguments_name_the_argument(make, match):
@@ -276,7 +324,7 @@ def test_every_gradient_method_goes_into_a_users_own_optimiser():
   def loss(p, logit=None):
     z = model.apply({"params": p}, x)
     if logit is not None:
-      z, _, _, _ = logit.apply(logit.init(), z, Batch(x, y, jax.nn.one_hot(y, C)), 0)
+      z = logit.apply(logit.init(), z, labels=y, targets=jax.nn.one_hot(y, C), step=0).x
     return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
   def update(tx, logit=None):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from lpa_jax.models import get_model
-from lpa_jax.perturb.base import Batch, identity_logits
+from lpa_jax.perturb.base import identity
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
@@ -170,8 +170,9 @@ def test_wrong_paths_list_valid_ones():
 # -------------------------------------------------------------------------------------- (b)
 def _lpa_forward(cut, variables, eps=0.5):
   placed = place(lpa(C, split="all_positive", eps=eps, beta=0.7, steps=3, depth=1), cut)
-  batch = Batch(X, Y, jax.nn.one_hot(Y, C))
-  fwd = jax.jit(lambda v: placed.forward(placed.init(), v, batch, jax.random.PRNGKey(0), True))
+  fwd = jax.jit(lambda v: placed.apply(placed.init(), X, labels=Y, variables=v,
+                                       rng=jax.random.PRNGKey(0), train=True,
+                                       targets=jax.nn.one_hot(Y, C)))
   return fwd(variables), 0.7 * eps  # depth 1: radius beta * eps
 
 
@@ -248,7 +249,7 @@ def _one_step(cut, variables):
   model_state = {k: s for k, s in variables.items() if k != "params"}
   state = TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params), act.init(),
                      (), jax.random.PRNGKey(3))
-  step = jax.jit(make_train_step(act, identity_logits(), tx,
+  step = jax.jit(make_train_step(act, identity(), tx,
                                  StepConfig(2, C)))
   batch = {"image": jax.random.normal(jax.random.PRNGKey(4), X.shape),
            "label": Y}

@@ -42,11 +42,17 @@ def lpa_block(split: str = "balanced") -> mlc.ConfigDict:
   (0.14-0.24) and WRN-28-10 0.03 (0.22); at ε 0.1 they would move it by 0.57, 1.36 and 0.67.
   Δε = ε keeps the varied radius within [ε, ~1.6ε].  ``python -m experiments.calibrate_check``
   checks every committed config; ``tests/test_calibrate.py`` enforces the floor.
+
+  ``radius_mode="loss"`` (off by default; issue 31 evaluates it) sets the strength in nats
+  instead: ``target`` λ (required there), ``target_delta`` Δλ, ``eta`` and the relative bounds
+  ``eps_min``/``eps_max``; None leaves the library's defaults (see ``lpa_jax.perturb.lpa.lpa``).
+  ε, Δε and β then only set the starting radius.
   """
   return mlc.ConfigDict(dict(
       point="auto", split=split, eps=0.1, delta_eps=0.1, beta=0.7, steps=3, varied=True,
       normalize=True, lowrank=0.0, extra_points=(), radius_mode="relative",
-      num_head=_none(int), signs=_none(tuple)))
+      target=_none(float), target_delta=_none(float), eta=_none(float), eps_min=_none(float),
+      eps_max=_none(float), num_head=_none(int), signs=_none(tuple)))
 
 
 def network_radii(c: mlc.ConfigDict) -> mlc.ConfigDict:

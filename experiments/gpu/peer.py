@@ -118,9 +118,9 @@ def _torch_lpa(ctx: dict, net, device, steps: int):
   from experiments.bench.timing import SPLIT
   from experiments.bench.torch_peer import TorchLPA
   from lpa_jax.perturb import classes
-  from lpa_jax.perturb.hooks import cut_staged
+  from lpa_jax.models.staged import depth_below_logits
   b = ctx["lpa_block"]
-  depth = cut_staged(ctx["model"], ctx["point"]).depth
+  depth = depth_below_logits(ctx["model"].points, ctx["point"])
   split = lj.lpa(10, split=SPLIT, class_counts=ctx["counts"], eps=b.eps, delta_eps=b.delta_eps,
                  beta=b.beta, radius_mode=b.radius_mode, depth=depth,
                  num_head=classes.run_num_head(b.num_head, 10)).init().split

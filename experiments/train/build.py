@@ -32,8 +32,8 @@ from lpa_jax.train.step import (StepConfig, jit_train_step, make_eval_step, make
 
 class Methods(NamedTuple):
   """The run's perturbation methods, one per level (see :mod:`experiments.registry`)."""
-  act: object       # the activation method, placed in the network (perturb.place.Placed)
-  logit: object     # LogitMethod (LPG's logit hook already chained in)
+  act: object       # the activation method, placed in the network (network level)
+  logit: object     # the logit perturbation (LPG's logit hook already chained in)
   grad: object      # registry.GradientPlacement (optax transforms and where they go)
 
 

@@ -1,50 +1,36 @@
-"""The perturbation family as transforms, in the style of optax.
+"""The perturbation family as transforms, in the style of optax: one protocol for every level.
 
-Activation methods transform the activation at one point of a network you split into the
-layers below and above it (a :class:`Cut`); build them from hyper-parameters, then call their
-pure functions inside any training loop:
+Every method is a :class:`Perturbation` built from hyper-parameters (``init``, ``apply``,
+``refresh``); :func:`chain` composes levels in order, and :func:`perturbed_apply` runs one
+inside a network you split at a named point (a :class:`Cut`) and returns the training loss:
 
->>> method = lpa(num_classes=10, split="longtail", class_counts=counts, eps=0.5,
-...              radius_mode="relative")
->>> cut = cut_linen(model, "layer3", input_shape=(32, 32, 3))
->>> out = perturbed_apply(method, cut, method.init(), variables, x, y, rng)
+>>> perturb = chain(lpa(10, split="longtail", class_counts=counts, eps=0.02,
+...                     radius_mode="relative"),
+...                 logit_adjust(counts), lpl(10, split="longtail", class_counts=counts))
+>>> cut = cut_linen(model, "block2", input_shape=(32, 32, 3))
+>>> out = perturbed_apply(perturb, cut, perturb.init(), variables, x, y, rng)
+>>> loss, pstate = out.loss, out.state
 
-Logit methods (:func:`lpl`, :func:`logit_adjust`, :func:`ldam`, LPG's :func:`lpg`)
-rewrite the training logits (or their gradient) and compose in order with :func:`chain`:
+Gradient methods are optax transforms chained into your optimiser: :func:`gaf` here, and
+optax's own ``clip_by_global_norm``, ``add_noise`` and ``contrib.sam``:
 
->>> logit = chain(logit_adjust(counts, tau=1.0),
-...               lpl(10, split="longtail", class_counts=counts, alpha=0.15),
-...               lpg(10, split="longtail", class_counts=counts, eps=0.1))
->>> out = logit.apply(lstate, z, Batch(x, y, targets), step)   # LogitOut(logits, weights,
->>> lstate = out.state                                          #          state, aux)
-
-Gradient methods are optax transforms chained into your optimiser (:func:`gaf`, :func:`clip`,
-:func:`grad_noise`; :func:`sam` wraps one); LPG (:func:`lpg`) edits the logit gradients, so it
-is a logit method chained last:
-
->>> tx = optax.chain(clip(1.0), gaf(0.1, 20.0), optax.sgd(0.1, momentum=0.9))
+>>> tx = optax.chain(gaf(0.1, 20.0), optax.sgd(0.1, momentum=0.9))
 """
 from lpa_jax.perturb.activation import (adversarial, deep_augmentation, dropout, input_cut,
-                                        manifold_mixup, mix, noise)
+                                        manifold_mixup, noise)
 from lpa_jax.perturb.adaptive import lpa_adaptive
-from lpa_jax.perturb.base import (ActivationMethod, Batch, Forward, LogitMethod, LogitOut,
-                                  Perturbed, Placed, chain, identity, identity_logits,
-                                  pgd_loss_of)
-from lpa_jax.perturb.classes import ClassStats, Split, SplitState
+from lpa_jax.perturb.base import Out, Perturbation, chain, identity
 from lpa_jax.perturb.diagnostics import check_finite
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional
-from lpa_jax.perturb.gradient import clip, gaf, grad_noise, lpg, lpg_logits, sam
-from lpa_jax.perturb.hooks import Cut, cut_staged, full_apply
+from lpa_jax.perturb.gradient import gaf, lpg
+from lpa_jax.perturb.hooks import Cut, cut_staged
 from lpa_jax.perturb.logit import ldam, logit_adjust, lpl
-from lpa_jax.perturb.lpa import LPA, LPAState, add_delta, lpa
-from lpa_jax.perturb.place import apply_at, perturbed_apply, place
+from lpa_jax.perturb.lpa import add_delta, lpa
+from lpa_jax.perturb.place import perturbed_apply, place
 
 __all__ = [
-    "ActivationMethod", "Batch", "ClassStats", "Cut", "Forward", "LPA",
-    "LPAState", "LogitMethod", "LogitOut", "Perturbed", "Placed", "Split", "SplitState",
-    "add_delta", "adversarial", "apply_at", "chain",
-    "check_finite", "clip", "cut_linen", "cut_nnx", "cut_staged", "deep_augmentation", "dropout",
-    "full_apply", "gaf", "grad_noise", "identity", "identity_logits", "input_cut", "ldam",
-    "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpg_logits", "lpl", "manifold_mixup", "mix",
-    "nnx_functional", "noise", "perturbed_apply", "pgd_loss_of", "place", "sam"
+    "Cut", "Out", "Perturbation", "add_delta", "adversarial", "chain", "check_finite",
+    "cut_linen", "cut_nnx", "cut_staged", "deep_augmentation", "dropout", "gaf", "identity",
+    "input_cut", "ldam", "logit_adjust", "lpa", "lpa_adaptive", "lpg", "lpl", "manifold_mixup",
+    "nnx_functional", "noise", "perturbed_apply", "place",
 ]

@@ -6,7 +6,7 @@ each sample's loss, Deep Augmentation swaps in a dropped-out or PCA-projected ac
 are active only when ``train=True`` and report the same per-class diagnostics as LPA.
 
 >>> method = dropout(rate=0.1)
->>> out = method.apply(method.init(), act_BxD, labels_B, upper, rng, True)
+>>> out = method.apply(method.init(), act_BxD, labels=labels_B, upper=upper, rng=rng)
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lpa_jax.perturb.base import (ActivationMethod, Perturbed, Placed, check_finite_params,
-                                  default_loss, keep_state)
+from lpa_jax.perturb.base import (Out, Perturbation, check_finite_params, default_loss,
+                                  keep_state)
 from lpa_jax.perturb.hooks import Cut, full_apply
-from lpa_jax.perturb.place import apply_at, perturbed_apply
+from lpa_jax.perturb.place import apply_at
 from lpa_jax.perturb.tables import row_norms, rowwise
 
 NOISE_MODES = ("additive", "multiplicative")
@@ -27,20 +27,21 @@ ADVERSARIAL_METHODS = ("fgsm", "pgd")
 MIXUP_SELECT = ("auto", "switch", "mask")
 
 
-def _transform(perturb: Callable, sign: float = 0.0) -> ActivationMethod:
+def _transform(perturb: Callable, sign: float = 0.0) -> Perturbation:
   """A stateless activation method from ``perturb(act, labels, upper, rng, targets, loss_fn)
   -> (new_act, targets, clean_logits or None)``; the identity when ``train=False``."""
-  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None):
+  def apply(state, act, *, labels, upper, rng=None, train=True, loss_fn=None, targets=None,
+            **unused):
     if targets is None:
       num_classes = jax.eval_shape(upper, jax.lax.stop_gradient(act)).shape[-1]
-      targets = jax.nn.one_hot(labels_B, num_classes)
+      targets = jax.nn.one_hot(labels, num_classes)
     if not train:
-      return Perturbed(act, targets, state)
-    new_act, targets_out, clean = perturb(act, labels_B, upper, rng, targets,
+      return Out(act, state, targets)
+    new_act, targets_out, clean = perturb(act, labels, upper, rng, targets,
                                           loss_fn or default_loss)
-    return Perturbed(new_act, targets_out, state, clean,
-                     {"sign_C": jnp.full((targets.shape[-1],), sign, jnp.float32)})
-  return ActivationMethod(lambda: (), apply, keep_state)
+    return Out(new_act, state, targets_out, None, clean,
+               {"sign_C": jnp.full((targets.shape[-1],), sign, jnp.float32)})
+  return Perturbation(lambda: (), apply, keep_state, "activation")
 
 
 def _dropout_delta(rng, a, rate):
@@ -49,7 +50,7 @@ def _dropout_delta(rng, a, rate):
   return a * (keep.astype(a.dtype) / (1.0 - rate) - 1.0)
 
 
-def dropout(rate: float = 0.1) -> ActivationMethod:
+def dropout(rate: float = 0.1) -> Perturbation:
   """Inverted dropout: ``a ← a ⊙ m/(1−p)``, so ``E[a + δ] = a``.
 
   >>> m = dropout(rate=0.1)
@@ -63,7 +64,7 @@ def dropout(rate: float = 0.1) -> ActivationMethod:
   return _transform(perturb)
 
 
-def noise(sigma: float = 0.1, mode: str = "additive") -> ActivationMethod:
+def noise(sigma: float = 0.1, mode: str = "additive") -> Perturbation:
   """Gaussian noise: ``δ = σ·n`` (additive) or ``δ = σ·n ⊙ a`` (multiplicative).
 
   >>> m = noise(sigma=0.1, mode="multiplicative")
@@ -80,7 +81,7 @@ def noise(sigma: float = 0.1, mode: str = "additive") -> ActivationMethod:
   return _transform(perturb)
 
 
-def mix(alpha: float = 2.0) -> ActivationMethod:
+def mix(alpha: float = 2.0) -> Perturbation:
   """Mixup at one point: ``a ← λ a + (1−λ) a_π``, ``t ← λ t + (1−λ) t_π``, ``λ ~ Beta(α, α)``,
   ``π`` a random permutation of the batch; ``λ`` and ``π`` come from ``rng`` (one key, the
   same draw at every point).  :func:`manifold_mixup` draws the point as well.
@@ -112,11 +113,11 @@ def input_cut(top: Cut) -> Cut:
   """
   def upper(variables, x, train, extra=None, **kw):
     return full_apply(top, variables, x, train, **kw)
-  return Cut(lambda variables, x, train, **kw: (x, {}), upper, "input", top.depth)
+  return Cut(lambda variables, x, train, **kw: (x, {}), upper, "input")
 
 
 def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto",
-                   clean_pass: bool = True) -> Placed:
+                   clean_pass: bool = True) -> Perturbation:
   """Manifold Mixup: per step a layer drawn uniformly from ``cuts`` (``input_cut`` for the
   input), mixed there by :func:`mix` (one ``λ`` and ``π`` for the step).
 
@@ -138,27 +139,27 @@ def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto"
     select = "mask" if jax.default_backend() == "cpu" else "switch"
   method = mix(alpha)
 
-  def forward(state, variables, batch, rng, train, loss_fn=None):
+  def apply(state, x, *, labels, variables, rng=None, train=True, loss_fn=None, targets=None,
+            **unused):
     if not train:
-      return perturbed_apply(method, cuts[-1], state, variables, batch.x, batch.labels_B, rng,
-                             False, targets=batch.targets_BxC)
+      return apply_at(method, cuts[-1], state, variables, x, labels, rng, False,
+                      targets=targets)
     index = jax.random.randint(jax.random.split(rng, 3)[2], (), 0, len(cuts))
     # The clean logits do not depend on the branch: one no-gradient pass serves them all.
-    clean = (jax.lax.stop_gradient(full_apply(cuts[-1], variables, batch.x, True)[0])
+    clean = (jax.lax.stop_gradient(full_apply(cuts[-1], variables, x, True)[0])
              if clean_pass else None)
-    branches = [lambda c=c: apply_at(method, c, state, variables, batch.x, batch.labels_B,
-                                     rng, True, targets=batch.targets_BxC, clean_logits=clean,
-                                     clean_pass=False)
+    branches = [lambda c=c: apply_at(method, c, state, variables, x, labels, rng, True,
+                                     targets=targets, clean_logits=clean, clean_pass=False)
                 for c in cuts]
     if select == "switch":
       fwd = jax.lax.switch(index, branches)
     else:
       fwd = jax.tree.map(lambda *xs: jnp.stack(xs)[index], *[b() for b in branches])
-    lam, _ = _mix_draw(rng, alpha, batch.labels_B.shape[0])
+    lam, _ = _mix_draw(rng, alpha, labels.shape[0])
     return fwd._replace(aux={**fwd.aux, "mix_point": index.astype(jnp.float32),
                              "mix_lambda": lam,
                              "mix_select_switch": jnp.float32(select == "switch")})
-  return Placed(method.init, forward, method.refresh)
+  return Perturbation(method.init, apply, method.refresh, "network")
 
 
 def _per_sample_project(d, radius):
@@ -167,7 +168,7 @@ def _per_sample_project(d, radius):
 
 
 def adversarial(eps: float = 0.1, beta: float = 0.7, depth: float = 0, method: str = "fgsm",
-                steps: int = 1) -> ActivationMethod:
+                steps: int = 1) -> Perturbation:
   """Per-sample adversarial feature perturbation: ``δ_i ≈ argmax_{‖δ_i‖≤ε} ℓ(f_up(a_i+δ_i))``.
 
   FGSM: one normalised ℓ2 step ``ε·g_i/‖g_i‖``; PGD: ``steps`` steps of size ``2ε/steps`` with
@@ -215,7 +216,7 @@ def pca_project(a_BxD: jax.Array, k: int) -> jax.Array:
 
 
 def deep_augmentation(mode: str = "dropout", rate: float = 0.2,
-                      pca_frac: float = 0.25) -> ActivationMethod:
+                      pca_frac: float = 0.25) -> Perturbation:
   """Deep Augmentation: dropout or batch-PCA projection of one layer, stop-gradient on the
   transformed branch: ``a ← a + sg(T(a) − a)``.
 

@@ -22,10 +22,9 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from lpa_jax.perturb.base import Forward, Placed, default_loss
-from lpa_jax.perturb.hooks import Cut
-from lpa_jax.perturb.lpa import LPA
-from lpa_jax.perturb.place import perturbed_apply
+from lpa_jax.perturb.base import Batch, Out, Perturbation, default_loss
+from lpa_jax.perturb.hooks import Cut, full_apply
+from lpa_jax.perturb.place import apply_at
 
 
 class AdaptiveState(NamedTuple):
@@ -36,7 +35,7 @@ class AdaptiveState(NamedTuple):
   measure: jax.Array        # bool: score every candidate on this epoch's steps
 
 
-def _mean_abs_dloss(fwd: Forward) -> jax.Array:
+def _mean_abs_dloss(fwd: Out) -> jax.Array:
   clean = default_loss(fwd.clean_logits, fwd.targets_BxC)
   pert = default_loss(fwd.logits_BxC, fwd.targets_BxC)
   return jnp.mean(jnp.abs(pert - clean))
@@ -45,8 +44,8 @@ def _mean_abs_dloss(fwd: Forward) -> jax.Array:
 SELECT = ("auto", "switch", "mask")
 
 
-def lpa_adaptive(candidates: Sequence[tuple[LPA, Cut]], every: int,
-                 select: str = "auto") -> Placed:
+def lpa_adaptive(candidates: Sequence[tuple[Perturbation, Cut]], every: int,
+                 select: str = "auto") -> Perturbation:
   """LPA at the candidate point whose perturbation changes the loss most, re-chosen every
   ``every`` epochs.  ``candidates`` pairs an LPA method (one per point, each with its own
   ``depth``) with the cut at its point.
@@ -55,6 +54,9 @@ def lpa_adaptive(candidates: Sequence[tuple[LPA, Cut]], every: int,
   candidate and keeps the active one, which also scores them all for free.  XLA:CPU runs
   convolutions inside conditionals on a slow path, so ``'auto'`` picks ``mask`` on CPU and
   ``switch`` elsewhere; the choice made is recorded as ``aux['layer_select_switch']``.
+
+  Returns a network-level perturbation (it runs the network at the active point): call it
+  through ``perturbed_apply(m, None, state, variables, x, labels, rng)``.
 
   >>> m = lpa_adaptive([(lpa(10, depth=2), cut1), (lpa(10, depth=1), cut2)], every=10)
   >>> int(m.init().index)
@@ -69,21 +71,28 @@ def lpa_adaptive(candidates: Sequence[tuple[LPA, Cut]], every: int,
     raise ValueError(f"lpa_adaptive.select must be one of {SELECT}, got {select!r}")
   if select == "auto":
     select = "mask" if jax.default_backend() == "cpu" else "switch"
-  if any(m.extra_points for m, _ in candidates):
+  if any(m.info.get("extra_points") for m, _ in candidates):
     raise ValueError("lpa_adaptive picks one point; extra_points (multi-layer) do not combine")
   init = lambda: AdaptiveState(  # noqa: E731
       jnp.zeros((), jnp.int32), tuple(m.init() for m, _ in candidates),
       jnp.zeros((len(candidates),), jnp.float32), jnp.zeros((), jnp.float32),
       jnp.asarray(every == 1))
-  return Placed(init, functools.partial(_forward, candidates, select),
-                functools.partial(_refresh, candidates, every))
+  def apply(state, x, *, labels, variables, rng=None, train=True, loss_fn=None, targets=None,
+            **unused):
+    if targets is None:
+      n = jax.eval_shape(lambda v, a: full_apply(candidates[0][1], v, a, False)[0], variables,
+                         x).shape[-1]
+      targets = jax.nn.one_hot(labels, n, dtype=jnp.float32)
+    return _forward(candidates, select, state, variables, Batch(x, labels, targets), rng,
+                    train, loss_fn)
+  return Perturbation(init, apply, functools.partial(_refresh, candidates, every), "network")
 
 
-def _branch(candidates, i, state, variables, batch, rng, train, loss_fn=None) -> Forward:
+def _branch(candidates, i, state, variables, batch, rng, train, loss_fn=None) -> Out:
   """Candidate ``i``'s LPA forward, with every candidate's state (its own updated)."""
   method, cut = candidates[i]
-  fwd = perturbed_apply(method, cut, state.states[i], variables, batch.x, batch.labels_B,
-                        rng, train, loss_fn=loss_fn, targets=batch.targets_BxC)
+  fwd = apply_at(method, cut, state.states[i], variables, batch.x, batch.labels_B, rng, train,
+                 loss_fn=loss_fn, targets=batch.targets_BxC)
   # lax.switch needs one pytree structure from every branch: a cut that leaves a collection
   # untouched passes the incoming one through.
   cols = [c for c in variables if c != "params"] if train else []
@@ -98,7 +107,7 @@ def _score_all(candidates, state, variables, batch, rng, train, loss_fn):
                                             loss_fn)) for i in range(len(candidates))])
 
 
-def _forward(candidates, select, state, variables, batch, rng, train, loss_fn=None) -> Forward:
+def _forward(candidates, select, state, variables, batch, rng, train, loss_fn=None) -> Out:
   k = len(candidates)
   if not train:
     return _branch(candidates, 0, state, variables, batch, rng, False)._replace(state=state)

@@ -1,30 +1,40 @@
-"""The perturbation interfaces: small NamedTuples of pure functions with explicit state.
+"""One protocol for every perturbation, like optax's ``GradientTransformationExtraArgs``.
 
-Like optax transforms, every method is built by a factory from its hyper-parameters and used
-through pure functions:
+Every method is a :class:`Perturbation`, built by a factory from hyper-parameters alone and
+used through three pure functions with an explicit state::
 
-* an :class:`ActivationMethod` transforms an activation: ``apply(state, act, labels, upper,
-  rng, train) -> Perturbed`` gets the activation at its point, the labels and the network
-  above the point as a function, and returns the new activation, the (possibly mixed) targets
-  and its new state; ``train=False`` is the identity.  The caller owns the model and the
-  lower/upper split (:func:`lpa_jax.perturb.place.perturbed_apply` does it for a ``Cut``);
-* a :class:`LogitMethod` rewrites the training logits (and per-example loss weights), and may
-  rewrite evaluation logits (post-hoc logit adjustment): ``apply(state, logits, batch, step)
-  -> LogitOut(logits, weights_B, state, aux)``;
-* gradient methods are plain ``optax.GradientTransformation`` s
-  (:mod:`lpa_jax.perturb.gradient`), chained into the optimiser; LPG, which edits the logit
-  gradients with a ``custom_vjp``, is a :class:`LogitMethod`.
+    state = p.init()
+    out = p.apply(state, x, labels=labels_B, **extra)   # -> Out(x, state, ...)
+    state = p.refresh(out.state)                         # at the epoch boundaries you choose
+
+``x`` is what the method's ``level`` perturbs, and ``apply`` takes the rest by name, ignoring
+what it does not use (optax's ``extra_args``):
+
+* ``"activation"`` — ``x`` is the activation at a point; ``upper`` (the layers above it, as a
+  function of the activation), ``rng``, ``train``, ``loss_fn`` (the loss PGD follows) and
+  ``targets``.  ``Out.x`` is the new activation.
+* ``"logit"`` — ``x`` is the logits; ``targets``, ``step`` and ``clean_logits`` (the
+  unperturbed logits class statistics are read from).  ``Out.x`` is the logits to train on and
+  ``Out.weights_B`` the per-example loss weights.  ``predict(state, logits)`` is the
+  evaluation-time map (post-hoc logit adjustment).
+* ``"network"`` — methods that use several points (Manifold Mixup, adaptive LPA) and so run
+  the network themselves: ``x`` is the input and ``variables`` the model's variables.
+  ``Out.x`` is the logits and ``Out.model_state`` the new BatchNorm statistics.
+
+:func:`chain` composes any mix of levels in order (at most one activation or network member,
+first, then logit members); :func:`lpa_jax.perturb.place.perturbed_apply` runs a perturbation
+(or a chain) inside a network cut at its point and returns the training loss, so PGD at the
+point follows the loss the logit members after it define.  Gradient methods are optax
+transforms, chained into the optimiser.
 
 Methods that split the classes (LPA, LPL, LPG) keep their split and the epoch's class
 statistics in their own state (:class:`~lpa_jax.perturb.classes.SplitState`): ``apply`` adds
-the batch's clean logits to them and returns the new state, and ``refresh(state)`` at the
-epoch boundaries the caller chooses re-splits from them (``refresh(state, stats, epoch)``
-takes statistics gathered elsewhere instead).
+the batch's clean logits to them, and ``refresh(state)`` re-splits from them
+(``refresh(state, stats, epoch)`` takes statistics gathered elsewhere instead).
 """
 
 import math
 import numbers
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -130,194 +140,244 @@ def invalid_label_count(labels_B, num_classes: int) -> jax.Array:
 
 
 class Batch(NamedTuple):
-  """A training batch as logit methods see it.
-
-  ``clean_logits`` are the network's unperturbed logits, the ones class statistics are
-  gathered from (an activation method's ``Forward.clean_logits``); ``None``: the logits the
-  method is given.
-  """
-  x: jax.Array           # float inputs (augmented and normalised by the input pipeline)
-  labels_B: jax.Array    # int labels (possibly noisy)
-  targets_BxC: jax.Array  # soft targets (one-hot unless a method mixes)
+  """A training batch as logit methods see it inside (internal: ``apply`` takes the fields by
+  name).  ``clean_logits``: the unperturbed logits class statistics are read from."""
+  x: jax.Array | None
+  labels_B: jax.Array
+  targets_BxC: jax.Array
   clean_logits: jax.Array | None = None
 
 
-class Perturbed(NamedTuple):
-  """What an activation method returns: the new activation, targets and state.
+class Out(NamedTuple):
+  """What every ``apply`` (and :func:`~lpa_jax.perturb.place.perturbed_apply`) returns.
 
-  ``clean_logits`` are the unperturbed logits when the method computed them anyway (LPA's PGD
-  starts at δ = 0), else ``None``; ``extra`` maps higher point names to per-example tensors to
-  add there (multi-layer LPA), else ``None``.
+  Attributes:
+    x: the perturbed input of the level: the new activation (activation level) or the logits
+      to train on (logit and network levels, and :func:`perturbed_apply`).
+    state: the method's new state.
+    targets_BxC: the (possibly mixed) soft targets.
+    weights_B: per-example loss weights (``None``: all ones).
+    clean_logits: the unperturbed logits, when known (LPA's PGD starts at ``δ = 0``).
+    aux: diagnostics (per-class ``‖δ_c‖``, loss change, sign, ...).
+    extra: per-example tensors to add at higher points (multi-layer LPA), else ``None``.
+    model_state: the model's new mutable collections (network level, ``perturbed_apply``).
+    loss: the weighted training loss (``perturbed_apply`` only).
   """
-  act: Any
-  targets_BxC: jax.Array
+  x: Any
   state: PyTree
+  targets_BxC: jax.Array | None = None
+  weights_B: jax.Array | None = None
   clean_logits: jax.Array | None = None
   aux: dict = {}
   extra: dict | None = None
+  model_state: dict = {}
+  loss: jax.Array | None = None
 
-
-class ActivationMethod(NamedTuple):
-  """A transform of the activation at one point; see the module docstring."""
-  init: Callable[[], PyTree]
-  apply: Callable[..., Perturbed]
-  refresh: Callable[..., PyTree]
-
-
-class Forward(NamedTuple):
-  """A placed method's forward pass: logits, targets, model and method state, diagnostics."""
-  logits_BxC: jax.Array
-  targets_BxC: jax.Array
-  model_state: dict
-  state: PyTree
-  clean_logits: jax.Array | None
-  aux: dict
-
-
-class Placed(NamedTuple):
-  """An activation method bound to a network: what the train step runs.
-
-  ``forward(state, variables, batch, rng, train, loss_fn=None) -> Forward``.  Single-point
-  methods are placed with :func:`lpa_jax.perturb.place.place`; methods that choose among
-  several points (Manifold Mixup, adaptive-layer LPA) are built placed.
-  """
-  init: Callable[[], PyTree]
-  forward: Callable[..., Forward]
-  refresh: Callable[..., PyTree]
-
-
-class LogitOut(NamedTuple):
-  """What a logit method's ``apply`` returns: the logits to train on, per-example loss weights,
-  the method's new state and its diagnostics."""
-  logits_BxC: jax.Array
-  weights_B: jax.Array
-  state: PyTree
-  aux: dict = {}
-
-
-class LogitMethod(NamedTuple):
-  """``apply(state, logits, batch, step) -> LogitOut``; ``refresh(state, stats=None,
-  epoch=None) -> state``; ``predict(state, logits) -> logits`` at evaluation.
-
-  ``pgd_apply`` is the same map as seen by an activation method's PGD (default: ``apply``);
-  gradient-level edits that leave the loss unchanged (LPG's custom backward) set it to skip
-  themselves, since PGD follows the training *loss*.
-  """
-  init: Callable[[], PyTree]
-  apply: Callable[[PyTree, jax.Array, Batch, jax.Array], LogitOut]
-  refresh: Callable[..., PyTree]
-  predict: Callable[[PyTree, jax.Array], jax.Array] = lambda state, logits: logits
-  pgd_apply: Callable | None = None
+  @property
+  def logits_BxC(self):
+    """``x``, named for the levels where it holds logits."""
+    return self.x
 
 
 def keep_state(state, stats=None, epoch=None):
+  """``refresh`` of a method without class statistics: the state unchanged."""
   return state
 
 
-def identity() -> ActivationMethod:
-  """No activation perturbation: ``act`` unchanged, empty state.
+def keep_logits(state, logits_BxC):
+  """``predict`` of a method that leaves evaluation logits alone."""
+  return logits_BxC
 
-  >>> out = perturbed_apply(identity(), cut, (), variables, x, y)   # the plain forward
+
+LEVELS = ("activation", "logit", "network", "chain")
+
+
+class Perturbation(NamedTuple):
+  """A perturbation: ``init``, ``apply``, ``refresh`` (see the module docstring).
+
+  Attributes:
+    init: ``() -> state``.
+    apply: ``(state, x, *, labels, **extra) -> Out``.
+    refresh: ``(state, stats=None, epoch=None) -> state``.
+    level: ``'activation'``, ``'logit'``, ``'network'``, or ``'chain'`` (a :func:`chain`
+      holding an activation or network member; run it with ``perturbed_apply``).
+    predict: ``(state, logits) -> logits`` at evaluation (logit level; identity elsewhere).
+    loss_apply: the map PGD sees, when it differs from ``apply`` (LPG edits gradients only,
+      so PGD, which follows the training *loss*, skips it); ``None``: ``apply``.
+    members: a chain's members, in order.
+    info: method-specific extras (LPA: ``delta``, ``radii``, ``accumulate``,
+      ``extra_points``).
   """
-  def apply(state, act, labels_B, upper, rng=None, train=True, *, loss_fn=None, targets=None):
-    return Perturbed(act, targets, state)
-  return ActivationMethod(lambda: (), apply, keep_state)
+  init: Callable[[], PyTree]
+  apply: Callable[..., Out]
+  refresh: Callable[..., PyTree]
+  level: str = "activation"
+  predict: Callable[[PyTree, jax.Array], jax.Array] = keep_logits
+  loss_apply: Callable[..., Out] | None = None
+  members: tuple = ()
+  info: dict = {}
 
 
 def unit_weights(logits_BxC: jax.Array) -> jax.Array:
   return jnp.ones(logits_BxC.shape[:1], logits_BxC.dtype)
 
 
-def identity_logits() -> LogitMethod:
-  """No logit perturbation: unit weights.
+def identity() -> Perturbation:
+  """No perturbation: ``x`` unchanged, empty state (at any level).
 
-  >>> out = identity_logits().apply((), logits, batch, step)   # out.logits_BxC is logits
+  >>> p = identity()
+  >>> p.apply(p.init(), jnp.ones((2, 3)), labels=jnp.array([0, 1])).x.shape
+  (2, 3)
   """
-  def apply(state, logits_BxC, batch, step):
-    return LogitOut(logits_BxC, unit_weights(logits_BxC), state)
-  return LogitMethod(lambda: (), apply, keep_state)
+  def apply(state, x, *, labels=None, targets=None, **extra):
+    return Out(x, state, targets)
+  return Perturbation(lambda: (), apply, keep_state, "logit", info={"identity": True})
 
 
-def _check_members(methods) -> None:
-  for i, m in enumerate(methods):
-    if not isinstance(m, LogitMethod):
-      hint = (": gradient transforms go into the optimiser, e.g. optax.chain(gaf(), "
-              "optax.sgd(0.1))" if isinstance(m, optax.GradientTransformation) else "")
-      raise TypeError(f"chain: argument {i} is a {type(m).__name__}, not a LogitMethod{hint}")
+def logit_method(init, apply_batch, refresh=keep_state, predict=keep_logits,
+                 loss_batch=None) -> Perturbation:
+  """A logit-level :class:`Perturbation` from ``apply_batch(state, logits, batch, step) ->
+  Out`` (the form logit methods are written in: the batch's labels, targets and clean logits
+  in one :class:`Batch`); ``loss_batch`` likewise for ``loss_apply``.
+
+  >>> p = logit_method(lambda: (), lambda s, z, b, t: Out(z + 1.0, s, b.targets_BxC))
+  >>> p.apply((), jnp.zeros((1, 2)), labels=jnp.array([0])).x
+  Array([[1., 1.]], dtype=float32)
+  """
+  def wrap(fn):
+    def apply(state, x, *, labels, targets=None, step=0, clean_logits=None, **extra):
+      if targets is None:
+        targets = jax.nn.one_hot(labels, x.shape[-1], dtype=jnp.float32)
+      out = fn(state, x, Batch(None, labels, targets, clean_logits), step)
+      return out._replace(targets_BxC=targets) if out.targets_BxC is None else out
+    return apply
+  return Perturbation(init, wrap(apply_batch), refresh, "logit", predict,
+                      None if loss_batch is None else wrap(loss_batch))
 
 
-def _chained(fns) -> Callable:
-  """``apply`` of members ``fns`` in order: weights multiplied, states a tuple, aux merged
-  (clashes refused)."""
-  def apply(state, logits_BxC, batch, step):
-    if batch.clean_logits is None:  # class statistics read the chain's input, not a member's
-      batch = batch._replace(clean_logits=jax.lax.stop_gradient(logits_BxC))
-    z, w_B, aux, owner, states = logits_BxC, None, {}, {}, []
-    for i, (fn, s) in enumerate(zip(fns, state)):
-      out = fn(s, z, batch, step)
-      z, w_B = out.logits_BxC, out.weights_B if w_B is None else w_B * out.weights_B
+def _check_members(members) -> None:
+  for i, m in enumerate(members):
+    if isinstance(m, optax.GradientTransformation):
+      raise TypeError(f"chain: argument {i} is an optax gradient transformation: gradient "
+                      "methods go into the optimiser, e.g. optax.chain(gaf(), optax.sgd(0.1))")
+    if not isinstance(m, Perturbation) or m.level not in LEVELS:
+      raise TypeError(f"chain: argument {i} is a {type(m).__name__}, not a Perturbation")
+  first_logit = next((i for i, m in enumerate(members) if m.level == "logit"), len(members))
+  inner = [i for i, m in enumerate(members) if m.level != "logit"]
+  if len(inner) > 1:
+    raise ValueError(f"chain: members {inner} are all activation-level: one activation method "
+                     "per chain (several points: lpa(..., extra_points=) or manifold_mixup)")
+  if inner and inner[0] > first_logit:
+    raise ValueError(f"chain: the activation-level member {inner[0]} comes after logit member "
+                     f"{first_logit}; put it first (the logits exist only above its point)")
+
+
+def _merge_aux(aux: dict, owner: dict, i: int, new: dict) -> None:
+  for key in new:
+    if key in owner:
+      raise ValueError(f"chain: members {owner[key]} and {i} both report aux {key!r}; chain "
+                       "methods whose aux keys differ")
+    owner[key] = i
+  aux.update(new)
+
+
+def _chained(members, loss: bool = False) -> Callable:
+  """``apply`` of logit members in order: weights multiplied, states a tuple, aux merged."""
+  def apply(state, x, *, labels, targets=None, step=0, clean_logits=None, **extra):
+    if clean_logits is None:  # class statistics read the chain's input, not a member's
+      clean_logits = jax.lax.stop_gradient(x)
+    if targets is None:
+      targets = jax.nn.one_hot(labels, x.shape[-1], dtype=jnp.float32)
+    z, w_B, aux, owner, states = x, None, {}, {}, []
+    for i, (m, s) in enumerate(zip(members, state)):
+      fn = (m.loss_apply or m.apply) if loss else m.apply
+      out = fn(s, z, labels=labels, targets=targets, step=step, clean_logits=clean_logits,
+               **extra)
+      z = out.x
+      if out.weights_B is not None:
+        w_B = out.weights_B if w_B is None else w_B * out.weights_B
       states.append(out.state)
-      for key in out.aux:
-        if key in owner:
-          raise ValueError(f"chain: methods {owner[key]} and {i} both report aux {key!r}; "
-                           "chain methods whose aux keys differ")
-        owner[key] = i
-      aux.update(out.aux)
-    return LogitOut(z, w_B, tuple(states), aux)
+      _merge_aux(aux, owner, i, out.aux)
+    return Out(z, tuple(states), targets, w_B, clean_logits, aux)
   return apply
 
 
-def chain(*methods: LogitMethod) -> LogitMethod:
-  """Applies logit methods in the order given, like ``optax.chain``.
+def _mixed_apply(state, x, **extra):
+  raise TypeError("this chain holds an activation-level member, which runs inside the "
+                  "network: call perturbed_apply(chain, cut, state, variables, x, labels, "
+                  "rng) instead of chain.apply")
 
-  The state is the tuple of the members' states; ``apply`` feeds each member the logits the
-  previous one returned (and the batch's clean logits, for class statistics), multiplies
-  their weights, collects their new states and merges their aux (two members reporting the
-  same aux key raise); ``refresh``, ``predict`` and ``pgd_apply`` are chained in the same
-  order.  ``chain()`` is :func:`identity_logits` and ``chain(m)`` is ``m``.
 
-  >>> la = logit_adjust(counts, tau=1.0)
-  >>> m = chain(la, lpl(10, class_counts=counts, split="longtail"), lpg_logits(10))
-  >>> out = m.apply(m.init(), z, batch, step)   # LA, then LPL, then LPG's backward
-  >>> z, w_B, state = out.logits_BxC, out.weights_B, out.state
+def chain(*members: Perturbation) -> Perturbation:
+  """Composes perturbations in order, like ``optax.chain``: at most one activation (or
+  network) member, first, then logit members.
+
+  The state is the tuple of the members' states; ``refresh`` and ``predict`` run the members
+  in order.  A chain of logit members is itself a logit perturbation: ``apply`` feeds each
+  member the logits the previous one returned (class statistics read the chain's input),
+  multiplies their weights and merges their aux (a key two members report is refused).  A
+  chain with an activation member runs through
+  :func:`~lpa_jax.perturb.place.perturbed_apply`, whose PGD follows the loss of the logit
+  members after it.  ``chain()`` is :func:`identity` and ``chain(p)`` is ``p``.
+
+  >>> p = chain(logit_adjust(counts), lpl(10, split="longtail", class_counts=counts))
+  >>> out = p.apply(p.init(), logits, labels=y, step=0)   # Out(x=logits to train on, ...)
   """
-  _check_members(methods)
-  if not methods:
-    return identity_logits()
-  if len(methods) == 1:
-    return methods[0]
+  _check_members(members)
+  if not members:
+    return identity()
+  if len(members) == 1:
+    return members[0]
 
   def init():
-    return tuple(m.init() for m in methods)
+    return tuple(m.init() for m in members)
 
   def refresh(state, stats=None, epoch=None):
-    return tuple(m.refresh(s, stats, epoch) for m, s in zip(methods, state))
+    return tuple(m.refresh(s, stats, epoch) for m, s in zip(members, state))
 
   def predict(state, logits_BxC):
-    for m, s in zip(methods, state):
+    for m, s in zip(members, state):
       logits_BxC = m.predict(s, logits_BxC)
     return logits_BxC
 
-  return LogitMethod(init, _chained([m.apply for m in methods]), refresh, predict,
-                     _chained([m.pgd_apply or m.apply for m in methods]))
+  if all(m.level == "logit" for m in members):
+    return Perturbation(init, _chained(members), refresh, "logit", predict,
+                        _chained(members, loss=True), members)
+  return Perturbation(init, _mixed_apply, refresh, "chain", predict, None, members)
 
 
-def chain_logits(a: LogitMethod, b: LogitMethod) -> LogitMethod:
-  """Deprecated: ``chain(a, b)``."""
-  warnings.warn("chain_logits(a, b) is deprecated; use lpa_jax.perturb.chain(a, b, ...)",
-                DeprecationWarning, stacklevel=2)
-  return chain(a, b)
+def split_chain(p: Perturbation, state):
+  """``(inner, inner_state, logit, logit_state)`` of a perturbation: its activation or
+  network member (``None`` if it has none) and the logit chain after it."""
+  if p.level == "logit":
+    return None, (), p, state
+  if p.level != "chain":
+    return p, state, identity(), ()
+  rest = p.members[1:]
+  logit = rest[0] if len(rest) == 1 else chain(*rest)
+  return p.members[0], state[0], logit, (state[1] if len(rest) == 1 else tuple(state[1:]))
 
 
-def pgd_loss_of(logit: LogitMethod, state, batch: Batch, step) -> Callable:
-  """The training loss as PGD must follow it: ``(logits, targets) -> w_B · ℓ(logit(z), t)``.
+def join_state(p: Perturbation, inner_state, logit_state):
+  """The inverse of :func:`split_chain` for the new states."""
+  if p.level == "logit":
+    return logit_state
+  if p.level != "chain":
+    return inner_state
+  rest = p.members[1:]
+  return (inner_state, logit_state) if len(rest) == 1 else (inner_state, *logit_state)
 
-  >>> m = ldam(counts, normalized_head=True, drw_start_step=1600)
-  >>> loss_fn = pgd_loss_of(m, (), batch, step)   # LDAM margins and DRW weights
+
+def pgd_loss_of(logit: Perturbation, state, labels_B, targets_BxC, step) -> Callable:
+  """The training loss as PGD must follow it: ``(logits, targets) -> w_B · ℓ(logit(z), t)``
+  (used by :func:`~lpa_jax.perturb.place.perturbed_apply`; no user code needs it).
+
+  >>> loss_fn = pgd_loss_of(ldam(counts, normalized_head=True), (), y, t, step)
   """
-  fn = logit.pgd_apply or logit.apply
+  fn = logit.loss_apply or logit.apply
 
-  def loss_fn(logits_BxC, targets_BxC):
-    out = fn(state, logits_BxC, batch._replace(targets_BxC=targets_BxC), step)
-    return out.weights_B * default_loss(out.logits_BxC, targets_BxC)
+  def loss_fn(logits_BxC, targets):
+    out = fn(state, logits_BxC, labels=labels_B, targets=targets, step=step)
+    loss_B = default_loss(out.x, targets)
+    return loss_B if out.weights_B is None else out.weights_B * loss_B
   return loss_fn

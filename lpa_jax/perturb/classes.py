@@ -84,8 +84,9 @@ class SplitState(_SplitStateFields):
   def refreshed(self, rule: str, stats: ClassStats | None = None) -> "SplitState":
     """A new split by ``rule`` from ``stats`` (default: the state's own) and fresh statistics."""
     stats = self.stats if stats is None else stats
-    return SplitState(refresh_split(rule, self.split, stats),
-                      ClassStats.zeros(self.stats.count_C.shape[-1]))
+    # _replace keeps any further fields of a state built on these two (LPA's loss-mode radii).
+    return self._replace(split=refresh_split(rule, self.split, stats),
+                         stats=ClassStats.zeros(self.stats.count_C.shape[-1]))
 
 
 def split_state(split: Split) -> SplitState:

@@ -7,29 +7,43 @@ work on these models unchanged::
     apply_fn, variables = nnx_functional(nnx_model)      # NNX -> pure function + variables dict
     cut = cut_nnx(nnx_model, "layers/3", input_shape=x.shape[1:])
 
-How the layers below the point are kept out of ``upper``: ``upper`` runs the whole model on a
-zero placeholder input, and the target submodule's output is replaced by ``act``.  Everything
-that only fed the target is then dead code, which jit removes (``jax.jit(...).lower().compile()
-.cost_analysis()`` shows it; see ``tests/test_compose.py``).  Likewise ``lower`` runs the
-model to the end and the layers above the point are dead.  Outside jit they would run, so jit
-the step (the library always does); what remains is trace/compile time, as every half traces
-the whole model.  The point must *separate* input from output: if a skip connection bypasses
-the target, ``upper`` would see the placeholder there, and lower+upper would differ from the
-model's own forward.  So ``upper`` traces the model once more and follows the data flow
-(:func:`check_separates`): an output that depends on the input other than through the point,
-or not on the point at all, is refused with the reason.
+How the layers below the point are kept out of ``upper``: ``upper`` runs the model's forward on
+a zero placeholder input, and the target submodule's output is replaced by ``act``.  A Linen
+cut also skips the module calls made before the point (on modules other than the target's
+ancestors): each hands on zeros of its output's shape without running, once a trace shows the
+output does not depend on them (a call whose value is used above the point, e.g. a table
+computed from parameters alone, runs).  What is left below the point — code in the ancestors'
+own bodies, and with ``cut_nnx`` or ``check=False`` the layers themselves — only fed the
+target and is dead code, which jit removes (``jax.jit(...).lower().compile().cost_analysis()``
+shows it; see ``tests/test_compose.py``).  Likewise ``lower`` runs the model to the end and the
+layers above the point are dead.  Outside jit they would run, so jit the step (the library
+always does); what remains is trace/compile time, as every half traces the whole model.  The
+point must *separate* input from output: if a skip connection bypasses the target, ``upper``
+would see the placeholder there, and lower+upper would differ from the model's own forward.
+So ``upper`` traces the model once more and follows the data flow (:func:`check_separates`):
+an output that depends on the input other than through the point, or not on the point at all,
+is refused with the reason; a Linen cut traces it a third time to tell which calls it skips.
+
+Dead code with an effect is not removed.  A ``jax.debug.callback`` in a layer below the point
+runs once per step (in ``lower``) with a Linen cut, but ``T + 2`` times per LPA step of ``T``
+PGD steps with ``cut_nnx`` (in ``lower``, then in PGD's ``T`` passes and the final ``upper`` on
+the placeholder), and keeps that layer alive in ``upper``.  ``cut_nnx`` cannot skip it: it
+swaps the target for a stand-in function, and putting functions in place of the other
+submodules too would break every model that hands a module holding them to an NNX transform
+(``nnx.scan``, ``nnx.vmap``, ``nnx.remat`` split the module graph and refuse a function in
+it).  An effect in an ancestor's own body below the point runs ``T + 2`` times with either cut.
 
 A cut is stateless: the placeholder's per-example shape and dtype are the constructor's
 ``input_shape`` / ``input_dtype`` (required: ``upper`` cannot infer the input from ``act``), its
 batch size that of ``act``; ``lower`` checks its input against them.  The dtype matters: a model
 that computes in its input's dtype must see a placeholder of that dtype.  ``act`` takes the
-dtype the target returns in the model's own forward (the target still runs on the placeholder,
-as dead code, to tell), so a bf16 model stays bf16 above the point even if a method hands
-``upper`` an f32 activation.
+dtype the target returns in the model's own forward (the target's own code still runs on the
+placeholder, as dead code, to tell), so a bf16 model stays bf16 above the point even if a
+method hands ``upper`` an f32 activation.
 
-Train-mode BatchNorm state (the dead-code subtlety): a BatchNorm below the point also runs on
-the placeholder in ``upper`` and would return statistics of zeros, which are *not* dead if
-returned.  So each half returns the full mutable collections, but only the entries it
+Train-mode BatchNorm state (the dead-code subtlety): a BatchNorm below the point that ``upper``
+does not skip runs on the placeholder and would return statistics of zeros, which are *not*
+dead if returned.  So each half returns the full mutable collections, but only the entries it
 owns are new: ``lower`` owns the variables written before the target was called plus the
 target's own subtree; ``upper`` owns the rest, and passes the others through from the
 variables it was given.  ``{**variables, **lower_state}`` fed to ``upper`` therefore yields
@@ -48,6 +62,7 @@ used: give such a model ``rng``.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import zlib
@@ -83,6 +98,16 @@ def _unknown_path(path, valid) -> ValueError:
   return ValueError(f"Unknown module path {_fmt(path)!r}; valid module paths are: {listing}")
 
 
+def _missed(target, target_method: str, seen) -> ValueError:
+  """Why a Linen target was never called: only through other methods, or no such path."""
+  methods = sorted({name for p, name in seen if p == target})
+  if methods:
+    return ValueError(f"Module {_fmt(target)!r} is called through {', '.join(methods)}, never "
+                      f"{target_method}: pass target_method={methods[0]!r} to cut_linen to cut "
+                      "at that method's output")
+  return _unknown_path(target, [p for p, _ in seen])
+
+
 def _own(new: dict, old: dict, owned: Callable[[tuple], bool]) -> dict:
   """Leaves whose path is ``owned`` come from ``new``, the others from ``old`` (pass-through)."""
   fn, fo = traverse_util.flatten_dict(new), traverse_util.flatten_dict(old)
@@ -106,6 +131,20 @@ def _check_input(x, shape, dtype, point):
 
 def _placeholder(act, shape, dtype):
   return jnp.zeros((jax.tree.leaves(act)[0].shape[0],) + shape, dtype)
+
+
+def _one_array(out, point: str):
+  """``out`` if it is one array; a pytree (``(h, mask)``) is refused, naming its structure:
+  every method adds ``δ`` to one array, and the rest of the pytree could not be handed to
+  ``upper`` without computing it below the point."""
+  if isinstance(out, jax.Array):
+    return out
+  leaves = jax.tree.map(lambda a: f"{getattr(a, 'dtype', type(a).__name__)}"
+                        f"{list(getattr(a, 'shape', ()))}", out)
+  raise ValueError(f"{point!r} returns a {type(out).__name__} of {len(jax.tree.leaves(out))} "
+                   f"arrays, {leaves}, not one array: the perturbation methods add δ to one "
+                   "array. Cut at a submodule that returns one (the one computing the array you "
+                   "mean to perturb)")
 
 
 def _stand_in(act, out, point):
@@ -134,19 +173,45 @@ def _inner_jaxpr(eqn):
   return None
 
 
-def _depends(jaxpr, flags) -> list[bool]:
-  """Which outputs of ``jaxpr`` depend on the inputs flagged in ``flags`` (data flow; inside
-  calls it looks through, elsewhere every output of an equation with a flagged input)."""
-  hit = {v for v, f in zip(jaxpr.invars, flags) if f}
-  dep = lambda v: not isinstance(v, jex_core.Literal) and v in hit  # noqa: E731
+def _flow(jaxpr, sources: list) -> list[frozenset]:
+  """For each output of ``jaxpr``, the union of the ``sources`` (a set of labels per input) it
+  depends on (data flow; inside calls it looks through, elsewhere every output of an equation
+  depends on all its inputs)."""
+  none = frozenset()
+  got = {v: s for v, s in zip(jaxpr.invars, sources) if s}
+  of = lambda v: none if isinstance(v, jex_core.Literal) else got.get(v, none)  # noqa: E731
   for eqn in jaxpr.eqns:
-    ins = [dep(v) for v in eqn.invars]
+    ins = [of(v) for v in eqn.invars]
     if not any(ins):
       continue
     sub = _inner_jaxpr(eqn)
-    outs = _depends(sub, ins) if sub is not None else [True] * len(eqn.outvars)
-    hit.update(v for v, f in zip(eqn.outvars, outs) if f)
-  return [dep(v) for v in jaxpr.outvars]
+    outs = _flow(sub, ins) if sub is not None else [none.union(*ins)] * len(eqn.outvars)
+    got.update((v, o) for v, o in zip(eqn.outvars, outs) if o)
+  return [of(v) for v in jaxpr.outvars]
+
+
+def _depends(jaxpr, flags) -> list[bool]:
+  """Which outputs of ``jaxpr`` depend on the inputs flagged in ``flags`` (see :func:`_flow`)."""
+  return [bool(s) for s in _flow(jaxpr, [frozenset([0]) if f else frozenset() for f in flags])]
+
+
+def _skippable(out_of, x, act, calls: list) -> dict:
+  """Of ``calls`` (``[(key, output spec)]``, the module calls made before the point), those
+  ``upper`` may skip, as ``{key: zeros}``: the calls whose value the output does not depend
+  on, read off a trace of ``out_of(x, act, skip)`` with the zeros as its inputs.  A call whose
+  value is used above the point (a table computed from parameters alone) must run: it is
+  dropped and the trace repeated."""
+  while calls:
+    keys = [k for k, _ in calls]
+    zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec) for _, spec in calls]
+    closed = jax.make_jaxpr(lambda x, a, z, k=keys: out_of(x, a, dict(zip(k, z))))(x, act, zeros)
+    sources = [frozenset()] * len(jax.tree.leaves((x, act))) + [
+        frozenset([i]) for i, z in enumerate(zeros) for _ in jax.tree.leaves(z)]
+    used = frozenset().union(*_flow(closed.jaxpr, sources))
+    if not used:
+      return dict(zip(keys, zeros))
+    calls = [c for i, c in enumerate(calls) if i not in used]
+  return {}
 
 
 def check_separates(out_of, x, act, point: str, model: str = "the model") -> None:
@@ -214,19 +279,52 @@ def _train_kw(model: nn.Module, method, train_kw: str | None) -> str | None:
                    "wrapper, e.g. lambda m, x, train: m(x, deterministic=not train)")
 
 
+def _spec(out):
+  """``out``'s shapes and dtypes if it is a pytree of plain arrays (a call ``upper`` could
+  skip, handing on zeros), else ``None``."""
+  leaves = jax.tree.leaves(out)
+  if not all(isinstance(a, jax.Array) and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended)
+             for a in leaves):
+    return None
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out)
+
+
 def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
-               variables, x, train, rng, act=None):
+               variables, x, train, rng, act=None, record=None, skip=None):
   """One pass of ``model`` with the target intercepted: returns ``(out, target_out, state,
-  below)``, ``below(path)`` telling the state leaves the part below the point wrote."""
+  below)``, ``below(path)`` telling the state leaves the part below the point wrote.
+
+  Module calls are keyed ``(path, method, n)`` (the ``n``-th call of that method).  ``record``
+  (a list) receives ``(key, output spec)`` of the outermost calls made before the point, on
+  modules other than the target's ancestors; a call keyed in ``skip`` is not run, its value
+  is returned instead (see :func:`_skippable`)."""
   mut = [c for c in mutable if c in variables] if train else []
   before = traverse_util.flatten_dict({c: variables[c] for c in mut})
   seen, hits, written = [], [], set()
+  calls = collections.Counter()
+
+  def not_target(next_fun, args, kwargs, path_, name):
+    key = (path_, name, calls[path_, name])
+    calls[path_, name] += 1
+    if skip and key in skip:
+      return skip[key]
+    start = len(record) if record is not None else 0
+    out = next_fun(*args, **kwargs)
+    # Only calls in the forward's own trace: zeros handed into a lifted transform's (nn.scan,
+    # nn.remat) would cross it; the lifted module's own call is outside and can be skipped.
+    if (record is not None and not hits and path_ != target[:len(path_)]
+        and flax_tracers.current_trace() == outer):
+      del record[start:]  # the calls made inside this one are skipped with it
+      spec = _spec(out)
+      if spec is not None:
+        record.append((key, spec))
+    return out
 
   def interceptor(next_fun, args, kwargs, ctx):
     path_ = tuple(ctx.module.path)
-    seen.append(path_)
+    seen.append((path_, ctx.method_name))
     if path_ != target or ctx.method_name != target_method:
-      return next_fun(*args, **kwargs)
+      return not_target(next_fun, args, kwargs, path_, ctx.method_name)
     if hits:
       raise ValueError(f"Module {_fmt(target)!r} is called more than once; cut at a module "
                        "called once per forward pass")
@@ -240,7 +338,8 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     now = traverse_util.flatten_dict({c: root.variables.get(c, {}) for c in mut})
     # Identity, not value: a BatchNorm that already ran holds a new array object.
     written.update(k for k, v in now.items() if v is not before.get(k))
-    out = next_fun(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
+    # In upper: dead code, it only tells act's shape and dtype.
+    out = _one_array(next_fun(*args, **kwargs), _fmt(target))
     hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
     return hits[-1]
 
@@ -251,7 +350,7 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
     out = apply_linen(model, variables, x, method=method, mutable=mut or False,
                       rngs=linen_rngs(rng, train, rng_names), **train_kwargs)
   if not hits:
-    raise _unknown_path(target, seen)
+    raise _missed(target, target_method, seen)
   logits, state = out if mut else (out, {})
   below = lambda k: k in written or k[1:1 + len(target)] == target
   return logits, hits[0], dict(state), below
@@ -281,15 +380,19 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     train_kw: the keyword that switches training mode.  ``"auto"`` passes the first of
       ``train, training, is_training`` the applied method's signature names, or none; a name
       forces that keyword (``ValueError`` if the method cannot take it); ``None`` passes none.
-    target_method: the target's method whose output is the activation.
+    target_method: the target's method whose output is the activation, e.g. ``"encode"``
+      for a point the model reaches as ``self.block.encode(x)``.
     mutable: collections a training pass updates (those present in ``variables``).
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
     depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
       ``lpa(..., depth=2)``; the cut's ``depth`` is ``None``.
-    check: every trace of ``upper`` traces the model once more (no FLOPs: trace time only,
+    check: every trace of ``upper`` traces the model twice more (no FLOPs: trace time only,
       paid when a step compiles) and raises if its output depends on the input by a path that
       bypasses the point (a skip connection over it) or does not depend on the point at all
-      (:func:`check_separates`); ``False`` skips that.
+      (:func:`check_separates`); the second trace lets ``upper`` skip the module calls below
+      the point (see the module docstring).  ``False`` skips both: the layers below then run
+      on the placeholder as dead code, and an effect there (``jax.debug.callback``) runs in
+      every ``upper`` call, ``T + 2`` times per LPA step.
 
   >>> cut = cut_linen(TheirResNet(), "layer3", input_shape=x.shape[1:])
   >>> act, st = cut.lower(variables, x, True, rng=key)
@@ -310,13 +413,17 @@ def cut_linen(model: nn.Module, path: PathLike, *,
   def upper(variables, act, train, extra=None, rng=None):
     _no_extra(extra, _fmt(target))
     x = _placeholder(act, shape, dtype)
+    skip = None
     if check:
-      check_separates(lambda x, a: run(variables, x, train, rng, a)[0], x, act, _fmt(target),
-                      type(model).__name__)
-    logits, _, state, below = run(variables, x, train, rng, act)
+      before = []  # the check's trace lists the calls made before the point
+      check_separates(lambda x, a: run(variables, x, train, rng, a, record=before)[0], x, act,
+                      _fmt(target), type(model).__name__)
+      skip = _skippable(lambda x, a, z: run(variables, x, train, rng, a, skip=z)[0], x, act,
+                        before)
+    logits, _, state, below = run(variables, x, train, rng, act, skip=skip)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
 
-  return Cut(lower, upper, _fmt(target), None, tuple(mutable))
+  return Cut(lower, upper, _fmt(target), tuple(mutable))
 
 
 # ----------------------------------------------------------------------------------------- NNX
@@ -411,6 +518,22 @@ def nnx_functional(model: nnx.Module) -> tuple[Callable, dict]:
   return apply_fn, variables
 
 
+def _in_nnx_transform(target) -> ValueError:
+  return ValueError(f"Submodule {_fmt(target)!r} runs inside an NNX transform (nnx.scan, "
+                    "nnx.remat, nnx.vmap, ...) or is handed to one, and its output cannot be "
+                    "handed across it; cut at the module that applies the transform, or at a "
+                    "submodule outside it")
+
+
+def _forward_traces(graphdef, variables, train, x) -> bool:
+  """Whether the model's own forward, without a stand-in, traces (no FLOPs)."""
+  try:
+    nnx.eval_shape(lambda m, x: m(x), _merge(graphdef, variables, train), x)
+  except Exception:  # whatever it is, it is the model's own failure, not the cut's
+    return False
+  return True
+
+
 def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   m, svars, stored = _prepare(graphdef, variables, train, rng)
   if target not in [tuple(p) for p, _ in nnx.iter_modules(m)]:
@@ -421,14 +544,19 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   key = target[-1]
   orig = parent[key] if isinstance(key, int) else getattr(parent, key)
   start = {k: v.get_raw_value() for k, v in svars.items()}
-  hits, written = [], set()
+  hits, written, reached = [], set(), []
+  outer = flax_tracers.current_trace()
 
   def stand_in(*args, **kwargs):
+    reached.append(True)
     if hits:
       raise ValueError(f"Submodule {_fmt(target)!r} is called more than once; cut at a "
                        "submodule called once per forward pass")
+    if flax_tracers.current_trace() != outer:
+      raise _in_nnx_transform(target)
     written.update(k for k, v in svars.items() if v.get_raw_value() is not start[k])
-    out = orig(*args, **kwargs)  # in upper: dead code, it only tells act's shape and dtype
+    # In upper: dead code, it only tells act's shape and dtype.
+    out = _one_array(orig(*args, **kwargs), _fmt(target))
     hits.append(out if act is None else _stand_in(act, out, _fmt(target)))
     return hits[-1]
 
@@ -436,6 +564,12 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
   _set(stand_in)
   try:
     out = m(x)
+  except Exception as e:
+    # A transform handed a module holding the stand-in refuses the function in it (with an
+    # error about the function); the model's own forward tells whether the swap was the cause.
+    if reached or not _forward_traces(graphdef, variables, train, x):
+      raise
+    raise _in_nnx_transform(target) from e
   finally:
     _set(orig)
   if not hits:
@@ -455,7 +589,10 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   ``input_shape`` / ``input_dtype``: the model's per-example input (required).  ``rng``
   reseeds the model's RNG streams for the call; without it the stored streams are used.
   ``depth``: removed, as in :func:`cut_linen` (pass it to the method, ``lpa(depth=)``).
-  ``check``: as in :func:`cut_linen` (a skip connection over the point is refused).
+  ``check``: as in :func:`cut_linen` (a skip connection over the point is refused).  Unlike
+  :func:`cut_linen`, ``upper`` runs the layers below the point on the placeholder, as dead
+  code: an effect there (``jax.debug.callback``) runs ``T + 2`` times per LPA step (see the
+  module docstring for why).
 
   NNX's own ``Module.perturb`` / ``nnx.capture`` need a ``self.perturb`` call written into
   the model, and still run the layers below it, so they cannot cut a model you did not write.
@@ -490,4 +627,4 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
     return out, (_finish(ctx, variables, lambda k: not below(k), rng)
                  if train else {})
 
-  return Cut(lower, upper, _fmt(target), None, ("batch_stats",))
+  return Cut(lower, upper, _fmt(target), ("batch_stats",))

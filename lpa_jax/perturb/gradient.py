@@ -1,28 +1,27 @@
-"""The gradient-level family (SPEC §3): LPG, GAF, and optax's SAM, clipping and noise.
+"""The gradient-level family (SPEC §3): LPG and GAF; SAM, clipping and noise are optax's.
 
-GAF, clipping and gradient noise are plain ``optax.GradientTransformation`` s: chain them into
-your optimiser where they should act — before it on the raw gradients, or after the momentum
-trace on its output::
+GAF is a plain ``optax.GradientTransformation``: chain it into your optimiser where it should
+act — before it on the raw gradients, or after the momentum trace on its output::
 
-    tx = optax.chain(clip(1.0), optax.sgd(0.1, momentum=0.9))              # raw gradients
-    tx = optax.chain(optax.trace(0.9), gaf(0.1, 20.0), optax.sgd(0.1))     # momentum output
+    tx = optax.chain(gaf(0.1, 20.0), optax.sgd(0.1, momentum=0.9))        # raw gradients
+    tx = optax.chain(optax.trace(0.9), gaf(0.1, 20.0), optax.sgd(0.1))    # momentum output
 
-:func:`sam` wraps a whole optimiser (``optax.contrib.sam``): its ``update`` wants the
-``grad_fn=`` of the loss, which lpa_jax's train step passes to every optimiser that takes extra
-arguments.  LPG edits the per-example *logit* gradients with a ``jax.custom_vjp``, so it is a
-logit method (:func:`lpg`): chain it last among them, ``chain(logit_adjust(counts), lpg(10))``.
+The rest of the gradient level is optax's own, used as it is: ``optax.clip_by_global_norm``,
+``optax.add_noise`` (annealed gradient noise) and ``optax.contrib.sam`` (its ``update`` wants
+the ``grad_fn=`` of the loss, which lpa_jax's train step passes to every optimiser that takes
+extra arguments).  LPG edits the per-example *logit* gradients with a ``jax.custom_vjp``, so it
+is a logit-level perturbation (:func:`lpg`): chain it last among them,
+``chain(logit_adjust(counts), lpg(10))``.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (LogitMethod, LogitOut, check_class_counts, check_finite_params,
-                                  check_num_classes, unit_weights)
+from lpa_jax.perturb.base import (Out, Perturbation, check_class_counts, check_finite_params,
+                                  check_num_classes, logit_method, unit_weights)
 from lpa_jax.perturb.logit import observe
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
@@ -63,17 +62,19 @@ def _lpg_bwd(res, ct_BxC):
 perturb_logit_grad.defvjp(_lpg_fwd, _lpg_bwd)
 
 
-def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
-               delta_eps: float = 0.1, varied: bool = True, class_counts=None,
-               num_head: int | None = None, signs=None) -> LogitMethod:
-  """LPG as a logit method: forward unchanged, class-mean logit gradients of ``P`` classes
-  grow by ``ε_c`` in norm and those of ``N`` classes shrink by up to ``ε_c``.
+def lpg(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
+        delta_eps: float = 0.1, varied: bool = True, class_counts=None,
+        num_head: int | None = None, signs=None) -> Perturbation:
+  """LPG (SPEC §3, rule ours) as a logit method: forward unchanged, class-mean logit gradients
+  of ``P`` classes grow by ``ε_c`` in norm and those of ``N`` classes shrink by up to ``ε_c``.
 
   ``ε_c = ε + Δε·|τ − q_c|`` (varied) or ``ε``; ``split``, ``class_counts``, ``num_head`` and
   ``signs`` as in :func:`~lpa_jax.perturb.logit.lpl`.  Chain it after the logit methods whose
-  output gradient it edits: ``chain(logit_adjust(counts), lpg_logits(10))``.
+  output gradient it edits: ``chain(logit_adjust(counts), lpg(10))``.  PGD (LPA's, in a
+  chain) follows the training loss, which LPG leaves unchanged: its ``loss_apply`` is the
+  identity.
 
-  >>> m = lpg_logits(10, split="longtail", class_counts=counts, eps=0.1)
+  >>> m = lpg(10, split="longtail", class_counts=counts, eps=0.1)
   """
   num_classes = check_num_classes("lpg", num_classes)
   class_counts = check_class_counts("lpg", class_counts, num_classes, required=False)
@@ -87,31 +88,18 @@ def lpg_logits(num_classes: int, *, split: str = "balanced", eps: float = 0.1,
     onehot_BxC = jax.nn.one_hot(batch.labels_B, num_classes, dtype=logits_BxC.dtype)
     radius_C = classes.class_radii(state.split, eps, delta_eps, 1.0, 0, varied)
     out = perturb_logit_grad(logits_BxC, onehot_BxC, state.sign_C, radius_C)
-    return LogitOut(out, unit_weights(logits_BxC), observe(state, logits_BxC, batch),
-                    {"lpg_radius_C": radius_C * (state.sign_C != 0)})
+    return Out(out, observe(state, logits_BxC, batch), None, unit_weights(logits_BxC),
+               aux={"lpg_radius_C": radius_C * (state.sign_C != 0)})
 
   def refresh(state, stats=None, epoch=None):
     return state.refreshed(split, stats)
 
   def pgd_apply(state, logits_BxC, batch, step):
     # PGD follows the training loss, which LPG leaves unchanged (it edits only gradients).
-    return LogitOut(logits_BxC, unit_weights(logits_BxC), state)
+    return Out(logits_BxC, state, None, unit_weights(logits_BxC))
 
-  return LogitMethod(lambda: classes.split_state(init_split), apply, refresh,
-                     pgd_apply=pgd_apply)
-
-
-def lpg(num_classes: int, *, split: str = "balanced", eps: float = 0.1, delta_eps: float = 0.1,
-        varied: bool = True, class_counts=None, num_head: int | None = None,
-        signs=None) -> LogitMethod:
-  """LPG (SPEC §3, rule ours): the logit method :func:`lpg_logits` (the same arguments), whose
-  ``custom_vjp`` edits the logit gradients; chain it after the logit methods whose output
-  gradient it edits.
-
-  >>> m = chain(logit_adjust(counts), lpg(10, split="longtail", class_counts=counts, eps=0.1))
-  """
-  return lpg_logits(num_classes, split=split, eps=eps, delta_eps=delta_eps, varied=varied,
-                    class_counts=class_counts, num_head=num_head, signs=signs)
+  return logit_method(lambda: classes.split_state(init_split), apply, refresh,
+                      loss_batch=pgd_apply)
 
 
 def gaf_fn(alpha: float = 0.1, beta: float = 20.0, form: str = "atan"):
@@ -124,11 +112,10 @@ def gaf_fn(alpha: float = 0.1, beta: float = 20.0, form: str = "atan"):
           "log": lambda g: jnp.sign(g) * alpha * jnp.log1p(beta * jnp.abs(g))}[form]
 
 
-def gradient_activation(alpha: float = 0.1, beta: float = 20.0,
+def _activation_transform(alpha: float = 0.1, beta: float = 20.0,
                         form: str = "atan") -> optax.GradientTransformation:
   """GAF (Chen, Jin et al. 2021) as a stateless optax transform.
 
-  >>> tx = optax.chain(gradient_activation(0.1, 20.0), optax.sgd(0.1))
   """
   fn = gaf_fn(alpha, beta, form)
   return optax.stateless(lambda updates, params=None: jax.tree.map(fn, updates))
@@ -152,7 +139,7 @@ def gaf(alpha: float = 0.1, beta: float = 20.0, form: str = "atan",
   check_finite_params("gaf", alpha=alpha, beta=beta)
   if alpha <= 0 or beta <= 0:
     raise ValueError(f"gaf needs alpha > 0 and beta > 0, got {alpha}, {beta}")
-  tx = gradient_activation(alpha, beta, form)
+  tx = _activation_transform(alpha, beta, form)
   return optax.chain(tx, optax.scale(1.0 / gaf_lr_factor(alpha, beta))) if unit_slope else tx
 
 
@@ -160,51 +147,3 @@ def gaf_lr_factor(alpha: float = 0.1, beta: float = 20.0) -> float:
   """GAF's slope at 0, ``αβ``: the factor by which it scales the learning rate of small
   gradient entries (2 at the published defaults)."""
   return float(alpha * beta)
-
-
-def sam_wrapper(rho: float = 0.05):
-  """``tx -> SAM(tx)``: one adversarial step ``w + ρ g/‖g‖`` then ``tx`` on the gradient there.
-
-  ``optax.contrib.sam`` in opaque mode with ``sync_period=2`` makes one ``update`` call one
-  full SAM update (BatchNorm statistics are only updated by the outer pass); its
-  ``adv_optimizer`` is normalise-then-SGD(ρ), whose sign SAM flips into an ascent step.
-  """
-  adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-  return functools.partial(optax.contrib.sam, adv_optimizer=adv, sync_period=2, opaque_mode=True)
-
-
-def sam(optimizer: optax.GradientTransformation, rho: float = 0.05
-        ) -> optax.GradientTransformationExtraArgs:
-  """SAM (Foret et al. 2021) around ``optimizer``: ``update(grads, state, params, grad_fn=)``
-  takes one ascent step ``w + ρ g/‖g‖`` and applies ``optimizer`` to the gradient there
-  (``grad_fn(params, i) -> grads`` of the loss; lpa_jax's train step passes it).
-
-  >>> tx = sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
-  >>> updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-  """
-  check_finite_params("sam", rho=rho)
-  if rho <= 0:
-    raise ValueError(f"sam.rho must be > 0, got {rho}")
-  return sam_wrapper(rho)(optimizer)
-
-
-def clip(max_norm: float = 1.0) -> optax.GradientTransformation:
-  """Global-norm clipping (``optax.clip_by_global_norm``; ``max_norm`` 1.0 is ours).
-
-  >>> tx = optax.chain(clip(1.0), optax.sgd(0.05, momentum=0.9))   # on the raw gradients
-  """
-  check_finite_params("clip", max_norm=max_norm)
-  if max_norm <= 0:
-    raise ValueError(f"clip.max_norm must be > 0, got {max_norm}")
-  return optax.clip_by_global_norm(max_norm)
-
-
-def grad_noise(eta: float = 0.01, gamma: float = 0.55,
-               seed: int = 0) -> optax.GradientTransformation:
-  """Annealed Gaussian gradient noise (Neelakantan et al.; ``optax.add_noise``): variance
-  ``η/(1+t)^γ``; ``seed`` seeds the noise (give each run its own).
-
-  >>> tx = optax.chain(grad_noise(0.01, 0.55, seed=run_seed), optax.sgd(0.05))
-  """
-  check_finite_params("grad_noise", eta=eta, gamma=gamma)
-  return optax.add_noise(eta, gamma, key=seed)

@@ -31,7 +31,7 @@ import flax.errors
 import flax.linen as nn
 import jax
 
-from lpa_jax.models.staged import check_point, depth_below_logits
+from lpa_jax.models.staged import check_point
 
 Variables = dict[str, Any]
 
@@ -45,16 +45,11 @@ class Cut(NamedTuple):
       maps higher point names to per-example tensors added there (``None`` for none; only
       staged models); ``rng`` should be the key ``lower`` got.
     point: name of the cut point.
-    depth: ``L - l``, the number of stages between the point and the logits, for lpa_jax's
-      staged models (the config registry hands it to ``lpa(depth=)``); ``None`` for
-      :func:`~lpa_jax.perturb.foreign.cut_linen` / ``cut_nnx`` cuts, whose depth the caller
-      gives the method: the radius depth is set in one place, the method.
     mutable: names of the collections a training-mode pass updates.
   """
   lower: Callable[..., tuple[Any, Variables]]
   upper: Callable[..., tuple[Any, Variables]]
   point: str
-  depth: float | None
   mutable: tuple[str, ...] = ("batch_stats",)
 
 
@@ -118,7 +113,7 @@ def cut_staged(model: nn.Module, point: str, rng_names: Sequence[str] = ("dropou
                       rngs=linen_rngs(rng, train, rng_names))
     return out if mut else (out, {})
 
-  return Cut(lower, upper, point, depth_below_logits(points, point), names)
+  return Cut(lower, upper, point, names)
 
 
 def full_apply(cut: Cut, variables: Variables, x, train: bool, rng=None):

@@ -1,16 +1,16 @@
 """The logit-level family (SPEC §2): LPL, logit adjustment and LDAM-DRW.
 
-Each is a :class:`~lpa_jax.perturb.base.LogitMethod`: ``apply`` rewrites the training logits
-and returns them with per-example loss weights and the method's new state (LPL's gathers the
-epoch's class statistics); ``predict`` rewrites evaluation logits (post-hoc logit
-adjustment); ``refresh`` re-splits classes, once per epoch.
+Each is a logit-level :class:`~lpa_jax.perturb.base.Perturbation`: ``apply`` rewrites the
+training logits and returns them (``Out.x``) with per-example loss weights (``Out.weights_B``)
+and the method's new state (LPL's gathers the epoch's class statistics); ``predict`` rewrites
+evaluation logits (post-hoc logit adjustment); ``refresh`` re-splits classes, once per epoch.
 
 Each factory takes hyper-parameters only (no run ``Context``); combine them with
 :func:`~lpa_jax.perturb.base.chain`:
 
 >>> method = chain(logit_adjust(counts, tau=1.0),
 ...                lpl(10, class_counts=counts, split="longtail", alpha=0.15, steps=20))
->>> out = method.apply(state, logits, batch, step)   # out.logits_BxC, out.weights_B, out.state
+>>> out = method.apply(state, logits, labels=y, step=step)   # out.x, out.weights_B, out.state
 >>> state = method.refresh(out.state)                 # at the end of an epoch
 """
 from __future__ import annotations
@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (LogitMethod, LogitOut, check_class_counts,
-                                  check_finite_params, check_num_classes, keep_state,
-                                  unit_weights)
+from lpa_jax.perturb.base import (Out, Perturbation, check_class_counts, check_finite_params,
+                                  check_num_classes, keep_state, logit_method, unit_weights)
 from lpa_jax.perturb.pgd import EPS
 from lpa_jax.perturb.tables import row_norms
 
@@ -92,7 +91,7 @@ def observe(state: classes.SplitState, logits_BxC, batch) -> classes.SplitState:
 
 def lpl(num_classes: int, *, split: str = "balanced", alpha: float = 0.005, steps: int = 20,
         varied: bool = False, steps_min: int = 10, steps_max: int = 40, normalize: bool = True,
-        class_counts=None, num_head: int | None = None, signs=None) -> LogitMethod:
+        class_counts=None, num_head: int | None = None, signs=None) -> Perturbation:
   """LPL — class-level logit perturbation (Li et al.; SPEC §2): ``z_i ← z_i + δ_{y_i}``.
 
   Args:
@@ -120,13 +119,13 @@ def lpl(num_classes: int, *, split: str = "balanced", alpha: float = 0.005, step
     delta_CxC = class_logit_delta(logits_BxC, onehot_BxC, batch.targets_BxC, state.sign_C,
                                   alpha, steps_C, max_steps, normalize)
     aux = {"lpl_delta_norm_C": row_norms(delta_CxC), "lpl_steps_C": steps_C.astype(jnp.float32)}
-    return LogitOut(logits_BxC + onehot_BxC @ delta_CxC, unit_weights(logits_BxC),
-                    observe(state, logits_BxC, batch), aux)
+    return Out(logits_BxC + onehot_BxC @ delta_CxC, observe(state, logits_BxC, batch), None,
+               unit_weights(logits_BxC), aux=aux)
 
   def refresh(state, stats=None, epoch=None):
     return state.refreshed(split, stats)
 
-  return LogitMethod(lambda: classes.split_state(init_split), apply, refresh)
+  return logit_method(lambda: classes.split_state(init_split), apply, refresh)
 
 
 def log_prior(class_counts) -> np.ndarray:
@@ -134,7 +133,7 @@ def log_prior(class_counts) -> np.ndarray:
   return np.log(counts / counts.sum()).astype(np.float32)
 
 
-def logit_adjust(class_counts, *, tau: float = 1.0, mode: str = "loss") -> LogitMethod:
+def logit_adjust(class_counts, *, tau: float = 1.0, mode: str = "loss") -> Perturbation:
   """Logit adjustment (Menon et al. 2021) with ``π`` the training class frequencies.
 
   ``mode='loss'``: train on ``ℓ(z + τ log π, y)``, predict with ``z``;
@@ -155,12 +154,12 @@ def logit_adjust(class_counts, *, tau: float = 1.0, mode: str = "loss") -> Logit
 
   def apply(state, logits_BxC, batch, step):
     out = logits_BxC + shift_C if mode == "loss" else logits_BxC
-    return LogitOut(out, unit_weights(logits_BxC), state)
+    return Out(out, state, None, unit_weights(logits_BxC))
 
   def predict(state, logits_BxC):
     return logits_BxC - shift_C if mode == "posthoc" else logits_BxC
 
-  return LogitMethod(lambda: (), apply, keep_state, predict)
+  return logit_method(lambda: (), apply, keep_state, predict)
 
 
 def ldam_margins(class_counts, max_margin: float = 0.5) -> np.ndarray:
@@ -228,7 +227,7 @@ def ldam(class_counts, *, normalized_head: bool = False, max_margin: float = 0.5
          scale: float = 30.0, drw: bool = True, drw_beta: float = 0.9999,
          drw_start_step: int | None = None, num_epochs: int | None = None,
          steps_per_epoch: int | None = None, drw_fraction: float = 0.8,
-         batch_normalize: bool = True) -> LogitMethod:
+         batch_normalize: bool = True) -> Perturbation:
   """LDAM-DRW (Cao et al. 2019) on a normalised classifier: train on ``s·(cos − m_y e_y)``;
   from step ``drw_start_step`` on, weight examples by :func:`drw_weights`.
 
@@ -269,6 +268,6 @@ def ldam(class_counts, *, normalized_head: bool = False, max_margin: float = 0.5
     w_B = jnp.where(on, onehot_BxC @ weight_C, 1.0)
     if batch_normalize:
       w_B = w_B * w_B.shape[0] / jnp.sum(w_B)
-    return LogitOut(out, w_B, state, {"drw_on": on.astype(jnp.float32)})
+    return Out(out, state, None, w_B, aux={"drw_on": on.astype(jnp.float32)})
 
-  return LogitMethod(lambda: (), apply, keep_state)
+  return logit_method(lambda: (), apply, keep_state)

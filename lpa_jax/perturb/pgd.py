@@ -22,11 +22,19 @@ def project_rows(table_CxD: jax.Array, radius_C: jax.Array) -> jax.Array:
   """Per-class ℓ2-ball projection: optax's projection vmapped over the class axis.
 
   optax divides by the norm, which is 0/0 for a zero row at radius 0: those rows stay 0.
-  A NaN radius stays NaN (it is reported, never silently turned into δ = 0).
+  It also squares the radius, which underflows to 0 below ``√tiny`` (``1.1e-19`` in float32),
+  where the same 0/0 gave NaN: rows with such a radius are 0 too, a δ that small being below
+  float32's resolution of any activation it is added to.  A NaN radius stays NaN (it is
+  reported, never silently turned into δ = 0).
+
+  >>> project_rows(jnp.ones((2, 2)), jnp.array([1e-20, 1.0]))
+  Array([[0.        , 0.        ],
+         [0.70710677, 0.70710677]], dtype=float32)
   """
-  safe_C = jnp.where(radius_C > 0, radius_C, 1.0)
+  r_min = jnp.sqrt(jnp.finfo(table_CxD.dtype).tiny)
+  safe_C = jnp.where(radius_C >= r_min, radius_C, 1.0)
   projected = jax.vmap(optax.projections.projection_l2_ball)(table_CxD, safe_C)
-  keep = rowwise((radius_C > 0) | jnp.isnan(radius_C), table_CxD)
+  keep = rowwise((radius_C >= r_min) | jnp.isnan(radius_C), table_CxD)
   return jnp.where(keep, projected, 0.0) + rowwise(radius_C * 0.0, table_CxD)
 
 
@@ -62,8 +70,12 @@ def lowrank_rows(g_CxHxWxD: jax.Array, frac: float = 0.25) -> jax.Array:
 
 def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.Array,
               radius: dict, steps: int, normalize: bool = True, lowrank: float | None = None,
-              unroll: bool = True):
+              unroll: bool = True, grad_norm: bool = False):
   """Runs ``steps`` PGD steps on a dict of class tables; returns ``(tables, aux_at_zero)``.
+
+  With ``grad_norm=True`` it returns ``(tables, aux_at_zero, {point: ‖g_c‖_C})`` as well: the
+  norm of each class-averaged gradient at ``δ = 0`` (before any low-rank projection), the
+  clean network's sensitivity along class ``c``'s shift (0 for absent classes).
 
   Args:
     loss_fn: ``tables -> (summed loss, aux)``; ``aux`` of the first (δ = 0) call is returned,
@@ -75,6 +87,7 @@ def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.
     normalize: normalised step ``κ g/‖g‖`` (ours) or the paper's raw ``κ g``.
     lowrank: if set, project each class gradient on its top ``lowrank·min(HW,D)`` directions.
     unroll: unroll the (static, short) PGD loop; the result is the same either way.
+    grad_norm: also return ``‖g_c‖`` at ``δ = 0`` (see above).
 
   >>> tables, clean = class_pgd(loss_fn, {"stage3": zeros_CxHxWxD}, n_C, s_C, {"stage3": e_C}, 3)
   """
@@ -108,4 +121,9 @@ def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.
   # on a path ~10x slower than the same convolutions at top level (the benchmark showed it).
   tables = jax.lax.fori_loop(1, steps, lambda i, t: update(t, grads(t)[1]), tables,
                              unroll=unroll)
-  return jax.lax.stop_gradient(tables), aux0
+  tables = jax.lax.stop_gradient(tables)
+  if not grad_norm:
+    return tables, aux0
+  # The first step's gradient is already there: logging it costs no pass.
+  norms = {p: jax.lax.stop_gradient(row_norms(g) * inv_n_C) for p, g in g0.items()}
+  return tables, aux0, norms

@@ -11,6 +11,8 @@ Array([2., 0.], dtype=float32)
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -18,7 +20,9 @@ import jax.numpy as jnp
 def row_norms(x_NxD: jax.Array) -> jax.Array:
   """ℓ2 norm of each row (everything after the leading axis), summed in float32 (a bf16
   activation's squares would otherwise be accumulated in bf16)."""
-  flat = x_NxD.reshape(x_NxD.shape[0], -1).astype(jnp.float32)
+  # The row size spelt out: reshape(0, -1) cannot infer it (an empty batch raised
+  # ZeroDivisionError).
+  flat = x_NxD.reshape(x_NxD.shape[0], math.prod(x_NxD.shape[1:])).astype(jnp.float32)
   return jnp.sqrt(jnp.sum(jnp.square(flat), -1))
 
 
@@ -33,10 +37,13 @@ def gather_rows(table_CxD: jax.Array, labels_B: jax.Array) -> jax.Array:
   A gather, not ``one_hot(y) @ table`` (``2·B·C·D`` FLOPs each way, growing with ``C``).  Under
   ``jax.jit`` over a ``('data',)`` mesh with Auto axes the output follows the batch sharding of
   ``labels``, and its transpose (the gradient with respect to the table) is a scatter-add whose
-  replicated result XLA sums over the global batch.  Labels are trusted to lie in
-  ``[0, C)``: out-of-range labels are clipped (callers validate them once, outside jit).
+  replicated result XLA sums over the global batch.  A label outside ``[0, C)`` gets a zero
+  row and sends no gradient to any row: under ``jit`` its value cannot be checked, and
+  clipping it would hand it (and its gradient) another class's row without a word.
   """
-  return jnp.take(table_CxD, labels_B, axis=0, mode="clip")
+  valid_B = (labels_B >= 0) & (labels_B < table_CxD.shape[0])
+  rows = jnp.take(table_CxD, labels_B, axis=0, mode="clip")
+  return jnp.where(rowwise(valid_B, rows), rows, 0)
 
 
 def per_class_mean(onehot_BxC: jax.Array, values_B: jax.Array) -> jax.Array:
@@ -45,5 +52,8 @@ def per_class_mean(onehot_BxC: jax.Array, values_B: jax.Array) -> jax.Array:
 
 
 def class_counts(labels_B: jax.Array, num_classes: int) -> jax.Array:
-  """Examples per class in the batch, as float32 ``[C]`` (a scatter-add, ``O(B)``)."""
-  return jnp.zeros((num_classes,), jnp.float32).at[labels_B].add(1.0, mode="drop")
+  """Examples per class in the batch, as float32 ``[C]`` (a scatter-add, ``O(B)``); a label
+  outside ``[0, C)`` counts nowhere (``.at[]`` alone would wrap ``-1`` onto class ``C − 1``)."""
+  valid_B = (labels_B >= 0) & (labels_B < num_classes)
+  return jnp.zeros((num_classes,), jnp.float32).at[labels_B].add(valid_B.astype(jnp.float32),
+                                                                 mode="drop")

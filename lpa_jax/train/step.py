@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lpa_jax.perturb.base import Batch, LogitMethod, Placed, invalid_label_count, pgd_loss_of
+from lpa_jax.perturb.base import Perturbation, chain, invalid_label_count
 from lpa_jax.perturb.hooks import Cut, full_apply
+from lpa_jax.perturb.place import perturbed_apply
 from lpa_jax.train.state import TrainState
 
 
@@ -38,7 +39,7 @@ def make_mesh(devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _refresh(state: TrainState, act: Placed, logit: LogitMethod, spe: int):
+def _refresh(state: TrainState, act: Perturbation, logit: Perturbation, spe: int):
   """At an epoch boundary every method re-splits from the class statistics in its own state,
   which start afresh."""
   new_epoch = (state.step > 0) & (state.step % spe == 0)
@@ -50,38 +51,38 @@ def _refresh(state: TrainState, act: Placed, logit: LogitMethod, spe: int):
   return act_state, logit_state
 
 
-def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransformation,
+def make_train_step(act: Perturbation, logit: Perturbation, tx: optax.GradientTransformation,
                     cfg: StepConfig) -> Callable:
   """Builds the (unjitted) train step ``(state, batch) -> (state, metrics)``.
 
-  ``act`` is an activation method placed in the network (:func:`lpa_jax.perturb.place.place`);
-  its PGD follows the training loss, i.e. ``logit``'s loss and weights
-  (:func:`~lpa_jax.perturb.base.pgd_loss_of`).  ``batch`` is ``{'image': float inputs,
-  'label': int labels}``.  See :func:`jit_train_step`.
+  ``act`` is an activation method placed in the network (a network-level perturbation:
+  :func:`lpa_jax.perturb.place.place`, ``manifold_mixup``, ``lpa_adaptive``) and ``logit``
+  the logit perturbation (or chain) after it; the step runs ``chain(act, logit)`` through
+  :func:`~lpa_jax.perturb.place.perturbed_apply`, so PGD follows ``logit``'s loss and
+  weights.  ``batch`` is ``{'image': float inputs, 'label': int labels}``.  See
+  :func:`jit_train_step`.
+
+  >>> step = jit_train_step(make_train_step(act, logit, optax.sgd(0.1), cfg), make_mesh())
+  >>> state, metrics = step(state, {"image": x, "label": y})   # doctest: +SKIP
   """
+  if act.level != "network":
+    raise TypeError(f"make_train_step: act must be placed at its point (place(method, cut), "
+                    f"manifold_mixup, lpa_adaptive), got a {act.level}-level perturbation")
+  perturb = chain(act, logit)
 
   def step(state: TrainState, batch: dict):
     _, r_act = step_keys(state.rng, state.step)
     act_state, logit_state = _refresh(state, act, logit, cfg.steps_per_epoch)
     labels_B = batch["label"]
-    inputs = Batch(batch["image"], labels_B, jax.nn.one_hot(labels_B, cfg.num_classes))
-    pgd_loss = pgd_loss_of(logit, logit_state, inputs, state.step)
+    onehot_BxC = jax.nn.one_hot(labels_B, cfg.num_classes)
 
     def loss_fn(params):
       variables = {"params": params, **state.model_state}
-      fwd = act.forward(act_state, variables, inputs, r_act, True, loss_fn=pgd_loss)
-      # Class statistics read the clean logits when the activation method computed them
-      # (LPA, adversarial, or a clean pass some class split needs), else the training ones.
-      clean_BxC = jax.lax.stop_gradient(
-          fwd.clean_logits if fwd.clean_logits is not None else fwd.logits_BxC)
-      out = logit.apply(logit_state, fwd.logits_BxC,
-                        inputs._replace(targets_BxC=fwd.targets_BxC, clean_logits=clean_BxC),
-                        state.step)
-      loss_B = optax.softmax_cross_entropy(out.logits_BxC, fwd.targets_BxC)
-      return jnp.mean(out.weights_B * loss_B), (fwd, clean_BxC, out)
+      out = perturbed_apply(perturb, None, (act_state, logit_state), variables, batch["image"],
+                            labels_B, r_act, True, targets=onehot_BxC, step=state.step)
+      return out.loss, out
 
-    (loss, (fwd, clean_BxC, lout)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     extra = {}
     if isinstance(tx, optax.GradientTransformationExtraArgs):
       # optax.contrib.sam asks for the loss's gradient function; other members of a chain
@@ -91,13 +92,14 @@ def make_train_step(act: Placed, logit: LogitMethod, tx: optax.GradientTransform
     params = optax.apply_updates(state.params, updates)
     # Labels are traced here, so out-of-range ones are counted, not raised on: the loop's
     # host-side check_finite turns a positive count into an error.
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(clean_BxC, -1) == labels_B),
-               "grad_norm": optax.tree.norm(grads), **fwd.aux, **lout.aux,
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(out.clean_logits, -1) == labels_B),
+               "grad_norm": optax.tree.norm(grads), **out.aux,
                "invalid_labels": invalid_label_count(labels_B, cfg.num_classes)}
+    new_act_state, new_logit_state = out.state
     new_state = state.replace(step=state.step + 1, params=params,
-                              model_state={**state.model_state, **fwd.model_state},
-                              opt_state=opt_state, act_state=fwd.state,
-                              logit_state=lout.state)
+                              model_state={**state.model_state, **out.model_state},
+                              opt_state=opt_state, act_state=new_act_state,
+                              logit_state=new_logit_state)
     return new_state, metrics
 
   return step
@@ -136,7 +138,7 @@ def jit_parallel_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(step_K, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def make_eval_step(cut: Cut, logit: LogitMethod, cfg: StepConfig, mesh: Mesh) -> Callable:
+def make_eval_step(cut: Cut, logit: Perturbation, cfg: StepConfig, mesh: Mesh) -> Callable:
   """``(state, x) -> logits`` in inference mode (running BN statistics); ``x`` is float input
   normalised by the input pipeline (:func:`experiments.data.pipeline.normalize`)."""
   def eval_step(state: TrainState, x):
