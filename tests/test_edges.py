@@ -44,9 +44,9 @@ def test_labels_outside_the_classes_are_rejected_outside_jit(net, bad):
   y_bad = y.at[3].set(bad)
   method = _lpa()
   with pytest.raises(ValueError, match=rf"lpa: labels must lie in \[0, {C}\).*e\.g\. {bad}"):
-    method.apply(method.init(), act, y_bad, upper)
+    method.apply(method.init(), act, labels=y_bad, upper=upper)
   with pytest.raises(ValueError, match=rf"lpa: labels must lie in \[0, {C}\)"):
-    method.delta(method.init(), upper, act, y_bad)
+    method.info["delta"](method.init(), upper, act, y_bad)
   with pytest.raises(ValueError, match=rf"perturbed_apply: labels must lie in \[0, {C}\)"):
     lj.perturbed_apply(method, cut, method.init(), variables, x, y_bad, jax.random.key(0))
 
@@ -124,11 +124,12 @@ def test_the_radius_depth_is_the_methods_not_the_cuts():
     lj.cut_linen(_LinenNet(), "block", depth=2, input_shape=(4,))
   with pytest.raises(TypeError, match=r"cut_nnx\(depth=\) is gone.*lpa\(\.\.\., depth=2\)"):
     lj.cut_nnx(_NnxNet(nnx.Rngs(0)), "block", depth=2, input_shape=(4,))
-  assert lj.cut_linen(_LinenNet(), "block", input_shape=(4,)).depth is None
-  assert lj.cut_nnx(_NnxNet(nnx.Rngs(0)), "block", input_shape=(4,)).depth is None
+  # A cut carries no depth at all: the method is the one place it is set.
+  assert "depth" not in lj.cut_linen(_LinenNet(), "block", input_shape=(4,))._fields
+  assert "depth" not in lj.cut_nnx(_NnxNet(nnx.Rngs(0)), "block", input_shape=(4,))._fields
   # lpa(depth=) is what scales the radius: β^(L−l) ε.
   method = lj.lpa(C, split="all_positive", eps=1.0, beta=0.5, depth=2)
-  radius = method.radii(method.init(), jnp.ones((C, 3)), jnp.arange(C))
+  radius = method.info["radii"](method.init(), jnp.ones((C, 3)), jnp.arange(C))
   np.testing.assert_allclose(radius, 0.25, rtol=1e-6)
 
 
@@ -138,13 +139,13 @@ def test_balanced_split_says_when_there_is_no_split_yet(net):
   method = lj.lpa(C, eps=1.0)  # default split: balanced
   state = method.init()
   assert not bool(state.split_ready)
-  out = method.apply(state, act, y, upper)
+  out = method.apply(state, act, labels=y, upper=upper)
   assert float(out.aux["split_ready"]) == 0
-  assert float(jnp.abs(out.act - act).max()) == 0  # δ = 0 before the first refresh
+  assert float(jnp.abs(out.x - act).max()) == 0  # δ = 0 before the first refresh
   state = method.refresh(out.state)
   assert bool(state.split_ready)
-  out = method.apply(state, act, y, upper)
-  assert float(out.aux["split_ready"]) == 1 and float(jnp.abs(out.act - act).max()) > 0
+  out = method.apply(state, act, labels=y, upper=upper)
+  assert float(out.aux["split_ready"]) == 1 and float(jnp.abs(out.x - act).max()) > 0
 
 
 # ------------------------------------------------------------------------------ mismatches
@@ -153,7 +154,7 @@ def test_labels_and_activation_of_different_lengths_name_both(net):
   method = _lpa()
   with pytest.raises(ValueError, match="lpa: labels has 50 entries but the activation has a "
                                        "batch of 96"):
-    method.apply(method.init(), act, y[:50], upper)
+    method.apply(method.init(), act, labels=y[:50], upper=upper)
   with pytest.raises(ValueError, match="perturbed_apply: labels has 50 entries but the "
                                        "activation has a batch of 96"):
     lj.perturbed_apply(method, cut, method.init(), variables, x, y[:50])
@@ -164,7 +165,7 @@ def test_float_labels_are_refused_naming_the_dtype(net):
   method = _lpa()
   with pytest.raises(TypeError, match="lpa: labels must be integer class ids, got dtype "
                                       "float32"):
-    method.apply(method.init(), act, y.astype(jnp.float32), upper)
+    method.apply(method.init(), act, labels=y.astype(jnp.float32), upper=upper)
   with pytest.raises(TypeError, match="perturbed_apply: labels must be integer"):
     jax.jit(lambda v: lj.perturbed_apply(method, cut, method.init(), v, x,
                                          y.astype(jnp.float32)))(variables)
@@ -175,7 +176,7 @@ def test_num_classes_unlike_the_models_outputs_names_both(net):
   method = lj.lpa(12, split="all_positive", eps=1.0)
   with pytest.raises(ValueError, match=r"num_classes=12, but the layers above the point "
                                        r"return logits of shape \(96, 10\)"):
-    jax.jit(lambda a: method.apply(method.init(), a, y, upper))(act)
+    jax.jit(lambda a: method.apply(method.init(), a, labels=y, upper=upper))(act)
 
 
 def test_class_counts_of_the_wrong_length_are_refused_at_build():
@@ -194,7 +195,9 @@ def test_misspelt_keyword_arguments_raise(net, make):
   _, _, _, _, y, act, upper = net
   method = make()
   with pytest.raises(TypeError, match="loss_fun"):
-    method.apply(method.init(), act, y, upper, jax.random.key(0), True, loss_fun=None)
-  out = method.apply(method.init(), act, y, upper, jax.random.key(0), True,
-                     targets=jax.nn.one_hot(y, C), loss_fn=None)  # the real names still work
-  assert out.act.shape == act.shape
+    method.apply(method.init(), act, labels=y, upper=upper, rng=jax.random.key(0), train=True,
+                 loss_fun=None)
+  out = method.apply(method.init(), act, labels=y, upper=upper, rng=jax.random.key(0),
+                     train=True, targets=jax.nn.one_hot(y, C),
+                     loss_fn=None)  # the real names still work
+  assert out.x.shape == act.shape

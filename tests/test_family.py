@@ -14,7 +14,8 @@ from lpa_jax.models import get_model
 from experiments.configs import methods as defaults
 from lpa_jax.perturb import activation, gradient, logit
 from experiments import registry
-from lpa_jax.perturb.base import Batch, LogitMethod, chain, identity, identity_logits
+from experiments import gradients
+from lpa_jax.perturb.base import Batch, Perturbation, chain, identity
 from experiments.registry import Context
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
@@ -40,8 +41,19 @@ def at(ctx, point, method):
   return place(method, ctx.cut_fn(point))
 
 
+def forward(method, state, variables, batch, rng, train=True, **kw):
+  """A placed (network-level) method's forward pass on ``batch``: ``Out`` with the logits."""
+  return method.apply(state, batch.x, labels=batch.labels_B, variables=variables, rng=rng,
+                      train=train, targets=batch.targets_BxC, **kw)
+
+
+def lapply(method, state, z, batch, step):
+  """A logit method's ``apply`` on ``batch``."""
+  return method.apply(state, z, labels=batch.labels_B, targets=batch.targets_BxC, step=step)
+
+
 def run(method, variables, batch, rng):
-  return jax.jit(lambda r: method.forward(method.init(), variables, batch, r, True))(rng)
+  return jax.jit(lambda r: forward(method, method.init(), variables, batch, r))(rng)
 
 
 # --------------------------------------------------------------------------- activation level
@@ -49,13 +61,13 @@ def run(method, variables, batch, rng):
 def test_dropout_preserves_expectation_and_is_off_at_eval():
   ctx, v, batch, _ = setup()
   m = at(ctx, "logits", activation.dropout(rate=0.5))
-  fwd = jax.jit(jax.vmap(lambda r: m.forward((), v, batch, r, True)))(
+  fwd = jax.jit(jax.vmap(lambda r: forward(m, (), v, batch, r)))(
       jax.random.split(jax.random.key(1), 2000))
   clean = fwd.clean_logits[0]
   # Each entry is 0 or 2z with equal odds: the mean of n draws has standard error |z|/√n.
   assert (jnp.abs(fwd.logits_BxC.mean(0) - clean) <= 5 * jnp.abs(clean) / np.sqrt(2000)).all()
   assert abs(float(jnp.mean(fwd.logits_BxC == 0)) - 0.5) < 0.02
-  off = m.forward((), v, batch, jax.random.key(0), False).logits_BxC
+  off = forward(m, (), v, batch, jax.random.key(0), False).logits_BxC
   np.testing.assert_allclose(off, clean, rtol=1e-5)
 
 
@@ -74,7 +86,7 @@ def test_manifold_mixup_mixes_activations_and_targets_with_one_lambda(select):
   ctx, v, batch, _ = setup(b=4)           # labels 0..3: the class index names the sample
   m = activation.manifold_mixup([ctx.cut_fn("hidden1"), ctx.cut_fn("logits")], alpha=1.0,
                                   select=select)
-  fwd_fn = jax.jit(lambda r: m.forward((), v, batch, r, True))
+  fwd_fn = jax.jit(lambda r: forward(m, (), v, batch, r))
   cut = ctx.cut_fn("hidden1")
   h = cut.lower(v, batch.x, True)[0]
   seen = set()
@@ -124,7 +136,7 @@ def test_deep_augmentation_pca_projects_and_passes_gradients_straight_through():
   # The layers below get the gradient of the loss as if the activation had not been replaced.
   w = lambda p: {**v, "params": p}  # noqa: E731
   shift = activation.pca_project(h, 2) - h
-  g_aug = jax.grad(lambda p: m.forward((), w(p), batch, rng, True).logits_BxC.sum())(v["params"])
+  g_aug = jax.grad(lambda p: forward(m, (), w(p), batch, rng).logits_BxC.sum())(v["params"])
   g_ref = jax.grad(lambda p: cut.upper(w(p), cut.lower(w(p), batch.x, True)[0] + shift,
                                        True)[0].sum())(v["params"])
   chex.assert_trees_all_close(g_aug, g_ref, rtol=1e-4, atol=1e-6)
@@ -140,7 +152,7 @@ def test_every_registered_activation_method_builds_from_config_and_differentiate
     m = registry.make_activation(pc, ctx)
 
     def loss(params):
-      fwd = m.forward(m.init(), {**v, "params": params}, batch, rng, True)
+      fwd = forward(m, m.init(), {**v, "params": params}, batch, rng)
       return optax.softmax_cross_entropy(fwd.logits_BxC, fwd.targets_BxC).mean(), fwd
     (val, fwd), g = jax.eval_shape(jax.value_and_grad(loss, has_aux=True), v["params"])
     assert val.shape == () and jax.tree.structure(g) == jax.tree.structure(v["params"]), name
@@ -156,10 +168,10 @@ def test_logit_adjustment_shifts_by_tau_log_prior_and_posthoc_subtracts_it():
   z = jax.random.normal(jax.random.key(3), (8, 4))
   shift = 0.7 * np.log(COUNTS / COUNTS.sum())
   la = logit.logit_adjust(ctx.class_counts, tau=0.7, mode="loss")
-  np.testing.assert_allclose(la.apply((), z, batch, 0)[0], z + shift, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(lapply(la, (), z, batch, 0).x, z + shift, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(la.predict((), z), z)
   ph = logit.logit_adjust(ctx.class_counts, tau=0.7, mode="posthoc")
-  np.testing.assert_allclose(ph.apply((), z, batch, 0)[0], z)
+  np.testing.assert_allclose(lapply(ph, (), z, batch, 0).x, z)
   np.testing.assert_allclose(ph.predict((), z), z - shift, rtol=1e-5, atol=1e-6)
 
 
@@ -171,11 +183,13 @@ def test_ldam_margins_and_drw_switch_on_at_the_right_step():
   m = logit.ldam(COUNTS, normalized_head=True, scale=30.0, batch_normalize=False,
                  num_epochs=5, steps_per_epoch=10)
   z = jax.random.normal(jax.random.key(4), (8, 4))
-  apply = jax.jit(lambda s: m.apply((), z, batch, s))
-  out, w0, _, _ = apply(39)
+  apply = jax.jit(lambda s: lapply(m, (), z, batch, s))
+  r0 = apply(39)
+  out, w0 = r0.x, r0.weights_B
   np.testing.assert_allclose(out, 30.0 * (z - batch.targets_BxC * m_C), rtol=1e-5)
   np.testing.assert_allclose(w0, 1.0)
-  _, w1, _, aux = apply(40)
+  r1 = apply(40)
+  w1, aux = r1.weights_B, r1.aux
   cb = (1 - 0.9999) / (1 - 0.9999 ** COUNTS)
   np.testing.assert_allclose(w1, (cb * 4 / cb.sum())[batch.labels_B], rtol=1e-5)
   assert float(aux["drw_on"]) == 1.0
@@ -193,7 +207,7 @@ def test_lpl_equals_lpa_at_the_logits_where_the_spec_says():
     got_lpa = run(a, v, batch, rng).logits_BxC
     p = logit.lpl(c, split="signs", signs=signs, alpha=0.3, steps=k)
     z = full_apply(ctx.cut_fn("logits"), v, batch.x, True)[0]
-    got_lpl = jax.jit(lambda z: p.apply(p.init(), z, batch, 0)[0])(z)
+    got_lpl = jax.jit(lambda z: lapply(p, p.init(), z, batch, 0).x)(z)
     np.testing.assert_allclose(got_lpa, got_lpl, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(got_lpl - z).max()) > 0.1
 
@@ -205,7 +219,7 @@ def test_lpl_varied_steps_and_longtail_split():
   st = p.init()
   np.testing.assert_array_equal(st.sign_C, [-1, -1, 1, 1])      # head = round(0.4·4) = 2
   z = jax.random.normal(jax.random.key(5), (8, 4))
-  _, _, _, aux = p.apply(st, z, batch, 0)
+  aux = lapply(p, st, z, batch, 0).aux
   # q_c = rank/3, τ = 1.5/3: gaps (.5, 1/6, 1/6, .5) → K_c = 2 + round(4·gap/max gap).
   np.testing.assert_array_equal(aux["lpl_steps_C"], [6, 3, 3, 6])
   norm_C = np.asarray(aux["lpl_delta_norm_C"])
@@ -216,9 +230,9 @@ def test_lpl_varied_steps_and_longtail_split():
 
 def test_lpg_keeps_the_forward_and_moves_class_gradient_norms_by_eps():
   ctx, _, batch, _ = setup(b=16)
-  m = gradient.lpg_logits(4, split="signs", signs=(1, -1, 1, -1), eps=0.05, varied=False)
+  m = gradient.lpg(4, split="signs", signs=(1, -1, 1, -1), eps=0.05, varied=False)
   z = jax.random.normal(jax.random.key(6), (16, 4))
-  out = jax.jit(lambda z: m.apply(m.init(), z, batch, 0)[0])(z)
+  out = jax.jit(lambda z: lapply(m, m.init(), z, batch, 0).x)(z)
   np.testing.assert_array_equal(out, z)
 
   def class_grads(f):
@@ -226,7 +240,7 @@ def test_lpg_keeps_the_forward_and_moves_class_gradient_norms_by_eps():
     # Per-example gradients are B·∂(mean loss)/∂z_i; average them per class.
     return (batch.targets_BxC.T @ (16 * g)) / batch.targets_BxC.sum(0)[:, None]
   g0 = class_grads(lambda z: z)
-  g1 = class_grads(lambda z: m.apply(m.init(), z, batch, 0)[0])
+  g1 = class_grads(lambda z: lapply(m, m.init(), z, batch, 0).x)
   n0, n1 = np.linalg.norm(g0, axis=1), np.linalg.norm(g1, axis=1)
   np.testing.assert_allclose(n1 - n0, [0.05, -0.05, 0.05, -0.05], rtol=1e-4)
   cos = np.sum(np.asarray(g0) * np.asarray(g1), 1) / (n0 * n1)
@@ -254,9 +268,9 @@ def test_sam_step_matches_a_two_pass_reference():
   x = jax.random.normal(jax.random.key(7), (8, 6, 6, 1))
   model = get_model("mlp", 4, widths=(16, 8))
   lr, rho = 0.1, 0.05
-  tx = gradient.sam(optax.sgd(lr), rho)
+  tx = gradients.sam(optax.sgd(lr), rho)
   cfg = StepConfig(10, 4)
-  step = jax.jit(make_train_step(at(ctx, "logits", identity()), identity_logits(), tx, cfg))
+  step = jax.jit(make_train_step(at(ctx, "logits", identity()), identity(), tx, cfg))
   params = v["params"]
   state = TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), (), (),
                      jax.random.key_data(jax.random.key(0)))
@@ -273,14 +287,15 @@ def test_sam_step_matches_a_two_pass_reference():
 
 def test_optax_gradient_methods_act_where_they_should():
   g = {"w": jnp.full((4,), 3.0)}
-  clip = gradient.clip(1.0)
+  clip = gradients.clip(1.0)
   np.testing.assert_allclose(optax.tree.norm(clip.update(g, clip.init(g))[0]), 1.0, rtol=1e-6)
-  noise = gradient.grad_noise(0.01, 0.55)
+  noise = gradients.grad_noise(0.01, 0.55)
   out, _ = noise.update(g, noise.init(g))
   assert 0 < float(jnp.abs(out["w"] - 3.0).max()) < 1.0
   gm = registry.make_gradient(mlc.ConfigDict(dict(gradient="lpg", lpg=defaults.gradient_blocks()[
       "lpg"])), setup()[0])
-  assert isinstance(gm.logit, LogitMethod) and gm.pre is None and gm.wrap is None
+  assert isinstance(gm.logit, Perturbation) and gm.logit.level == "logit"
+  assert gm.pre is None and gm.wrap is None
 
 
 # --------------------------------------------------------------------------------- composition
@@ -290,7 +305,8 @@ def test_chain_composes_apply_weights_and_predict():
   z = jax.random.normal(jax.random.key(8), (8, 4))
   m = chain(logit.logit_adjust(COUNTS, mode="posthoc"),
             logit.ldam(COUNTS, normalized_head=True, scale=1.0, drw_start_step=40))
-  out, w, _, _ = m.apply(m.init(), z, batch, 49)
+  r = lapply(m, m.init(), z, batch, 49)
+  out, w = r.x, r.weights_B
   np.testing.assert_allclose(out, z - batch.targets_BxC * logit.ldam_margins(COUNTS), rtol=1e-6)
   assert not np.allclose(w, 1.0)
   np.testing.assert_allclose(m.predict(m.init(), z), z - np.log(COUNTS / COUNTS.sum()), rtol=1e-6)

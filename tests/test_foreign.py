@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from lpa_jax.models.staged import run_stages
-from lpa_jax.perturb.base import identity_logits
+from lpa_jax.perturb.base import identity
 from lpa_jax.perturb.foreign import cut_linen, cut_nnx, nnx_functional, reseed_nnx
 from lpa_jax.perturb.hooks import cut_staged, full_apply
 from lpa_jax.perturb.lpa import lpa
@@ -343,7 +343,7 @@ def test_train_step_on_dropout_models(kind):
   params = variables.pop("params")
   state = TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params), act.init(),
                      (), jax.random.PRNGKey(3))
-  step = jax.jit(make_train_step(act, identity_logits(), tx, StepConfig(2, C)))
+  step = jax.jit(make_train_step(act, identity(), tx, StepConfig(2, C)))
   batch = {"image": X, "label": jnp.arange(B) % C}
   new, metrics = step(state, batch)
   _, metrics2 = step(state, batch)  # the same state: the same dropout masks and PGD

@@ -60,7 +60,9 @@ def test_ldam_trains_on_scaled_cosines_minus_the_true_class_margin():
   labels = jnp.array([0, 1, 2, 2, 1, 0])
   batch = Batch(None, labels, jax.nn.one_hot(labels, 3))
   m = logit.ldam(**_ctx(), normalized_head=True, batch_normalize=False)  # s = 30, 0.5, 0.9999
-  out, w_B, _, aux = jax.jit(lambda c, s: m.apply((), c, batch, s))(cos, 0)
+  r = jax.jit(lambda c, s: m.apply((), c, labels=batch.labels_B, targets=batch.targets_BxC,
+                                   step=s))(cos, 0)
+  out, w_B, aux = r.x, r.weights_B, r.aux
   want = 30.0 * np.asarray(cos)
   for i, y in enumerate(np.asarray(labels)):
     want[i, y] = 30.0 * (cos[i, y] - MARGINS[y])
@@ -75,7 +77,10 @@ def test_drw_starts_at_epoch_160_of_200():
   batch = Batch(None, labels, jax.nn.one_hot(labels, 3))
   cos = jnp.zeros((4, 3))
   m = logit.ldam(**_ctx(200, 10), normalized_head=True, batch_normalize=False)
-  apply = jax.jit(lambda s: m.apply((), cos, batch, s)[1::2])
+  @jax.jit
+  def apply(s):
+    r = m.apply((), cos, labels=batch.labels_B, targets=batch.targets_BxC, step=s)
+    return r.weights_B, r.aux
   w_before, aux_before = apply(1599)
   w_after, aux_after = apply(1600)  # epoch 160 of 200, 10 steps per epoch
   np.testing.assert_allclose(w_before, 1.0)
@@ -83,4 +88,5 @@ def test_drw_starts_at_epoch_160_of_200():
   assert float(aux_before["drw_on"]) == 0.0 and float(aux_after["drw_on"]) == 1.0
   # Batch-normalised weights average to one: PyTorch's weighted-mean cross-entropy.
   mb = logit.ldam(**_ctx(200, 10), normalized_head=True)
-  np.testing.assert_allclose(mb.apply((), cos, batch, 1600)[1].mean(), 1.0, rtol=1e-6)
+  w_B = mb.apply((), cos, labels=batch.labels_B, targets=batch.targets_BxC, step=1600).weights_B
+  np.testing.assert_allclose(w_B.mean(), 1.0, rtol=1e-6)

@@ -35,13 +35,20 @@ def setup(fmnist_lt):
 def placed_lpa(ctx, point, **kw):
   """LPA built from hyper-parameters and placed at ``point`` of the context's model."""
   cut = ctx.cut_fn(point)
-  return place(lpa(ctx.num_classes, class_counts=ctx.class_counts, depth=cut.depth, **kw), cut)
+  return place(lpa(ctx.num_classes, class_counts=ctx.class_counts, depth=ctx.depth(point), **kw),
+               cut)
+
+
+def forward(method, state, variables, batch, rng, train=True):
+  """A placed method's forward pass on ``batch``: ``Out`` with the logits."""
+  return method.apply(state, batch.x, labels=batch.labels_B, variables=variables, rng=rng,
+                      train=train, targets=batch.targets_BxC)
 
 
 def _run(setup, **kw):
   model, variables, batch, ctx = setup
   method = placed_lpa(ctx, **kw)
-  fwd = jax.jit(lambda v, b: method.forward(method.init(), v, b, jax.random.key(0), True))(
+  fwd = jax.jit(lambda v, b: forward(method, method.init(), v, b, jax.random.key(0)))(
       variables, batch)
   return method, fwd
 
@@ -68,7 +75,7 @@ def test_delta_norm_never_exceeds_class_radius(setup, normalize_step, varied):
             varied=varied, normalize=normalize_step)
   method, fwd = _run(setup, **kw)
   split = method.init().split
-  radius = classes.class_radii(split, 0.3, 0.5, 0.6, cut_staged(model, "hidden1").depth, varied)
+  radius = classes.class_radii(split, 0.3, 0.5, 0.6, ctx.depth("hidden1"), varied)
   norms = np.asarray(fwd.aux["delta_norm_C"])
   assert np.all(norms <= np.asarray(radius) + 1e-5)
   if normalize_step:  # T normalised steps of 2ε/T always reach the boundary
@@ -81,7 +88,7 @@ def test_absent_classes_get_zero(setup):
   keep = np.asarray(batch.labels_B) < 5
   sub = Batch(batch.x[keep], batch.labels_B[keep], batch.targets_BxC[keep])
   method = placed_lpa(ctx, point="hidden2", split="all_positive", eps=1.0)
-  fwd = method.forward(method.init(), variables, sub, jax.random.key(0), True)
+  fwd = forward(method, method.init(), variables, sub, jax.random.key(0))
   norms = np.asarray(fwd.aux["delta_norm_C"])
   assert np.all(norms[5:] == 0) and np.all(norms[:5] > 0)
 
@@ -89,7 +96,7 @@ def test_absent_classes_get_zero(setup):
 def test_zero_radius_is_the_plain_forward(setup):
   model, variables, batch, ctx = setup
   method = placed_lpa(ctx, point="hidden1", split="all_positive", eps=0.0, delta_eps=0.0)
-  fwd = method.forward(method.init(), variables, batch, jax.random.key(0), True)
+  fwd = forward(method, method.init(), variables, batch, jax.random.key(0))
   plain, _ = full_apply(cut_staged(model, "logits"), variables, batch.x, True)
   np.testing.assert_array_equal(np.asarray(fwd.logits_BxC), np.asarray(plain))
 
@@ -105,14 +112,14 @@ def test_training_loss_sees_delta_as_a_constant(setup):
   cut = cut_staged(model, "hidden1")
 
   def loss_lpa(params):
-    fwd = method.forward(method.init(), {"params": params}, batch, jax.random.key(0), True)
+    fwd = forward(method, method.init(), {"params": params}, batch, jax.random.key(0))
     return optax.softmax_cross_entropy(fwd.logits_BxC, batch.targets_BxC).mean(), fwd
 
   (_, fwd), g_lpa = jax.value_and_grad(loss_lpa, has_aux=True)(variables["params"])
   act = cut.lower(variables, batch.x, True)[0]
-  raw = lpa(C, split="signs", signs=SIGNS, eps=1.0, beta=1.0, depth=cut.depth)
+  raw = lpa(C, split="signs", signs=SIGNS, eps=1.0, beta=1.0, depth=ctx.depth("hidden1"))
   upper = lambda a: cut.upper(variables, a, True)[0]  # noqa: E731
-  pert = raw.apply(raw.init(), act, batch.labels_B, upper).act - act
+  pert = raw.apply(raw.init(), act, labels=batch.labels_B, upper=upper).x - act
   assert float(jnp.abs(pert).max()) > 0.1
   # Same δ as the placed method used: the perturbed logits agree.
   np.testing.assert_allclose(upper(act + pert), fwd.logits_BxC, rtol=1e-5, atol=1e-5)

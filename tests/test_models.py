@@ -1,4 +1,6 @@
 """Staged models: shapes from every point, complete point lists, cut consistency, errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,10 +118,11 @@ def test_points_run_bottom_to_top_with_falling_depth():
                                        "logits")
   assert model.points[10:14] == ("stage2.block3", "stage2.block4", "stage2", "stage3.block0")
   # Stage-level depths are what they were before blocks had names (configs keep their radii).
-  assert [cut_staged(model, p).depth for p in stage_level(model.points)] == [5, 4, 3, 2, 1, 0]
-  assert cut_staged(model, "stage3.block0").depth == pytest.approx(2.8)
-  assert cut_staged(model, "stage3.block3").depth == pytest.approx(2.2)
-  assert cut_staged(model, "stage3.block4").depth == 2
+  depth = functools.partial(depth_below_logits, model.points)
+  assert [depth(p) for p in stage_level(model.points)] == [5, 4, 3, 2, 1, 0]
+  assert depth("stage3.block0") == pytest.approx(2.8)
+  assert depth("stage3.block3") == pytest.approx(2.2)
+  assert depth("stage3.block4") == 2
   depths = [depth_below_logits(model.points, p) for p in model.points]
   assert all(a >= b for a, b in zip(depths, depths[1:]))
   assert get_model("preact_resnet18", 10).points[-5:] == (

@@ -6,6 +6,7 @@ import pytest
 
 from experiments.data.pipeline import dataset_stats, normalize
 from lpa_jax.models import MODELS, get_model
+from lpa_jax.models.staged import depth_below_logits
 from lpa_jax.perturb.hooks import cut_staged
 from lpa_jax.perturb.lpa import add_delta, lpa
 
@@ -114,7 +115,7 @@ def _delta(model, variables, point, method, x, labels_B):
     act, st = cut.lower(v, x, True)
     frozen = {**v, **st}
     upper = lambda a: cut.upper(frozen, a, True)[0]  # noqa: E731
-    return method.delta(method.init(), upper, act, labels_B), act
+    return method.info["delta"](method.init(), upper, act, labels_B), act
   return jax.jit(run)(variables, x, labels_B)
 
 
@@ -146,7 +147,7 @@ def test_lpa_delta_with_bf16_compute_agrees_with_f32(fmnist_lt, name, kwargs, po
   m32, m16 = get_model(name, 10, **kwargs), get_model(name, 10, dtype="bfloat16", **kwargs)
   variables = jax.jit(m32.init)(jax.random.key(0), x[:1])
   method = lpa(10, split="longtail", class_counts=data.class_counts(), eps=0.1,
-               depth=cut_staged(m32, point).depth)
+               depth=depth_below_logits(m32.points, point))
   d32_CxD, _ = _delta(m32, variables, point, method, x, labels_B)
   d16_CxD, act16 = _delta(m16, variables, point, method, x, labels_B)
   assert act16.dtype == jnp.bfloat16 and d16_CxD.dtype == jnp.float32

@@ -44,9 +44,10 @@ def test_logit_methods_chain_in_the_order_given():
   both = registry.make_logit(_pc(logit="logit_adjust,lpl"), ctx)
   la = registry.make_logit(_pc(logit="logit_adjust"), ctx)
   lpl = registry.make_logit(_pc(logit="lpl"), ctx)
-  got = both.apply(both.init(), z, b, 0)[0]
-  z_la = la.apply(la.init(), z, b, 0)[0]
-  np.testing.assert_allclose(got, lpl.apply(lpl.init(), z_la, b, 0)[0], rtol=1e-6)
+  kw = dict(labels=b.labels_B, targets=b.targets_BxC, step=0)
+  got = both.apply(both.init(), z, **kw).x
+  z_la = la.apply(la.init(), z, **kw).x
+  np.testing.assert_allclose(got, lpl.apply(lpl.init(), z_la, **kw).x, rtol=1e-6)
   assert float(jnp.abs(got - z_la).max()) > 0.01  # LPL acted after LA
   with pytest.raises(ValueError, match="registered"):
     registry.make_logit(_pc(logit="logit_adjust,nope"), ctx)
@@ -99,6 +100,12 @@ def test_gradient_noise_draws_from_the_run_seed():
   assert np.abs(a - b).max() > 0 and np.abs(a).max() > 0
 
 
+def _forward(m, state, variables, batch, rng, train=True):
+  """A placed method's forward pass on ``batch``: ``Out`` with the logits."""
+  return m.apply(state, batch.x, labels=batch.labels_B, variables=variables, rng=rng,
+                 train=train, targets=batch.targets_BxC)
+
+
 def _cnn_setup():
   """A small CNN's context, variables and a 20-example batch covering every class."""
   model = get_model("cnn", 10, widths=(4, 8, 8))
@@ -126,7 +133,7 @@ def test_branch_selection_mask_and_switch_compute_the_same_step(name):
     m = registry.make_activation(pc, ctx)
 
     def loss(params, m=m):
-      fwd = m.forward(m.init(), {**v, "params": params}, batch, jax.random.key(2), True)
+      fwd = _forward(m, m.init(), {**v, "params": params}, batch, jax.random.key(2))
       return optax.softmax_cross_entropy(fwd.logits_BxC, fwd.targets_BxC).mean(), fwd
     outs[select] = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
   (l_m, f_m), g_m = outs["mask"]
@@ -185,7 +192,7 @@ def test_random_methods_skip_the_clean_pass_unless_a_class_split_needs_it(name):
     pc = _pc(activation=name, logit=logit)
     pc.lpl.split = split
     m = registry.make_activation(pc, ctx)
-    f = jax.jit(lambda v: m.forward(m.init(), v, batch, jax.random.key(2), True))
+    f = jax.jit(lambda v: _forward(m, m.init(), v, batch, jax.random.key(2)))
     return f(v), f.lower(v).compile().cost_analysis()["flops"]
   fwd, flops = run("none", "longtail")
   assert fwd.clean_logits is None and "loss_change_C" not in fwd.aux

@@ -11,6 +11,7 @@ import lpa_jax as lj  # noqa: E402
 from experiments.bench import torch_peer as tp  # noqa: E402
 from experiments.data.longtail import longtail_counts  # noqa: E402
 from lpa_jax.models import get_model  # noqa: E402
+from lpa_jax.models.staged import depth_below_logits  # noqa: E402
 from lpa_jax.perturb import classes  # noqa: E402
 from lpa_jax.perturb.hooks import cut_staged  # noqa: E402
 
@@ -68,9 +69,9 @@ def _lpa(model, net):
   counts = longtail_counts(5000, 10, 100)
   cut = cut_staged(model, POINT)
   method = lj.lpa(10, split="longtail", class_counts=counts, eps=0.1, delta_eps=0.1,
-                  radius_mode="relative", depth=cut.depth)
+                  radius_mode="relative", depth=depth_below_logits(model.points, POINT))
   split = method.init().split
-  rel = classes.class_radii(split, 0.1, 0.1, 0.7, cut.depth, True)
+  rel = classes.class_radii(split, 0.1, 0.1, 0.7, depth_below_logits(model.points, POINT), True)
   dtype = net.head.weight.dtype
   lpa = tp.TorchLPA(net.block_index(POINT), torch.tensor(np.asarray(split.sign_C)),
                     torch.tensor(np.asarray(rel), dtype=dtype), steps=3)

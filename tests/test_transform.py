@@ -16,7 +16,7 @@ from experiments.configs import methods
 from experiments.data.pipeline import dataset_stats, normalize
 from lpa_jax.perturb import activation, classes
 from experiments import registry
-from lpa_jax.perturb.base import identity
+from lpa_jax.perturb.base import identity, pgd_loss_of
 from experiments.registry import Context
 from lpa_jax.perturb.diagnostics import check_finite
 from lpa_jax.perturb.hooks import cut_staged
@@ -77,12 +77,12 @@ def test_delta_then_add_equals_apply_and_radius_bounds_rows(batch):
   upper = lambda a: cut.upper(variables, a, True)[0]  # noqa: E731
   method = lj.lpa(C, split="all_positive", eps=0.3, radius_mode="relative")
   state = method.init()
-  delta = jax.jit(lambda a: method.delta(state, upper, a, y))(act)
+  delta = jax.jit(lambda a: method.info["delta"](state, upper, a, y))(act)
   chex.assert_shape(delta, (C,) + act.shape[1:])
-  out = jax.jit(lambda a: method.apply(state, a, y, upper))(act)
-  np.testing.assert_allclose(out.act, lj.add_delta(act, delta, y), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(out.act - act, delta[y], rtol=1e-6, atol=1e-6)
-  radius = method.radii(state, act, y)
+  out = jax.jit(lambda a: method.apply(state, a, labels=y, upper=upper))(act)
+  np.testing.assert_allclose(out.x, lj.add_delta(act, delta, y), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out.x - act, delta[y], rtol=1e-6, atol=1e-6)
+  radius = method.info["radii"](state, act, y)
   norms = np.asarray(jnp.sqrt(jnp.sum(delta.reshape(C, -1) ** 2, -1)))
   assert np.all(norms <= np.asarray(radius) * (1 + 1e-5))
 
@@ -99,11 +99,13 @@ def test_train_false_is_the_identity_for_every_activation_method(batch, name):
             "identity": identity}[name]()
   act = cut.lower(variables, x, False)[0]
   upper = lambda a: cut.upper(variables, a, False)[0]  # noqa: E731
-  out = method.apply(method.init(), act, y, upper, jax.random.key(0), False)
-  assert out.act is act
-  trained = method.apply(method.init(), act, y, upper, jax.random.key(0), True)
+  out = method.apply(method.init(), act, labels=y, upper=upper, rng=jax.random.key(0),
+                     train=False)
+  assert out.x is act
+  trained = method.apply(method.init(), act, labels=y, upper=upper, rng=jax.random.key(0),
+                         train=True)
   if name != "identity":  # and in training mode each of them does perturb
-    assert float(jnp.abs(trained.act - act).max()) > 0, name
+    assert float(jnp.abs(trained.x - act).max()) > 0, name
 
 
 def test_pgd_follows_the_loss_the_caller_trains_with():
@@ -117,8 +119,8 @@ def test_pgd_follows_the_loss_the_caller_trains_with():
   signs, eps, steps = np.array([1, -1, 1, -1]), 0.8, 3
   method = lj.lpa(4, split="signs", signs=tuple(signs), eps=eps, steps=steps, beta=1.0)
   la = lambda logits, t: optax.softmax_cross_entropy(logits + shift, t)  # noqa: E731
-  got = method.delta(method.init(), lambda a: a, z, y, loss_fn=la)
-  plain = method.delta(method.init(), lambda a: a, z, y)
+  got = method.info["delta"](method.init(), lambda a: a, z, y, loss_fn=la)
+  plain = method.info["delta"](method.init(), lambda a: a, z, y)
   zn, yn, delta = np.asarray(z, np.float64), np.asarray(y), np.zeros((4, 4))
   for _ in range(steps):
     logits = zn + delta[yn] + np.asarray(shift)
@@ -140,11 +142,11 @@ def test_pgd_loss_of_a_composed_logit_method_carries_its_weights():
   logit = registry.make_logit(pc, ctx)
   z = jnp.asarray(np.random.RandomState(1).randn(8, 4).astype(np.float32))
   y = jnp.arange(8) % 4
-  b = lj.perturb.Batch(z, y, jax.nn.one_hot(y, 4))
-  loss_fn = lj.perturb.pgd_loss_of(logit, logit.init(), b, 0)
-  zz, w, _, _ = logit.apply(logit.init(), z, b, 0)
-  np.testing.assert_allclose(loss_fn(z, b.targets_BxC),
-                             w * optax.softmax_cross_entropy(zz, b.targets_BxC), rtol=1e-6)
+  t = jax.nn.one_hot(y, 4)
+  loss_fn = pgd_loss_of(logit, logit.init(), y, t, 0)
+  out = logit.apply(logit.init(), z, labels=y, targets=t, step=0)
+  zz, w = out.x, out.weights_B
+  np.testing.assert_allclose(loss_fn(z, t), w * optax.softmax_cross_entropy(zz, t), rtol=1e-6)
 
 
 @pytest.mark.parametrize("field,value", [("eps", math.nan), ("beta", math.inf),
@@ -237,8 +239,8 @@ def _pgd_flops(num_classes: int) -> float:
   cut = cut_staged(model, "stage1")
   act = cut.lower(variables, x, True)[0]
   method = lj.lpa(num_classes, split="all_positive", eps=1.0, steps=3)
-  f = jax.jit(lambda a: method.delta(method.init(), lambda b: cut.upper(variables, b, True)[0],
-                                     a, y))
+  f = jax.jit(lambda a: method.info["delta"](
+      method.init(), lambda b: cut.upper(variables, b, True)[0], a, y))
   return float(f.lower(act).compile().cost_analysis()["flops"]), act[0].size
 
 
@@ -318,8 +320,8 @@ def test_placed_methods_take_the_same_call():
   out = perturbed_apply(mixup, None, mixup.init(), v, x, y, jax.random.key(2))
   assert out.logits_BxC.shape == (16, 4) and out.targets_BxC.shape == (16, 4)
   assert not np.allclose(out.targets_BxC, jax.nn.one_hot(y, 4))        # mixed
-  want = mixup.forward(mixup.init(), v, lj.perturb.Batch(x, y, jax.nn.one_hot(y, 4)),
-                       jax.random.key(2), True)
+  want = mixup.apply(mixup.init(), x, labels=y, variables=v, rng=jax.random.key(2), train=True,
+                     targets=jax.nn.one_hot(y, 4))
   np.testing.assert_array_equal(out.logits_BxC, want.logits_BxC)
   ada = lpa_adaptive([(lpa(4, split="all_positive", eps=0.5), cut_a),
                       (lpa(4, split="all_positive", eps=0.5), cut_b)], every=1)
@@ -329,7 +331,7 @@ def test_placed_methods_take_the_same_call():
     perturbed_apply(mixup, cut_a, mixup.init(), v, x, y, jax.random.key(2))
   with pytest.raises(TypeError, match="clean_pass"):   # an option of place(), not of the call
     perturbed_apply(mixup, None, mixup.init(), v, x, y, jax.random.key(2), clean_pass=False)
-  with pytest.raises(TypeError, match="needs the Cut at its point"):
+  with pytest.raises(TypeError, match="needs the Cut of the network"):
     perturbed_apply(lpa(4, split="all_positive", eps=0.5), None, (), v, x, y)
   placed = place(lpa(4, split="all_positive", eps=0.5), cut_b, diagnostics=False)
   fwd = perturbed_apply(placed, None, placed.init(), v, x, y)

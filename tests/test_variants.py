@@ -6,9 +6,10 @@ import optax
 import pytest
 
 from lpa_jax.models import get_model
+from lpa_jax.models.staged import depth_below_logits
 from experiments import registry
 from lpa_jax.perturb.adaptive import AdaptiveState, lpa_adaptive
-from lpa_jax.perturb.base import Batch, identity_logits
+from lpa_jax.perturb.base import Batch, identity
 from experiments.registry import Context
 from lpa_jax.perturb.classes import ClassStats, class_radii, constant_split
 from lpa_jax.perturb.hooks import Cut, cut_staged
@@ -43,20 +44,21 @@ def _recording(cut: Cut, log: list) -> Cut:
 
 
 def _run_lpa(method):
-  jax.jit(lambda v: method.forward(method.init(), v, BATCH, None, True))(VARS)
+  jax.jit(lambda v: method.apply(method.init(), BATCH.x, labels=BATCH.labels_B, variables=v,
+                                rng=None, train=True, targets=BATCH.targets_BxC))(VARS)
   jax.effects_barrier()
 
 
 def _lpa(ctx, point, extra_points=(), **kw):
   """LPA from hyper-parameters, placed at ``point`` (and jointly at ``extra_points``)."""
   cut = ctx.cut_fn(point)
-  method = lpa(C, class_counts=ctx.class_counts, depth=cut.depth,
-               extra_points={p: ctx.cut_fn(p).depth for p in extra_points}, **kw)
+  method = lpa(C, class_counts=ctx.class_counts, depth=ctx.depth(point),
+               extra_points={p: ctx.depth(p) for p in extra_points}, **kw)
   return place(method, cut, registry._shape_of(ctx, extra_points) if extra_points else None)
 
 
 def _adaptive(ctx, points, every, select="auto", **kw):
-  cands = [(lpa(C, class_counts=ctx.class_counts, depth=ctx.cut_fn(p).depth, **kw),
+  cands = [(lpa(C, class_counts=ctx.class_counts, depth=ctx.depth(p), **kw),
             ctx.cut_fn(p)) for p in points]
   return lpa_adaptive(cands, every, select=select)
 
@@ -114,7 +116,7 @@ def test_multilayer_each_point_within_its_own_radius():
   split = constant_split(np.ones(C))
   seen = []
   for p in points:
-    depth = cut_staged(MODEL, p).depth
+    depth = depth_below_logits(MODEL.points, p)
     radius = float(class_radii(split, eps, 0.0, beta, depth, False)[0])
     assert radius == pytest.approx(beta ** depth * eps)
     norms = np.asarray(row_norms(per_point[p]))  # per sample = ‖δ_{y_i}‖ at that point
@@ -131,7 +133,7 @@ def _train(method, steps, spe, counter=None):
   state = TrainState(jnp.zeros((), jnp.int32), params, {"batch_stats": VARS["batch_stats"]},
                      tx.init(params), method.init(), (),
                      jax.random.PRNGKey(3))
-  inner = make_train_step(method, identity_logits(), tx, StepConfig(spe, C))
+  inner = make_train_step(method, identity(), tx, StepConfig(spe, C))
 
   def counted(s, b):
     if counter is not None:
