@@ -206,7 +206,8 @@ def measure_lpl(setup: Setup, alpha: float, steps: int | None = None) -> dict:
                      steps_min=b.steps_min, steps_max=b.steps_max, normalize=b.normalize,
                      num_head=b.num_head, signs=b.signs)
   state = method.refresh(method.init(), setup.stats, 1)
-  apply = jax.jit(lambda s, z, batch: method.apply(s, z, batch, 0))
+  apply = jax.jit(lambda s, z, batch: method.apply(s, z, labels=batch.labels_B,
+                                                   targets=batch.targets_BxC, step=0))
   count = _counts(setup)
   change, own, norm = 0.0, 0.0, 0.0
   for z, batch in zip(setup.clean_logits, setup.batches):

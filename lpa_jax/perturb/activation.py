@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lpa_jax.perturb.base import (Out, Perturbation, check_finite_params, default_loss,
-                                  keep_state)
+from lpa_jax.perturb.base import (Out, Perturbation, check_extra, check_finite_params,
+                                  default_loss, keep_state)
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.perturb.place import apply_at
 from lpa_jax.perturb.tables import row_norms, rowwise
@@ -32,6 +32,7 @@ def _transform(perturb: Callable, sign: float = 0.0) -> Perturbation:
   -> (new_act, targets, clean_logits or None)``; the identity when ``train=False``."""
   def apply(state, act, *, labels, upper, rng=None, train=True, loss_fn=None, targets=None,
             **unused):
+    check_extra("activation method", unused)
     if targets is None:
       num_classes = jax.eval_shape(upper, jax.lax.stop_gradient(act)).shape[-1]
       targets = jax.nn.one_hot(labels, num_classes)
@@ -141,6 +142,7 @@ def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto"
 
   def apply(state, x, *, labels, variables, rng=None, train=True, loss_fn=None, targets=None,
             **unused):
+    check_extra("manifold_mixup", unused)
     if not train:
       return apply_at(method, cuts[-1], state, variables, x, labels, rng, False,
                       targets=targets)

@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from lpa_jax.perturb.base import Batch, Out, Perturbation, default_loss
+from lpa_jax.perturb.base import Batch, Out, Perturbation, check_extra, default_loss
 from lpa_jax.perturb.hooks import Cut, full_apply
 from lpa_jax.perturb.place import apply_at
 
@@ -79,6 +79,7 @@ def lpa_adaptive(candidates: Sequence[tuple[Perturbation, Cut]], every: int,
       jnp.asarray(every == 1))
   def apply(state, x, *, labels, variables, rng=None, train=True, loss_fn=None, targets=None,
             **unused):
+    check_extra("lpa_adaptive", unused)
     if targets is None:
       n = jax.eval_shape(lambda v, a: full_apply(candidates[0][1], v, a, False)[0], variables,
                          x).shape[-1]

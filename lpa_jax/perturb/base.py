@@ -190,6 +190,24 @@ def keep_logits(state, logits_BxC):
 
 
 LEVELS = ("activation", "logit", "network", "chain")
+# The named inputs any level's ``apply`` may be given (optax's ``extra_args``): a method ignores
+# the ones it does not use, and refuses a name outside this set (a misspelt ``loss_fun=``).
+EXTRA_INPUTS = frozenset({"labels", "upper", "rng", "train", "loss_fn", "targets", "step",
+                          "clean_logits", "variables", "extra_shapes"})
+
+
+def check_extra(who: str, extra: dict) -> None:
+  """Refuses named inputs no level takes, listing the valid ones.
+
+  >>> check_extra("lpa", {"step": 3})
+  >>> check_extra("lpa", {"loss_fun": None})  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  TypeError: lpa.apply() got an unexpected keyword argument 'loss_fun'; the named inputs ...
+  """
+  bad = sorted(set(extra) - EXTRA_INPUTS)
+  if bad:
+    raise TypeError(f"{who}.apply() got an unexpected keyword argument {bad[0]!r}; the named "
+                    f"inputs are: {', '.join(sorted(EXTRA_INPUTS))}")
 
 
 class Perturbation(NamedTuple):
@@ -230,6 +248,7 @@ def identity() -> Perturbation:
   (2, 3)
   """
   def apply(state, x, *, labels=None, targets=None, **extra):
+    check_extra("identity", extra)
     return Out(x, state, targets)
   return Perturbation(lambda: (), apply, keep_state, "logit", info={"identity": True})
 
@@ -246,6 +265,7 @@ def logit_method(init, apply_batch, refresh=keep_state, predict=keep_logits,
   """
   def wrap(fn):
     def apply(state, x, *, labels, targets=None, step=0, clean_logits=None, **extra):
+      check_extra("logit method", extra)
       if targets is None:
         targets = jax.nn.one_hot(labels, x.shape[-1], dtype=jnp.float32)
       out = fn(state, x, Batch(None, labels, targets, clean_logits), step)
@@ -284,6 +304,7 @@ def _merge_aux(aux: dict, owner: dict, i: int, new: dict) -> None:
 def _chained(members, loss: bool = False) -> Callable:
   """``apply`` of logit members in order: weights multiplied, states a tuple, aux merged."""
   def apply(state, x, *, labels, targets=None, step=0, clean_logits=None, **extra):
+    check_extra("chain", extra)
     if clean_logits is None:  # class statistics read the chain's input, not a member's
       clean_logits = jax.lax.stop_gradient(x)
     if targets is None:

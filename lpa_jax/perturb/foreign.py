@@ -356,18 +356,11 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
   return logits, hits[0], dict(state), below
 
 
-def _no_depth(who: str, depth) -> None:
-  if depth is not None:
-    raise TypeError(f"{who}(depth=) is gone: a cut does not set the radius depth. Pass it to "
-                    f"the method instead, e.g. lpa(..., depth={depth!r}) (L − l, the stages "
-                    "between the point and the logits, for the factor β^(L−l))")
-
-
 def cut_linen(model: nn.Module, path: PathLike, *,
               input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
               method: Callable | str | None = None, train_kw: str | None = "auto",
               target_method: str = "__call__", mutable: Sequence[str] = ("batch_stats",),
-              rng_names: Sequence[str] = ("dropout",), depth: None = None,
+              rng_names: Sequence[str] = ("dropout",),
               check: bool = True) -> Cut:
   """Cuts any Linen model at the output of the submodule at ``path``, without editing it.
 
@@ -384,8 +377,6 @@ def cut_linen(model: nn.Module, path: PathLike, *,
       for a point the model reaches as ``self.block.encode(x)``.
     mutable: collections a training pass updates (those present in ``variables``).
     rng_names: random streams seeded from the halves' ``rng`` in training mode (``dropout``).
-    depth: removed (raises ``TypeError``): the radius depth ``L − l`` is the method's, e.g.
-      ``lpa(..., depth=2)``; the cut's ``depth`` is ``None``.
     check: every trace of ``upper`` traces the model twice more (no FLOPs: trace time only,
       paid when a step compiles) and raises if its output depends on the input by a path that
       bypasses the point (a skip connection over it) or does not depend on the point at all
@@ -398,7 +389,6 @@ def cut_linen(model: nn.Module, path: PathLike, *,
   >>> act, st = cut.lower(variables, x, True, rng=key)
   >>> logits, st2 = cut.upper({**variables, **st}, act, True, rng=key)
   """
-  _no_depth("cut_linen", depth)
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_linen")
   kw = _train_kw(model, method, train_kw)  # at construction: a wrong keyword fails here
@@ -580,7 +570,7 @@ def _nnx_run(graphdef, target, variables, x, train, rng, act=None):
 
 def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
             input_shape: Sequence[int] | None = None, input_dtype=jnp.float32,
-            depth: None = None, check: bool = True) -> Cut:
+            check: bool = True) -> Cut:
   """Cuts any NNX model at the output of the submodule at attribute path ``path``.
 
   Inside each traced call the model is merged from ``variables`` (from
@@ -588,7 +578,6 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   replaces (``upper``) its output, then put back before the new state is split off.
   ``input_shape`` / ``input_dtype``: the model's per-example input (required).  ``rng``
   reseeds the model's RNG streams for the call; without it the stored streams are used.
-  ``depth``: removed, as in :func:`cut_linen` (pass it to the method, ``lpa(depth=)``).
   ``check``: as in :func:`cut_linen` (a skip connection over the point is refused).  Unlike
   :func:`cut_linen`, ``upper`` runs the layers below the point on the placeholder, as dead
   code: an effect there (``jax.debug.callback``) runs ``T + 2`` times per LPA step (see the
@@ -601,7 +590,6 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   >>> cut = cut_nnx(model, "blocks/1", input_shape=x.shape[1:])
   >>> logits, st = full_apply(cut, variables, x, True)
   """
-  _no_depth("cut_nnx", depth)
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_nnx")
   if isinstance(model, nnx.Module):

@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from lpa_jax.perturb import classes
-from lpa_jax.perturb.base import (Out, Perturbation, check_class_counts, check_finite_params,
-                                  check_labels, check_num_classes, default_loss)
+from lpa_jax.perturb.base import (Out, Perturbation, check_class_counts, check_extra,
+                                  check_finite_params, check_labels, check_num_classes,
+                                  default_loss)
 from lpa_jax.perturb.pgd import class_pgd
 from lpa_jax.perturb.tables import class_counts as batch_counts
 from lpa_jax.perturb.tables import gather_rows, per_class_mean, row_norms
@@ -366,6 +367,7 @@ def _accumulate(cfg: LPAConfig, state: LPAState, clean_logits, labels_B) -> LPAS
 
 def _apply(cfg: LPAConfig, state, act, *, labels, upper, rng=None, train=True, loss_fn=None,
            targets=None, extra_shapes=None, **unused) -> Out:
+  check_extra("lpa", unused)
   labels_B = labels
   _check_inputs(cfg, act, labels_B, targets)
   if targets is None:

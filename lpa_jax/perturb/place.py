@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lpa_jax.perturb.base import (Out, Perturbation, check_labels, default_loss,
+from lpa_jax.perturb.base import (Out, Perturbation, check_extra, check_labels, default_loss,
                                   invalid_label_count, join_state, pgd_loss_of, split_chain)
 from lpa_jax.perturb.diagnostics import perturbation_diagnostics
 from lpa_jax.perturb.foreign import nnx_functional
@@ -92,7 +92,7 @@ def perturbed_apply(perturb: Perturbation, cut: Cut | None, state, variables: di
     raise TypeError("perturbed_apply: this method is already placed at its points (place(), "
                     "manifold_mixup, lpa_adaptive); pass cut=None")
   if targets is None:
-    num_classes = _num_classes(inner, cut, variables, x)
+    num_classes = _num_classes(inner, cut, variables, x, labels_B)
     check_labels(labels_B, num_classes, "perturbed_apply", x)
     targets = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
   if not logit.info.get("identity"):
@@ -133,11 +133,12 @@ def _perturbed_apply_nnx(perturb, cut, state, model, x, labels_B, rng, train, **
   return out
 
 
-def _num_classes(inner, cut, variables, x) -> int:
+def _num_classes(inner, cut, variables, x, labels_B) -> int:
   """The number of logits, by abstract evaluation (no FLOPs)."""
   if cut is None:
-    return jax.eval_shape(lambda v, a: inner.apply(inner.init(), a, labels=None, variables=v,
-                                                   train=False).x, variables, x).shape[-1]
+    return jax.eval_shape(lambda v, a, y: inner.apply(inner.init(), a, labels=y, variables=v,
+                                                      train=False).x,
+                          variables, x, labels_B).shape[-1]
   # Training mode, as the pass it precedes: some models update BatchNorm statistics always.
   return jax.eval_shape(lambda v, a: full_apply(cut, v, a, True, rng=jax.random.PRNGKey(0))[0],
                         variables, x).shape[-1]
@@ -208,6 +209,7 @@ def place(method: Perturbation, cut: Cut, shape_of: Callable | None = None,
 
   def apply(state, x, *, labels, variables, rng=None, train=True, loss_fn=None, targets=None,
             **extra):
+    check_extra("place", extra)
     shapes = shape_of(variables, x, train) if shape_of is not None else None
     return apply_at(method, cut, state, variables, x, labels, rng, train, loss_fn=loss_fn,
                     targets=targets, extra_shapes=shapes, clean_pass=clean_pass,
