@@ -1,5 +1,6 @@
 """What the entry points (``main``, ``sweep``) share: errors the user can fix become one message
-on stderr and an exit status, Ctrl-C exits 130 saying what was saved, at any moment.
+on stderr and an exit status; Ctrl-C (SIGINT) exits 130 and SIGTERM (a scheduler preempting the
+job) 143, each saying in one line what was saved, at any moment.
 
 Light on purpose (no JAX, no absl): the entry points import it first, so that a Ctrl-C during
 their own imports already exits cleanly.
@@ -25,22 +26,66 @@ def _exit(status: int, message: str):
   os._exit(status)
 
 
+# The signals that stop a run as Ctrl-C does: a cluster scheduler preempts a job with SIGTERM
+# (SIGKILL follows a grace period later), and the work since the last checkpoint must not be
+# lost to it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_status(signum: int) -> int:
+  """The shell's status for a process a signal stopped: 130 for SIGINT, 143 for SIGTERM, so a
+  job script can tell a preemption from a Ctrl-C.
+
+  >>> exit_status(signal.SIGINT), exit_status(signal.SIGTERM)
+  (130, 143)
+  """
+  return 128 + int(signum)
+
+
+def stopped_by(signum: int) -> str:
+  """How a stop's message begins: ``'Interrupted'`` (Ctrl-C) or ``'Interrupted by SIGTERM'``.
+
+  >>> stopped_by(signal.SIGTERM)
+  'Interrupted by SIGTERM'
+  """
+  return "Interrupted" if signum == signal.SIGINT else \
+      f"Interrupted by {signal.Signals(signum).name}"
+
+
+def _reworded(message: str, signum: int) -> str:
+  # The start-up notes are written for Ctrl-C; say which signal it was.
+  return stopped_by(signum) + message.removeprefix("Interrupted") \
+      if message.startswith("Interrupted") else message
+
+
+class Interrupted(KeyboardInterrupt):
+  """A stop asked for by a signal (:data:`STOP_SIGNALS`); its message, if any, says what was
+  saved, and ``status`` is the exit status to end with (:func:`exit_status`).  A
+  ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM alike."""
+
+  def __init__(self, message: str = "", signum: int = signal.SIGINT):
+    super().__init__(*([message] if message else []))
+    self.signum, self.status = int(signum), exit_status(signum)
+
+
 def exit_on_interrupt(describe) -> None:
-  """Makes Ctrl-C print ``describe()`` and exit 130 at once, until the training loop installs
-  its own handler (which stops at a step boundary with a checkpoint) and after it restores
-  this one; a no-op where SIGINT is ignored.  Raising ``KeyboardInterrupt`` instead would let
-  a library's ``except:`` swallow it, or interrupt a C extension half-way through its
-  initialisation."""
+  """Makes Ctrl-C and SIGTERM print ``describe()`` and exit at once (130, 143), until the
+  training loop installs its own handler (which stops at a step boundary with a checkpoint)
+  and after it restores this one; a signal that is ignored stays ignored.  Raising
+  ``KeyboardInterrupt`` instead would let a library's ``except:`` swallow it, or interrupt a
+  C extension half-way through its initialisation."""
   def handle(signum, frame):
     try:
       message = describe()
     except Exception:  # noqa: BLE001 - e.g. still importing: nothing done yet
       message = "Interrupted while starting: nothing was saved."
-    _exit(130, f"\n{message}")
-  # An inherited SIG_IGN (a job started with `&` or nohup) is kept, as Python itself keeps it.
-  if threading.current_thread() is threading.main_thread() and \
-      signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    signal.signal(signal.SIGINT, handle)
+    _exit(exit_status(signum), f"\n{_reworded(message, signum)}")
+  if threading.current_thread() is not threading.main_thread():
+    return
+  for signum in STOP_SIGNALS:
+    # An inherited SIG_IGN (a job started with `&` or nohup) is kept, as Python itself keeps it.
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+      signal.signal(signum, handle)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -101,15 +146,16 @@ def user_error(e: BaseException, extra_types=()) -> str | None:
 
 
 def run_guarded(body, show_traceback: bool, interrupted, statuses=None):
-  """``body()``; a Ctrl-C exits 130 with the loop's message (else ``interrupted()``), a user
-  error exits with one message (status 1, or ``statuses[type]``).  ``show_traceback`` re-raises
-  user errors too."""
+  """``body()``; a Ctrl-C exits 130 (SIGTERM: 143, :class:`Interrupted`) with the loop's message
+  (else ``interrupted()``), a user error exits with one message (status 1, or
+  ``statuses[type]``).  ``show_traceback`` re-raises user errors too."""
   statuses = statuses or {}
   try:
     return body()
   except KeyboardInterrupt as e:
+    signum = getattr(e, "signum", signal.SIGINT)
     # An exception object is always truthy: test its text, which is empty for a bare Ctrl-C.
-    _exit(130, f"\n{str(e) or interrupted()}")
+    _exit(exit_status(signum), f"\n{str(e) or _reworded(interrupted(), signum)}")
   except Exception as e:  # noqa: BLE001 - errors with their own message; the rest re-raise
     message = None if show_traceback else user_error(e, tuple(statuses))
     if message is None:

@@ -24,6 +24,8 @@ one of the same plan adds its seeds.  Under ``--shard=any`` a run found stale wh
 (another plan's process made it since the sweep started) is refused as ``--stale`` says.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
 vmapped step, :mod:`experiments.train.parallel`); each run's files are those a serial sweep writes.
+Ctrl-C (SIGINT) or SIGTERM stops the sweep, whatever the run is doing, with the run's one-line
+note of what was saved and status 130 (SIGTERM: 143); it never goes on to the next run.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from experiments import cli
 from experiments.shards import (ANY, lock_name, parse_shard, plan_diff,  # noqa: F401
                                 plan_lock, root_lock)
 
-# First of all: a Ctrl-C during the imports below already exits 130 in one line.
+# First of all: a Ctrl-C (SIGTERM) during the imports below already exits 130 (143) in one line.
 cli.exit_on_interrupt(lambda: INTERRUPTED)
 
 import copy  # noqa: E402
