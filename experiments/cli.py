@@ -88,6 +88,68 @@ def exit_on_interrupt(describe) -> None:
       signal.signal(signum, handle)
 
 
+def define_config(default: str, help_text: str) -> None:
+  """``config_flags.DEFINE_config_file("config", ...)``, after checking that every
+  ``--config.a.b=v`` override names a field of the config: ml_collections resolves them as the
+  flag is defined or parsed, and a misspelt one fails there under a 40-line traceback.  One
+  line names the field and the nearest existing ones instead (``--traceback``: the
+  traceback)."""
+  from ml_collections import config_flags
+  if "--traceback" not in sys.argv:
+    try:
+      message = unknown_field(sys.argv, default)
+    except Exception:  # noqa: BLE001 - e.g. no such config file: ml_collections says so
+      message = None
+    if message is not None:
+      _exit(1, message)
+  config_flags.DEFINE_config_file("config", default, help_text)
+
+
+def _config_spec(argv, default: str) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def unknown_field(argv, default: str) -> str | None:
+  """``Error: ...`` for the first ``--config.<field>`` override in ``argv`` that names no field
+  of the config (``--config=`` in ``argv``, else ``default``), with the nearest fields; None
+  when every override names one.
+
+  >>> unknown_field(["--config.optim.lrr=0.1"], "experiments/configs/longtail.py:quick")
+  "Error: config.optim has no field 'lrr' (--config.optim.lrr=0.1); did you mean config.optim.lr?"
+  """
+  import difflib
+  import importlib.util
+  path, _, arg = _config_spec(argv, default).partition(":")
+  spec = importlib.util.spec_from_file_location("lpa_config_for_error", path)
+  if spec is None or spec.loader is None:
+    return None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for flag in argv:
+    if not flag.startswith("--config."):
+      continue
+    node, parts = config, flag.split("=", 1)[0][len("--config."):].split(".")
+    for i, part in enumerate(parts):
+      where = ".".join(["config"] + parts[:i])
+      if not hasattr(node, "keys"):
+        return (f"Error: {where} is a {type(node).__name__}, it has no field {part!r} "
+                f"({flag})")
+      if part not in node:
+        keys = [str(k) for k in node.keys()]
+        near = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(f'{where}.{k}' for k in near)}?" if near
+                else f"its fields are: {', '.join(sorted(keys))}")
+        return f"Error: {where} has no field {part!r} ({flag}); {hint}"
+      node = node[part]
+  return None
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the checkpoints in ``workdir`` (orbax's temporary dirs are not steps).
 
@@ -127,11 +189,11 @@ def user_error(e: BaseException, extra_types=()) -> str | None:
   """The one message to show for an error whose cause the user can fix, else None (a bug:
   its traceback is wanted).  ``extra_types``: more such error classes of the caller."""
   from experiments.configs.common import InvalidConfig
-  from experiments.data.sources import CacheUnreadable
+  from experiments.data.sources import CacheUnreadable, DataCorrupt, DataNotFound
   from experiments.train.checkpoint import CheckpointMismatch, NoUsableCheckpoint
   from experiments.train.history import HistoryDamaged
   from experiments.train.lock import Busy
-  from experiments.train.workdir import ConfigMismatch, disk_full
+  from experiments.train.workdir import ConfigMismatch, disk_full, no_access
   cause = disk_full(e)
   if cause is not None:
     # A full disk fails deep inside orbax or the writers, under hundreds of lines of
@@ -139,9 +201,14 @@ def user_error(e: BaseException, extra_types=()) -> str | None:
     return (f"Error: no space left on device while writing the run ({cause}). Free space "
             "and rerun the same command: it resumes from the last checkpoint.")
   known = (ConfigMismatch, CheckpointMismatch, NoUsableCheckpoint, InvalidConfig, Busy,
-           HistoryDamaged, CacheUnreadable, FloatingPointError) + tuple(extra_types)
+           HistoryDamaged, CacheUnreadable, DataNotFound, DataCorrupt,
+           FloatingPointError) + tuple(extra_types)
   if isinstance(e, known):
     return f"Error: {e}"  # says what is wrong and what to do; a traceback would bury it
+  denied = no_access(e)
+  if denied is not None:  # a read-only work dir or cache: the path says which
+    return (f"Error: cannot write {denied}. Choose a work dir (--workdir; a sweep's --root) "
+            "and a data cache (data.cache_dir or LPA_CACHE_DIR) this user can write to.")
   return None
 
 

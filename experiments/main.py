@@ -22,11 +22,10 @@ from experiments import cli
 cli.exit_on_interrupt(lambda: cli.saved_note(_workdir()))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/longtail.py:quick",
-                                "Config file and variant, e.g. longtail.py:quick.")
+cli.define_config("experiments/configs/longtail.py:quick",
+                  "Config file and variant, e.g. longtail.py:quick.")
 flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, results.json. Reruns resume.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("fresh", False, "Delete the run already in --workdir (checkpoints, metrics, "

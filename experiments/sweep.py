@@ -46,11 +46,10 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/suites.py:smoke",
-                                "Suite config, e.g. experiments/configs/suites.py:longtail_fmnist")
+cli.define_config("experiments/configs/suites.py:smoke",
+                  "Suite config, e.g. experiments/configs/suites.py:longtail_fmnist")
 flags.DEFINE_string("root", None, "Suite root (default experiments/results/<suite>); with "
                     "several suites, the parent of their roots.")
 flags.DEFINE_list("seeds", None, "Override the suite's seeds, e.g. --seeds=0,1.")

@@ -177,6 +177,7 @@ def _subseed(seed: int, purpose: str) -> int:
 
 def _train_counts(opts: _Options, available: np.ndarray) -> np.ndarray | None:
   """Per-class training counts to keep, or None to keep everything."""
+  from experiments.configs.common import InvalidConfig  # a ValueError, shown in one line
   if opts.imbalance_ratio > 1:
     # Default head size: the smallest class, so every class can supply its n_c.
     n_max = opts.n_max or int(available.min())
@@ -186,13 +187,14 @@ def _train_counts(opts: _Options, available: np.ndarray) -> np.ndarray | None:
       need = int(np.ceil(opts.imbalance_ratio))
       while longtail.longtail_counts(need, len(available), opts.imbalance_ratio).min() < 1:
         need += 1
-      raise ValueError(
-          f"data.n_max={n_max} at data.imbalance_ratio={opts.imbalance_ratio:g} leaves "
+      raise InvalidConfig(
+          f"Invalid config: data.n_max={n_max} at data.imbalance_ratio="
+          f"{opts.imbalance_ratio:g} leaves "
           f"class(es) {np.flatnonzero(counts == 0).tolist()} with 0 training images "
           f"(counts {counts.tolist()}); use data.n_max >= {need} or a smaller imbalance ratio")
     if (counts > available).any():
-      raise ValueError(f"data.n_max={n_max} needs {counts.tolist()} images per class but "
-                       f"only {available.tolist()} exist")
+      raise InvalidConfig(f"Invalid config: data.n_max={n_max} needs {counts.tolist()} images "
+                          f"per class but only {available.tolist()} exist")
     return counts
   if opts.n_max is not None:
     return np.minimum(available, opts.n_max)

@@ -254,3 +254,20 @@ def disk_full(e: BaseException) -> str | None:
       return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     e = e.__cause__ or e.__context__
   return None
+
+
+def no_access(e: BaseException) -> str | None:
+  """``'path (reason)'`` for the first error in ``e``'s chain that was refused access to a path
+  (permissions, a read-only file system), else None: where the run cannot write.
+
+  >>> no_access(OSError(errno.EROFS, "Read-only file system", "/ro/run"))
+  '/ro/run (Read-only file system)'
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and \
+        e.filename:
+      return f"{e.filename} ({e.strerror})"
+    e = e.__cause__ or e.__context__
+  return None
