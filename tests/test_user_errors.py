@@ -62,6 +62,8 @@ CASES = {
                        "data.imbalance_ratio=100000 leaves class(es)"),
     "num_head above C": (lambda t: [LPA, "--config.perturb.lpa.num_head=50"],
                          "config.perturb.lpa): num_head must lie in [0, 10], got 50"),
+    "lpl alpha 1e30": (lambda t: ["--config.perturb.logit=lpl", "--config.perturb.lpl.alpha=1e30"],
+                       "config.perturb.lpl): lpl.alpha=1e+30 with up to 40 steps"),
     "misspelt field": (lambda t: ["--config.optim.lrr=0.1"],
                        "config.optim has no field 'lrr' (--config.optim.lrr=0.1); did you mean "
                        "config.optim.lr?"),
