@@ -131,8 +131,9 @@ class DataNotFound(FileNotFoundError):
 
 
 class DataCorrupt(ValueError):
-  """A local copy of the dataset is there but cannot be prepared (files cut short or
-  damaged); the message names the file or the data dir."""
+  """Data that is there but cannot be used: a local copy that cannot be prepared (files cut
+  short or damaged), or images holding NaN (:func:`experiments.data.task.check_finite_inputs`);
+  the message names the files, or the split and the image."""
 
 
 # What a damaged .npz raises: a failed CRC or a cut-short archive, a bad member, a missing key.

@@ -270,6 +270,29 @@ def _domain_task(opts: _Options) -> TaskData:
                   x_val=s["x_val"], y_val=s["y_val"], extras=extras)
 
 
+def check_finite_inputs(data: TaskData, chunk: int = 4096) -> None:
+  """Raises :class:`~experiments.data.sources.DataCorrupt` when a split's images hold NaN or
+  inf (float arrays only: uint8 images cannot), naming the split and the first such image.
+  NaN training images would stop the first step as a NaN loss, blamed on the learning rate;
+  NaN test images give NaN logits, scored as class 0: an accuracy on images that are not
+  there.
+
+  >>> check_finite_inputs(load_task_data(cfg))                          # doctest: +SKIP
+  """
+  for split in ("x_train", "x_val", "x_test"):
+    x = getattr(data, split)
+    if x is None or not np.issubdtype(x.dtype, np.floating):
+      continue
+    # Per image, in chunks: a mask of the whole array would double a large float dataset.
+    bad = np.concatenate([(~np.isfinite(x[i:i + chunk])).reshape(len(x[i:i + chunk]), -1)
+                          .sum(1) for i in range(0, len(x), chunk)] or [np.zeros(0, int)])
+    if bad.any():
+      raise sources.DataCorrupt(
+          f"{data.name}: {split} holds {int(bad.sum())} NaN or infinite value(s) in "
+          f"{int((bad > 0).sum())} of {len(x)} images (the first: image "
+          f"{int(np.argmax(bad > 0))}); they cannot be trained on or scored. Fix the data.")
+
+
 def load_task_data(cfg) -> TaskData:
   """Load the task described by ``cfg`` (see the module docstring for the fields).
 

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs.common import InvalidConfig
+from experiments.data.task import check_finite_inputs
 from experiments.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
 from lpa_jax.models import get_model
 from experiments import registry
@@ -225,6 +226,7 @@ def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
 
 
 def _parts(config, data, mesh):
+  check_finite_inputs(data)
   spe = steps_per_epoch(config, data.num_train, mesh)
   model, cut_fn = build_model(config, data.num_classes)
   methods = build_methods(config, data, cut_fn, model.points, spe)
