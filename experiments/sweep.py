@@ -47,6 +47,8 @@ import time  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
+from experiments.train.workdir import STOPPED_FILE  # noqa: E402
+
 FLAGS = flags.FLAGS
 cli.define_config("experiments/configs/suites.py:smoke",
                   "Suite config, e.g. experiments/configs/suites.py:longtail_fmnist")
@@ -154,9 +156,6 @@ def _clean(workdir: str) -> None:
   # Checkpoints are only needed to resume; a finished run keeps results + metrics only.
   for sub in ("checkpoints", "tensorboard"):
     shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
-
-
-STOPPED_FILE = "stopped.json"
 
 
 def run_status(workdir: str, config) -> tuple[str, str]:

@@ -16,8 +16,12 @@ import re
 import shutil
 
 CONFIG_FILE = "config.json"
-# Files and dirs a run writes; ``fresh`` deletes exactly these (a sweep's method.json stays).
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", CONFIG_FILE)
+PREDICTIONS_FILE = "predictions.npz"
+STOPPED_FILE = "stopped.json"  # a sweep's record of a run one of the trainer's guards stopped
+# Files and dirs a run writes (and STOPPED_FILE); ``fresh`` deletes exactly these (a sweep's
+# method.json, which labels the run dir, stays).
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", PREDICTIONS_FILE,
+             STOPPED_FILE, CONFIG_FILE)
 # Fields that change where things are kept or how often, never what is trained.
 IGNORED_FIELDS = ("data.cache_dir", "train.checkpoint_every")
 
