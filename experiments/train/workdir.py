@@ -8,6 +8,7 @@ Also the atomic JSON writer every "finished" file goes through (temp file + rena
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -59,6 +60,25 @@ def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
       json.dump(finite_json(obj), f, indent=indent, allow_nan=False, default=list)
       f.flush()
       os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str):
+  """Yields a temporary name beside ``path`` to write the new file to, which then replaces
+  ``path`` in one rename: a reader, or a kill mid-write, sees the old file or the whole new
+  one, never one cut short.  The name is one :func:`remove_leftovers` cleans up after a kill;
+  a writer that picks the format by the extension must be told it (``format="png"``).
+
+  >>> with replaced_atomically("/tmp/report.md") as tmp:                 # doctest: +SKIP
+  ...   open(tmp, "w").write(text)
+  """
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    yield tmp
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
