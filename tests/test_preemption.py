@@ -104,6 +104,23 @@ def test_a_stop_after_the_last_step_leaves_the_results_unwritten(
   assert _rows(part) == _rows(full_wd)
 
 
+def test_a_stop_while_the_results_are_written_still_stops_the_caller(tmp_path, fmnist_lt,
+                                                                     monkeypatch, stop_signals):
+  # The run is finished then, but a sweep must not go on to its next run.
+  real = loop.write_json_atomic
+
+  def hooked(path, obj, *args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    return real(path, obj, *args, **kwargs)
+  monkeypatch.setattr(loop, "write_json_atomic", hooked)  # the loop writes results.json only
+  wd = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt, match=r"^Interrupted by SIGTERM: .*run holds the "
+                     r"finished run's results\.json\.$") as stopped:
+    loop.train_and_evaluate(small_config(), str(wd), progress=False, data=fmnist_lt)
+  assert stopped.value.status == 143
+  assert json.loads((wd / "results.json").read_text())["steps"] > 0
+
+
 def _popen(args, **kw):
   return subprocess.Popen([sys.executable] + args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint, **kw)

@@ -307,15 +307,14 @@ def _raise_if_stopped(stop: StopFlag, state, workdirs, phase: str = "training"):
     return
   step, dirs, s = int(jax.device_get(state.step)), ", ".join(workdirs), \
       "s" if len(workdirs) > 1 else ""
-  word = cli.stopped_by(stop.signum)
+  word, whose = cli.stopped_by(stop.signum), "runs' results.json" if s else "run's results.json"
   raise cli.Interrupted({
       "training": f"{word}: checkpoint{s} saved at step {step} in {dirs}; rerun the same "
                   "command to resume.",
       "evaluating": f"{word} after the last step: checkpoint{s} saved at step {step} in "
                     f"{dirs}, results.json not written; rerun the same command to evaluate "
                     "and write it.",
-      "finished": f"{word}: {dirs} hold{'' if s else 's'} the finished "
-                  f"{'runs' if s else 'run'}' results.json.".replace("run'", "run's"),
+      "finished": f"{word}: {dirs} hold{'' if s else 's'} the finished {whose}.",
   }[phase], stop.signum)
 
 
