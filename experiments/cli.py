@@ -1,5 +1,6 @@
 """What the entry points (``main``, ``sweep``) share: errors the user can fix become one message
-on stderr and an exit status, Ctrl-C exits 130 saying what was saved, at any moment.
+on stderr and an exit status; Ctrl-C (SIGINT) exits 130 and SIGTERM (a scheduler preempting the
+job) 143, each saying in one line what was saved, at any moment.
 
 Light on purpose (no JAX, no absl): the entry points import it first, so that a Ctrl-C during
 their own imports already exits cleanly.
@@ -25,22 +26,128 @@ def _exit(status: int, message: str):
   os._exit(status)
 
 
+# The signals that stop a run as Ctrl-C does: a cluster scheduler preempts a job with SIGTERM
+# (SIGKILL follows a grace period later), and the work since the last checkpoint must not be
+# lost to it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_status(signum: int) -> int:
+  """The shell's status for a process a signal stopped: 130 for SIGINT, 143 for SIGTERM, so a
+  job script can tell a preemption from a Ctrl-C.
+
+  >>> exit_status(signal.SIGINT), exit_status(signal.SIGTERM)
+  (130, 143)
+  """
+  return 128 + int(signum)
+
+
+def stopped_by(signum: int) -> str:
+  """How a stop's message begins: ``'Interrupted'`` (Ctrl-C) or ``'Interrupted by SIGTERM'``.
+
+  >>> stopped_by(signal.SIGTERM)
+  'Interrupted by SIGTERM'
+  """
+  return "Interrupted" if signum == signal.SIGINT else \
+      f"Interrupted by {signal.Signals(signum).name}"
+
+
+def _reworded(message: str, signum: int) -> str:
+  # The start-up notes are written for Ctrl-C; say which signal it was.
+  return stopped_by(signum) + message.removeprefix("Interrupted") \
+      if message.startswith("Interrupted") else message
+
+
+class Interrupted(KeyboardInterrupt):
+  """A stop asked for by a signal (:data:`STOP_SIGNALS`); its message, if any, says what was
+  saved, and ``status`` is the exit status to end with (:func:`exit_status`).  A
+  ``KeyboardInterrupt``, so code that handles Ctrl-C handles SIGTERM alike."""
+
+  def __init__(self, message: str = "", signum: int = signal.SIGINT):
+    super().__init__(*([message] if message else []))
+    self.signum, self.status = int(signum), exit_status(signum)
+
+
 def exit_on_interrupt(describe) -> None:
-  """Makes Ctrl-C print ``describe()`` and exit 130 at once, until the training loop installs
-  its own handler (which stops at a step boundary with a checkpoint) and after it restores
-  this one; a no-op where SIGINT is ignored.  Raising ``KeyboardInterrupt`` instead would let
-  a library's ``except:`` swallow it, or interrupt a C extension half-way through its
-  initialisation."""
+  """Makes Ctrl-C and SIGTERM print ``describe()`` and exit at once (130, 143), until the
+  training loop installs its own handler (which stops at a step boundary with a checkpoint)
+  and after it restores this one; a signal that is ignored stays ignored.  Raising
+  ``KeyboardInterrupt`` instead would let a library's ``except:`` swallow it, or interrupt a
+  C extension half-way through its initialisation."""
   def handle(signum, frame):
     try:
       message = describe()
     except Exception:  # noqa: BLE001 - e.g. still importing: nothing done yet
       message = "Interrupted while starting: nothing was saved."
-    _exit(130, f"\n{message}")
-  # An inherited SIG_IGN (a job started with `&` or nohup) is kept, as Python itself keeps it.
-  if threading.current_thread() is threading.main_thread() and \
-      signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    signal.signal(signal.SIGINT, handle)
+    _exit(exit_status(signum), f"\n{_reworded(message, signum)}")
+  if threading.current_thread() is not threading.main_thread():
+    return
+  for signum in STOP_SIGNALS:
+    # An inherited SIG_IGN (a job started with `&` or nohup) is kept, as Python itself keeps it.
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+      signal.signal(signum, handle)
+
+
+def define_config(default: str, help_text: str) -> None:
+  """``config_flags.DEFINE_config_file("config", ...)``, after checking that every
+  ``--config.a.b=v`` override names a field of the config: ml_collections resolves them as the
+  flag is defined or parsed, and a misspelt one fails there under a 40-line traceback.  One
+  line names the field and the nearest existing ones instead (``--traceback``: the
+  traceback)."""
+  from ml_collections import config_flags
+  if "--traceback" not in sys.argv:
+    try:
+      message = unknown_field(sys.argv, default)
+    except Exception:  # noqa: BLE001 - e.g. no such config file: ml_collections says so
+      message = None
+    if message is not None:
+      _exit(1, message)
+  config_flags.DEFINE_config_file("config", default, help_text)
+
+
+def _config_spec(argv, default: str) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def unknown_field(argv, default: str) -> str | None:
+  """``Error: ...`` for the first ``--config.<field>`` override in ``argv`` that names no field
+  of the config (``--config=`` in ``argv``, else ``default``), with the nearest fields; None
+  when every override names one.
+
+  >>> unknown_field(["--config.optim.lrr=0.1"], "experiments/configs/longtail.py:quick")
+  "Error: config.optim has no field 'lrr' (--config.optim.lrr=0.1); did you mean config.optim.lr?"
+  """
+  import difflib
+  import importlib.util
+  path, _, arg = _config_spec(argv, default).partition(":")
+  spec = importlib.util.spec_from_file_location("lpa_config_for_error", path)
+  if spec is None or spec.loader is None:
+    return None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for flag in argv:
+    if not flag.startswith("--config."):
+      continue
+    node, parts = config, flag.split("=", 1)[0][len("--config."):].split(".")
+    for i, part in enumerate(parts):
+      where = ".".join(["config"] + parts[:i])
+      if not hasattr(node, "keys"):
+        return (f"Error: {where} is a {type(node).__name__}, it has no field {part!r} "
+                f"({flag})")
+      if part not in node:
+        keys = [str(k) for k in node.keys()]
+        near = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(f'{where}.{k}' for k in near)}?" if near
+                else f"its fields are: {', '.join(sorted(keys))}")
+        return f"Error: {where} has no field {part!r} ({flag}); {hint}"
+      node = node[part]
+  return None
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -82,11 +189,11 @@ def user_error(e: BaseException, extra_types=()) -> str | None:
   """The one message to show for an error whose cause the user can fix, else None (a bug:
   its traceback is wanted).  ``extra_types``: more such error classes of the caller."""
   from experiments.configs.common import InvalidConfig
-  from experiments.data.sources import CacheUnreadable
+  from experiments.data.sources import CacheUnreadable, DataCorrupt, DataNotFound
   from experiments.train.checkpoint import CheckpointMismatch, NoUsableCheckpoint
   from experiments.train.history import HistoryDamaged
   from experiments.train.lock import Busy
-  from experiments.train.workdir import ConfigMismatch, disk_full
+  from experiments.train.workdir import ConfigMismatch, disk_full, no_access
   cause = disk_full(e)
   if cause is not None:
     # A full disk fails deep inside orbax or the writers, under hundreds of lines of
@@ -94,22 +201,28 @@ def user_error(e: BaseException, extra_types=()) -> str | None:
     return (f"Error: no space left on device while writing the run ({cause}). Free space "
             "and rerun the same command: it resumes from the last checkpoint.")
   known = (ConfigMismatch, CheckpointMismatch, NoUsableCheckpoint, InvalidConfig, Busy,
-           HistoryDamaged, CacheUnreadable, FloatingPointError) + tuple(extra_types)
+           HistoryDamaged, CacheUnreadable, DataNotFound, DataCorrupt,
+           FloatingPointError) + tuple(extra_types)
   if isinstance(e, known):
     return f"Error: {e}"  # says what is wrong and what to do; a traceback would bury it
+  denied = no_access(e)
+  if denied is not None:  # a read-only work dir or cache: the path says which
+    return (f"Error: cannot write {denied}. Choose a work dir (--workdir; a sweep's --root) "
+            "and a data cache (data.cache_dir or LPA_CACHE_DIR) this user can write to.")
   return None
 
 
 def run_guarded(body, show_traceback: bool, interrupted, statuses=None):
-  """``body()``; a Ctrl-C exits 130 with the loop's message (else ``interrupted()``), a user
-  error exits with one message (status 1, or ``statuses[type]``).  ``show_traceback`` re-raises
-  user errors too."""
+  """``body()``; a Ctrl-C exits 130 (SIGTERM: 143, :class:`Interrupted`) with the loop's message
+  (else ``interrupted()``), a user error exits with one message (status 1, or
+  ``statuses[type]``).  ``show_traceback`` re-raises user errors too."""
   statuses = statuses or {}
   try:
     return body()
   except KeyboardInterrupt as e:
+    signum = getattr(e, "signum", signal.SIGINT)
     # An exception object is always truthy: test its text, which is empty for a bare Ctrl-C.
-    _exit(130, f"\n{str(e) or interrupted()}")
+    _exit(exit_status(signum), f"\n{str(e) or _reworded(interrupted(), signum)}")
   except Exception as e:  # noqa: BLE001 - errors with their own message; the rest re-raise
     message = None if show_traceback else user_error(e, tuple(statuses))
     if message is None:

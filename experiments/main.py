@@ -8,22 +8,24 @@ Several hosts: run the same command on each, adding ``--distributed`` (TPU slice
 A work dir belongs to one config: rerunning it with different values stops with the fields
 that differ; ``--fresh`` deletes that run and starts afresh; a work dir another process is
 training in is refused, naming it.  Ctrl-C, at any moment, says in one line what was saved and
-exits with status 130.  Errors the user can fix (a bad value, a refusal, a full disk) print one
-message and exit 1; ``--traceback`` shows their traceback too.
+exits with status 130; SIGTERM (a scheduler preempting the job) does the same with status 143.
+During training either stops at the next step with a checkpoint; after the last step it leaves
+``results.json`` unwritten (a rerun evaluates the saved checkpoint).  Errors the user can fix
+(a bad value, a refusal, a full disk) print one message and exit 1; ``--traceback`` shows their
+traceback too.
 """
 from __future__ import annotations
 
 from experiments import cli
 
-# First of all: a Ctrl-C during the imports below already exits 130 in one line.
+# First of all: a Ctrl-C (SIGTERM) during the imports below already exits 130 (143) in one line.
 cli.exit_on_interrupt(lambda: cli.saved_note(_workdir()))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/longtail.py:quick",
-                                "Config file and variant, e.g. longtail.py:quick.")
+cli.define_config("experiments/configs/longtail.py:quick",
+                  "Config file and variant, e.g. longtail.py:quick.")
 flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, results.json. Reruns resume.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("fresh", False, "Delete the run already in --workdir (checkpoints, metrics, "

@@ -62,12 +62,15 @@ def _read_jsonl(path: str) -> list[dict]:
   return read_history(path)
 
 
-def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
+def load_runs(root: str, unreadable: list | None = None,
+              no_history: list | None = None) -> list[dict]:
   """Finished runs under ``root``, in the suite's method order, then by seed: dicts with
   ``name, slug, seed, point, results, history``.
 
   A ``results.json`` that is not valid JSON is left out; ``unreadable`` (if given) collects
-  ``(path, error)`` for each, so the report can name them.
+  ``(path, error)`` for each, so the report can name them.  ``no_history`` (if given) collects
+  ``(path, 'is missing' / 'holds no rows')`` for each finished run's ``metrics.jsonl`` that
+  gives no rows: the run is kept, with an empty history.
   """
   from experiments.train.workdir import read_json
   runs = []
@@ -82,7 +85,11 @@ def load_runs(root: str, unreadable: list | None = None) -> list[dict]:
         unreadable.append((path, str(e)))
       continue
     results.update(prediction_metrics(workdir))
-    history = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    history_path = os.path.join(workdir, "metrics.jsonl")
+    history = _read_jsonl(history_path)
+    if not history and no_history is not None:
+      no_history.append((history_path, "holds no rows" if os.path.exists(history_path)
+                         else "is missing"))
     tests = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
     if tests:  # the highest per-epoch test accuracy: an oracle, beside the last epoch's
       results["best_epoch_test_accuracy"] = max(tests)
@@ -234,7 +241,8 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
 
 def write_csv(rows: list[dict], cols: list[str], path: str) -> None:
   """Percentages, mean and std per metric; std empty for a single seed."""
-  with open(path, "w", newline="") as f:
+  from experiments.train.workdir import replaced_atomically
+  with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["method", "seeds", "wall_s_per_run"] +
                [f"{c} {s}" for c in cols for s in ("mean", "std")])
@@ -349,10 +357,14 @@ def write_report(root: str) -> dict[str, str]:
   ['accuracy', 'csv', 'curves', 'markdown', 'per_class']
   """
   from experiments import report_figures as figs
-  unreadable = []
-  runs = load_runs(root, unreadable)
+  from experiments.train.workdir import replaced_atomically
+  unreadable, no_history = [], []
+  runs = load_runs(root, unreadable, no_history)
   for path, err in unreadable:
     print(f"report: left out {path}: {err}", flush=True)
+  for path, why in no_history:
+    print(f"report: {path} {why}: the run's accuracy is reported, its learning curve and "
+          "perturbation strength are not", flush=True)
   if not runs:
     raise FileNotFoundError(f"No finished runs (runs/*/seed*/results.json) under {root!r}; "
                             "run experiments.sweep first."
@@ -430,10 +442,15 @@ def write_report(root: str) -> dict[str, str]:
               for p, reason in stopped]
     lines += ["", "Their epochs up to the stop (training accuracy is on the perturbed "
               "batches):", "", stopped_table(root, stopped)]
+  if no_history:  # named, so a run missing from the curves is never taken for a dropped one
+    lines += ["", "## Finished runs without their metrics.jsonl", "",
+              "Their accuracies are in the tables; their learning curves, best-epoch accuracy "
+              "and perturbation strength, which come from `metrics.jsonl`, are not.", ""]
+    lines += [f"* `{os.path.relpath(p, root)}`: {why}" for p, why in no_history]
   if unreadable:  # named, so a missing row is never mistaken for a finished suite
     lines += ["", "## Unreadable run files (left out of the tables)", ""]
     lines += [f"* `{os.path.relpath(p, root)}`: {err}" for p, err in unreadable]
-  with open(paths["markdown"], "w") as f:
+  with replaced_atomically(paths["markdown"]) as tmp, open(tmp, "w") as f:
     f.write("\n".join(lines) + "\n")
   return paths
 

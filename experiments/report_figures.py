@@ -15,13 +15,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.train.workdir import replaced_atomically  # noqa: E402
+
 PER_CLASS = ("delta_norm_C", "expansive_share_C")
 
 
 def _save(fig, root: str, name: str) -> str:
   path = os.path.join(root, f"{name}.png")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with replaced_atomically(path) as tmp:  # a kill mid-write must not leave a cut-short PNG
+    fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
   return path
 

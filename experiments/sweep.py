@@ -24,6 +24,8 @@ one of the same plan adds its seeds.  Under ``--shard=any`` a run found stale wh
 (another plan's process made it since the sweep started) is refused as ``--stale`` says.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
 vmapped step, :mod:`experiments.train.parallel`); each run's files are those a serial sweep writes.
+Ctrl-C (SIGINT) or SIGTERM stops the sweep, whatever the run is doing, with the run's one-line
+note of what was saved and status 130 (SIGTERM: 143); it never goes on to the next run.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from experiments import cli
 from experiments.shards import (ANY, lock_name, parse_shard, plan_diff,  # noqa: F401
                                 plan_lock, root_lock)
 
-# First of all: a Ctrl-C during the imports below already exits 130 in one line.
+# First of all: a Ctrl-C (SIGTERM) during the imports below already exits 130 (143) in one line.
 cli.exit_on_interrupt(lambda: INTERRUPTED)
 
 import copy  # noqa: E402
@@ -44,11 +46,12 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from experiments.train.workdir import STOPPED_FILE  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/suites.py:smoke",
-                                "Suite config, e.g. experiments/configs/suites.py:longtail_fmnist")
+cli.define_config("experiments/configs/suites.py:smoke",
+                  "Suite config, e.g. experiments/configs/suites.py:longtail_fmnist")
 flags.DEFINE_string("root", None, "Suite root (default experiments/results/<suite>); with "
                     "several suites, the parent of their roots.")
 flags.DEFINE_list("seeds", None, "Override the suite's seeds, e.g. --seeds=0,1.")
@@ -153,9 +156,6 @@ def _clean(workdir: str) -> None:
   # Checkpoints are only needed to resume; a finished run keeps results + metrics only.
   for sub in ("checkpoints", "tensorboard"):
     shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
-
-
-STOPPED_FILE = "stopped.json"
 
 
 def run_status(workdir: str, config) -> tuple[str, str]:

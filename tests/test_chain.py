@@ -266,6 +266,9 @@ def test_the_readme_la_lpl_step_trains_on_the_chained_loss():
      r"lpl.class_counts must hold one training count per class: got shape \(3,\) for "
      r"num_classes=4"),
     (lambda: lpl(C, alpha=-0.1), r"lpl.alpha must be >= 0, got -0.1"),
+    (lambda: lpl(C, alpha=1e30), r"lpl.alpha=1e\+30 with up to 40 steps .* = 4e\+31 logits, "
+                                 r"above 100, where softmax is saturated"),
+    (lambda: lpl(C, alpha=3.0, steps=40, steps_max=10), r"lpl.alpha=3 with up to 40 steps"),
     (lambda: lpl(C, alpha=math.nan), r"lpl.alpha must be finite"),
     (lambda: lpl(C, steps=2.5), r"lpl.steps must be an int >= 0, got 2.5"),
     (lambda: lpl(C, steps_min=5, steps_max=3), r"lpl.steps_min must be <= lpl.steps_max"),

@@ -169,6 +169,21 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, fmnist_lt
   assert _rows(part) == _rows(tmp_path / "full")
 
 
+def test_fresh_removes_every_output_of_the_old_run(tmp_path):
+  # --fresh used to leave the old run's predictions.npz (read by the report's paired tests
+  # beside the new results.json) and a sweep's stopped.json (which would skip the new run).
+  from experiments.train.workdir import claim
+  wd = tmp_path / "run"
+  for sub in ("checkpoints/3", "tensorboard"):
+    (wd / sub).mkdir(parents=True)
+  for name in ("metrics.jsonl", "results.json", "predictions.npz", "stopped.json",
+               "config.json", "method.json"):
+    (wd / name).write_text("{}")
+  claim(str(wd), small_config(), fresh=True)
+  assert sorted(os.listdir(wd)) == ["config.json", "method.json"]  # method.json: the sweep's
+  assert json.load(open(wd / "config.json"))["optim"]["lr"] == small_config().optim.lr
+
+
 # ------------------------------------------------------------------ files and errors
 
 def test_atomic_json_keeps_the_old_file_and_writes_no_nan(tmp_path, monkeypatch):

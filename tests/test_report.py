@@ -285,3 +285,59 @@ def test_across_table_pairs_each_method_with_its_own_suites_first_method():
   assert table[2] == "| CE | 81.00 | 61.00 |"
   assert table[3] == "| LPA | 82.50 (+1.50 [-4.85, +7.85]) | — |"
   assert table[4] == "| GAF | — | 61.00 (+1.00 —) |"          # one paired seed: no interval
+
+
+def _suite_copy(tmp_path, name="cifar_balanced_probe"):
+  """A copy of a small committed suite's records (two finished runs), to write reports in."""
+  import shutil
+  from experiments import fill
+  root = tmp_path / name
+  shutil.copytree(os.path.join(fill.RESULTS, name, "runs"), root / "runs")
+  shutil.copy(os.path.join(fill.RESULTS, name, "suite.json"), root / "suite.json")
+  return root
+
+
+@pytest.mark.parametrize("name", ["report.md", "results.csv", "accuracy.png"])
+def test_a_report_file_killed_mid_write_keeps_the_old_one(tmp_path, monkeypatch, name):
+  # A kill while a report file is written used to leave it cut short (a 0-byte PNG).
+  import builtins
+
+  import matplotlib.figure
+  root = _suite_copy(tmp_path)
+  report.write_report(str(root))
+  old = (root / name).read_bytes()
+
+  def killed(path):  # the file is created and truncated, then the writer dies
+    with builtins.open(path, "wb"):
+      pass
+    raise KeyboardInterrupt(f"killed while writing {path}")
+
+  def dying_open(path, mode="r", *args, **kwargs):
+    if "w" in mode and os.path.basename(str(path)).startswith(name):
+      killed(path)
+    return builtins.open(path, mode, *args, **kwargs)
+  real_savefig = matplotlib.figure.Figure.savefig
+
+  def dying_savefig(fig, path, *args, **kwargs):
+    if os.path.basename(str(path)).startswith(name):
+      killed(path)
+    return real_savefig(fig, path, *args, **kwargs)
+  monkeypatch.setattr(report, "open", dying_open, raising=False)
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dying_savefig)
+  with pytest.raises(KeyboardInterrupt, match="killed while writing"):
+    report.write_report(str(root))
+  assert (root / name).read_bytes() == old
+  assert not [n for n in os.listdir(root) if ".tmp" in n]  # nor a temporary file left
+
+
+def test_a_finished_run_without_its_metrics_is_named_in_the_report(tmp_path, capsys):
+  # Its accuracy stays in the tables, but its learning curve and perturbation strength come
+  # from metrics.jsonl: without a note the run would be missing from them unexplained.
+  root = _suite_copy(tmp_path)
+  lost = root / "runs" / "ce-30-epochs" / "seed0" / "metrics.jsonl"
+  lost.unlink()
+  report.write_report(str(root))
+  text = (root / "report.md").read_text()
+  assert "## Finished runs without their metrics.jsonl" in text
+  assert "* `runs/ce-30-epochs/seed0/metrics.jsonl`" in text
+  assert f"report: {lost} is missing" in capsys.readouterr().out

@@ -40,7 +40,7 @@ HOLDER = textwrap.dedent("""
     except lock.Busy:
       print("busy", flush=True)
 """)
-LOCK_PY = str(REPO / "lpa_jax" / "train" / "lock.py")
+LOCK_PY = str(REPO / "experiments" / "train" / "lock.py")
 
 
 def _env():

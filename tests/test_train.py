@@ -100,6 +100,25 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, fmnist_lt):
     loop.train_and_evaluate(cfg, str(tmp_path), progress=False)
 
 
+@pytest.mark.parametrize("split", ["x_train", "x_val", "x_test"])
+def test_non_finite_inputs_are_refused_before_training(tmp_path, fmnist_lt, split):
+  # NaN training images used to stop the run at its first step as a NaN loss (blaming the
+  # learning rate); NaN test images gave NaN logits, scored as class 0, and an accuracy.
+  import dataclasses
+
+  import numpy as np
+
+  from experiments.data.sources import DataCorrupt
+  data = dataclasses.replace(fmnist_lt, x_val=fmnist_lt.x_test[:50], y_val=fmnist_lt.y_test[:50])
+  x = getattr(data, split).astype(np.float32)
+  x[3, 0, 0, 0] = np.nan
+  data = dataclasses.replace(data, **{split: x})
+  with pytest.raises(DataCorrupt, match=rf"{split} holds 1 NaN or infinite value\(s\) in 1 of "
+                     rf"{len(x)} images \(the first: image 3\)"):
+    loop.train_and_evaluate(small_config(), str(tmp_path / "run"), progress=False, data=data)
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("optim.lr", -1.0, "optim.lr"),
     ("train.augment", "rotate", "train.augment"),

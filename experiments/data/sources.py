@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import os
@@ -124,6 +125,17 @@ class CacheUnreadable(OSError):
   """A cache file exists but cannot be read (permissions, an I/O error): it is kept."""
 
 
+class DataNotFound(FileNotFoundError):
+  """The dataset is not where it was looked for, or only part of its files are; the message
+  says where it looked and how to get it."""
+
+
+class DataCorrupt(ValueError):
+  """Data that is there but cannot be used: a local copy that cannot be prepared (files cut
+  short or damaged), or images holding NaN (:func:`experiments.data.task.check_finite_inputs`);
+  the message names the files, or the split and the image."""
+
+
 # What a damaged .npz raises: a failed CRC or a cut-short archive, a bad member, a missing key.
 _CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError)
 
@@ -164,6 +176,9 @@ def _tfds_arrays(builder) -> tuple[np.ndarray, ...]:
 def _stock_builder(name: str, cache_dir: pathlib.Path, manual_dir: pathlib.Path | None):
   """Prepare a stock TFDS builder; with ``manual_dir`` it uses those files, no network."""
   import tensorflow_datasets as tfds
+  # Its progress bars fill a log with redrawn lines (preparing MNIST takes seconds), and bury
+  # the one line an error prints.
+  tfds.disable_progress_bar()
   builder = tfds.builder(name, data_dir=str(cache_dir / "tfds"))
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
   # One download_dir per dataset: TFDS caches extracted files by file name, and MNIST and
@@ -250,7 +265,7 @@ def _reachable(host: tuple[str, int], timeout: float = 5.0) -> bool:
     return False
 
 
-def _not_found(name, data_root, how, cache_dir, download, errors) -> FileNotFoundError:
+def _not_found(name, data_root, how, cache_dir, download, errors) -> DataNotFound:
   needs = [f for s in _sources(name) if s.local for f in s.local]
   lines = [f"Could not load dataset {name!r}. Looked in:",
            f"  * cache: {cache_dir / 'arrays'}/{name}__*.npz (none usable)",
@@ -262,7 +277,7 @@ def _not_found(name, data_root, how, cache_dir, download, errors) -> FileNotFoun
   lines += ["Fix: set LPA_DATA_DIR (or --config.data.data_dir) to a folder holding the "
             "offline copies (see shared/data/README.md), point LPA_CACHE_DIR at a prepared "
             "cache, or run once on a machine with internet access."]
-  return FileNotFoundError("\n".join(lines))
+  return DataNotFound("\n".join(lines))
 
 
 def _local_files(s: _Source, root: pathlib.Path | None) -> bool:
@@ -272,11 +287,25 @@ def _local_files(s: _Source, root: pathlib.Path | None) -> bool:
   missing = [f for f in s.local if not (root / f).exists()]
   if missing and len(missing) < len(s.local):
     # TFDS would look for the rest online and retry for minutes: fail now, and say what.
-    raise FileNotFoundError(
+    raise DataNotFound(
         f"Data dir {root} holds only part of this dataset's files: missing "
         f"{', '.join(missing)} (expected at {', '.join(str(root / f) for f in missing)}). "
         "Copy the missing files there (see shared/data/README.md).")
   return not missing
+
+
+def _corrupt(name: str, s: _Source, root: pathlib.Path, e: Exception) -> Exception:
+  """:class:`DataCorrupt` for a local copy that failed to build, or ``e`` itself when it is not
+  about the data (a full disk, a read-only cache: their own handlers name them)."""
+  if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
+                                             errno.ENOSPC, errno.EDQUOT):
+    return e
+  first = (str(e).strip().splitlines() or [""])[0][:400]
+  files = ", ".join(str(root / f) for f in s.local)
+  return DataCorrupt(
+      f"Could not prepare {name} from the data dir {root}: {type(e).__name__}: {first} The "
+      f"files ({files}) are probably cut short or damaged: copy them again (see "
+      "shared/data/README.md; SHA256SUMS beside them, where present, lists their checksums).")
 
 
 def _cache_candidates(name, sources, cache, root, explicit) -> list[tuple[pathlib.Path, str]]:
@@ -380,8 +409,8 @@ def _build(name, sources, cache, root, how, download) -> RawData:
     try:
       raw = s.build(cache, root)
     except Exception as e:  # noqa: BLE001 — collected into the not-found message
-      if s.local is not None:
-        raise  # a local copy exists but is broken: show the real error
+      if s.local is not None:  # a local copy exists but is broken: say which, and what to do
+        raise _corrupt(name, s, root, e) from e
       errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
       continue
     _save_npz(cache_path(cache, name, s.key, origin_tag(root if s.local else None)), raw)

@@ -177,6 +177,7 @@ def _subseed(seed: int, purpose: str) -> int:
 
 def _train_counts(opts: _Options, available: np.ndarray) -> np.ndarray | None:
   """Per-class training counts to keep, or None to keep everything."""
+  from experiments.configs.common import InvalidConfig  # a ValueError, shown in one line
   if opts.imbalance_ratio > 1:
     # Default head size: the smallest class, so every class can supply its n_c.
     n_max = opts.n_max or int(available.min())
@@ -186,13 +187,14 @@ def _train_counts(opts: _Options, available: np.ndarray) -> np.ndarray | None:
       need = int(np.ceil(opts.imbalance_ratio))
       while longtail.longtail_counts(need, len(available), opts.imbalance_ratio).min() < 1:
         need += 1
-      raise ValueError(
-          f"data.n_max={n_max} at data.imbalance_ratio={opts.imbalance_ratio:g} leaves "
+      raise InvalidConfig(
+          f"Invalid config: data.n_max={n_max} at data.imbalance_ratio="
+          f"{opts.imbalance_ratio:g} leaves "
           f"class(es) {np.flatnonzero(counts == 0).tolist()} with 0 training images "
           f"(counts {counts.tolist()}); use data.n_max >= {need} or a smaller imbalance ratio")
     if (counts > available).any():
-      raise ValueError(f"data.n_max={n_max} needs {counts.tolist()} images per class but "
-                       f"only {available.tolist()} exist")
+      raise InvalidConfig(f"Invalid config: data.n_max={n_max} needs {counts.tolist()} images "
+                          f"per class but only {available.tolist()} exist")
     return counts
   if opts.n_max is not None:
     return np.minimum(available, opts.n_max)
@@ -266,6 +268,29 @@ def _domain_task(opts: _Options) -> TaskData:
   return TaskData(name=name, x_train=s["x_train"], y_train=s["y_train"], x_test=x_test,
                   y_test=y_test, num_classes=len(class_names), class_names=class_names,
                   x_val=s["x_val"], y_val=s["y_val"], extras=extras)
+
+
+def check_finite_inputs(data: TaskData, chunk: int = 4096) -> None:
+  """Raises :class:`~experiments.data.sources.DataCorrupt` when a split's images hold NaN or
+  inf (float arrays only: uint8 images cannot), naming the split and the first such image.
+  NaN training images would stop the first step as a NaN loss, blamed on the learning rate;
+  NaN test images give NaN logits, scored as class 0: an accuracy on images that are not
+  there.
+
+  >>> check_finite_inputs(load_task_data(cfg))                          # doctest: +SKIP
+  """
+  for split in ("x_train", "x_val", "x_test"):
+    x = getattr(data, split)
+    if x is None or not np.issubdtype(x.dtype, np.floating):
+      continue
+    # Per image, in chunks: a mask of the whole array would double a large float dataset.
+    bad = np.concatenate([(~np.isfinite(x[i:i + chunk])).reshape(len(x[i:i + chunk]), -1)
+                          .sum(1) for i in range(0, len(x), chunk)] or [np.zeros(0, int)])
+    if bad.any():
+      raise sources.DataCorrupt(
+          f"{data.name}: {split} holds {int(bad.sum())} NaN or infinite value(s) in "
+          f"{int((bad > 0).sum())} of {len(x)} images (the first: image "
+          f"{int(np.argmax(bad > 0))}); they cannot be trained on or scored. Fix the data.")
 
 
 def load_task_data(cfg) -> TaskData:

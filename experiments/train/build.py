@@ -8,6 +8,7 @@ benchmark or a notebook that drives the step itself.
   >>> state, metrics = step(state, batch_fn(state, epoch=0, i=0))           # doctest: +SKIP
 """
 
+import contextlib
 import functools
 from typing import Callable, NamedTuple
 
@@ -17,6 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from experiments.configs.common import InvalidConfig
+from experiments.data.task import check_finite_inputs
 from experiments.data.pipeline import dataset_stats, epoch_permutation, normalize, prepare_batch
 from lpa_jax.models import get_model
 from experiments import registry
@@ -60,11 +63,26 @@ def steps_per_epoch(config, num_train: int, mesh) -> int:
   """
   bs, n_dev = config.optim.batch_size, mesh.devices.size
   if bs % n_dev:
-    raise ValueError(f"optim.batch_size={bs} must be divisible by the number of devices "
-                     f"({n_dev})")
+    raise InvalidConfig(f"Invalid config value config.optim.batch_size={bs}: must be divisible "
+                        f"by the number of devices ({n_dev})")
   if num_train < bs:
-    raise ValueError(f"optim.batch_size={bs} exceeds the {num_train} training examples")
+    raise InvalidConfig(f"Invalid config value config.optim.batch_size={bs}: exceeds the "
+                        f"{num_train} training examples")
   return num_train // bs
+
+
+@contextlib.contextmanager
+def config_errors(where: str):
+  """Turns the ``ValueError`` a factory raises about a config's values (the library's, which
+  name the argument but not the config field it came from) into
+  :class:`~experiments.configs.common.InvalidConfig` naming ``where``: the entry points show
+  it as one line."""
+  try:
+    yield
+  except InvalidConfig:
+    raise
+  except ValueError as e:
+    raise InvalidConfig(f"Invalid config {where}: {e}") from e
 
 
 def build_model(config, num_classes: int):
@@ -88,12 +106,26 @@ def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
                 tuple(points), seed=int(config.seed),
                 head=config.model.kwargs.get("head", "linear"))
   pc = config.perturb
-  act = registry.make_activation(pc, ctx)
-  grad = registry.make_gradient(pc, ctx)
-  logit = registry.make_logit(pc, ctx)
+  with config_errors(_blocks("activation", pc.activation)):
+    act = registry.make_activation(pc, ctx)
+  with config_errors(_blocks("gradient", pc.gradient)):
+    grad = registry.make_gradient(pc, ctx)
+  with config_errors(_blocks("logit", pc.logit)):
+    logit = registry.make_logit(pc, ctx)
   if grad.logit is not None:  # LPG: its custom backward sits on the logit method's output
     logit = chain(logit, grad.logit)
   return Methods(act, logit, grad)
+
+
+def _blocks(level: str, names) -> str:
+  """Where a level's methods are configured, for an error message.
+
+  >>> _blocks("logit", "logit_adjust,lpl")
+  "for perturb.logit='logit_adjust,lpl' (config.perturb.logit_adjust, config.perturb.lpl)"
+  """
+  listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+  blocks = ", ".join(f"config.perturb.{n}" for n in listed if n and n != "none")
+  return f"for perturb.{level}={names!r}" + (f" ({blocks})" if blocks else "")
 
 
 def build_optimizer(config, spe: int, grad):
@@ -102,7 +134,8 @@ def build_optimizer(config, spe: int, grad):
   >>> schedule, tx = build_optimizer(config, 7, methods.grad)   # doctest: +SKIP
   """
   oc = config.optim
-  schedule = make_schedule(oc, spe, oc.num_epochs)
+  with config_errors("in config.optim"):
+    schedule = make_schedule(oc, spe, oc.num_epochs)
   tx = make_optimizer(oc, schedule, grad.pre, grad.post)
   return schedule, (grad.wrap(tx) if grad.wrap is not None else tx)
 
@@ -193,6 +226,7 @@ def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
 
 
 def _parts(config, data, mesh):
+  check_finite_inputs(data)
   spe = steps_per_epoch(config, data.num_train, mesh)
   model, cut_fn = build_model(config, data.num_classes)
   methods = build_methods(config, data, cut_fn, model.points, spe)

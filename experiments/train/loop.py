@@ -7,9 +7,10 @@ non-finite loss or an activation method that perturbs nothing.  The work dir bel
 config (:mod:`experiments.train.workdir`) and to one process at a time
 (:mod:`experiments.train.lock`);
 each checkpoint keeps a copy of the history, which restores a damaged ``metrics.jsonl``.
-Ctrl-C stops at a step boundary with a checkpoint.  The loop dispatches step ``t`` before
-reading step ``t-1``'s metrics, so the device never waits on the host.  Everything it drives is
-built by :mod:`experiments.train.build`.
+Ctrl-C or SIGTERM stops at a step boundary with a checkpoint, and one after the last step
+(final evaluation, writing results) leaves ``results.json`` unwritten.  The loop dispatches
+step ``t`` before reading step ``t-1``'s metrics, so the device never waits on the host.
+Everything it drives is built by :mod:`experiments.train.build`.
 
 One loop trains a :class:`Group`: one run (:func:`single`) or K seeds of a config as one
 vmapped program (:func:`experiments.train.parallel.build_parallel`), each run with its own work
@@ -29,6 +30,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
+from experiments import cli
 from experiments import data as lpa_data
 from lpa_jax.perturb.diagnostics import CAUSES, check_finite
 from experiments.train import checkpoint, distributed, lock
@@ -102,26 +104,32 @@ def _writer(workdir: str):
 
 
 class StopFlag:
-  """Ctrl-C asks the loop to stop at the next step boundary, where the state and the epoch's
-  metrics agree and can be saved together; a second Ctrl-C stops at once, unsaved.  ``set``
-  says whether a stop was asked for."""
+  """Ctrl-C or SIGTERM (:data:`~experiments.cli.STOP_SIGNALS`) asks the loop to stop at the
+  next step boundary, where the state and the epoch's metrics agree and can be saved together;
+  a second one stops at once, unsaved.  ``set`` says whether a stop was asked for, ``signum``
+  by which signal."""
 
   def __init__(self):
-    self.set, self._previous = False, None
+    self.signum, self._previous = None, {}
+
+  @property
+  def set(self) -> bool:
+    return self.signum is not None
 
   def _handle(self, signum, frame):
     if self.set:
-      raise KeyboardInterrupt
-    self.set = True
+      raise cli.Interrupted(signum=signum)  # no message: the loop says what is left
+    self.signum = signum
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals reach only that one
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+      for signum in cli.STOP_SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class NoBar:
@@ -247,10 +255,10 @@ def _finish_epoch(group: Group, configs, state, epoch, logs, bests, histories, w
 
 
 def _train(group: Group, configs, state, workdirs, mgrs, logs, histories, bests, stop_at,
-           progress, elapsed):
-  """Runs epochs until ``stop_at``, appending each run's epoch rows to its history (its
-  lines); returns ``(state, finished)`` (``bests`` updated in place).  ``elapsed()`` gives
-  each run's wall time so far, saved with its checkpoints."""
+           progress, elapsed, stop: StopFlag):
+  """Runs epochs until ``stop_at`` or a stop (``stop``), appending each run's epoch rows to its
+  history (its lines); returns ``(state, finished)`` (``bests`` updated in place).
+  ``elapsed()`` gives each run's wall time so far, saved with its checkpoints."""
   spe, n_epochs = group.run.steps_per_epoch, configs[0].optim.num_epochs
   start = int(jax.device_get(state.step))
   main = distributed.is_main()
@@ -261,36 +269,53 @@ def _train(group: Group, configs, state, workdirs, mgrs, logs, histories, bests,
               dynamic_ncols=True) if tqdm is not None else NoBar())
   failing = True
   try:
-    with StopFlag() as stop:
-      for epoch in range(start // spe, n_epochs):
-        first = start % spe if epoch == start // spe else 0
-        state, done = run_epoch(group, state, epoch, first, stop_at, logs, bar, stop, workdirs)
-        if done < spe:
-          _save_all(group, mgrs, state, logs, histories, elapsed, force=True)
-          _raise_if_stopped(stop, state, workdirs)
-          failing = False
-          return state, False
-        _finish_epoch(group, configs, state, epoch, logs, bests, histories, workdirs, tbs)
-        if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
-          _save_all(group, mgrs, state, logs, histories, elapsed)
+    for epoch in range(start // spe, n_epochs):
+      first = start % spe if epoch == start // spe else 0
+      state, done = run_epoch(group, state, epoch, first, stop_at, logs, bar, stop, workdirs)
+      if done < spe:
+        _save_all(group, mgrs, state, logs, histories, elapsed, force=True)
+        _raise_if_stopped(stop, state, workdirs)
+        failing = False
+        return state, False
+      _finish_epoch(group, configs, state, epoch, logs, bests, histories, workdirs, tbs)
+      if (epoch + 1) % configs[0].train.checkpoint_every == 0 or epoch + 1 == n_epochs:
+        _save_all(group, mgrs, state, logs, histories, elapsed)
     failing = False
-  except KeyboardInterrupt as e:
-    if e.args:  # the clean stop's own message
-      raise
-    raise KeyboardInterrupt(  # a second Ctrl-C: the state may be mid-step, nothing is saved
-        f"Interrupted: {', '.join(workdirs)} resume{'s' if group.size == 1 else ''} from "
-        f"{'its' if group.size == 1 else 'their'} last checkpoint (step "
-        f"{mgrs[0].latest_step() or 0}); rerun the same command to resume.") from None
   finally:
     _close([bar, *tbs], failing)
   return state, True
 
 
-def _raise_if_stopped(stop: StopFlag, state, workdirs):
-  if stop.set:
-    raise KeyboardInterrupt(f"Interrupted: checkpoint{'s' if len(workdirs) > 1 else ''} saved "
-                            f"at step {int(jax.device_get(state.step))} in "
-                            f"{', '.join(workdirs)}; rerun the same command to resume.")
+def _unsaved(e: KeyboardInterrupt, mgrs, workdirs) -> KeyboardInterrupt:
+  """The stop a second signal (or a plain ``KeyboardInterrupt``) made: the state may be
+  mid-step, nothing is saved; the clean stop's own message is kept."""
+  if e.args:
+    return e
+  n = len(workdirs)
+  return cli.Interrupted(
+      f"{cli.stopped_by(getattr(e, 'signum', signal.SIGINT))}: {', '.join(workdirs)} "
+      f"resume{'s' if n == 1 else ''} from {'its' if n == 1 else 'their'} last checkpoint "
+      f"(step {mgrs[0].latest_step() or 0}); rerun the same command to resume.",
+      getattr(e, "signum", signal.SIGINT))
+
+
+def _raise_if_stopped(stop: StopFlag, state, workdirs, phase: str = "training"):
+  """Raises :class:`~experiments.cli.Interrupted` saying what was saved, if a stop was asked
+  for: in ``phase`` ``'training'`` (a checkpoint at this step), ``'evaluating'`` (training is
+  done and checkpointed, the results are not written) or ``'finished'`` (they are)."""
+  if not stop.set:
+    return
+  step, dirs, s = int(jax.device_get(state.step)), ", ".join(workdirs), \
+      "s" if len(workdirs) > 1 else ""
+  word, whose = cli.stopped_by(stop.signum), "runs' results.json" if s else "run's results.json"
+  raise cli.Interrupted({
+      "training": f"{word}: checkpoint{s} saved at step {step} in {dirs}; rerun the same "
+                  "command to resume.",
+      "evaluating": f"{word} after the last step: checkpoint{s} saved at step {step} in "
+                    f"{dirs}, results.json not written; rerun the same command to evaluate "
+                    "and write it.",
+      "finished": f"{word}: {dirs} hold{'' if s else 's'} the finished {whose}.",
+  }[phase], stop.signum)
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
@@ -304,9 +329,11 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   (delete that run and start afresh).  ``max_steps`` stops this invocation after that many
   steps with a checkpoint (for jobs under a time limit); it returns ``None`` then, and the same
   call later continues the run.  ``data`` (a :class:`~experiments.data.TaskData`) skips loading,
-  e.g. when a sweep shares one.  Ctrl-C saves a checkpoint and raises ``KeyboardInterrupt``
-  whose message says so.  Another process working in ``workdir`` makes it raise
-  :class:`~experiments.train.lock.Busy` naming that process.
+  e.g. when a sweep shares one.  Ctrl-C or SIGTERM saves a checkpoint and raises
+  :class:`~experiments.cli.Interrupted` (a ``KeyboardInterrupt``) whose message says so; after
+  the last step ``results.json`` is then not written (a rerun evaluates the checkpoint).
+  Another process working in ``workdir`` makes it raise :class:`~experiments.train.lock.Busy`
+  naming that process.
 
   >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")   # doctest: +SKIP
   """
@@ -365,19 +392,36 @@ def train_resumed(group: Group, configs, workdirs, data, resumed, progress: bool
   def elapsed():
     return [p + (time.time() - t0) / n_runs for p in priors]
 
-  state, finished = _train(group, configs, group.stack(states), workdirs, mgrs, logs,
-                           histories, bests, stop_at, progress, elapsed)
-  if not finished:
-    return None
+  with StopFlag() as stop:  # also after the last step: a stop there must not be lost
+    try:
+      state, finished = _train(group, configs, group.stack(states), workdirs, mgrs, logs,
+                               histories, bests, stop_at, progress, elapsed, stop)
+      if not finished:
+        return None
+      return _evaluate_and_write(group, configs, workdirs, data, state, bests, histories,
+                                 elapsed, t0, stop)
+    except KeyboardInterrupt as e:
+      raise _unsaved(e, mgrs, workdirs) from None
+
+
+def _evaluate_and_write(group: Group, configs, workdirs, data, state, bests, histories, elapsed,
+                        t0: float, stop: StopFlag) -> list[dict]:
+  """Each run's final evaluation, written to its ``results.json``.  A stop asked for before
+  they are written leaves them unwritten (the last step's checkpoint is saved, so a rerun
+  evaluates it and writes them); one asked for while they are written still raises, so that a
+  sweep stops rather than going on to its next run."""
+  _raise_if_stopped(stop, state, workdirs, "evaluating")  # e.g. during the last epoch's end
   wall, walls, out = time.time() - t0, elapsed(), []
   for k, (config, workdir) in enumerate(zip(configs, workdirs)):
     # NaN (e.g. the accuracy of a shot group with no class) is null, in the file and here.
     res = final_results(config, group.run, data, group.state_of(state, k), bests[k], workdir,
                         walls[k], histories[k])
-    if n_runs > 1:
-      res["parallel"] = {"runs": n_runs, "group_wall_time_s": wall}
-    res = finite_json(res)
-    if distributed.is_main():
+    if group.size > 1:
+      res["parallel"] = {"runs": group.size, "group_wall_time_s": wall}
+    out.append(finite_json(res))
+  _raise_if_stopped(stop, state, workdirs, "evaluating")
+  if distributed.is_main():
+    for workdir, res in zip(workdirs, out):
       write_json_atomic(os.path.join(workdir, "results.json"), res)
-    out.append(res)
+  _raise_if_stopped(stop, state, workdirs, "finished")
   return out

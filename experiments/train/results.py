@@ -16,7 +16,7 @@ from experiments.train import distributed
 from experiments.train.build import Run
 from experiments.train.evaluate import evaluate_task
 from experiments.train.guards import floor_message, strength_summary
-from experiments.train.workdir import config_dict
+from experiments.train.workdir import PREDICTIONS_FILE, config_dict
 
 
 def strength_limits(config) -> tuple[float | None, float | None]:
@@ -33,8 +33,6 @@ def train_option(config, key, default):
   train = config.get("train", {}) if hasattr(config, "get") else {}
   return train.get(key, default) if hasattr(train, "get") else default
 
-
-PREDICTIONS_FILE = "predictions.npz"
 
 
 def final_results(config, run: Run, data, state, best, workdir, wall, history=()) -> dict:

@@ -8,6 +8,7 @@ Also the atomic JSON writer every "finished" file goes through (temp file + rena
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -16,8 +17,12 @@ import re
 import shutil
 
 CONFIG_FILE = "config.json"
-# Files and dirs a run writes; ``fresh`` deletes exactly these (a sweep's method.json stays).
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", CONFIG_FILE)
+PREDICTIONS_FILE = "predictions.npz"
+STOPPED_FILE = "stopped.json"  # a sweep's record of a run one of the trainer's guards stopped
+# Files and dirs a run writes (and STOPPED_FILE); ``fresh`` deletes exactly these (a sweep's
+# method.json, which labels the run dir, stays).
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "results.json", PREDICTIONS_FILE,
+             STOPPED_FILE, CONFIG_FILE)
 # Fields that change where things are kept or how often, never what is trained.
 IGNORED_FIELDS = ("data.cache_dir", "train.checkpoint_every")
 
@@ -55,6 +60,25 @@ def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
       json.dump(finite_json(obj), f, indent=indent, allow_nan=False, default=list)
       f.flush()
       os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str):
+  """Yields a temporary name beside ``path`` to write the new file to, which then replaces
+  ``path`` in one rename: a reader, or a kill mid-write, sees the old file or the whole new
+  one, never one cut short.  The name is one :func:`remove_leftovers` cleans up after a kill;
+  a writer that picks the format by the extension must be told it (``format="png"``).
+
+  >>> with replaced_atomically("/tmp/report.md") as tmp:                 # doctest: +SKIP
+  ...   open(tmp, "w").write(text)
+  """
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    yield tmp
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -252,5 +276,22 @@ def disk_full(e: BaseException) -> str | None:
     if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
         "No space left on device" in str(e):
       return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def no_access(e: BaseException) -> str | None:
+  """``'path (reason)'`` for the first error in ``e``'s chain that was refused access to a path
+  (permissions, a read-only file system), else None: where the run cannot write.
+
+  >>> no_access(OSError(errno.EROFS, "Read-only file system", "/ro/run"))
+  '/ro/run (Read-only file system)'
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and \
+        e.filename:
+      return f"{e.filename} ({e.strerror})"
     e = e.__cause__ or e.__context__
   return None

@@ -80,6 +80,18 @@ def _check_lpl(alpha, steps, steps_min, steps_max) -> None:
   check_count("lpl", steps=steps, steps_min=steps_min, steps_max=steps_max)
   if steps_min > steps_max:
     raise ValueError(f"lpl.steps_min must be <= lpl.steps_max, got {steps_min} > {steps_max}")
+  # Each of K steps moves δ by about α (a unit direction when normalised; the loss's gradient
+  # in the logits, of norm <= √2, otherwise), so |δ| <= ~α·K.  Past ~100 logits softmax is
+  # saturated (e^-100 is 0 in float32): δ no longer perturbs the logits but replaces them, and
+  # the run is something else under LPL's name.  K: the most steps a class can take
+  # (whether ``varied`` is on is not known here, so steps_max counts too).
+  max_shift, most_steps = 100.0, max(steps, steps_max)
+  if alpha * most_steps > max_shift:
+    raise ValueError(
+        f"lpl.alpha={alpha:g} with up to {most_steps} steps (lpl.steps, lpl.steps_max) moves "
+        f"a logit by up to alpha*steps = {alpha * most_steps:g} logits, above {max_shift:g}, "
+        "where softmax is saturated: the perturbation would replace the logits rather than "
+        "perturb them. Lower lpl.alpha (this repository's configs use 0.005-0.1) or the steps.")
 
 
 def observe(state: classes.SplitState, logits_BxC, batch) -> classes.SplitState:
