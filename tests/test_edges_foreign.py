@@ -281,8 +281,9 @@ def test_a_tiny_radius_gives_a_zero_delta_not_nan(radius):
   out = jax.jit(lambda v: lj.perturbed_apply(method, cut, method.init(), v, X, Y))(v)
   assert np.all(np.isfinite(out.logits_BxC))
   act = cut.lower(v, X, False)[0]
-  delta = jax.jit(lambda a: method.delta(method.init(), lambda z: cut.upper(v, z, False)[0], a,
-                                         Y))(act)
+  delta_fn = method.info["delta"]
+  delta = jax.jit(lambda a: delta_fn(method.init(), lambda z: cut.upper(v, z, False)[0], a,
+                                     Y))(act)
   np.testing.assert_array_equal(delta, 0.0)
 
 
