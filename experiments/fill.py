@@ -31,8 +31,12 @@ reference), then every method of ``mechanism``, all at seeds 0, 1, 2.
 * ``bench-diff:<a.json>,<b.json>`` — how far two such runs' ratios lie apart (noise);
 * ``bench-throughput:<path.json>`` — the runs/hour table of a ``--throughput`` run.
 
-    python -m experiments.fill          # every document that holds a block (documents())
-    python -m experiments.fill README.md
+    python -m experiments.fill                  # check every document that holds a block
+    python -m experiments.fill --write          # rewrite their blocks
+    python -m experiments.fill --write README.md
+
+Without ``--write`` nothing is written: the command names the stale blocks and exits 1 if any
+block differs from what it renders now.
 """
 from __future__ import annotations
 
@@ -215,15 +219,27 @@ OTHER = {"suite": suite_table, "time": suite_time, "times": suite_times,
          "bench": bench_table, "bench-diff": bench_diff, "bench-throughput": throughput_table}
 
 
+def _filled(text: str) -> str:
+  return BLOCK.sub(lambda m: m.group(1) + render(m.group(2)).rstrip() + "\n" + m.group(4), text)
+
+
 def fill(path: str) -> int:
   """Rewrites every block of ``path``; returns how many were filled."""
   with open(path) as f:
     text = f.read()
   count = len(BLOCK.findall(text))
-  text = BLOCK.sub(lambda m: m.group(1) + render(m.group(2)).rstrip() + "\n" + m.group(4), text)
+  text = _filled(text)
   with open(path, "w") as f:
     f.write(text)
   return count
+
+
+def stale_blocks(path: str) -> list[str]:
+  """The keys of ``path``'s blocks whose body differs from what they render now (nothing is
+  written)."""
+  with open(path) as f:
+    text = f.read()
+  return [m.group(2) for m in BLOCK.finditer(text) if _filled(m.group(0)) != m.group(0)]
 
 
 def documents() -> list[str]:
@@ -239,6 +255,29 @@ def documents() -> list[str]:
   return docs
 
 
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.fill",
+      description="Check (default) or rewrite (--write) the generated blocks of Markdown files.")
+  parser.add_argument("paths", nargs="*", help="documents (default: every committed document "
+                      "that holds a block)")
+  parser.add_argument("--write", action="store_true", help="rewrite the blocks in place")
+  args = parser.parse_args(argv)
+  paths = args.paths or [os.path.join(ROOT, d) for d in documents()]
+  stale = 0
+  for p in paths:
+    if args.write:
+      print(f"{os.path.relpath(p)}: {fill(p)} blocks filled")
+      continue
+    keys = stale_blocks(p)
+    stale += len(keys)
+    print(f"{os.path.relpath(p)}: " + (f"{len(keys)} stale: {', '.join(keys)}" if keys
+                                       else "every block current"))
+  if stale:
+    print(f"{stale} stale blocks; rewrite them with --write", file=sys.stderr)
+  return 1 if stale else 0
+
+
 if __name__ == "__main__":
-  for p in sys.argv[1:] or [os.path.join(ROOT, d) for d in documents()]:
-    print(f"{os.path.relpath(p)}: {fill(p)} blocks filled")
+  sys.exit(main())

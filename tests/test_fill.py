@@ -108,7 +108,7 @@ def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
     shutil.copy(os.path.join(fill.ROOT, rel), copy)
     before = copy.read_text()
     fill.fill(str(copy))
-    assert copy.read_text() == before, f"{rel} is stale: python -m experiments.fill {rel}"
+    assert copy.read_text() == before, f"{rel} is stale: python -m experiments.fill --write {rel}"
 
 
 def test_joined_suites_pair_by_seed_and_name_bad_slugs():
@@ -165,3 +165,18 @@ def test_times_block_lists_each_suite_and_the_total():
 def test_an_unknown_block_names_the_known_ones():
   with pytest.raises(ValueError, match=r"unknown block 'nope:x'; known: suite:<name>, paired:"):
     fill.render("nope:x")
+
+
+def test_the_command_checks_by_default_and_rewrites_only_with_write(tmp_path, capsys):
+  doc = tmp_path / "doc.md"
+  key = "suite:noisy_fmnist"
+  stale = f"intro\n<!-- BEGIN {key} -->\nstale\n<!-- END {key} -->\n"
+  doc.write_text(stale)
+  assert fill.main([str(doc)]) == 1                  # a check: names the block, writes nothing
+  assert key in capsys.readouterr().out and doc.read_text() == stale
+  assert fill.main(["--write", str(doc)]) == 0
+  assert "stale" not in doc.read_text()
+  assert fill.main([str(doc)]) == 0                  # now current
+  with pytest.raises(SystemExit) as e:
+    fill.main(["--help"])
+  assert e.value.code == 0
