@@ -51,3 +51,13 @@ print("APPLICATION-MODULES", bad)
                        text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "APPLICATION-MODULES []" in res.stdout, res.stdout
+
+
+def test_packaging_files_and_one_version_source():
+  for name in ("LICENSE", "CITATION.cff", "CHANGELOG.md", "lpa_jax/py.typed"):
+    assert os.path.isfile(os.path.join(ROOT, name)), name
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    toml = tomllib.load(f)
+  assert "version" not in toml["project"] and "version" in toml["project"]["dynamic"]
+  assert toml["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lpa_jax.__version__"}
+  assert "Apache" in open(os.path.join(ROOT, "LICENSE")).read(200)
