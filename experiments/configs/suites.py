@@ -121,6 +121,11 @@ def _lpa_radius(eps):
   return {"perturb.lpa.eps": eps, "perturb.lpa.delta_eps": eps}
 
 
+def _lpa_grid(base: dict, label: str, values) -> tuple[dict, ...]:
+  """``base`` at each relative or absolute radius ε = Δε of ``values``, named ``label eps=ε``."""
+  return tuple({**base, "name": f"{label} eps={e:g}", **_lpa_radius(e)} for e in values)
+
+
 def fmnist_lt_schedule():
   """CE at 15, 30 and 60 epochs (cosine): where its training loss and validation accuracy
   stop improving, the schedule every converged run uses."""
@@ -134,8 +139,7 @@ def fmnist_lt_schedule():
 def fmnist_lt_tune():
   """One knob per method, 4 values each (LPA: radius and point), 1 seed, selected on
   validation at the converged schedule."""
-  lpa = tuple({**LPA, "name": f"LPA eps={e:g}", **_lpa_radius(e)}
-              for e in (0.002, 0.005, 0.01, 0.02))
+  lpa = _lpa_grid(LPA, "LPA", (0.002, 0.005, 0.01, 0.02))
   lpa_points = tuple({**LPA, "name": f"LPA eps=0.005 @ {p}", **_lpa_radius(0.005),
                       "perturb.lpa.point": p} for p in ("stage1", "stage3"))
   methods = ((CE,) + lpa + lpa_points
@@ -458,8 +462,7 @@ def cifar_lt_tune():
   finish, the radii whose validation balanced accuracy is within one image of the rarest
   validation class of the best tie; of those, the one whose loss change over the second
   half lies between the 0.05-nat floor and the ceiling, then the best on validation."""
-  methods = tuple({**LPA, "name": f"LPA eps={e:g}", "perturb.lpa.eps": e,
-                   "perturb.lpa.delta_eps": e} for e in CIFAR_LT_TUNE_EPS)
+  methods = _lpa_grid(LPA, "LPA", CIFAR_LT_TUNE_EPS)
   return _suite("cifar_lt_tune", "longtail.py:quick_cifar10", methods, seeds=(0,),
                 overrides={**_cifar_lt_protocol(10), "data.val_fraction": 0.1,
                            "train.max_loss_change_action": "stop"}, description=(
@@ -488,10 +491,8 @@ def fmnist_lt_arms_tune():
   epochs, 90 % train / 10 % stratified validation, seed 0, selection by validation balanced
   accuracy with fmnist_lt_tune's tie width.  CE and the default LPA (ε 0.01) are that suite's
   runs (same config, same split)."""
-  raw = tuple({**LPA_RAW, "name": f"LPA raw step abs eps={e:g}", **_lpa_radius(e)}
-              for e in RAW_STEP_EPS)
-  median = tuple({**LPA_MEDIAN, "name": f"LPA median head eps={e:g}", **_lpa_radius(e)}
-                 for e in MEDIAN_HEAD_EPS)
+  raw = _lpa_grid(LPA_RAW, "LPA raw step abs", RAW_STEP_EPS)
+  median = _lpa_grid(LPA_MEDIAN, "LPA median head", MEDIAN_HEAD_EPS)
   return _suite("fmnist_lt_arms_tune", "longtail.py:quick", raw + median, seeds=(0,),
                 overrides={**FMNIST_LT_VAL, "optim.num_epochs": TUNE_EPOCHS}, description=(
                     f"Validation tuning of LPA's fidelity arms: Fashion-MNIST-LT IR 100, CNN "
@@ -547,8 +548,7 @@ BAL_EPOCHS = 30
 def fmnist_bal_tune():
   """The paper's balanced comparison, tuning: CE and one knob per method, 4 values each, seed 0,
   selected on the 10 % validation split by fmnist_lt_tune's rule."""
-  lpa = tuple({**LPA, "name": f"LPA eps={e:g}", **_lpa_radius(e)}
-              for e in (0.005, 0.01, 0.02, 0.05))
+  lpa = _lpa_grid(LPA, "LPA", (0.005, 0.01, 0.02, 0.05))
   methods = ((CE,) + lpa
              + _grid(MIXUP, "Mixup", "perturb.manifold_mixup.alpha", (0.2, 0.5, 1.0, 2.0))
              + _grid(LPL, "LPL", "perturb.lpl.alpha", (0.0025, 0.005, 0.01, 0.02)))
