@@ -83,17 +83,18 @@ def validation_scores(runs: list[dict]) -> tuple[dict[str, float], str]:
   return {}, ""
 
 
-def _comparison(a: dict, b: dict, seeds: list) -> dict:
+def _comparison(a: dict, b: dict, seeds: list, key: str = "test_accuracy") -> dict:
   """:func:`experiments.stats.compare` of two methods' runs (``{seed: run}``) over ``seeds``;
-  without paired predictions, the seed-level numbers alone (mean and sign-flip p from
-  ``results.json``), with no interval and no McNemar count."""
-  from experiments.stats import compare, sign_flip_p
-  ca, cb = _correct(a, seeds), _correct(b, seeds)
+  for another score than the final test accuracy (``key``), or without paired predictions,
+  the seed-level numbers alone (mean and sign-flip p from ``results.json``), with no interval
+  and no McNemar count."""
+  from experiments.stats import compare, sign_flip_p, smallest_p
+  ca, cb = (_correct(a, seeds), _correct(b, seeds)) if key == "test_accuracy" else (None, None)
   if ca is not None and cb is not None and np.array_equal(ca[1], cb[1]):
     return compare(ca[0], cb[0])
-  d = [a[k]["results"]["test_accuracy"] - b[k]["results"]["test_accuracy"] for k in seeds]
+  d = [a[k]["results"][key] - b[k]["results"][key] for k in seeds]
   return {"n": len(d), "mean": float(np.mean(d)), "lo": np.nan, "hi": np.nan,
-          "p": sign_flip_p(d), "mcnemar_k": None}
+          "p": sign_flip_p(d), "p_min": smallest_p(len(d)), "mcnemar_k": None}
 
 
 def paired_table(runs: list[dict]) -> str:
@@ -292,28 +293,34 @@ def domain_selection_table(runs: list[dict]) -> str:
 def across_table(suites: dict[str, list[dict]], key: str = "test_accuracy") -> str:
   """One row per method, one column per suite (``{label: runs}``, e.g. the noise settings of
   one task): the method's mean ``key`` (%) and its paired difference from the suite's first
-  method (points, 95 % t-interval over the seeds both ran); ``—`` where a suite lacks it."""
+  method over the seeds both ran (points; for the final test accuracy with the runs'
+  predictions, the crossed-bootstrap 95 % interval over seeds and test images, as
+  :func:`paired_table`), with the sign-flip p over seeds Holm-adjusted within the column;
+  ``—`` where a suite lacks the method."""
   from experiments.report import mean_std
-  from experiments.stats import paired_difference
+  from experiments.stats import holm
   by = {label: {} for label in suites}
   for label, runs in suites.items():
     for r in runs:
-      by[label].setdefault(r["name"], {})[r["seed"]] = r["results"][key]
+      by[label].setdefault(r["name"], {})[r["seed"]] = r
   names = list(dict.fromkeys(n for per in by.values() for n in per))
+  cells = {}
+  for label, per in by.items():
+    ref = next(iter(per), None)
+    diffs = {n: _comparison(per[n], per[ref], sorted(set(per[n]) & set(per[ref])), key)
+             for n in per if n != ref and set(per[n]) & set(per[ref])}
+    for d, p in zip(diffs.values(), holm([d["p"] for d in diffs.values()])):
+      d["p_holm"] = p
+    for n, runs in per.items():
+      cell = f"{100 * mean_std([r['results'][key] for r in runs.values()])[0]:.2f}"
+      if n in diffs:
+        d = diffs[n]
+        ci = f" {interval(d)}" if d["lo"] == d["lo"] else ""
+        cell += f" ({100 * d['mean']:+.2f}{ci}; Holm p {d['p_holm']:.2g})"
+      cells[label, n] = cell
   out = ["| method | " + " | ".join(suites) + " |", "|---" * (len(suites) + 1) + "|"]
   for n in names:
-    cells = []
-    for per in by.values():
-      if n not in per:
-        cells.append("—")
-        continue
-      ref = next(iter(per))
-      cell = f"{100 * mean_std(per[n].values())[0]:.2f}"
-      if n != ref:
-        d = paired_difference(per[n], per[ref])
-        cell += f" ({100 * d['mean']:+.2f} {interval(d)})" if d["n"] else ""
-      cells.append(cell)
-    out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out.append(f"| {n} | " + " | ".join(cells.get((label, n), "—") for label in suites) + " |")
   return "\n".join(out)
 
 
@@ -325,12 +332,16 @@ def interval(d: dict) -> str:
 def domain_paired_table(runs: list[dict]) -> str:
   """Leave-one-domain-out runs: each method against the suite's first method (ERM) at the same
   held-out domain, and on the average over the domains, per seed: the paired difference of the
-  test accuracy at the epoch training-domain validation selects (points, mean and 95 %
-  t-interval over the seeds both ran).  Different held-out domains are never paired.  On the
-  average each method is also paired with the best other baseline (:func:`is_baseline`, the
-  highest mean domain average of the training-domain validation accuracy,
-  :func:`best_baseline`), unless that is ERM itself."""
-  from experiments.stats import paired_difference
+  test accuracy at the epoch training-domain validation selects (points), its mean, a 95 %
+  t-interval over the seeds both ran, the exact sign-flip p over those seeds and that p
+  Holm-adjusted over the table's rows.  The runs keep per-image predictions of the final
+  epoch only, not of the selected one, so no interval here includes the sampling of the test
+  images (the crossed bootstrap of :func:`paired_table` needs them): the intervals are too
+  narrow by that much and the Holm p is the number a claim rests on.  Different held-out
+  domains are never paired.  On the average each method is also paired with the best other
+  baseline (:func:`is_baseline`, the highest mean domain average of the training-domain
+  validation accuracy, :func:`best_baseline`), unless that is ERM itself."""
+  from experiments.stats import holm, paired_difference, sign_flip_p
   acc, val = domain_accuracies(runs), domain_accuracies(runs, "val_accuracy")
   if not acc:
     return ""
@@ -338,8 +349,7 @@ def domain_paired_table(runs: list[dict]) -> str:
   avg = {b: domain_average(acc[b]) for b in acc}
   val_avg = {b: list(domain_average(v).values()) for b, v in val.items()}
   score = {b: float(np.mean(v)) if v else np.nan for b, v in val_avg.items()}
-  out = ["| method | vs | held-out domain | paired seeds | Δ test acc (points) | 95 % interval |",
-         "|---|---|---|---|---|---|"]
+  rows = []
   for base in others:
     pairs = [(ref, d, acc[base][d], acc[ref][d]) for d in acc[base]]
     pairs.append((ref, "average", avg[base], avg[ref]))
@@ -349,6 +359,11 @@ def domain_paired_table(runs: list[dict]) -> str:
     for vs, domain, a, b in pairs:
       d = paired_difference(a, b)
       if d["n"]:
-        out.append(f"| {base} | {vs} | {domain} | {d['n']} | {100 * d['mean']:+.2f} | "
-                   f"{interval(d)} |")
+        d["p"] = sign_flip_p([a[s] - b[s] for s in d["seeds"]])
+        rows.append((base, vs, domain, d))
+  out = ["| method | vs | held-out domain | paired seeds | Δ test acc (points) | "
+         "95 % t-interval (seeds only) | sign-flip p | Holm p |", "|---" * 8 + "|"]
+  for (base, vs, domain, d), p_holm in zip(rows, holm([d["p"] for *_, d in rows])):
+    out.append(f"| {base} | {vs} | {domain} | {d['n']} | {100 * d['mean']:+.2f} | "
+               f"{interval(d)} | {d['p']:.3g} | {p_holm:.3g} |")
   return "\n".join(out)

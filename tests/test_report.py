@@ -237,8 +237,9 @@ def test_domain_paired_table_pairs_each_held_out_domain_with_the_same_domain_onl
           for s, a in ((0, base_acc), (1, base_acc + 0.01))]
   runs += [run("LPA", "0°", 0, 0.82), run("LPA", "0°", 1, 0.83), run("LPA", "15°", 0, 0.94)]
   table = domain_paired_table(runs)
-  assert "| LPA | ERM | 0° | 2 | +2.00 | [+2.00, +2.00] |" in table
-  assert "| LPA | ERM | 15° | 1 | -1.00 | — |" in table          # seed 1 missing: not paired
+  assert table.splitlines()[0].endswith("| sign-flip p | Holm p |")
+  assert "| LPA | ERM | 0° | 2 | +2.00 | [+2.00, +2.00] | 0.5 | 1 |" in table   # 3 rows
+  assert "| LPA | ERM | 15° | 1 | -1.00 | — | 1 | 1 |" in table   # seed 1 missing: not paired
   assert "| LPA | ERM | average | 1 | +0.50 | — |" in table     # seed 0 has every domain
   assert "best baseline" not in table                          # no baseline besides ERM
   weaker = runs + [run("Mixup", d, s, a - 0.01) for d, a in (("0°", 0.80), ("15°", 0.95))
@@ -275,7 +276,7 @@ def test_domain_selection_picks_a_setting_by_training_domain_validation_not_by_t
   assert domain_selection_table(runs[:4]) == ""
 
 
-def test_across_table_pairs_each_method_with_its_own_suites_first_method():
+def test_across_table_pairs_each_method_with_its_own_suites_first_method(tmp_path):
   def run(name, seed, acc):
     return {"name": name, "seed": seed, "results": {"test_accuracy": acc}}
   low = [run("CE", 0, 0.80), run("CE", 1, 0.82), run("LPA", 0, 0.81), run("LPA", 1, 0.84)]
@@ -283,8 +284,31 @@ def test_across_table_pairs_each_method_with_its_own_suites_first_method():
   table = report.across_table({"20 %": low, "60 %": high}).splitlines()
   assert table[0] == "| method | 20 % | 60 % |"
   assert table[2] == "| CE | 81.00 | 61.00 |"
-  assert table[3] == "| LPA | 82.50 (+1.50 [-4.85, +7.85]) | — |"
-  assert table[4] == "| GAF | — | 61.00 (+1.00 —) |"          # one paired seed: no interval
+  # No predictions: the seed-level difference and its sign-flip p (2 seeds: at least 0.5).
+  assert table[3] == "| LPA | 82.50 (+1.50; Holm p 0.5) | — |"
+  assert table[4] == "| GAF | — | 61.00 (+1.00; Holm p 1) |"
+  # With each run's test predictions, the crossed bootstrap over seeds and images, as in the
+  # paired table; Holm within the column over its two comparisons.
+  label = np.arange(200) % 10
+  rng = np.random.default_rng(0)
+
+  def with_preds(name, seed, wrong):
+    d = tmp_path / f"{name}{seed}"
+    d.mkdir()
+    pred = np.where(rng.random(200) < wrong, (label + 1) % 10, label)
+    np.savez(d / "predictions.npz", test_pred=pred, test_label=label)
+    return {"name": name, "seed": seed, "workdir": str(d),
+            "results": {"test_accuracy": float(np.mean(pred == label))}}
+  suite = [with_preds(n, s, w) for n, w in (("CE", 0.3), ("LPA", 0.1), ("LA", 0.3))
+           for s in range(3)]
+  rows = report.across_table({"x": suite}).splitlines()
+  from experiments.report_tables import _comparison, interval
+  by = {n: {r["seed"]: r for r in suite if r["name"] == n} for n in ("CE", "LPA", "LA")}
+  d = _comparison(by["LPA"], by["CE"], [0, 1, 2])
+  assert d["lo"] == d["lo"] and d["lo"] > 0                   # an interval, above zero
+  assert f"({100 * d['mean']:+.2f} {interval(d)}; Holm p " in rows[3]
+  assert d["p"] == 0.25                                       # 3 seeds: 2 / 2^3 at best
+  assert rows[3].endswith("Holm p 0.5) |")                    # 2 comparisons: 2 × 0.25
 
 
 def _suite_copy(tmp_path, name="cifar_balanced_probe"):
