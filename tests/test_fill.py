@@ -111,7 +111,8 @@ def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
   # Every number in a generated block comes from the records: refilling changes nothing.
   import os
   import shutil
-  assert {"README.md", "experiments/results/README.md"} <= set(fill.documents())
+  assert {"README.md", "docs/benchmarks.md", "experiments/results/README.md"} <= set(
+      fill.documents())
   for i, rel in enumerate(fill.documents()):
     copy = tmp_path / f"{i}_{os.path.basename(rel)}"
     shutil.copy(os.path.join(fill.ROOT, rel), copy)
@@ -189,6 +190,16 @@ def test_the_command_checks_by_default_and_rewrites_only_with_write(tmp_path, ca
   with pytest.raises(SystemExit) as e:
     fill.main(["--help"])
   assert e.value.code == 0
+
+
+def test_the_benchmark_tables_live_in_docs_and_the_readme_holds_one_summary():
+  import os
+  read = lambda rel: open(os.path.join(fill.ROOT, rel), encoding="utf-8").read()
+  blocks = {rel: [m.group(2) for m in fill.BLOCK.finditer(read(rel))]
+            for rel in ("README.md", "docs/benchmarks.md")}
+  assert [k.split(":")[0] for k in blocks["README.md"]] == ["summary"]
+  assert {k.split(":")[0] for k in blocks["docs/benchmarks.md"]} == {
+      "bench", "bench-diff", "bench-throughput"}
 
 
 def test_summary_block_adds_the_whole_test_set_to_the_class_table():
