@@ -9,6 +9,8 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
   method and the best other baseline on validation);
 * ``classes:<name>`` — each method's per-class change against the first method, its mean
   change on its expansive and contractive classes and its worst class;
+* ``summary:<name>`` — the README's results table: a caption (data, epochs, seeds) and the
+  ``classes`` table with a row for the whole test set;
 * ``strength:<name>`` — that suite's perturbation-strength table;
 * ``rarest:<name>`` — that suite's per-seed test accuracy on its three rarest classes;
 * ``domain:<name>``, ``domain-paired:<name>``, ``domain-select:<name>`` — a
@@ -33,7 +35,7 @@ reference), then every method of ``mechanism``, all at seeds 0, 1, 2.
 
     python -m experiments.fill                  # check every document that holds a block
     python -m experiments.fill --write          # rewrite their blocks
-    python -m experiments.fill --write README.md
+    python -m experiments.fill --write docs/benchmarks.md
 
 Without ``--write`` nothing is written: the command names the stale blocks and exits 1 if any
 block differs from what it renders now.
@@ -58,6 +60,43 @@ def suite_table(name: str) -> str:
   runs = _runs(name)
   cols = [c for c, _ in report.metric_columns(runs)]
   return report.markdown_table(report.summarise(runs), cols)
+
+
+def summary_table(runs: list[dict]) -> str:
+  """What a suite's methods do per class, for the README: a caption (data, epochs, seeds),
+  then :func:`report.class_change_table` with one more row, the whole test set: the first
+  method's accuracy and each method's mean paired change against it with its crossed-bootstrap
+  95 % interval (the ``paired`` table's numbers, to one decimal)."""
+  from experiments.report_tables import _comparison
+  from experiments.stats import smallest_p
+  table = report.class_change_table(runs)
+  if not table:
+    raise ValueError("summary: the runs have no paired test predictions")
+  lines = table.splitlines()
+  methods = [c.strip()[:-len(": Δ")] for c in lines[0].split("|")[4:-1]]
+  names = list(dict.fromkeys(r["name"] for r in runs))
+  by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
+  first, res = by[names[0]], runs[0]["results"]
+  cells, seeds_n = [], set()
+  for n in methods:
+    seeds = sorted(set(by[n]) & set(first))
+    d = _comparison(by[n], first, seeds)
+    cells.append(f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]")
+    seeds_n.add(len(seeds))
+  base_acc = statistics.mean(r["results"]["test_accuracy"] for r in first.values())
+  row = (f"| **all classes (test set)** | {res['num_train']} | {100 * base_acc:.1f} | "
+         + " | ".join(cells) + " |")
+  at = next(i for i, ln in enumerate(lines) if ln.startswith("| **"))
+  seeds = "/".join(str(k) for k in sorted(seeds_n))
+  p_min = smallest_p(min(seeds_n))
+  caption = (f"{res['dataset']}, {res['num_train']} training images, "
+             f"{res['config']['optim']['num_epochs']} epochs, {seeds} seeds per method. Δ: "
+             f"change in test accuracy against {names[0]} (points), mean over seeds "
+             "[crossed-bootstrap 95 % interval].")
+  if p_min >= 0.05:
+    caption += (f" With {min(seeds_n)} seeds no sign-flip p can fall below {p_min:.3g}, so no "
+                "difference here is a shown one at p < 0.05.")
+  return "\n".join([caption, "", *lines[:at], row, *lines[at:]])
 
 
 def suites_time() -> str:
@@ -204,6 +243,7 @@ def render(key: str) -> str:
 
 # Blocks computed from a suite's (or joined suites') runs, and the others, by argument.
 RUN_TABLES = {"paired": report.paired_table, "classes": report.class_change_table,
+              "summary": summary_table,
               "strength": report.strength_table,
               "rarest": report.rarest_table, "domain": report.domain_table,
               "domain-paired": report.domain_paired_table,
@@ -242,17 +282,24 @@ def stale_blocks(path: str) -> list[str]:
   return [m.group(2) for m in BLOCK.finditer(text) if _filled(m.group(0)) != m.group(0)]
 
 
+# Folders no committed document lives in: work dirs, builds, caches.
+SKIP_DIRS = {"runs", "workdirs", "build", "_build", "node_modules", "__pycache__"}
+
+
 def documents() -> list[str]:
   """The committed documents with generated blocks, relative to the repository root: the
-  README, the results README and any suite's own README that holds a block."""
-  docs = ["README.md", os.path.join("experiments", "results", "README.md")]
-  for name in sorted(os.listdir(RESULTS)):
-    path = os.path.join(RESULTS, name, "README.md")
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        if BLOCK.search(f.read()):
-          docs.append(os.path.relpath(path, ROOT))
-  return docs
+  README first, then every other Markdown file that holds a block (docs/benchmarks.md, the
+  results README, a suite's own README, ...), in path order."""
+  found = []
+  for top, dirs, files in os.walk(ROOT):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS)
+    for name in files:
+      path = os.path.join(top, name)
+      if name.endswith(".md") and path != os.path.join(ROOT, "README.md"):
+        with open(path, encoding="utf-8") as f:
+          if BLOCK.search(f.read()):
+            found.append(os.path.relpath(path, ROOT))
+  return ["README.md"] + sorted(found)
 
 
 def main(argv=None) -> int:

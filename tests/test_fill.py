@@ -1,4 +1,6 @@
 """Generated Markdown blocks equal what the report writer and the bench JSON say."""
+import re
+
 import pytest
 
 from experiments import fill
@@ -85,24 +87,32 @@ def test_comparison_blocks_equal_the_suite_report(tmp_path, suite, kinds, expect
     assert table.strip() and table.strip() in report
 
 
-def test_documents_finds_suite_readmes_with_blocks(tmp_path, monkeypatch):
+def test_documents_finds_every_markdown_file_with_blocks(tmp_path, monkeypatch):
+  block = "<!-- BEGIN suite:a -->\nx\n<!-- END suite:a -->\n"
   results = tmp_path / "experiments" / "results"
-  for name, body in [("a", "<!-- BEGIN suite:a -->\nx\n<!-- END suite:a -->\n"),
-                     ("b", "prose only, no block\n"), ("c", None)]:
+  for name, body in [("a", block), ("b", "prose only, no block\n"), ("c", None)]:
     (results / name).mkdir(parents=True)
     if body is not None:
       (results / name / "README.md").write_text(body)
+  (results / "README.md").write_text(block)
+  for rel in ("docs/benchmarks.md", "docs/guides/k_runs.md", "runs/x/notes.md",
+              ".hidden/a.md", "docs/_build/page.md"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(block)
+  (tmp_path / "docs" / "index.md").write_text("no block\n")
   monkeypatch.setattr(fill, "ROOT", str(tmp_path))
   monkeypatch.setattr(fill, "RESULTS", str(results))
-  assert fill.documents() == ["README.md", "experiments/results/README.md",
-                              "experiments/results/a/README.md"]
+  # The README first even without a block; work dirs, builds and hidden folders are skipped.
+  assert fill.documents() == ["README.md", "docs/benchmarks.md", "docs/guides/k_runs.md",
+                              "experiments/results/README.md", "experiments/results/a/README.md"]
 
 
 def test_committed_documents_show_what_their_blocks_regenerate(tmp_path):
   # Every number in a generated block comes from the records: refilling changes nothing.
   import os
   import shutil
-  assert {"README.md", "experiments/results/README.md"} <= set(fill.documents())
+  assert {"README.md", "docs/benchmarks.md", "experiments/results/README.md"} <= set(
+      fill.documents())
   for i, rel in enumerate(fill.documents()):
     copy = tmp_path / f"{i}_{os.path.basename(rel)}"
     shutil.copy(os.path.join(fill.ROOT, rel), copy)
@@ -180,3 +190,34 @@ def test_the_command_checks_by_default_and_rewrites_only_with_write(tmp_path, ca
   with pytest.raises(SystemExit) as e:
     fill.main(["--help"])
   assert e.value.code == 0
+
+
+def test_the_benchmark_tables_live_in_docs_and_the_readme_holds_one_summary():
+  import os
+  read = lambda rel: open(os.path.join(fill.ROOT, rel), encoding="utf-8").read()
+  blocks = {rel: [m.group(2) for m in fill.BLOCK.finditer(read(rel))]
+            for rel in ("README.md", "docs/benchmarks.md")}
+  assert [k.split(":")[0] for k in blocks["README.md"]] == ["summary"]
+  assert {k.split(":")[0] for k in blocks["docs/benchmarks.md"]} == {
+      "bench", "bench-diff", "bench-throughput"}
+
+
+def test_summary_block_adds_the_whole_test_set_to_the_class_table():
+  spec = "fmnist_lt_main[ce|lpa|ldam-drw]"
+  text = fill.render("summary:" + spec)
+  caption, _, table = text.partition("\n\n")
+  assert caption.startswith("Fashion-MNIST-LT (IR=100), 14886 training images, 30 epochs, "
+                            "5 seeds per method.") and "below 0.0625" in caption
+  classes = fill.render("classes:" + spec).splitlines()
+  rows = table.splitlines()
+  overall = [r for r in rows if r.startswith("| **all classes")]
+  assert len(overall) == 1 and [r for r in rows if r not in overall] == classes
+  # The whole-test-set row shows the paired table's numbers, to one decimal.
+  paired = {r.split(" | ")[0][2:]: r.split(" | ") for r in
+            fill.render("paired:" + spec).splitlines()[2:]}
+  cells = overall[0].strip("| ").split(" | ")
+  for name, cell in zip(["LPA", "LDAM-DRW"], cells[3:]):
+    mean, lo, hi = (float(v) for v in re.findall(r"[+-]\d+\.\d+", cell))
+    want_lo, want_hi = (float(v) for v in re.findall(r"[+-]\d+\.\d+", paired[name][4]))
+    assert abs(mean - float(paired[name][3])) <= 0.051
+    assert abs(lo - want_lo) <= 0.051 and abs(hi - want_hi) <= 0.051

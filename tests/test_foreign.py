@@ -234,7 +234,7 @@ def test_nnx_state_writes_back_into_the_model(bn):
   nnx.update(ref, jax.tree.map(lambda p: p + 1.0, nnx.state(ref, nnx.Param)))
   ref.train()
   ref(X)  # the model's own training forward: its statistics and streams advance
-  nnx.update(model, params, *st.values())  # the README's write-back, BatchNorm or not
+  nnx.update(model, params, *st.values())  # the own-loop guide's write-back, BatchNorm or not
   _close(nnx.state(model), nnx.state(ref))
 
 

@@ -1,12 +1,15 @@
-"""The README's own-loop examples, executed from README.md itself (not a copy).
+"""The README's own-loop examples, executed from README.md itself (not a copy), and the
+README's shape: a front door of at most 200 lines whose links resolve.
 
 Code blocks tagged ```python readme-test:<name>``` are run in one namespace, in the order a
 reader would: the Linen flow as written, LPA + logit adjustment + LPL through the same step,
 the same LPA lines on other Linen models (without BatchNorm, with Dropout, without a ``train``
-argument, an MLP-Mixer-like model, a small attention model with Dropout), the NNX flow with
-``nnx.Optimizer`` (also on an NNX CNN with BatchNorm and Dropout) and NNX through a Linen-style
-TrainState.  The lines each example adds to the plain loop it extends are counted (issue 32:
-LPA alone in at most 10 added lines and 4 lpa_jax names, LPA + LA + LPL in at most 12).
+argument, an MLP-Mixer-like model, a small attention model with Dropout).  The NNX flows (with
+``nnx.Optimizer``, also on an NNX CNN with BatchNorm and Dropout, and through a Linen-style
+TrainState) are tagged the same way in the own-loop guide, ``docs/guides/own_loop.md``, and run
+from there on top of the README's setup blocks.  The lines each example adds to the plain loop
+it extends are counted (issue 32: LPA alone in at most 10 added lines and 4 lpa_jax names,
+LPA + LA + LPL in at most 12).
 """
 import difflib
 import pathlib
@@ -16,15 +19,34 @@ import jax
 import numpy as np
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+OWN_LOOP = ROOT / "docs" / "guides" / "own_loop.md"
+README_TAGS = {"setup", "linen-model", "lpa", "cut-linen", "step", "loop", "logit-chain"}
+GUIDE_TAGS = {"nnx", "nnx-lpa"}
+
+
+def _tagged(path: pathlib.Path) -> dict[str, str]:
+  return dict(re.findall(r"```python readme-test:([\w-]+)\n(.*?)```", path.read_text(),
+                         flags=re.S))
 
 
 def readme_blocks() -> dict[str, str]:
-  text = README.read_text()
-  blocks = dict(re.findall(r"```python readme-test:([\w-]+)\n(.*?)```", text, flags=re.S))
-  assert {"setup", "linen-model", "lpa", "cut-linen", "step", "loop", "logit-chain", "nnx",
-          "nnx-lpa"} <= set(blocks), sorted(blocks)
+  blocks = _tagged(README)
+  assert README_TAGS <= set(blocks), sorted(blocks)
   return blocks
+
+
+def guide_blocks() -> dict[str, str]:
+  """The README's blocks and the own-loop guide's NNX ones.  A block both documents tag with
+  one name must read the same in both, so the guide's copy is the one tested here."""
+  if not OWN_LOOP.exists():
+    pytest.skip(f"{OWN_LOOP.relative_to(ROOT)} (the NNX own-loop guide) is not in this checkout")
+  readme, guide = readme_blocks(), _tagged(OWN_LOOP)
+  assert GUIDE_TAGS <= set(guide), f"{OWN_LOOP}: tagged blocks {sorted(guide)}"
+  differ = sorted(k for k in set(readme) & set(guide) if readme[k] != guide[k])
+  assert not differ, f"README.md and {OWN_LOOP.name} tag different code as {differ}"
+  return {**readme, **guide}
 
 
 # Other Linen models a user might bring; each names a submodule "block2" like the README's.
@@ -106,8 +128,8 @@ state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.05
 WITH_RNG = ("dropout", "attention-dropout")
 
 
-def _run(names, extra_source=None, ns=None, replace=None) -> dict:
-  blocks = readme_blocks()
+def _run(names, extra_source=None, ns=None, replace=None, blocks=None) -> dict:
+  blocks = readme_blocks() if blocks is None else blocks
   ns = {} if ns is None else ns
   for name in names:
     source = extra_source if name == "model" else blocks[name]
@@ -189,20 +211,21 @@ def _nnx_variables(ns):
   return {"params": nnx.state(ns["model"], nnx.Param)}
 
 
-def test_readme_nnx_flow_with_nnx_optimizer_runs_as_written():
+def test_guide_nnx_flow_with_nnx_optimizer_runs_as_written():
   from flax import nnx
-  ns = _run(["setup", "lpa", "nnx"])
+  blocks = guide_blocks()
+  ns = _run(["setup", "lpa", "nnx"], blocks=blocks)
   params0 = jax.device_get(nnx.state(ns["model"], nnx.Param))
   bn0 = np.asarray(ns["model"].bn.mean[...]).copy()
-  ns = _run(["nnx-lpa"], ns=ns)
+  ns = _run(["nnx-lpa"], ns=ns, blocks=blocks)
   _, variables = ns["lj"].nnx_functional(ns["model"])
   _check_trained(ns, params0, variables)
   assert np.abs(np.asarray(ns["model"].bn.mean[...]) - bn0).max() > 0  # BN ran in place
   assert float(ns["pstate"].get_value().stats.count_C.sum()) == 0       # refreshed
 
 
-# An NNX CNN with BatchNorm and Dropout (its own RNG streams), run through the README's NNX
-# flow in place of the README's model.
+# An NNX CNN with BatchNorm and Dropout (its own RNG streams), run through the guide's NNX
+# flow in place of the guide's model.
 NNX_DROPOUT = '''
 class NnxCNN(nnx.Module):
   def __init__(self, rngs):
@@ -218,14 +241,15 @@ class NnxCNN(nnx.Module):
 '''
 
 
-def test_readme_nnx_flow_trains_a_cnn_with_batchnorm_and_dropout():
+def test_guide_nnx_flow_trains_a_cnn_with_batchnorm_and_dropout():
   from flax import nnx
-  nnx_block = readme_blocks()["nnx"]
+  blocks = guide_blocks()
+  nnx_block = blocks["nnx"]
   start, end = nnx_block.index("class NnxCNN"), nnx_block.index("model = NnxCNN")
   source = nnx_block[:start] + NNX_DROPOUT.strip() + "\n\n" + nnx_block[end:]
-  ns = _run(["setup", "lpa", "model"], source)
+  ns = _run(["setup", "lpa", "model"], source, blocks=blocks)
   params0 = jax.device_get(nnx.state(ns["model"], nnx.Param))
-  ns = _run(["nnx-lpa"], ns=ns)
+  ns = _run(["nnx-lpa"], ns=ns, blocks=blocks)
   _, variables = ns["lj"].nnx_functional(ns["model"])
   _check_trained(ns, params0, variables)
 
@@ -240,9 +264,10 @@ state = TrainState.create(apply_fn=None, params=variables.pop("params"), tx=opta
 
 def test_nnx_model_through_the_linen_style_train_state():
   from flax import nnx
-  ns = _run(["setup", "lpa", "nnx", "model"], NNX_TRAIN_STATE)
+  blocks = guide_blocks()
+  ns = _run(["setup", "lpa", "nnx", "model"], NNX_TRAIN_STATE, blocks=blocks)
   params0 = jax.device_get(ns["state"].params)
-  ns = _run(["step", "loop"], ns=ns)
+  ns = _run(["step", "loop"], ns=ns, blocks=blocks)
   _check_trained(ns, params0)
   nnx.update(ns["model"], ns["state"].params, *ns["state"].model_state.values())
   kernel = nnx.state(ns["model"], nnx.Param)["head"]["kernel"][...]
@@ -327,7 +352,7 @@ def test_lpa_in_a_linen_loop_adds_at_most_ten_lines_and_four_names():
 
 
 def test_lpa_in_an_nnx_optimizer_loop_adds_at_most_ten_lines_and_four_names():
-  b = readme_blocks()
+  b = guide_blocks()
   lpa_nnx = b["lpa"] + "\n" + b["nnx-lpa"]
   added = added_lines(PLAIN_NNX, lpa_nnx)
   assert len(added) <= 10, added
@@ -335,11 +360,56 @@ def test_lpa_in_an_nnx_optimizer_loop_adds_at_most_ten_lines_and_four_names():
   assert len(added_lines(PLAIN_NNX, b["logit-chain"] + "\n" + b["nnx-lpa"])) <= 12
 
 
-def test_the_plain_loops_train_as_they_stand():
-  """The baselines the counts are taken against are real, running loops."""
+def test_the_plain_linen_loop_trains_as_it_stands():
+  """The baseline the Linen counts are taken against is a real, running loop."""
   ns = _run(["setup", "lpa", "linen-model"])
   exec(compile(PLAIN_LINEN, "PLAIN_LINEN", "exec"), ns)  # noqa: S102
   assert np.isfinite(float(ns["loss"]))
-  ns = _run(["setup", "nnx"])
+
+
+def test_the_plain_nnx_loop_trains_as_it_stands():
+  ns = _run(["setup", "nnx"], blocks=guide_blocks())
   exec(compile(PLAIN_NNX, "PLAIN_NNX", "exec"), ns)  # noqa: S102
   assert np.isfinite(float(ns["loss"]))
+
+
+# --------------------------------------------------------------------------- the front door
+# The documentation site's pages, which the README links to before this checkout may have
+# them; every other relative link must point to a file that exists.
+DOCS_PAGES = {"docs/index.md", "docs/api.md", "docs/evidence.md"} | {
+    f"docs/guides/{name}.md" for name in ("own_loop", "cuts", "chain", "experiments", "hosts",
+                                          "k_runs")}
+
+
+def _prose(text: str) -> str:
+  """The README less its code (fenced and inline), generated blocks and link targets."""
+  text = re.sub(r"```.*?```", "", text, flags=re.S)
+  text = re.sub(r"<!-- BEGIN (\S+) -->.*?<!-- END \1 -->", "", text, flags=re.S)
+  return re.sub(r"\]\([^)]*\)", "]", re.sub(r"`[^`]*`", "", text))
+
+
+def test_the_readme_is_at_most_200_lines():
+  assert len(README.read_text().splitlines()) <= 200
+
+
+def test_every_relative_link_in_the_readme_resolves():
+  targets = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+  local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:|#", t)]
+  assert len(local) >= 10, local        # the links into the docs and the evidence are there
+  broken = sorted({t for t in local if t.rstrip("/") not in DOCS_PAGES
+                   and not (ROOT / t).exists()})
+  assert not broken, f"README.md links to missing files: {broken}"
+
+
+def test_the_readme_types_no_numbers_outside_code_and_generated_blocks():
+  """Every result the README shows is a block ``python -m experiments.fill`` fills."""
+  prose = _prose(README.read_text()).replace("Command 1", "").replace("Command 2", "")
+  assert not re.findall(r".{0,30}\d.{0,30}", prose)
+  assert "<!-- BEGIN summary:" in README.read_text()
+
+
+def test_the_readme_keeps_the_command_ci_runs():
+  ci = (ROOT / ".ci" / "run").read_text()
+  command = 'pip install -e ".[test]" && ruff check . && python -m pytest -q'
+  assert command in README.read_text()
+  assert command.replace("install -e", "install -q -e") in ci

@@ -229,7 +229,7 @@ def run(config, ks=(1, 2, 4, 8), dtypes=("float32",), steps: int | None = None,
 
 
 def markdown(result: dict) -> str:
-  """The throughput table and its checks, as the README shows them.  ``warm-up s`` is the
+  """The throughput table and its checks, as docs/benchmarks.md shows them.  ``warm-up s`` is the
   first step and first evaluation (compiling both); ``compile s`` is that less a timed step's
   and evaluation's time, an estimate."""
   f = lambda v, fmt: "" if v is None else format(v, fmt)

@@ -3,7 +3,7 @@
     python -m experiments.gpu.run_all --budget_s=520 --out=$OUT
     python -m experiments.gpu.run_all --dry_run --data=tiny.npz --out=/tmp/out   # CPU, tiny
 
-Beside the checkout it needs (made here; README "The prepared GPU command"):
+Beside the checkout it needs (made here; experiments/gpu/README.md, "The prepared GPU command"):
 
     .device_data/cifar10_lt100_jpeg75.npz   python -m experiments.gpu.longtail_paper export
     .device_deps/ (ml-collections)   pip install --no-deps --target .device_deps ml-collections
