@@ -70,6 +70,9 @@ napoleon_numpy_docstring = False
 # "Attributes:" of a class become :ivar: fields, not attribute entries of their own: a
 # NamedTuple's fields are then not described twice.
 napoleon_use_ivar = True
+# "eps, delta_eps, beta, varied: radius ..." stays one entry, not four copies of its text.
+napoleon_use_param = False
+napoleon_attr_annotations = False  # the signature shows the types
 
 # ---------------------------------------------------------------------------- the evidence
 # evidence.md includes experiments/results/README.md, whose links point at the suites' reports
@@ -102,7 +105,9 @@ GENERATED.mkdir()
 # ---------------------------------------------------------------------------- HTML
 html_theme = "sphinx_book_theme"
 html_title = f"lpa_jax {release}"
-html_theme_options = {"show_toc_level": 2, "home_page_in_toc": True}
+# The book theme keeps its search box in the sidebar; the pydata header's second one, which
+# it would draw above the sidebar, is left out.
+html_theme_options = {"show_toc_level": 2, "home_page_in_toc": True, "navbar_persistent": []}
 
 
 def _constant_without_comment(app, what, name, obj, options, lines):
