@@ -27,6 +27,11 @@ GUIDES = sorted((DOCS / "guides").glob("*.md"))
 
 
 # --------------------------------------------------------------------------- the build
+# The tests that read the built site share one build, on one pytest-xdist worker: the build
+# rewrites docs/_autosummary, docs/notebooks and docs/_generated, so two at once would collide.
+ONE_BUILD = pytest.mark.xdist_group("docs_site")
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("site")
@@ -88,6 +93,7 @@ def broken_links(site: pathlib.Path) -> list[str]:
   return broken
 
 
+@ONE_BUILD
 def test_the_site_builds_with_warnings_as_errors_and_its_links_resolve(site):
   for page in ("index", "getting_started", "api", "evidence", "benchmarks",
                *(f"guides/{g.stem}" for g in GUIDES)):
@@ -163,6 +169,7 @@ def missing_from_reference(documented: set[str]) -> list[str]:
   return missing
 
 
+@ONE_BUILD
 def test_every_public_name_is_in_the_api_reference(site):
   names = public_names()
   assert ("lpa_jax", "lpa") in names and ("lpa_jax.models", "get_model") in names
