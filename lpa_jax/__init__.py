@@ -11,6 +11,7 @@ Subpackages: ``lpa_jax.models`` (staged networks with named points) and ``lpa_ja
 numpy only; the experiment application (configs, data, the resumable run loop, sweeps,
 reports) lives in the repository's ``experiments/``.
 """
+#: The library's version (the one place it is written; pyproject.toml reads it).
 __version__ = "0.1.0"
 
 from lpa_jax.perturb import (Cut, Out, Perturbation, add_delta, adversarial, chain,  # noqa: E402

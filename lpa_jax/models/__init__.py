@@ -12,6 +12,7 @@ from lpa_jax.models.staged import (DTYPES, HEADS, check_point, compute_dtype,
                                    depth_below_logits, intervene, run_stages, stage_level)
 from lpa_jax.models.wrn import WideResNet
 
+#: The registered models by name, each a constructor taking ``num_classes`` (:func:`get_model`).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": functools.partial(CifarResNet, depth=20),
     "resnet32": functools.partial(CifarResNet, depth=32),

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 Layer = tuple[str, Callable[..., jnp.ndarray]]
+#: The compute dtypes a model takes by name (``dtype=``; parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -187,6 +188,7 @@ class GlobalPool(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
+#: The ``logits`` layers a model takes (``head=``): linear, or cosine for LDAM.
 HEADS = ("linear", "cosine")
 
 

@@ -112,8 +112,8 @@ def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-# A K-run state: every field carries a leading run axis except the step, which the runs share
-# (they advance together), so step-dependent branches stay real branches under vmap.
+#: A K-run state: every field carries a leading run axis except the step, which the runs share
+#: (they advance together), so step-dependent branches stay real branches under vmap.
 PARALLEL_AXES = TrainState(step=None, params=0, model_state=0, opt_state=0, act_state=0,
                            logit_state=0, rng=0)
 
