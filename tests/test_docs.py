@@ -202,7 +202,8 @@ def test_every_public_function_shows_an_example(module):
 # --------------------------------------------------------------------------- the guides' code
 # A fenced ```python block runs; a block that cannot run here (it trains for real, joins other
 # hosts) is written as a {code-block} directive, or marked by a "<!-- norun -->" line above it.
-PYTHON_BLOCK = re.compile(r"(<!-- norun -->\n)?```python\n(.*?)```", re.S)
+# A block may carry a tag (```python readme-test:nnx): tests/test_readme.py counts its lines too.
+PYTHON_BLOCK = re.compile(r"(<!-- norun -->\n)?```python(?: readme-test:[\w-]+)?\n(.*?)```", re.S)
 # What each guide's blocks print, in part: the examples do what the text says they do.
 PRINTS = {
     "own_loop": ["loss ", "sign ", "(8, 10)"],
