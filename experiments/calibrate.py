@@ -111,6 +111,8 @@ def calibrate(config, data, points=None, grids=None, methods=("lpa", "adversaria
               "configured"), batches: int = 4, train_steps=(0,), progress: bool = False) -> dict:
   """The calibration report of ``config`` (LPA switched on) on ``data`` as a JSON-able dict.
 
+  Not run as a doctest: it needs the data and trains.
+
   >>> report = calibrate(config, data, ["stage3"], batches=2)      # doctest: +SKIP
   >>> report["runs"][0]["points"]["stage3"]["lpa"][0]["mean_abs_signed"]   # doctest: +SKIP
   0.21

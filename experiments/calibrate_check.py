@@ -9,9 +9,9 @@ point, two batches of 32, a smaller data subset, WRN at widen 1 (same points).
   python -m experiments.calibrate_check longtail.py:quick suites.py:smoke/LPA
   python -m experiments.calibrate_check --adversarial    # the adversarial feature baseline
 
->>> label, config = lpa_configs()[0]; label                        # doctest: +SKIP
+>>> label, config = lpa_configs()[0]; label
 'balanced.py:quick'
->>> check(config)["mean_abs_signed"] >= 0.05                       # doctest: +SKIP
+>>> check(config)["mean_abs_signed"] >= 0.05   # trains on the data: not run  # doctest: +SKIP
 True
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The measurements behind ``python -m experiments.calibrate``: real training batches of a
 config's data, the config's model at initialisation or after ``train_steps`` of plain
 training, and for each method the per-class loss change it causes (perturbed minus clean
-cross-entropy), next to the per-class activation norm at the point.
+cross-entropy), next to the per-class activation norm at the point.  Not run as a doctest: it
+needs the data.
 
 >>> setup = prepare(config, data, batches=2)                        # doctest: +SKIP
 >>> row = measure_lpa(setup, "stage3", eps=0.5, radius_mode="relative")   # doctest: +SKIP

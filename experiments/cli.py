@@ -3,7 +3,8 @@ on stderr and an exit status; Ctrl-C (SIGINT) exits 130 and SIGTERM (a scheduler
 job) 143, each saying in one line what was saved, at any moment.
 
 Light on purpose (no JAX, no absl): the entry points import it first, so that a Ctrl-C during
-their own imports already exits cleanly.
+their own imports already exits cleanly.  (Not run as doctests: they install signal handlers
+and exit the process.)
 
   >>> exit_on_interrupt(lambda: "Interrupted before training started.")    # doctest: +SKIP
   >>> run_guarded(lambda: train(...), show_traceback=False,                 # doctest: +SKIP

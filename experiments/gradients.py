@@ -29,8 +29,13 @@ def sam(optimizer: optax.GradientTransformation, rho: float = 0.05
   takes one ascent step ``w + ρ g/‖g‖`` and applies ``optimizer`` to the gradient there
   (``grad_fn(params, i) -> grads`` of the loss; lpa_jax's train step passes it).
 
-  >>> tx = sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
-  >>> updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+  >>> params = {"w": jnp.array([1.0, -2.0])}
+  >>> grad_fn = lambda p, i: jax.grad(lambda p: jnp.sum(p["w"] ** 2))(p)   # loss ‖w‖²
+  >>> tx = sam(optax.sgd(0.1), rho=0.05)
+  >>> opt_state = tx.init(params)
+  >>> updates, opt_state = tx.update(grad_fn(params, 0), opt_state, params, grad_fn=grad_fn)
+  >>> [round(float(u), 4) for u in updates["w"]]   # -0.1 × the gradient at w + ρ g/‖g‖
+  [-0.2045, 0.4089]
   """
   check_finite_params("sam", rho=rho)
   if rho <= 0:
@@ -54,7 +59,7 @@ def grad_noise(eta: float = 0.01, gamma: float = 0.55,
   """Annealed Gaussian gradient noise (Neelakantan et al.; ``optax.add_noise``): variance
   ``η/(1+t)^γ``; ``seed`` seeds the noise (give each run its own).
 
-  >>> tx = optax.chain(grad_noise(0.01, 0.55, seed=run_seed), optax.sgd(0.05))
+  >>> tx = optax.chain(grad_noise(0.01, 0.55, seed=7), optax.sgd(0.05))   # a seed per run
   """
   check_finite_params("grad_noise", eta=eta, gamma=gamma)
   return optax.add_noise(eta, gamma, key=seed)

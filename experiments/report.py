@@ -352,6 +352,8 @@ def _header(root: str, runs: list[dict]) -> list[str]:
 def write_report(root: str) -> dict[str, str]:
   """Writes ``report.md``, ``results.csv`` and the figures under ``root``; returns their paths.
 
+  Not run as a doctest: it rewrites a committed report.
+
   >>> paths = write_report("experiments/results/longtail_fmnist")   # doctest: +SKIP
   >>> sorted(paths)                                                  # doctest: +SKIP
   ['accuracy', 'csv', 'curves', 'markdown', 'per_class']

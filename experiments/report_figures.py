@@ -1,4 +1,5 @@
-"""Figures for :mod:`experiments.report` (matplotlib, Agg backend: no display needed).
+"""Figures for :mod:`experiments.report` (matplotlib, Agg backend: no display needed).  Not run
+as a doctest: it rewrites a committed suite's figures.
 
   >>> from experiments.report import load_runs, summarise              # doctest: +SKIP
   >>> runs = load_runs("experiments/results/ablation_fmnist")          # doctest: +SKIP

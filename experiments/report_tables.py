@@ -1,7 +1,8 @@
 """The report's comparison tables, each computed from a suite's loaded runs
 (:func:`experiments.report.load_runs`): paired differences (:mod:`experiments.stats`), per-class
 changes against the suite's first method, the rarest classes per seed and the perturbation
-strength over training.
+strength over training.  Not run as a doctest: bootstrapping a committed suite's confidence
+intervals takes several seconds.
 
   >>> runs = load_runs("experiments/results/fmnist_lt_main")           # doctest: +SKIP
   >>> print(paired_table(runs))                                         # doctest: +SKIP

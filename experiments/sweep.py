@@ -116,8 +116,9 @@ def plan(suite, seeds=None, methods=None) -> list[dict]:
   ``methods`` (slugs) keeps only those methods, and a slug the suite lacks is an error that
   lists the suite's.
 
-  >>> runs = plan(suites.get_config("smoke"))                      # doctest: +SKIP
-  >>> [(r["name"], r["seed"]) for r in runs]                        # doctest: +SKIP
+  >>> from experiments.configs import suites
+  >>> runs = plan(suites.get_config("smoke"))
+  >>> [(r["name"], r["seed"]) for r in runs]
   [('CE', 0), ('LPA', 0)]
   """
   from experiments.configs.common import validate
@@ -360,7 +361,8 @@ def groups(todo: list, size: int) -> list[list]:
   """Consecutive runs of the same method in groups of up to ``size`` (their configs differ
   only by seed, so each group can train as one program).
 
-  >>> [[r["seed"] for r, *_ in g] for g in groups(todo, 2)]         # doctest: +SKIP
+  >>> todo = [({"slug": m, "seed": s},) for m in ("ce", "lpa") for s in (0, 1, 2)]   # (run, ...)
+  >>> [[r["seed"] for r, *_ in g] for g in groups(todo, 2)]
   [[0, 1], [2], [0, 1], [2]]
   """
   out = []

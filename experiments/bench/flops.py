@@ -2,10 +2,14 @@
 exactly ``T·2F_up`` FLOPs to a plain step.
 
 ``F`` is the train-mode forward of the whole network, ``F_up`` that of the layers above a
-point; both are read from XLA's ``cost_analysis``, always on the CPU backend.
+point; both are read from XLA's ``cost_analysis``, always on the CPU backend.  Not run as a
+doctest: compiling ResNet-32 takes 5–15 s on a CPU.
 
->>> F, frac = flop_fractions(get_model("resnet32", 10), ("stage2", "stage3"), batch_size=128)
->>> round(frac["stage2"], 4), round(cost_model(3, frac["stage2"]), 3)    # 1 + T·2F_up/(3F)
+>>> from lpa_jax.models import get_model
+>>> model = get_model("resnet32", 10)
+>>> F, frac = flop_fractions(model, ("stage2", "stage3"), batch_size=128)   # doctest: +SKIP
+>>> f = frac["stage2"]                                                      # doctest: +SKIP
+>>> round(f, 4), round(cost_model(3, f), 3)    # 1 + T·2F_up/(3F)           # doctest: +SKIP
 (0.2973, 1.595)
 """
 from __future__ import annotations
@@ -73,7 +77,10 @@ def flop_fractions(model, points, batch_size: int) -> tuple[float, dict[str, flo
 def activation_shape(model, point: str, batch_size: int, variables=None) -> tuple[int, ...]:
   """The shape of the activation at ``point`` for a batch (abstract evaluation, no FLOPs).
 
-  >>> activation_shape(get_model("resnet32", 10), "stage3", 128)
+  >>> from lpa_jax.models import get_model
+  >>> model = get_model("resnet32", 10)
+  >>> abstract = jax.eval_shape(lambda: init_variables(model))   # shapes only: no FLOPs
+  >>> activation_shape(model, "stage3", 128, abstract)
   (128, 8, 8, 64)
   """
   variables = init_variables(model) if variables is None else variables
@@ -118,7 +125,10 @@ def flop_check(rows, gflops_forward: float | None) -> dict | None:
   within ``FLOP_TOL`` of ``max(T·2F_up, F)``.  ``None`` where step FLOPs were not counted
   (GPU runs) or without ``gflops_forward`` (F per device, in GFLOP).
 
-  >>> flop_check([plain_row, lpa_row], gflops_forward=16.6)["ok"]   # doctest: +SKIP
+  >>> plain_row = dict(method="plain", step_gflops=50.0)          # XLA's count of each step
+  >>> lpa_row = dict(method="lpa", point="stage3", T=3, flop_fraction_above=0.09,
+  ...                step_gflops=50.0 + 3 * 2 * 0.09 * 16.6)       # plain + T·2F_up
+  >>> flop_check([plain_row, lpa_row], gflops_forward=16.6)["ok"]
   True
   """
   plain = rows[0].get("step_gflops") if rows and rows[0]["method"] == "plain" else None

@@ -27,6 +27,7 @@ def last_stage(model) -> str:
   """The last stage's output: the stage point just below pooling (``features``), else the
   last hidden point; above it only pooling and the head remain.
 
+  >>> from lpa_jax.models import get_model
   >>> last_stage(get_model("resnet32", 10)), last_stage(get_model("mlp", 10))
   ('stage3', 'hidden2')
   """
@@ -44,6 +45,7 @@ def block_points(model, stage: str) -> tuple[str, ...]:
 def order(model, points) -> tuple[str, ...]:
   """``points`` bottom to top: by stage, a stage's inner points (by their numbers) before it.
 
+  >>> from lpa_jax.models import get_model
   >>> order(get_model("resnet32", 10), ["stage3", "stage2", "stage3.block4", "stage3.block1"])
   ('stage2', 'stage3.block1', 'stage3.block4', 'stage3')
   """
@@ -58,6 +60,7 @@ def order(model, points) -> tuple[str, ...]:
 def parse_points(model, arg: str) -> tuple[str, ...]:
   """The comma list ``arg`` checked against the model (any point it can be cut at), ordered.
 
+  >>> from lpa_jax.models import get_model
   >>> parse_points(get_model("resnet32", 10), "stage3,stage2")
   ('stage2', 'stage3')
   """

@@ -1,4 +1,5 @@
 """The benchmark's rows, target checks and Markdown tables (also read by ``experiments.fill``).
+Not run as a doctest: it needs a benchmark's timings.
 
 >>> rows = make_rows(configs, timed, frac)            # doctest: +SKIP
 >>> print(markdown(rows))                             # doctest: +SKIP
@@ -66,7 +67,8 @@ def check(rows, last_stage: str, gflops_forward: float | None = None) -> list[di
   ``TARGET_MODEL_TOL`` of the cost model; and, with ``gflops_forward`` (F per device, in
   GFLOP) and counted step FLOPs, the FLOP check of :func:`experiments.bench.flops.flop_check`.
 
-  >>> [c["ok"] for c in check([lpa_row_stage3_T3], "stage3")]   # doctest: +SKIP
+  >>> lpa_row_stage3_T3 = dict(method="lpa", point="stage3", T=3, ratio=1.08, model_ratio=1.10)
+  >>> [c["ok"] for c in check([lpa_row_stage3_T3], "stage3")]   # measured vs plain, vs model
   [True, True]
   """
   lpa = [r for r in rows if r["method"] == "lpa" and r["ratio"] is not None]

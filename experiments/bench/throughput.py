@@ -23,6 +23,7 @@ evaluations (every ``eval_every`` epochs and the last) plus the final one, and `
 K runs' evaluation of the full test set (scaled linearly from ``--test-subset`` images when
 given).  Checkpoint writes are not included.  ``--steps N`` times N steps instead of a whole
 epoch and ``--n-max`` trains on a smaller long tail (both recorded in the row's ``mode``).
+Not run as a doctest: it compiles and times training steps.
 
 >>> rows = run(config, ks=(1, 2), dtypes=("float32",), steps=2)["rows"]   # doctest: +SKIP
 >>> [r["K"] for r in rows]                                               # doctest: +SKIP

@@ -251,7 +251,8 @@ def decompose(model, points, batch_size: int, flops: float, frac: dict, steps: i
   ``forward`` (F), ``forward+backward`` (parameter gradients: 3F) and, per point, one
   ``PGD step`` (the upper layers forward and back to the activation: 2F_up), each as
   ms and ms per GFLOP -- the cost model holds where those rates are equal.  ``plain_ms``
-  (the full train step, if timed) is shown against 3F too.
+  (the full train step, if timed) is shown against 3F too.  Not run as a doctest: it compiles
+  and times ResNet pieces.
 
   >>> rows = decompose(model, ("stem",), 4, F, frac, steps=1, repeats=1)   # doctest: +SKIP
   >>> [r["piece"] for r in rows]                                          # doctest: +SKIP

@@ -9,12 +9,14 @@ point only, normalised steps ``κ_c = 2ε_c/T``, per-class ℓ2 projection, rela
 ``ε_c = r_c · mean_{i∈S_c} ‖a_i‖``, classes absent from the batch or unsigned kept at zero,
 BN in training mode during PGD with its running statistics frozen.  Written for the
 benchmark's peer comparison (``python -m experiments.gpu.run_all``); torch is imported only
-here (``pip install -e ".[bench]"``).
+here (``pip install -e ".[bench]"``).  Not run as a doctest: it needs torch and a Flax
+model's variables (``tests/test_torch_peer.py`` runs it).
 
 >>> net = TorchCifarResNet(depth=20)                                   # doctest: +SKIP
->>> load_flax_variables(net, variables)     # the JAX model's parameters, exactly
->>> step = TorchStep(net, lr=0.1, lpa=TorchLPA(net.block_index("stage3.block1"), sign_C, r_C))
->>> loss = step(x_BxCxHxW, y_B)
+>>> load_flax_variables(net, variables)     # the JAX model's parameters  # doctest: +SKIP
+>>> lpa = TorchLPA(net.block_index("stage3.block1"), sign_C, r_C)      # doctest: +SKIP
+>>> step = TorchStep(net, lr=0.1, lpa=lpa)                             # doctest: +SKIP
+>>> loss = step(x_BxCxHxW, y_B)                                        # doctest: +SKIP
 """
 from __future__ import annotations
 

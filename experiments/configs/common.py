@@ -68,9 +68,11 @@ class InvalidConfig(ValueError):
 def validate(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """Rejects invalid values (:class:`InvalidConfig`) with a message naming the field.
 
-  >>> c = longtail.get_config("quick"); c.optim.lr = float("inf")     # doctest: +SKIP
-  >>> validate(c)                                                        # doctest: +SKIP
-  InvalidConfig: Invalid config value config.optim.lr=inf: must be a finite number
+  >>> from experiments.configs import longtail
+  >>> c = longtail.get_config("quick"); c.optim.lr = float("inf")
+  >>> validate(c)
+  Traceback (most recent call last):
+  experiments.configs.common.InvalidConfig: Invalid config value config.optim.lr=inf: must be ...
   """
   import jax
 

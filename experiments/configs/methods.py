@@ -60,6 +60,7 @@ def network_radii(c: mlc.ConfigDict) -> mlc.ConfigDict:
   ``c.model.name``; a no-op for other networks.  Task configs call it after choosing the
   model (a later ``--config.model.name`` override does not re-run it).
 
+  >>> from experiments.configs.common import base_config
   >>> c = base_config("longtail"); c.model.name = "resnet32"
   >>> network_radii(c).perturb.lpa.eps, c.perturb.adversarial.eps
   (0.03, 3.0)

@@ -3,7 +3,7 @@ label noise, DomainBed-style domain splits, on-device batching and augmentation.
 
 Importing this package never imports TensorFlow; only building a missing cache does.
 
-Example:
+Example (not run as a doctest: it loads Fashion-MNIST, the TFDS data):
   >>> from experiments.data import load_task_data                        # doctest: +SKIP
   >>> import ml_collections                                          # doctest: +SKIP
   >>> data = load_task_data(ml_collections.ConfigDict(dict(name="fashion_mnist")))  # doctest: +SKIP

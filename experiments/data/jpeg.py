@@ -14,9 +14,12 @@ its SHA-256 whenever it is read, so another Pillow that decodes differently is c
 Only baseline 4:2:0 colour JPEGs (what the CIFAR-10 (JPEG-75) copy holds) are decoded; any
 other kind raises :class:`ValueError`.
 
-  >>> x = decode_jpegs([open(f, "rb").read() for f in files])   # doctest: +SKIP
-  >>> x.shape, x.dtype                                          # doctest: +SKIP
-  ((N, 32, 32, 3), dtype('uint8'))
+  >>> import io
+  >>> from PIL import Image
+  >>> f = io.BytesIO(); Image.new("RGB", (32, 32), (200, 30, 90)).save(f, "JPEG", quality=75)
+  >>> x = decode_jpegs([f.getvalue()])          # the bytes of JPEG files
+  >>> x.shape, x.dtype
+  ((1, 32, 32, 3), dtype('uint8'))
 """
 from __future__ import annotations
 

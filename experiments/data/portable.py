@@ -17,10 +17,15 @@ Images are stored losslessly in one of two encodings, per array:
   all zeros where that decode reproduces the arrays, as it does for CIFAR-10 (JPEG-75).
   About a third of ``loco``'s size; reading it needs Pillow.
 
-  >>> save_portable(load_task_data(config.data), ".device_data/cifar10_lt.npz")  # doctest: +SKIP
-  >>> data = load_portable(".device_data/cifar10_lt.npz")                          # doctest: +SKIP
-  >>> data.name, data.x_train.shape                                                # doctest: +SKIP
-  ('CIFAR-10-LT (IR=100, JPEG-75)', (12406, 32, 32, 3))
+  >>> import os, tempfile
+  >>> from experiments.data import TaskData
+  >>> x = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+  >>> y = np.arange(8, dtype=np.int32) % 2
+  >>> path = os.path.join(tempfile.mkdtemp(), "tiny.npz")   # e.g. ".device_data/cifar10_lt.npz"
+  >>> size = save_portable(TaskData("tiny", x, y, x, y, 2, ["a", "b"]), path)
+  >>> data = load_portable(path)
+  >>> data.name, data.x_train.shape, bool((data.x_train == x).all())
+  ('tiny', (8, 4, 4, 3), True)
 """
 from __future__ import annotations
 

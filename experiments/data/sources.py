@@ -10,7 +10,7 @@ machine, any cache of the dataset is used).  A corrupt cache file is named and r
 
 TensorFlow / TFDS are imported lazily, inside the functions that build a cache.
 
-Example:
+Example (not run as a doctest: it loads MNIST, the TFDS data):
   >>> raw = load_raw("mnist", data_dir=None, cache_dir=None)   # doctest: +SKIP
   >>> raw.x_train.shape, raw.source                             # doctest: +SKIP
   ((60000, 28, 28, 1), 'official')
@@ -334,7 +334,10 @@ def cached_file(name: str, data_dir: str | None = None,
                 cache_dir: str | None = None) -> pathlib.Path | None:
   """The cache file :func:`load_raw` would read first, or None when it would have to build.
 
-  >>> cached_file("mnist")                          # doctest: +SKIP
+  >>> import tempfile
+  >>> cached_file("mnist", cache_dir=tempfile.mkdtemp()) is None   # an empty cache: build it
+  True
+  >>> cached_file("mnist")        # on a machine with the data cached   # doctest: +SKIP
   PosixPath('/root/.cache/lpa_jax/arrays/mnist__official__dir-b06afdb62b.npz')
   """
   root, how = resolve_data_dir(data_dir)
@@ -348,6 +351,8 @@ def cached_file(name: str, data_dir: str | None = None,
 def load_raw(name: str, data_dir: str | None = None, cache_dir: str | None = None,
              download: bool = True) -> RawData:
   """Full arrays of ``name``: from cache, else built from a local copy, else downloaded.
+
+  Not run as a doctest: it loads CIFAR-10 (the TFDS data).
 
   >>> raw = load_raw("cifar10")                      # doctest: +SKIP
   >>> raw.source  # offline copy: lossy JPEG re-encoding          # doctest: +SKIP

@@ -19,7 +19,7 @@ The config is an ``ml_collections.ConfigDict`` (or any object with attributes):
                     after long-tail subsampling and label noise (0 = none, the default)
   seed              int; seeds subsampling, noise and splits
 
-Example:
+Example (not run as a doctest: it loads CIFAR-10, the TFDS data):
   >>> import ml_collections                                           # doctest: +SKIP
   >>> cfg = ml_collections.ConfigDict(dict(name="cifar10", imbalance_ratio=100))  # doctest: +SKIP
   >>> data = load_task_data(cfg); data.name, data.num_train          # doctest: +SKIP
@@ -115,6 +115,7 @@ def check_options(cfg) -> None:
   """Raises ``ValueError`` naming the field when the data config ``cfg`` is invalid (what
   :func:`load_task_data` checks first), without loading anything.
 
+  >>> import ml_collections
   >>> check_options(ml_collections.ConfigDict(dict(name="mnist", imbalance_ratio=0.5)))
   Traceback (most recent call last):
   ValueError: data.imbalance_ratio must be >= 1 (1 = balanced), got 0.5
@@ -277,7 +278,11 @@ def check_finite_inputs(data: TaskData, chunk: int = 4096) -> None:
   NaN test images give NaN logits, scored as class 0: an accuracy on images that are not
   there.
 
-  >>> check_finite_inputs(load_task_data(cfg))                          # doctest: +SKIP
+  >>> images = np.zeros((2, 4, 4, 1), np.float32); images[1, 0, 0, 0] = np.nan
+  >>> data = TaskData("bad", images, np.arange(2), images, np.arange(2), 2, ["a", "b"])
+  >>> check_finite_inputs(data)
+  Traceback (most recent call last):
+  experiments.data.sources.DataCorrupt: bad: x_train holds 1 NaN or infinite value(s) in 1 of 2 ...
   """
   for split in ("x_train", "x_val", "x_test"):
     x = getattr(data, split)
@@ -295,6 +300,8 @@ def check_finite_inputs(data: TaskData, chunk: int = 4096) -> None:
 
 def load_task_data(cfg) -> TaskData:
   """Load the task described by ``cfg`` (see the module docstring for the fields).
+
+  Not run as a doctest: it loads Rotated MNIST (the TFDS data).
 
   >>> from types import SimpleNamespace                               # doctest: +SKIP
   >>> d = load_task_data(SimpleNamespace(name="rotated_mnist", test_domain=2))  # doctest: +SKIP

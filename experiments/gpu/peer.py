@@ -16,6 +16,8 @@ median over rounds of two times of the same round, so drift cancels:
     jax lpa/plain   = JAX LPA / JAX plain              (each side's LPA overhead)
     torch lpa/plain = torch LPA / torch plain
 
+Not run as a doctest: it needs a GPU and torch.
+
 >>> result = run(PEER_DRY, budget_s=60)                                  # doctest: +SKIP
 >>> sorted(result["ratios"])                                             # doctest: +SKIP
 ['jax lpa/plain', 'lpa torch/jax', 'plain torch/jax', 'torch lpa/plain']

@@ -4,8 +4,19 @@ Each function builds one thing; :func:`build_run` chains them for the loop, and
 :func:`build_train_step` gives just ``(jitted_step, initial_state, batch_fn)`` for a
 benchmark or a notebook that drives the step itself.
 
-  >>> step, state, batch_fn = build_train_step(config, data, make_mesh())   # doctest: +SKIP
-  >>> state, metrics = step(state, batch_fn(state, epoch=0, i=0))           # doctest: +SKIP
+  >>> import ml_collections as mlc
+  >>> from experiments.configs import longtail
+  >>> from experiments.data import TaskData
+  >>> from lpa_jax.train.step import make_mesh
+  >>> config = longtail.get_config("quick")
+  >>> config.model.update(name="mlp", kwargs=mlc.ConfigDict(dict(widths=(8,))))
+  >>> config.optim.batch_size = 8
+  >>> y, images = np.arange(32) % 10, np.zeros((32, 28, 28, 1), np.uint8)   # a stand-in task
+  >>> data = TaskData("tiny", images, y, images[:8], y[:8], 10, list("0123456789"))
+  >>> step, state, batch_fn = build_train_step(config, data, make_mesh())
+  >>> state, metrics = step(state, batch_fn(state, epoch=0, i=0))
+  >>> int(state.step), sorted(metrics)
+  (1, ['accuracy', 'grad_norm', 'invalid_labels', 'loss'])
 """
 
 import contextlib
@@ -58,7 +69,10 @@ class Run(NamedTuple):
 def steps_per_epoch(config, num_train: int, mesh) -> int:
   """Full batches per epoch, after checking the batch fits the data and the devices.
 
-  >>> steps_per_epoch(config, num_train=1000, mesh=make_mesh())   # doctest: +SKIP
+  >>> from experiments.configs import longtail
+  >>> from lpa_jax.train.step import make_mesh
+  >>> config = longtail.get_config("quick")                      # batch size 128
+  >>> steps_per_epoch(config, num_train=1000, mesh=make_mesh())
   7
   """
   bs, n_dev = config.optim.batch_size, mesh.devices.size
@@ -88,7 +102,8 @@ def config_errors(where: str):
 def build_model(config, num_classes: int):
   """``(model, cut_fn)``: the staged network and ``point -> Cut``.
 
-  >>> model, cut_fn = build_model(config, 10); model.points          # doctest: +SKIP
+  >>> from experiments.configs import longtail
+  >>> model, cut_fn = build_model(longtail.get_config("quick"), 10); model.points
   ('stage1', 'stage2', 'stage3', 'features', 'logits')
   """
   model = get_model(config.model.name, num_classes, **dict(config.model.kwargs))
@@ -99,6 +114,8 @@ def build_methods(config, data, cut_fn, points, spe: int) -> Methods:
   """The activation, logit and gradient methods of ``config.perturb`` for this run.
 
   The one place a run :class:`~experiments.registry.Context` is made.
+
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
 
   >>> m = build_methods(config, data, cut_fn, model.points, 7); m.act.init()   # doctest: +SKIP
   """
@@ -131,6 +148,8 @@ def _blocks(level: str, names) -> str:
 def build_optimizer(config, spe: int, grad):
   """``(schedule, tx)``: the lr schedule and the optimiser, wrapped by the gradient method.
 
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
+
   >>> schedule, tx = build_optimizer(config, 7, methods.grad)   # doctest: +SKIP
   """
   oc = config.optim
@@ -144,6 +163,8 @@ def init_state(config, model, input_shape, tx, methods: Methods, num_classes: in
                mesh) -> TrainState:
   """The step-0 state, replicated: parameters from ``split(PRNGKey(seed))[0]``, the run's rng
   from ``[1]``.
+
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
 
   >>> state = init_state(config, model, (28, 28, 1), tx, methods, 10, mesh)   # doctest: +SKIP
   """
@@ -162,7 +183,8 @@ def init_state(config, model, input_shape, tx, methods: Methods, num_classes: in
 def make_epoch_perm(config, num_train: int) -> Callable:
   """``epoch -> permutation`` of the training set, from ``fold_in(PRNGKey(seed + 1), epoch)``.
 
-  >>> make_epoch_perm(config, 1000)(0).shape      # batch size 128   # doctest: +SKIP
+  >>> from experiments.configs import longtail
+  >>> make_epoch_perm(longtail.get_config("quick"), 1000)(0).shape      # batch size 128
   (7, 128)
   """
   def epoch_perm(epoch: int):
@@ -174,6 +196,8 @@ def make_epoch_perm(config, num_train: int) -> Callable:
 def make_batch_fn(config, data, mesh, spe: int) -> Callable:
   """``(state, epoch, i, perm=None) -> batch``: step ``epoch * spe + i``'s images gathered on
   device, augmented with the step's data key and normalised (the step sees float inputs).
+
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
 
   >>> batch = make_batch_fn(config, data, mesh, 7)(state, 0, 0)   # doctest: +SKIP
   """
@@ -198,6 +222,8 @@ def make_batch_fn(config, data, mesh, spe: int) -> Callable:
 
 def make_predict(config, eval_step, mesh, batch_size: int = 1000) -> Callable:
   """``(state, uint8 images) -> predictions`` in inference mode, batched and sharded.
+
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
 
   >>> predict = make_predict(config, eval_step, mesh)              # doctest: +SKIP
   >>> predict(state, data.x_test).shape                            # doctest: +SKIP
@@ -241,6 +267,8 @@ def build_train_step(config, data, mesh):
   """``(jitted_step, initial_state, batch_fn)`` for ``config`` on ``data`` over ``mesh``: the
   same wiring training runs (registry, optimiser, jitted step, initial state, input pipeline).
 
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
+
   >>> step, state, batch_fn = build_train_step(config, data, make_mesh())   # doctest: +SKIP
   """
   spe, *_, step, state = _parts(config, data, mesh)
@@ -249,6 +277,8 @@ def build_train_step(config, data, mesh):
 
 def build_run(config, data, mesh) -> Run:
   """All of a run's pieces for the loop (see :class:`Run`).
+
+  Not run as a doctest: it needs a loaded ``data`` (the module example runs this path).
 
   >>> run = build_run(config, data, make_mesh()); run.steps_per_epoch   # doctest: +SKIP
   7

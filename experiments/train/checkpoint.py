@@ -6,9 +6,16 @@ the loop adds (the metrics of a partly done epoch).  Restoring tries the newest 
 first and falls back to older ones, with a warning, when one is unreadable or fails its
 digest; a state of another shape (another method or model) is refused with a clear message.
 
-  >>> mgr = manager("runs/lt")                                     # doctest: +SKIP
-  >>> save(mgr, state, extra={"epoch_rows": []})                   # doctest: +SKIP
-  >>> state, extra = restore_latest(mgr, template_state)            # doctest: +SKIP
+  >>> import tempfile
+  >>> from lpa_jax.train.state import TrainState
+  >>> state = TrainState(step=jnp.int32(3), params={"w": jnp.ones(2)}, model_state={},
+  ...                    opt_state=(), act_state=(), logit_state=(), rng=jax.random.PRNGKey(0))
+  >>> mgr = manager(tempfile.mkdtemp())                            # e.g. manager("runs/lt")
+  >>> save(mgr, state, extra={"epoch_rows": []})
+  >>> template_state = state.replace(params={"w": jnp.zeros(2)})   # the structure to fill
+  >>> state, extra = restore_latest(mgr, template_state)
+  >>> int(state.step), state.params["w"].tolist(), extra
+  (3, [1.0, 1.0], {'epoch_rows': []})
 """
 from __future__ import annotations
 

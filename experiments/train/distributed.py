@@ -6,7 +6,8 @@ of the global batch that its own devices hold; :func:`host_array` assembles them
 global array.  The train step is jitted over that global batch, so class-level quantities
 (``δ_c``, class statistics, gradient means) are computed over all processes' examples, as on
 one host.  State, metrics and predictions are replicated; orbax checkpoints are written by all
-processes together, metrics and results by process 0 alone (:func:`is_main`).
+processes together, metrics and results by process 0 alone (:func:`is_main`).  Not run as a
+doctest (several processes, and a training run):
 
   >>> initialize("10.0.0.1:1234", num_processes=2, process_id=0)   # first   # doctest: +SKIP
   >>> results = train_and_evaluate(config, "runs/lt")   # on every process    # doctest: +SKIP
@@ -29,7 +30,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """Joins this process to the others (``jax.distributed.initialize``); call it before anything
   touches a JAX backend.  With no arguments JAX finds them itself on a TPU slice, under SLURM
   or Open MPI; on plain GPU hosts name the coordinator (process 0's ``host:port``), the number
-  of processes and this process's index.
+  of processes and this process's index.  Not run as a doctest: it needs the other processes.
 
   >>> initialize("localhost:1234", num_processes=2, process_id=1)   # doctest: +SKIP
   """
@@ -60,7 +61,8 @@ def host_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   only the slices its own devices hold (``jax.device_put`` of a host array cannot address
   another process's devices).
 
-  >>> host_array(np.arange(8), NamedSharding(make_mesh(), P("data"))).shape   # doctest: +SKIP
+  >>> from lpa_jax.train.step import make_mesh
+  >>> host_array(np.arange(8), NamedSharding(make_mesh(), P("data"))).shape
   (8,)
   """
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
@@ -69,7 +71,7 @@ def host_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def fetch(x: jax.Array) -> np.ndarray:
   """``x`` on this host as numpy; gathered from all processes when sharded across them.
 
-  >>> fetch(jnp.arange(3)).tolist()   # doctest: +SKIP
+  >>> fetch(jnp.arange(3)).tolist()
   [0, 1, 2]
   """
   if x.is_fully_addressable or x.is_fully_replicated:
@@ -82,7 +84,8 @@ def make_process_batch_fn(config, data, mesh, spe: int, epoch_perm: Callable) ->
   but each process reads only its devices' rows of the global batch from host memory.
 
   The global batch (indices ``perm[i]``, augmentation keys, normalisation) is the one a single
-  process would make, so 2 processes × 4 devices train exactly as 1 × 8.
+  process would make, so 2 processes × 4 devices train exactly as 1 × 8.  Not run as a
+  doctest: it needs a loaded ``data``.
 
   >>> batch_fn = make_process_batch_fn(config, data, mesh, 7, epoch_perm)   # doctest: +SKIP
   >>> batch_fn(state, 0, 0)["image"].shape   # the global batch             # doctest: +SKIP

@@ -52,6 +52,8 @@ def evaluate_task(predict, state, data, full: bool = True, predictions: dict | N
 
   ``predict(state, uint8_images) -> labels`` (see :func:`experiments.train.build.make_predict`).
 
+  Not run as a doctest: it needs a trained run and its data.
+
   >>> evaluate_task(run.predict, state, data)["test_accuracy"]   # doctest: +SKIP
   0.71
   """

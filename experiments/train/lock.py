@@ -6,8 +6,11 @@ dies, so a lock file left by a killed process is simply taken over (its stale re
 replaced).  Within one process the lock is re-entrant: a sweep that holds a run's work dir may
 call the loop on it, which takes the same lock again.
 
-  >>> with hold("runs/lt"):            # a second process here raises Busy  # doctest: +SKIP
-  ...   train(...)
+  >>> import tempfile
+  >>> workdir = tempfile.mkdtemp()     # e.g. "runs/lt"
+  >>> with hold(workdir):              # a second process here raises Busy
+  ...   sorted(holder(f"{workdir}/.lock"))
+  ['host', 'pid', 'started']
 """
 from __future__ import annotations
 

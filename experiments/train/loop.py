@@ -335,6 +335,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   Another process working in ``workdir`` makes it raise :class:`~experiments.train.lock.Busy`
   naming that process.
 
+  Not run as a doctest: it trains (minutes on a CPU) and needs the Fashion-MNIST data.
+
   >>> results = train_and_evaluate(get_config("quick"), "/tmp/lt_quick")   # doctest: +SKIP
   """
   t0 = time.time()

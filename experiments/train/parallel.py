@@ -10,7 +10,8 @@ checkpointed at the same steps.
 Resume: each run restores its newest usable checkpoint.  If those steps differ (a kill between
 two runs' saves, a corrupt checkpoint that fell back to an older one, a run continued alone),
 the runs behind are first brought up to the furthest one as separate runs, then the group
-continues as one program.  Either way every run's result is that of a separate run.
+continues as one program.  Either way every run's result is that of a separate run.  Not run
+as a doctest: it trains, on the data.
 
   >>> res = train_and_evaluate_parallel([c0, c1, c2], ["r/s0", "r/s1", "r/s2"])  # doctest: +SKIP
 """
@@ -54,8 +55,12 @@ def check_group(configs) -> None:
 def stack_states(states, mesh) -> TrainState:
   """K single-run states (same step) -> one K-run state, replicated over ``mesh``.
 
-  >>> stack_states([s0, s1, s2], mesh).params["Dense_0"]["kernel"].shape[0]   # doctest: +SKIP
-  3
+  >>> s0 = TrainState(step=jnp.int32(0), params={"Dense_0": {"kernel": jnp.ones((4, 8))}},
+  ...                 model_state={}, opt_state=(), act_state=(), logit_state=(),
+  ...                 rng=jax.random.PRNGKey(0))
+  >>> s1, s2 = s0.replace(rng=jax.random.PRNGKey(1)), s0.replace(rng=jax.random.PRNGKey(2))
+  >>> stack_states([s0, s1, s2], make_mesh()).params["Dense_0"]["kernel"].shape
+  (3, 4, 8)
   """
   fields = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *[getattr(s, name) for s in states])
             for name in _MAPPED}
@@ -65,8 +70,12 @@ def stack_states(states, mesh) -> TrainState:
 def unstack_state(state_K: TrainState, k: int) -> TrainState:
   """Run ``k`` of a K-run state, shaped as a separate run's state (same checkpoint layout).
 
-  >>> unstack_state(state_K, 1).step == state_K.step                      # doctest: +SKIP
-  True
+  >>> s0 = TrainState(step=jnp.int32(5), params={"w": jnp.zeros(2)}, model_state={},
+  ...                 opt_state=(), act_state=(), logit_state=(), rng=jax.random.PRNGKey(0))
+  >>> state_K = stack_states([s0, s0.replace(params={"w": jnp.ones(2)})], make_mesh())
+  >>> run1 = unstack_state(state_K, 1)
+  >>> int(run1.step), run1.params["w"].tolist()
+  (5, [1.0, 1.0])
   """
   fields = {name: jax.tree.map(lambda x: x[k], getattr(state_K, name)) for name in _MAPPED}
   return TrainState(step=state_K.step, **fields)
@@ -75,7 +84,8 @@ def unstack_state(state_K: TrainState, k: int) -> TrainState:
 def make_parallel_batch_fn(config, data, mesh, spe: int) -> Callable:
   """``(state_K, epoch, i, perm_KxSxB) -> batch_K``: each run's step ``epoch * spe + i`` batch
   from its own permutation and data key, as :func:`~experiments.train.build.make_batch_fn` makes
-  it for a separate run; ``[K, B, ...]``, sharded over ``'data'`` along B.
+  it for a separate run; ``[K, B, ...]``, sharded over ``'data'`` along B.  Not run as a
+  doctest: it needs a loaded ``data``.
 
   >>> batch_fn = make_parallel_batch_fn(config, data, mesh, 7)             # doctest: +SKIP
   >>> batch_K = batch_fn(state_K, 0, 0, perm_K)                           # doctest: +SKIP
@@ -100,6 +110,7 @@ def build_parallel(configs, data, mesh) -> loop.Group:
   """The :class:`~experiments.train.loop.Group` of K runs of one config (differing only by seed)
   trained as one program: one vmapped step, every state field but the step with a leading
   run axis (:func:`stack_states`), each run's batches from its own permutation and data key.
+  Not run as a doctest: it needs a loaded ``data``.
 
   >>> group = build_parallel([cfg0, cfg1], data, make_mesh())              # doctest: +SKIP
   >>> state_K = group.stack(group.init_states)                            # doctest: +SKIP
@@ -143,7 +154,8 @@ def train_and_evaluate_parallel(configs, workdirs, progress: bool = True,
 
   Arguments are those of :func:`experiments.train.loop.train_and_evaluate`, one config and work
   dir per run; ``fresh`` is one bool or one per run.  Each ``results.json`` records the run's
-  share of the group's wall time and ``parallel: {runs, group_wall_time_s}``.
+  share of the group's wall time and ``parallel: {runs, group_wall_time_s}``.  Not run as a
+  doctest: it trains, on the data.
 
   >>> res = train_and_evaluate_parallel([c0, c1], ["runs/s0", "runs/s1"])   # doctest: +SKIP
   >>> [r["test_accuracy"] for r in res]                                     # doctest: +SKIP

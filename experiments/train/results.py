@@ -1,6 +1,8 @@
 """A finished run's record: ``results.json``'s contents, the per-sample predictions beside it,
 and the code version every run records.
 
+  Not run as a doctest: it needs a finished run (its data, state and history).
+
   >>> res = final_results(config, run, data, state, best, workdir, wall, history)  # doctest: +SKIP
 """
 from __future__ import annotations

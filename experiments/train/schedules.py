@@ -10,8 +10,11 @@ def make_schedule(cfg, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
   """``cfg``: ``lr``, ``schedule`` (constant/step/cosine), ``warmup_epochs``, ``decay_epochs``
   and ``decay_factors`` (cumulative factors, e.g. epochs (160, 180) with factors (0.01, 1e-4)).
 
-  >>> make_schedule(ConfigDict(dict(lr=0.1, schedule="step", warmup_epochs=0,
+  >>> from ml_collections import ConfigDict
+  >>> lr = make_schedule(ConfigDict(dict(lr=0.1, schedule="step", warmup_epochs=0,
   ...     decay_epochs=(100, 150), decay_factors=(0.1, 0.01))), 391, 200)
+  >>> [round(float(lr(epoch * 391)), 6) for epoch in (0, 99, 100, 150)]
+  [0.1, 0.1, 0.01, 0.001]
   """
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")

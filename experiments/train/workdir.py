@@ -2,9 +2,16 @@
 
 Also the atomic JSON writer every "finished" file goes through (temp file + rename, no NaN).
 
-  >>> claim("runs/lt", config)            # first run: records the config       # doctest: +SKIP
-  >>> claim("runs/lt", other_config)      # ConfigMismatch naming the fields    # doctest: +SKIP
-  >>> claim("runs/lt", other_config, fresh=True)   # old run deleted  # doctest: +SKIP
+  >>> import tempfile
+  >>> workdir = tempfile.mkdtemp()                   # e.g. "runs/lt"
+  >>> config, other_config = {"optim": {"lr": 0.1}}, {"optim": {"lr": 0.05}}
+  >>> claim(workdir, config)            # first run: records the config
+  >>> claim(workdir, other_config)      # ConfigMismatch naming the fields
+  Traceback (most recent call last):
+  experiments.train.workdir.ConfigMismatch: Work dir ... holds a run of a different config:
+    optim.lr: 0.1 (recorded) -> 0.05 (now)
+  Use another --workdir, or pass --fresh to delete that run and start afresh here.
+  >>> claim(workdir, other_config, fresh=True)   # old run deleted
 """
 from __future__ import annotations
 
@@ -73,8 +80,12 @@ def replaced_atomically(path: str):
   one, never one cut short.  The name is one :func:`remove_leftovers` cleans up after a kill;
   a writer that picks the format by the extension must be told it (``format="png"``).
 
-  >>> with replaced_atomically("/tmp/report.md") as tmp:                 # doctest: +SKIP
-  ...   open(tmp, "w").write(text)
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), "report.md")   # e.g. "runs/lt/report.md"
+  >>> with replaced_atomically(path) as tmp:
+  ...   _ = open(tmp, "w").write("# Report")
+  >>> open(path).read(), os.listdir(os.path.dirname(path))
+  ('# Report', ['report.md'])
   """
   tmp = f"{path}.tmp{os.getpid()}"
   try:

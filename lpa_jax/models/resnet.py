@@ -3,6 +3,7 @@
 Points, bottom to top: ``stem``, then per stage ``stageS.block0 … stageS.block{n-1}, stageS``
 (the stage output is its last block's output), then ``features, logits``:
 
+>>> from lpa_jax.models import get_model
 >>> get_model("resnet20", 10).points[:5]
 ('stem', 'stage1.block0', 'stage1.block1', 'stage1.block2', 'stage1')
 """

@@ -3,9 +3,14 @@
 Every model in :mod:`lpa_jax.models` is a Linen module whose ``__call__`` takes
 ``start`` and ``stop`` point names, so that one network can be cut at any point:
 
->>> model = get_model("resnet32", num_classes=10)
->>> act = model.apply(variables, x, train=True, stop="stage3", mutable=["batch_stats"])[0]
->>> logits = model.apply(variables, act, train=True, start="stage3", mutable=["batch_stats"])[0]
+>>> from lpa_jax.models import get_model
+>>> model = get_model("mlp", num_classes=3, widths=(8, 8))     # points hidden1, hidden2, logits
+>>> x = jnp.ones((8, 2, 2, 1))
+>>> variables = model.init(jax.random.key(0), x)
+>>> act = model.apply(variables, x, train=True, stop="hidden1", mutable=["batch_stats"])[0]
+>>> logits = model.apply(variables, act, train=True, start="hidden1", mutable=["batch_stats"])[0]
+>>> act.shape, bool(jnp.allclose(logits, model.apply(variables, x)))
+((8, 8), True)
 
 Running from ``start`` never builds the layers below it, so it costs only the FLOPs above the
 point.  At each point the activation is also routed through Linen's :meth:`Module.perturb`
@@ -24,6 +29,8 @@ change; activations at the points are in ``dtype``; the logits are float32 (floa
 ``float64``):
 
 >>> model = get_model("resnet32", 10, dtype="bfloat16")   # a string from a config is fine
+>>> model.dtype
+dtype(bfloat16)
 
 ``float64`` is for numerical checks on the CPU and needs ``jax_enable_x64`` (refused without
 it, rather than silently computing in float32); each layer then casts its parameters to float64,
@@ -93,7 +100,16 @@ def intervene(module: nn.Module, name: str, act: jnp.ndarray) -> jnp.ndarray:
   and ``init`` creates none (so variables hold no batch-shaped zeros); get a zero template with
   ``model.apply(variables, x, mutable=["perturbations"])[1]``.
 
-  >>> h = intervene(self, "stage2", h)   # inside a module's __call__: a point named stage2
+  >>> class Net(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     h = intervene(self, "hidden", nn.relu(nn.Dense(8)(x)))   # a point named hidden
+  ...     return nn.Dense(3)(h)
+  >>> x = jnp.ones((8, 4))
+  >>> params = Net().init(jax.random.key(0), x)["params"]
+  >>> _, state = Net().apply({"params": params}, x, mutable=["intermediates"])
+  >>> state["intermediates"]["hidden"][0].shape
+  (8, 8)
   """
   module.sow("intermediates", name, act)
   if module.is_initializing():
@@ -107,9 +123,18 @@ def run_stages(module: nn.Module, layers: Sequence[Layer], x, train: bool,
                start: str | None, stop: str | None):
   """Runs ``layers`` (name, fn(h, train)) from just above ``start`` up to and including ``stop``.
 
-  >>> layers = [("stage1", block1), ("stage2", block2), ("logits", head)]
-  >>> act = run_stages(self, layers, x, train, start=None, stop="stage1")   # below stage2
-  >>> logits = run_stages(self, layers, act, train, start="stage1", stop=None)
+  >>> class Net(nn.Module):   # each layer named: from ``start`` up, only those above are built
+  ...   @nn.compact
+  ...   def __call__(self, x, train=False, start=None, stop=None):
+  ...     layers = [("stage1", lambda h, train: nn.relu(nn.Dense(8, name="stage1_layer")(h))),
+  ...               ("logits", lambda h, train: nn.Dense(3, name="logits_layer")(h))]
+  ...     return run_stages(self, layers, x, train, start, stop)
+  >>> x = jnp.ones((8, 4))
+  >>> variables = {"params": Net().init(jax.random.key(0), x)["params"]}
+  >>> act = Net().apply(variables, x, stop="stage1")          # the activation at stage1
+  >>> logits = Net().apply(variables, act, start="stage1")    # the layers above it
+  >>> act.shape, bool(jnp.allclose(logits, Net().apply(variables, x)))
+  ((8, 8), True)
   """
   names = [n for n, _ in layers]
   check_point(start, names, "start")
@@ -221,7 +246,11 @@ class CosineHead(nn.Module):
   The norms are taken in float32 (a ``B×D`` and a ``D×C`` array: no cost worth saving), the
   product runs on ``dtype`` operands with float32 accumulation, and the cosines are float32.
 
-  >>> CosineHead(10).apply(variables, features_BxD)   # every entry in [-1, 1]
+  >>> h_BxD = jnp.ones((8, 8))
+  >>> variables = CosineHead(3).init(jax.random.key(0), h_BxD)
+  >>> z_BxC = CosineHead(3).apply(variables, h_BxD)
+  >>> z_BxC.shape, bool((jnp.abs(z_BxC) <= 1.0).all())   # every entry in [-1, 1]
+  ((8, 3), True)
   """
   num_classes: int
   dtype: Any = jnp.float32
@@ -242,7 +271,12 @@ def make_head(num_classes: int, head: str = "linear", dtype: Any = jnp.float32):
   Its operands are in the compute ``dtype``; the logits are float32 (accumulated in float32,
   then cast, so even a float16 product is safe for the loss; float64 stays float64).
 
-  >>> make_head(10, "linear", "bfloat16")(features_BxD, True).dtype   # doctest: +SKIP
+  >>> class Head(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, h):
+  ...     return make_head(3, "linear", "bfloat16")(h, True)
+  >>> h_BxD = jnp.ones((8, 8))
+  >>> Head().apply(Head().init(jax.random.key(0), h_BxD), h_BxD).dtype
   dtype('float32')
   """
   if head not in HEADS:

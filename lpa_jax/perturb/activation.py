@@ -5,8 +5,14 @@ Mixup pairs samples (and mixes their targets), the adversarial feature perturbat
 each sample's loss, Deep Augmentation swaps in a dropped-out or PCA-projected activation.  All
 are active only when ``train=True`` and report the same per-class diagnostics as LPA.
 
+>>> from lpa_jax.perturb import dropout
+>>> act_BxD, labels_B = jnp.ones((8, 8)), jnp.arange(8) % 3
+>>> upper = lambda a_BxD: a_BxD @ jnp.ones((8, 3))   # the layers above the point
 >>> method = dropout(rate=0.1)
+>>> rng = jax.random.key(0)
 >>> out = method.apply(method.init(), act_BxD, labels=labels_B, upper=upper, rng=rng)
+>>> np.unique(np.asarray(out.x).round(3))   # a ⊙ m/(1−p), m ~ Bernoulli(1−p)
+array([0.   , 1.111], dtype=float32)
 """
 from __future__ import annotations
 
@@ -109,8 +115,16 @@ def input_cut(top: Cut) -> Cut:
   """A pseudo-cut at the network input (Manifold Mixup's layer 0): ``lower`` is the identity;
   ``top`` is the network cut at its logits.
 
-  >>> top = cut_linen(model, "head", input_shape=(32, 32, 3))        # the logits' module
-  >>> mixup = manifold_mixup([input_cut(top), cut_linen(model, "block1", input_shape=(32, 32, 3))])
+  >>> from lpa_jax.perturb import cut_linen
+  >>> class Net(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x, train=False):
+  ...     return nn.Dense(3, name="head")(nn.relu(nn.Dense(8, name="block1")(x)))
+  >>> model = Net()
+  >>> top = cut_linen(model, "head", input_shape=(4,))        # the logits' module
+  >>> mixup = manifold_mixup([input_cut(top), cut_linen(model, "block1", input_shape=(4,))])
+  >>> mixup.level
+  'network'
   """
   def upper(variables, x, train, extra=None, **kw):
     return full_apply(top, variables, x, train, **kw)
@@ -130,7 +144,13 @@ def manifold_mixup(cuts: Sequence[Cut], alpha: float = 2.0, select: str = "auto"
   ``aux['mix_point']`` is the index of the drawn point.  ``clean_pass``: one extra
   no-gradient pass for the clean logits (diagnostics, class statistics), shared by all points.
 
-  >>> m = manifold_mixup([input_cut(top), cut_staged(model, "stage1")], alpha=2.0)
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb import cut_staged
+  >>> model = get_model("mlp", 3, widths=(8,))
+  >>> top = cut_staged(model, "logits")
+  >>> m = manifold_mixup([input_cut(top), cut_staged(model, "hidden1")], alpha=2.0)
+  >>> m.level   # run it with perturbed_apply(m, None, m.init(), variables, x, labels, rng)
+  'network'
   """
   if not cuts:
     raise ValueError("manifold_mixup.points must name at least one point")

@@ -11,6 +11,9 @@ epoch in ``M``, and nothing otherwise.  The first candidate is active until the 
 
 The forward returns its updated state (the accumulated scores) explicitly, like every method.
 
+>>> from lpa_jax.models import get_model
+>>> from lpa_jax.perturb import cut_staged, lpa, lpa_adaptive
+>>> model = get_model("cnn", 10, widths=(8, 16, 32))
 >>> method = lpa_adaptive([(lpa(10), cut_staged(model, p)) for p in ("stage2", "stage3")],
 ...                       every=5)
 """
@@ -58,6 +61,10 @@ def lpa_adaptive(candidates: Sequence[tuple[Perturbation, Cut]], every: int,
   Returns a network-level perturbation (it runs the network at the active point): call it
   through ``perturbed_apply(m, None, state, variables, x, labels, rng)``.
 
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb import cut_staged, lpa
+  >>> model = get_model("cnn", 10, widths=(8, 16, 32))
+  >>> cut1, cut2 = cut_staged(model, "stage2"), cut_staged(model, "stage3")
   >>> m = lpa_adaptive([(lpa(10, depth=2), cut1), (lpa(10, depth=1), cut2)], every=10)
   >>> int(m.init().index)
   0

@@ -341,8 +341,13 @@ def chain(*members: Perturbation) -> Perturbation:
   :func:`~lpa_jax.perturb.place.perturbed_apply`, whose PGD follows the loss of the logit
   members after it.  ``chain()`` is :func:`identity` and ``chain(p)`` is ``p``.
 
-  >>> p = chain(logit_adjust(counts), lpl(10, split="longtail", class_counts=counts))
-  >>> out = p.apply(p.init(), logits, labels=y, step=0)   # Out(x=logits to train on, ...)
+  >>> from lpa_jax.perturb import logit_adjust, lpl
+  >>> counts = [500, 50, 5]
+  >>> p = chain(logit_adjust(counts), lpl(3, split="longtail", class_counts=counts))
+  >>> logits, y = jnp.zeros((2, 3)), jnp.array([0, 2])
+  >>> out = jax.jit(p.apply)(p.init(), logits, labels=y, step=0)   # Out(x=logits to train on...)
+  >>> out.x.shape, len(out.state)
+  ((2, 3), 2)
   """
   _check_members(members)
   if not members:
@@ -393,7 +398,12 @@ def pgd_loss_of(logit: Perturbation, state, labels_B, targets_BxC, step) -> Call
   """The training loss as PGD must follow it: ``(logits, targets) -> w_B · ℓ(logit(z), t)``
   (used by :func:`~lpa_jax.perturb.place.perturbed_apply`; no user code needs it).
 
-  >>> loss_fn = pgd_loss_of(ldam(counts, normalized_head=True), (), y, t, step)
+  >>> from lpa_jax.perturb import ldam
+  >>> y = jnp.array([0, 1])
+  >>> t = jax.nn.one_hot(y, 2)
+  >>> loss_fn = pgd_loss_of(ldam([90, 10], normalized_head=True, drw=False), (), y, t, 0)
+  >>> np.asarray(loss_fn(jnp.zeros((2, 2)), t)).round(2)   # the rare class's margin is larger
+  array([ 8.66, 15.  ], dtype=float32)
   """
   fn = logit.loss_apply or logit.apply
 

@@ -1,8 +1,14 @@
 """Per-class diagnostics shared by every activation method, and the check that stops a run
 when one of them (or a class statistic, radius or δ) is not finite.
 
->>> aux = perturbation_diagnostics(new_act, act, labels_B, C, clean_logits, logits, targets)
->>> check_finite(jax.device_get(aux), step=12, method="lpa", point="stage3")
+>>> act, labels_B = jnp.ones((2, 3)), jnp.array([0, 1])
+>>> new_act = act.at[0, 1].add(1.0)                  # δ on example 0 (class 0): raises logit 1
+>>> logits, clean_logits = new_act @ jnp.eye(3, 2), act @ jnp.eye(3, 2)
+>>> targets = jax.nn.one_hot(labels_B, 2)
+>>> aux = perturbation_diagnostics(new_act, act, labels_B, 2, clean_logits, logits, targets)
+>>> np.asarray(aux["delta_norm_C"]).round(3), np.asarray(aux["loss_change_C"]).round(3)
+(array([1., 0.], dtype=float32), array([0.62, 0.  ], dtype=float32))
+>>> check_finite(jax.device_get(aux), step=12, method="lpa", point="stage3")   # all finite
 """
 from __future__ import annotations
 
@@ -90,7 +96,7 @@ def check_finite(aux: dict, step: int | None = None, method: str = "the activati
 
   >>> check_finite({"invalid_labels": np.float32(2), "present_C": np.ones(10)}, step=3)
   Traceback (most recent call last):
-  ValueError: the batch at step 3 has 2 label(s) outside [0, 10) ...
+  ValueError: the batch at step 3 has 2 label(s) outside [0, 10): labels must be 0-indexed ...
   """
   check_label_count(aux, step)
   bad = nonfinite_classes(aux, names)

@@ -385,9 +385,19 @@ def cut_linen(model: nn.Module, path: PathLike, *,
       on the placeholder as dead code, and an effect there (``jax.debug.callback``) runs in
       every ``upper`` call, ``T + 2`` times per LPA step.
 
-  >>> cut = cut_linen(TheirResNet(), "layer3", input_shape=x.shape[1:])
+  >>> class TheirNet(nn.Module):             # a model you did not write: no named points
+  ...   @nn.compact
+  ...   def __call__(self, x, train=False):
+  ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+  ...     x = nn.relu(nn.Dense(8, name="layer3")(x))
+  ...     return nn.Dense(3)(x)
+  >>> x, key = jnp.ones((8, 4)), jax.random.key(0)
+  >>> variables = TheirNet().init(key, x)
+  >>> cut = cut_linen(TheirNet(), "layer3", input_shape=x.shape[1:])
   >>> act, st = cut.lower(variables, x, True, rng=key)
   >>> logits, st2 = cut.upper({**variables, **st}, act, True, rng=key)
+  >>> act.shape, logits.shape, list(st)
+  ((8, 8), (8, 3), ['batch_stats'])
   """
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_linen")
@@ -443,7 +453,13 @@ def reseed_nnx(model: nnx.Module, rng) -> None:
   of tag ``t`` as ``nnx.reseed`` does from ``fold_in(rng, crc32(t))`` (distinct tags never
   share a key; the streams of one tag get successive keys), counts reset to zero.
 
+  >>> model = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+  >>> key, step = jax.random.key(0), 3
   >>> reseed_nnx(model, jax.random.fold_in(key, step))
+  >>> mask = model(jnp.ones(8))
+  >>> reseed_nnx(model, jax.random.fold_in(key, step))
+  >>> bool((model(jnp.ones(8)) == mask).all())   # the same key: the same dropout masks
+  True
   """
   tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)}
                 - {"params"})
@@ -493,8 +509,11 @@ def nnx_functional(model: nnx.Module) -> tuple[Callable, dict]:
   ``TraceContextError`` under ``jax.grad`` / ``lax.fori_loop``.  Write trained values back
   with ``nnx.update(model, params, *model_state.values())`` (any set of collections).
 
+  >>> model, x = nnx.Linear(4, 8, rngs=nnx.Rngs(0)), jnp.ones((8, 4))
   >>> apply_fn, variables = nnx_functional(model)
   >>> logits, state = jax.jit(apply_fn, static_argnums=2)(variables, x, True)
+  >>> logits.shape, list(variables)
+  ((8, 8), ['params'])
   """
   graphdef, variables = _split(model)
 
@@ -586,9 +605,21 @@ def cut_nnx(model: nnx.Module | nnx.GraphDef, path: PathLike, *,
   NNX's own ``Module.perturb`` / ``nnx.capture`` need a ``self.perturb`` call written into
   the model, and still run the layers below it, so they cannot cut a model you did not write.
 
+  >>> from lpa_jax.perturb.hooks import full_apply
+  >>> class Net(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.blocks = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)])
+  ...     self.head = nnx.Linear(8, 3, rngs=rngs)
+  ...   def __call__(self, x):
+  ...     for block in self.blocks:
+  ...       x = nnx.relu(block(x))
+  ...     return self.head(x)
+  >>> model, x = Net(nnx.Rngs(0)), jnp.ones((8, 4))
   >>> apply_fn, variables = nnx_functional(model)
   >>> cut = cut_nnx(model, "blocks/1", input_shape=x.shape[1:])
   >>> logits, st = full_apply(cut, variables, x, True)
+  >>> bool(jnp.allclose(logits, model(x)))   # lower + upper: the model's forward
+  True
   """
   target = _parse_path(path)
   shape, dtype = _input_spec(input_shape, input_dtype, "cut_nnx")

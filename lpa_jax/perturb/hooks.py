@@ -87,9 +87,15 @@ def cut_staged(model: nn.Module, point: str, rng_names: Sequence[str] = ("dropou
 
   ``rng_names``: the model's random streams, seeded from the halves' ``rng`` in train mode.
 
-  >>> cut = cut_staged(get_model("resnet32", 10), "stage3")
+  >>> from lpa_jax.models import get_model
+  >>> model = get_model("mlp", 3, widths=(8, 8))
+  >>> x, key = jnp.ones((8, 2, 2, 1)), jax.random.key(0)
+  >>> variables = model.init(key, x)
+  >>> cut = cut_staged(model, "hidden1")
   >>> act, st = cut.lower(variables, x, True, rng=key)
   >>> logits, st = cut.upper({**variables, **st}, act, True, rng=key)
+  >>> act.shape, logits.shape
+  ((8, 8), (8, 3))
   """
   points = model.points
   check_point(point, points)
@@ -119,7 +125,13 @@ def cut_staged(model: nn.Module, point: str, rng_names: Sequence[str] = ("dropou
 def full_apply(cut: Cut, variables: Variables, x, train: bool, rng=None):
   """Plain forward pass through both halves (one key for both); ``(logits, new_state)``.
 
-  >>> logits, st = full_apply(cut_staged(model, "stage2"), variables, x, True, rng=key)
+  >>> from lpa_jax.models import get_model
+  >>> model = get_model("mlp", 3, widths=(8, 8))
+  >>> x, key = jnp.ones((8, 2, 2, 1)), jax.random.key(0)
+  >>> variables = model.init(key, x)
+  >>> logits, st = full_apply(cut_staged(model, "hidden2"), variables, x, True, rng=key)
+  >>> bool(jnp.allclose(logits, model.apply(variables, x)))   # the model's own forward
+  True
   """
   act, st = cut.lower(variables, x, train, rng=rng)
   logits, st2 = cut.upper({**variables, **st}, act, train, rng=rng)

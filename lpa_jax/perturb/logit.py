@@ -8,10 +8,16 @@ evaluation logits (post-hoc logit adjustment); ``refresh`` re-splits classes, on
 Each factory takes hyper-parameters only (no run ``Context``); combine them with
 :func:`~lpa_jax.perturb.base.chain`:
 
+>>> from lpa_jax.perturb import chain, logit_adjust, lpl
+>>> counts = np.array([500, 50, 5])                   # training examples per class
+>>> logits, y = jnp.zeros((4, 3)), jnp.array([0, 1, 2, 0])
 >>> method = chain(logit_adjust(counts, tau=1.0),
-...                lpl(10, class_counts=counts, split="longtail", alpha=0.15, steps=20))
->>> out = method.apply(state, logits, labels=y, step=step)   # out.x, out.weights_B, out.state
+...                lpl(3, class_counts=counts, split="longtail", alpha=0.15, steps=20))
+>>> state = method.init()
+>>> out = jax.jit(method.apply)(state, logits, labels=y, step=0)   # out.x, .weights_B, .state
 >>> state = method.refresh(out.state)                 # at the end of an epoch
+>>> out.x.shape
+(4, 3)
 """
 from __future__ import annotations
 
@@ -117,7 +123,11 @@ def lpl(num_classes: int, *, split: str = "balanced", alpha: float = 0.005, step
     class_counts: training count of each class (needed by ``split='longtail'``).
 
   >>> m = lpl(10, split="balanced", alpha=0.005, steps=20)
+  >>> counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]   # CIFAR-10-LT
   >>> m = lpl(10, split="longtail", class_counts=counts, alpha=0.15)
+  >>> out = m.apply(m.init(), jnp.zeros((2, 10)), labels=jnp.array([0, 9]))
+  >>> out.x.shape, m.level
+  ((2, 10), 'logit')
   """
   num_classes = check_num_classes("lpl", num_classes)
   class_counts = check_class_counts("lpl", class_counts, num_classes, required=False)
@@ -156,7 +166,9 @@ def logit_adjust(class_counts, *, tau: float = 1.0, mode: str = "loss") -> Pertu
     tau: the temperature ``τ``.
     mode: ``'loss'`` or ``'posthoc'``.
 
-  >>> m = logit_adjust(counts, tau=1.0, mode="posthoc")
+  >>> m = logit_adjust([90, 10], tau=1.0, mode="posthoc")
+  >>> np.asarray(m.predict(m.init(), jnp.zeros((1, 2)))).round(3)   # z − τ log π
+  array([[0.105, 2.303]], dtype=float32)
   """
   class_counts = check_class_counts("logit_adjust", class_counts)
   check_finite_params("logit_adjust", tau=tau)
@@ -263,8 +275,14 @@ def ldam(class_counts, *, normalized_head: bool = False, max_margin: float = 0.5
   ``predict`` is the plain cosine (no margin and no scale at test time; the scale would not
   change the ranking).
 
+  >>> from lpa_jax.models import get_model
   >>> model = get_model("resnet32", 10, head="cosine")
+  >>> counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]   # CIFAR-10-LT
   >>> m = ldam(counts, normalized_head=True, num_epochs=200, steps_per_epoch=391)
+  >>> out = m.apply(m.init(), jnp.zeros((2, 10)), labels=jnp.array([0, 9]), step=0)
+  >>> np.asarray(out.x)[:, [0, 9]].round(1)   # s·(cos − m_y): the rare class's margin is 0.5
+  array([[ -4.7,   0. ],
+         [  0. , -15. ]], dtype=float32)
   """
   _check_ldam(normalized_head, max_margin, scale, drw_beta)
   class_counts = check_class_counts("ldam", class_counts)

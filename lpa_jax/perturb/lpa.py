@@ -215,8 +215,13 @@ def lpa(num_classes: int, split: str = "balanced", eps: float = 0.1, delta_eps: 
     ``delta(state, upper, act, labels) -> δ_CxD``, ``radii(state, act, labels) -> ε_C``,
     ``accumulate(state, clean_logits, labels) -> state`` and ``extra_points``.
 
-  >>> method = lpa(10, split="all_positive", eps=0.5)
-  >>> out = method.apply(method.init(), act_BxD, labels=labels_B, upper=upper)
+  >>> method = lpa(3, split="all_positive", eps=0.5)
+  >>> act_BxD, labels_B = jnp.ones((8, 8)), jnp.arange(8) % 3
+  >>> upper = lambda a_BxD: a_BxD @ jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)   # layers above
+  >>> apply = jax.jit(method.apply, static_argnames="upper")
+  >>> out = apply(method.init(), act_BxD, labels=labels_B, upper=upper)
+  >>> np.asarray(jnp.linalg.norm(out.x - act_BxD, axis=1)).round(3)   # ‖δ_y‖ = ε, loss ascended
+  array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=float32)
   """
   num_classes = check_num_classes("lpa", num_classes)
   check_class_counts("lpa", class_counts, num_classes, required=False)

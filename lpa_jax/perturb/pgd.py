@@ -89,7 +89,16 @@ def class_pgd(loss_fn: Callable, tables0: dict, count_C: jax.Array, sign_C: jax.
     unroll: unroll the (static, short) PGD loop; the result is the same either way.
     grad_norm: also return ``‖g_c‖`` at ``δ = 0`` (see above).
 
-  >>> tables, clean = class_pgd(loss_fn, {"stage3": zeros_CxHxWxD}, n_C, s_C, {"stage3": e_C}, 3)
+  >>> act_BxD, y_B = jnp.ones((3, 2)), jnp.array([0, 1, 1])
+  >>> def loss_fn(tables):                   # summed loss, aux: here ‖a + δ[y]‖² per example
+  ...   z_BxD = act_BxD + tables["p"][y_B]
+  ...   return jnp.sum(z_BxD ** 2), z_BxD
+  >>> n_C, s_C, e_C = jnp.array([1.0, 2.0]), jnp.array([1.0, -1.0]), jnp.array([0.1, 0.1])
+  >>> pgd = jax.jit(class_pgd, static_argnums=(0, 5))     # loss_fn and the steps are static
+  >>> tables, clean = pgd(loss_fn, {"p": jnp.zeros((2, 2))}, n_C, s_C, {"p": e_C}, 3)
+  >>> np.asarray(tables["p"]).round(4)       # class 0 ascends the loss, class 1 descends it
+  array([[ 0.0707,  0.0707],
+         [-0.0707, -0.0707]], dtype=float32)
   """
   present_C = count_C > 0
   inv_n_C = 1.0 / jnp.maximum(count_C, 1.0)

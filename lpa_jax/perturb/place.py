@@ -69,9 +69,20 @@ def perturbed_apply(perturb: Perturbation, cut: Cut | None, state, variables: di
     ``logits_BxC``: the logits trained on), ``targets_BxC`` (mixed by mixing methods),
     ``state``, ``model_state``, ``clean_logits`` (if known) and the diagnostics ``aux``.
 
-  >>> out = perturbed_apply(chain(lpa(10, eps=0.05), lpl(10)), cut, pstate, variables, x, y,
-  ...                       rng)
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb import chain, cut_staged, lpa, lpl
+  >>> model = get_model("mlp", 3, widths=(8,))
+  >>> x, y, rng = jnp.ones((8, 2, 2, 1)), jnp.arange(8) % 3, jax.random.key(0)
+  >>> variables = model.init(rng, x)
+  >>> perturb, cut = chain(lpa(3, eps=0.05), lpl(3)), cut_staged(model, "hidden1")
+  >>> pstate = perturb.init()
+  >>> @jax.jit                               # inside your jitted train step
+  ... def forward(variables, pstate, x, y, rng):
+  ...   return perturbed_apply(perturb, cut, pstate, variables, x, y, rng)
+  >>> out = forward(variables, pstate, x, y, rng)
   >>> loss, pstate = out.loss, out.state
+  >>> loss.shape, out.x.shape
+  ((), (8, 3))
   """
   if isinstance(state, nnx.Variable):  # NNX style: the state object is updated in place
     out = perturbed_apply(perturb, cut, state.get_value(), variables, x, labels_B, rng, train,
@@ -161,8 +172,20 @@ def apply_at(method: Perturbation, cut: Cut, state, variables: dict, x, labels_B
       is ``None``.
     extra_shapes: ``{point: per-example shape}`` at a multi-layer method's extra points.
 
-  >>> fwd = apply_at(mix(0.2), cut, (), variables, x, y, rng, clean_logits=clean,
-  ...                clean_pass=False)   # Manifold Mixup's branches share one clean pass
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb.activation import dropout
+  >>> from lpa_jax.perturb.hooks import cut_staged, full_apply
+  >>> model = get_model("mlp", 3, widths=(8,))
+  >>> x, y, rng = jnp.ones((8, 2, 2, 1)), jnp.arange(8) % 3, jax.random.key(0)
+  >>> variables = model.init(rng, x)
+  >>> cut = cut_staged(model, "hidden1")
+  >>> @jax.jit
+  ... def branch(variables, x, y, rng, clean):   # the clean logits are known: no extra pass
+  ...   return apply_at(dropout(0.2), cut, (), variables, x, y, rng, clean_logits=clean,
+  ...                   clean_pass=False)      # (Manifold Mixup's branches share one)
+  >>> fwd = branch(variables, x, y, rng, full_apply(cut, variables, x, True)[0])
+  >>> fwd.x.shape, fwd.targets_BxC.shape   # logits, targets
+  ((8, 3), (8, 3))
   """
   act, st = cut.lower(variables, x, train, **_rng_kw(rng))
   up_vars = {**variables, **st}
@@ -201,8 +224,16 @@ def place(method: Perturbation, cut: Cut, shape_of: Callable | None = None,
   shapes at a multi-layer method's extra points (abstract evaluation: no FLOPs at run time).
   ``clean_pass``, ``diagnostics``: see :func:`apply_at`.
 
-  >>> placed = place(lpa(10, split="all_positive", eps=0.5), cut_staged(model, "stage3"))
-  >>> out = perturbed_apply(placed, None, placed.init(), variables, x, y, rng)
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb import cut_staged, lpa
+  >>> model = get_model("mlp", 3, widths=(8,))
+  >>> x, y, rng = jnp.ones((8, 2, 2, 1)), jnp.arange(8) % 3, jax.random.key(0)
+  >>> variables = model.init(rng, x)
+  >>> placed = place(lpa(3, split="all_positive", eps=0.5), cut_staged(model, "hidden1"))
+  >>> forward = jax.jit(lambda v, s, x, y, rng: perturbed_apply(placed, None, s, v, x, y, rng))
+  >>> out = forward(variables, placed.init(), x, y, rng)
+  >>> placed.level, np.asarray(out.aux["delta_norm_C"]).round(3)   # ‖δ_c‖ = ε
+  ('network', array([0.5, 0.5, 0.5], dtype=float32))
   """
   if method.level != "activation" and not method.info.get("identity"):
     raise TypeError(f"place: a {method.level}-level perturbation has no point to be placed at")

@@ -62,8 +62,20 @@ def make_train_step(act: Perturbation, logit: Perturbation, tx: optax.GradientTr
   weights.  ``batch`` is ``{'image': float inputs, 'label': int labels}``.  See
   :func:`jit_train_step`.
 
-  >>> step = jit_train_step(make_train_step(act, logit, optax.sgd(0.1), cfg), make_mesh())
-  >>> state, metrics = step(state, {"image": x, "label": y})   # doctest: +SKIP
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb import cut_staged, identity, lpa, place
+  >>> model = get_model("mlp", 3, widths=(8,))
+  >>> x, y = jnp.ones((8, 2, 2, 1)), jnp.arange(8) % 3
+  >>> params = model.init(jax.random.key(0), x)["params"]
+  >>> act = place(lpa(3, split="all_positive", eps=0.1), cut_staged(model, "hidden1"))
+  >>> logit, tx, cfg = identity(), optax.sgd(0.1), StepConfig(steps_per_epoch=10, num_classes=3)
+  >>> state = TrainState(step=jnp.int32(0), params=params, model_state={},
+  ...                    opt_state=tx.init(params), act_state=act.init(),
+  ...                    logit_state=logit.init(), rng=jax.random.PRNGKey(0))
+  >>> step = jit_train_step(make_train_step(act, logit, tx, cfg), make_mesh())
+  >>> state, metrics = step(state, {"image": x, "label": y})
+  >>> int(state.step), metrics["loss"].shape
+  (1, ())
   """
   if act.level != "network":
     raise TypeError(f"make_train_step: act must be placed at its point (place(method, cut), "
@@ -128,9 +140,25 @@ def jit_parallel_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   accelerators: on XLA:CPU vmapped convolutions with per-run kernels become grouped
   convolutions, several times slower than K plain ones (dense layers gain there too).
 
-  >>> step_fn = make_train_step(act, logit, tx, cfg)                      # doctest: +SKIP
-  >>> step_K = jit_parallel_train_step(step_fn, make_mesh())              # doctest: +SKIP
-  >>> state_K, metrics_K = step_K(state_K, batch_K)   # loss: shape (K,)   # doctest: +SKIP
+  >>> from lpa_jax.models import get_model
+  >>> from lpa_jax.perturb import cut_staged, identity, lpa, place
+  >>> model = get_model("mlp", 3, widths=(8,))
+  >>> x, y = jnp.ones((8, 2, 2, 1)), jnp.arange(8) % 3
+  >>> act = place(lpa(3, split="all_positive", eps=0.1), cut_staged(model, "hidden1"))
+  >>> logit, tx, cfg = identity(), optax.sgd(0.1), StepConfig(steps_per_epoch=10, num_classes=3)
+  >>> def state_of(seed):                    # one run's state
+  ...   params = model.init(jax.random.key(seed), x)["params"]
+  ...   return TrainState(step=jnp.int32(0), params=params, model_state={},
+  ...                     opt_state=tx.init(params), act_state=act.init(),
+  ...                     logit_state=logit.init(), rng=jax.random.PRNGKey(seed))
+  >>> runs = [state_of(0), state_of(1)]      # K = 2 runs, stacked on a leading axis
+  >>> state_K = jax.tree.map(lambda *a: jnp.stack(a), *runs).replace(step=jnp.int32(0))
+  >>> batch_K = {"image": jnp.stack([x, x]), "label": jnp.stack([y, y])}
+  >>> step_fn = make_train_step(act, logit, tx, cfg)
+  >>> step_K = jit_parallel_train_step(step_fn, make_mesh())
+  >>> state_K, metrics_K = step_K(state_K, batch_K)
+  >>> metrics_K["loss"].shape                # one loss per run
+  (2,)
   """
   step_K = jax.vmap(step_fn, in_axes=(PARALLEL_AXES, 0), out_axes=(PARALLEL_AXES, 0))
   rep = NamedSharding(mesh, P())
