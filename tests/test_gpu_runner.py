@@ -211,3 +211,18 @@ def test_jpeg_encoded_file_is_exact_smaller_and_corrects_any_difference(tmp_path
     load_portable(path)
   with pytest.raises(ValueError, match="2 JPEG files for 30 images"):
     save_portable(data, path, jpegs={"x_train": jpegs["x_train"][:2]})
+
+
+def test_portable_file_from_int64_labels_loads_and_verifies(tmp_path):
+  import dataclasses
+  data = _tiny_task(np.random.default_rng(2))
+  wide = dataclasses.replace(data, y_train=data.y_train.astype(np.int64),
+                             y_test=data.y_test.astype(np.int64))
+  path = str(tmp_path / "task.npz")
+  save_portable(wide, path)
+  back = load_portable(path)                     # the checksum covers the stored int32 labels
+  np.testing.assert_array_equal(back.y_train, data.y_train)
+  assert back.y_train.dtype == np.int32
+  for bad in (data.y_train.astype(np.float32), data.y_train - 1):   # float; a label of -1
+    with pytest.raises(ValueError, match="y_train must hold integer class ids"):
+      save_portable(dataclasses.replace(data, y_train=bad), path)

@@ -29,6 +29,7 @@ Images are stored losslessly in one of two encodings, per array:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import lzma
@@ -135,6 +136,17 @@ def save_portable(data: TaskData, path: str, meta: dict | None = None,
   if extra:
     raise ValueError(f"save_portable stores train/test tasks only; {data.name!r} also has "
                      f"{extra}")
+  # Labels are stored as int32: the checksum covers what is stored, so a file written from
+  # int64 (or other integer) labels loads back and verifies.
+  labels = {}
+  for name in ("y_train", "y_test"):
+    y = np.asarray(getattr(data, name))
+    bad_range = y.size and (y.min() < 0 or y.max() >= 2 ** 31)
+    if not np.issubdtype(y.dtype, np.integer) or bad_range:
+      raise ValueError(f"save_portable: {name} must hold integer class ids in [0, 2^31), got "
+                       f"dtype {y.dtype}" + (f", range [{y.min()}, {y.max()}]" if y.size else ""))
+    labels[name] = y.astype(np.int32)
+  data = dataclasses.replace(data, **labels)
   jpegs = dict(jpegs or {})
   unknown = sorted(set(jpegs) - {"x_train", "x_test"})
   if unknown:
@@ -156,8 +168,7 @@ def save_portable(data: TaskData, path: str, meta: dict | None = None,
   tmp = f"{path}.tmp{os.getpid()}.npz"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(tmp, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
-           y_train=np.asarray(data.y_train, np.int32), y_test=np.asarray(data.y_test, np.int32),
-           **arrays)
+           y_train=data.y_train, y_test=data.y_test, **arrays)
   os.replace(tmp, path)
   return os.path.getsize(path)
 
