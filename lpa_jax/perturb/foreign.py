@@ -20,7 +20,8 @@ layers above the point are dead.  Outside jit they would run, so jit the step (t
 always does); what remains is trace/compile time, as every half traces the whole model.  The
 point must *separate* input from output: if a skip connection bypasses the target, ``upper``
 would see the placeholder there, and lower+upper would differ from the model's own forward.
-So ``upper`` traces the model once more and follows the data flow (:func:`check_separates`):
+So ``upper`` traces the model once more and follows the data flow
+(:func:`~lpa_jax.perturb.dataflow.check_separates`):
 an output that depends on the input other than through the point, or not on the point at all,
 is refused with the reason; a Linen cut traces it a third time to tell which calls it skips.
 
@@ -73,8 +74,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.core import tracers as flax_tracers
-from jax.extend import core as jex_core
 
+from lpa_jax.perturb.dataflow import check_separates, skippable
 from lpa_jax.perturb.hooks import Cut, apply_linen, linen_rngs
 
 PathLike = str | Sequence[str | int]
@@ -156,100 +157,6 @@ def _stand_in(act, out, point):
   return jax.tree.map(lambda a, o: a.astype(o.dtype), act, out)
 
 
-_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
-
-
-def _inner_jaxpr(eqn):
-  """The jaxpr a call-like equation runs, when its inputs and outputs map one to one."""
-  if eqn.primitive.name not in _CALLS:
-    return None
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    sub = eqn.params.get(key)
-    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-    if (sub is not None and hasattr(sub, "eqns") and len(sub.invars) == len(eqn.invars)
-        and len(sub.outvars) == len(eqn.outvars)):
-      return sub
-  return None
-
-
-def _flow(jaxpr, sources: list) -> list[frozenset]:
-  """For each output of ``jaxpr``, the union of the ``sources`` (a set of labels per input) it
-  depends on (data flow; inside calls it looks through, elsewhere every output of an equation
-  depends on all its inputs)."""
-  none = frozenset()
-  got = {v: s for v, s in zip(jaxpr.invars, sources) if s}
-  of = lambda v: none if isinstance(v, jex_core.Literal) else got.get(v, none)  # noqa: E731
-  for eqn in jaxpr.eqns:
-    ins = [of(v) for v in eqn.invars]
-    if not any(ins):
-      continue
-    sub = _inner_jaxpr(eqn)
-    outs = _flow(sub, ins) if sub is not None else [none.union(*ins)] * len(eqn.outvars)
-    got.update((v, o) for v, o in zip(eqn.outvars, outs) if o)
-  return [of(v) for v in jaxpr.outvars]
-
-
-def _depends(jaxpr, flags) -> list[bool]:
-  """Which outputs of ``jaxpr`` depend on the inputs flagged in ``flags`` (see :func:`_flow`)."""
-  return [bool(s) for s in _flow(jaxpr, [frozenset([0]) if f else frozenset() for f in flags])]
-
-
-def _skippable(out_of, x, act, calls: list) -> dict:
-  """Of ``calls`` (``[(key, output spec)]``, the module calls made before the point), those
-  ``upper`` may skip, as ``{key: zeros}``: the calls whose value the output does not depend
-  on, read off a trace of ``out_of(x, act, skip)`` with the zeros as its inputs.  A call whose
-  value is used above the point (a table computed from parameters alone) must run: it is
-  dropped and the trace repeated."""
-  while calls:
-    keys = [k for k, _ in calls]
-    zeros = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec) for _, spec in calls]
-    closed = jax.make_jaxpr(lambda x, a, z, k=keys: out_of(x, a, dict(zip(k, z))))(x, act, zeros)
-    sources = [frozenset()] * len(jax.tree.leaves((x, act))) + [
-        frozenset([i]) for i, z in enumerate(zeros) for _ in jax.tree.leaves(z)]
-    used = frozenset().union(*_flow(closed.jaxpr, sources))
-    if not used:
-      return dict(zip(keys, zeros))
-    calls = [c for i, c in enumerate(calls) if i not in used]
-  return {}
-
-
-def check_separates(out_of, x, act, point: str, model: str = "the model") -> None:
-  """Raises unless ``out_of(x, act)`` (``upper``'s run on the placeholder ``x`` with ``act``
-  at the point) depends on ``act`` and not on ``x``, by tracing it once (no FLOPs).
-
-  A dependence on ``x`` means a path from the input to the output bypasses the point (a skip
-  connection over it, an input-derived mask): ``upper`` would compute it from the
-  placeholder, and lower + upper would not be the model's forward pass.  No dependence on
-  ``act`` means nothing above the point uses it: a perturbation there changes nothing.
-  Calls it looks into (``jit``, ``remat``, ``custom_jvp``/``custom_vjp``) are followed
-  exactly; any other higher-order primitive (``scan``, ``while``, ``cond``) counts as using
-  all its inputs for all its outputs.  Cost: one more trace of the model (measured on a
-  12-block Linen ResNet on CPU: +0.4 s on a 3.5 s compile of the LPA train step).
-
-  >>> check_separates(lambda x, a: a.sum(1), jnp.zeros((2, 3)), jnp.ones((2, 4)), "block2")
-  >>> check_separates(lambda x, a: (x + a).sum(1), jnp.zeros((2, 4)), jnp.ones((2, 4)), "b")
-  Traceback (most recent call last):
-  ...
-  ValueError: The cut at 'b' does not separate the model: ...
-  """
-  closed = jax.make_jaxpr(out_of)(x, act)
-  n_x, n_act = len(jax.tree.leaves(x)), len(jax.tree.leaves(act))
-  from_x = _depends(closed.jaxpr, [True] * n_x + [False] * n_act)
-  from_act = _depends(closed.jaxpr, [False] * n_x + [True] * n_act)
-  if any(from_x):
-    raise ValueError(
-        f"The cut at {point!r} does not separate {model}: its output depends on the model's "
-        f"input by a path that bypasses {point!r} (a skip connection over it, or a mask or "
-        "value computed from the input above it), and upper would compute that path from a "
-        f"placeholder. Cut at a module that every path from input to output passes through "
-        "(a whole block or stage), or pass check=False to the cut if this reading is wrong")
-  if not any(from_act):
-    raise ValueError(
-        f"The output of {model} does not depend on {point!r}'s output: a perturbation there "
-        "changes nothing. Cut at a module on the path to the output")
-
-
 def _no_extra(extra, point):
   if extra:
     raise ValueError(f"extra points {list(extra)} above {point!r} are supported for lpa_jax's "
@@ -297,7 +204,7 @@ def _linen_run(model, method, kw, target, target_method, mutable, rng_names,
   Module calls are keyed ``(path, method, n)`` (the ``n``-th call of that method).  ``record``
   (a list) receives ``(key, output spec)`` of the outermost calls made before the point, on
   modules other than the target's ancestors; a call keyed in ``skip`` is not run, its value
-  is returned instead (see :func:`_skippable`)."""
+  is returned instead (see :func:`~lpa_jax.perturb.dataflow.skippable`)."""
   mut = [c for c in mutable if c in variables] if train else []
   before = traverse_util.flatten_dict({c: variables[c] for c in mut})
   seen, hits, written = [], [], set()
@@ -380,10 +287,10 @@ def cut_linen(model: nn.Module, path: PathLike, *,
     check: every trace of ``upper`` traces the model twice more (no FLOPs: trace time only,
       paid when a step compiles) and raises if its output depends on the input by a path that
       bypasses the point (a skip connection over it) or does not depend on the point at all
-      (:func:`check_separates`); the second trace lets ``upper`` skip the module calls below
-      the point (see the module docstring).  ``False`` skips both: the layers below then run
-      on the placeholder as dead code, and an effect there (``jax.debug.callback``) runs in
-      every ``upper`` call, ``T + 2`` times per LPA step.
+      (:func:`~lpa_jax.perturb.dataflow.check_separates`); the second trace lets ``upper``
+      skip the module calls below the point (see the module docstring).  ``False`` skips
+      both: the layers below then run on the placeholder as dead code, and an effect there
+      (``jax.debug.callback``) runs in every ``upper`` call, ``T + 2`` times per LPA step.
 
   >>> class TheirNet(nn.Module):             # a model you did not write: no named points
   ...   @nn.compact
@@ -418,7 +325,7 @@ def cut_linen(model: nn.Module, path: PathLike, *,
       before = []  # the check's trace lists the calls made before the point
       check_separates(lambda x, a: run(variables, x, train, rng, a, record=before)[0], x, act,
                       _fmt(target), type(model).__name__)
-      skip = _skippable(lambda x, a, z: run(variables, x, train, rng, a, skip=z)[0], x, act,
+      skip = skippable(lambda x, a, z: run(variables, x, train, rng, a, skip=z)[0], x, act,
                         before)
     logits, _, state, below = run(variables, x, train, rng, act, skip=skip)
     return logits, _own(state, {c: variables[c] for c in state}, lambda k: not below(k))
