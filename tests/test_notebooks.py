@@ -16,7 +16,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 
 def test_notebooks_exist():
   names = [os.path.basename(p) for p in NOTEBOOKS]
-  assert names == ["01_quickstart.ipynb", "02_anatomy.ipynb", "03_bring_your_own_model.ipynb"]
+  assert names == ["01_your_own_model.ipynb", "02_anatomy.ipynb",
+                   "03_experiment_application.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -37,7 +38,7 @@ def test_notebook_keeps_the_outputs_of_a_full_run(path):
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the outputs"
 
 
-# 02_anatomy (~90 s) runs with -m slow; the quickstart and bring-your-own-model ones by default.
+# 02_anatomy (~90 s) runs with -m slow; the other two by default.
 SLOW_NOTEBOOKS = ("02_anatomy.ipynb",)
 SMALL_RUNS = [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW_NOTEBOOKS
               else p for p in NOTEBOOKS]
