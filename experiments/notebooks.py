@@ -8,8 +8,9 @@ Each notebook's metadata records how its outputs were made (``lpa_jax.outputs``:
 hash of the cell sources they were made from, the code commit, the machine and the wall time);
 ``tests/test_notebooks.py`` checks that every committed notebook carries full-mode outputs of
 its current sources and no error, and runs each in its small setting
-(``LPA_NOTEBOOK_SMALL=1``) without touching the file.  Standard-error streams (library log
-lines) are dropped from the saved outputs; an error in any cell stops with that error.
+(``LPA_NOTEBOOK_SMALL=1``) without touching the file.  Both run a notebook as Jupyter does,
+in its own folder (:func:`run`).  Standard-error streams (library log lines) are dropped from
+the saved outputs; an error in any cell stops with that error.
 """
 from __future__ import annotations
 
@@ -37,19 +38,34 @@ def source_hash(nb) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def kernel_env(small: bool) -> dict[str, str]:
+  """The kernel's environment: ours, with ``LPA_NOTEBOOK_SMALL`` set (``small``) or removed,
+  and this checkout first on ``PYTHONPATH``.  The notebooks import ``lpa_jax`` as a user does
+  (installed, ``pip install -e .``); in such a clone the path entry changes nothing, and where
+  another copy is installed it makes the outputs those of the sources they are recorded with."""
+  env = {k: v for k, v in os.environ.items() if k != "LPA_NOTEBOOK_SMALL"}
+  if small:
+    env["LPA_NOTEBOOK_SMALL"] = "1"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def run(nb, path: str, small: bool, timeout: int) -> None:
+  """Executes ``nb`` (read from ``path``) in place as Jupyter does: a fresh ``python3`` kernel
+  whose working directory is the notebook's own folder; raises ``CellExecutionError`` at the
+  first cell that fails."""
+  from nbclient import NotebookClient
+  folder = os.path.dirname(os.path.abspath(path))
+  NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False,
+                 resources={"metadata": {"path": folder}}).execute(env=kernel_env(small))
+
+
 def execute(path: str, timeout: int = 3600) -> float:
   """Runs ``path`` in full mode and writes it back with its outputs; returns the wall time."""
   import nbformat
-  from nbclient import NotebookClient
   nb = nbformat.read(path, as_version=4)
-  env_small = os.environ.pop("LPA_NOTEBOOK_SMALL", None)
   start = time.time()
-  try:
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False,
-                   resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
-  finally:
-    if env_small is not None:
-      os.environ["LPA_NOTEBOOK_SMALL"] = env_small
+  run(nb, path, small=False, timeout=timeout)
   wall = time.time() - start
   for cell in nb.cells:
     if cell.cell_type == "code":
