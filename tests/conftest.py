@@ -93,6 +93,26 @@ def pytest_runtest_logreport(report):
     json.dump(outcomes, f)
 
 
+def signal_at_batch(monkeypatch, signum: int, n: int = 10) -> list:
+  """Makes the run loop's batch function raise ``signum`` when it builds its ``n``-th batch
+  (mid-epoch 2 of :func:`small_config` at batch size 32); returns the list of calls."""
+  import signal
+  from experiments.train import build
+  real, calls = build.make_batch_fn, []
+
+  def make_batch_fn(*args):
+    batch_fn = real(*args)
+
+    def signal_at_nth(state, epoch, i, perm=None):
+      calls.append(1)
+      if len(calls) == n:
+        signal.raise_signal(signum)
+      return batch_fn(state, epoch, i, perm)
+    return signal_at_nth
+  monkeypatch.setattr(build, "make_batch_fn", make_batch_fn)
+  return calls
+
+
 def small_config(variant: str = "quick", **overrides):
   """A tiny real-data config: Fashion-MNIST-LT, 100 images at the head, MLP, 2 epochs."""
   from experiments.configs import longtail

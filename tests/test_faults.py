@@ -14,8 +14,8 @@ import time
 import jax
 import pytest
 
-from conftest import small_config
-from experiments.train import build, checkpoint, loop
+from conftest import signal_at_batch, small_config
+from experiments.train import checkpoint, loop
 from experiments.train.build import build_run
 from lpa_jax.train.step import make_mesh
 from experiments.train.workdir import ConfigMismatch, disk_full, write_json_atomic
@@ -143,18 +143,7 @@ def test_kill_between_metrics_row_and_checkpoint_leaves_one_row_per_epoch(tmp_pa
 def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, fmnist_lt, monkeypatch):
   cfg = small_config(**{"optim.batch_size": 32})
   full = loop.train_and_evaluate(cfg, str(tmp_path / "full"), progress=False, data=fmnist_lt)
-  real, calls = build.make_batch_fn, []
-
-  def make_batch_fn(*args):
-    batch_fn = real(*args)
-
-    def ctrl_c_at_tenth(state, epoch, i, perm=None):
-      calls.append(1)
-      if len(calls) == 10:  # mid-epoch 2
-        signal.raise_signal(signal.SIGINT)
-      return batch_fn(state, epoch, i, perm)
-    return ctrl_c_at_tenth
-  monkeypatch.setattr(build, "make_batch_fn", make_batch_fn)
+  signal_at_batch(monkeypatch, signal.SIGINT)  # mid-epoch 2
   part = str(tmp_path / "part")
   # Other tests in this process may have left SIGINT ignored: start from Python's default
   # handler, and check the loop puts back the one it found.

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import small_config
-from experiments.train import build, loop
+from conftest import signal_at_batch, small_config
+from experiments.train import loop
 from test_survival import CLI, REPO, _default_sigint, _env, _lines, _rows, _suite
 
 
@@ -50,18 +50,7 @@ def _same_run(a, b):
 def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, fmnist_lt, monkeypatch,
                                                               stop_signals, full_run):
   full, full_wd = full_run
-  real, calls = build.make_batch_fn, []
-
-  def make_batch_fn(*args):
-    batch_fn = real(*args)
-
-    def sigterm_at_tenth(state, epoch, i, perm=None):
-      calls.append(1)
-      if len(calls) == 10:  # mid-epoch 2
-        signal.raise_signal(signal.SIGTERM)
-      return batch_fn(state, epoch, i, perm)
-    return sigterm_at_tenth
-  monkeypatch.setattr(build, "make_batch_fn", make_batch_fn)
+  signal_at_batch(monkeypatch, signal.SIGTERM)  # mid-epoch 2
   cfg, part = small_config(**{"optim.batch_size": 32}), str(tmp_path / "part")
   with pytest.raises(KeyboardInterrupt, match=r"^Interrupted by SIGTERM: checkpoint saved at "
                      r"step 10 in .*; rerun the same command to resume\.$") as stopped:
