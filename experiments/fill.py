@@ -19,6 +19,11 @@ A block is ``<!-- BEGIN key -->`` … ``<!-- END key -->``; its body is replaced
 * ``across:<a>,<b>,...`` — one row per method, one column per suite (e.g. the noise settings):
   mean test accuracy and the paired difference from each suite's first method;
   ``across-best:<a>,<b>,...`` the same for the best epoch's test accuracy (an oracle);
+* ``guard:<name>#<slug>`` — a default's guarded selection on validation (the first method the
+  baseline, ``<slug>`` the current default's run): each setting's balanced validation
+  accuracy, its worst change on a large validation class, its loss change, what it changes
+  besides the radius, whether it passes the per-class guard, and the pick
+  (:func:`experiments.report_tables.guarded_selection`);
 * ``stopped:<name>`` — the epochs of that suite's runs a guard stopped (a single suite);
 * ``suites-time`` — the summed wall time of every run of every suite;
 * ``time:<name>`` — that suite's run count and summed run wall time (one core per run);
@@ -237,7 +242,7 @@ def render(key: str) -> str:
   known = ["suite:<name>"] + [f"{k}:<name>" for k in RUN_TABLES] + [
       "across:<name>,<name>", "across-best:<name>,<name>", "stopped:<name>", "time:<name>",
       "times:<name>+<name>", "suites-time", "bench:<json>", "bench-diff:<json>,<json>",
-      "bench-throughput:<json>"]
+      "bench-throughput:<json>", "guard:<name>+<name>#<default slug>"]
   raise ValueError(f"unknown block {key!r}; known: {', '.join(known)}")
 
 
@@ -252,7 +257,16 @@ def _across(names: str, key: str = "test_accuracy") -> str:
   return report.across_table({n: _runs(n) for n in names.split(",")}, key)
 
 
-OTHER = {"suite": suite_table, "time": suite_time, "times": suite_times,
+def _guard(arg: str) -> str:
+  spec, _, default = arg.partition("#")
+  runs = _runs(spec)
+  names = {r["slug"]: r["name"] for r in runs}
+  if default and default not in names:
+    raise ValueError(f"guard:{arg}: no run {default!r}; slugs: {sorted(names)}")
+  return report.guard_table(runs, names.get(default))
+
+
+OTHER = {"suite": suite_table, "guard": _guard, "time": suite_time, "times": suite_times,
          "suites-time": lambda _: suites_time(), "across": _across,
          "across-best": lambda names: _across(names, "best_epoch_test_accuracy"),
          "stopped": lambda name: report.stopped_table(os.path.join(RESULTS, name)),

@@ -20,7 +20,8 @@ import numpy as np
 
 from experiments.report_tables import (across_table, class_change_table,  # noqa: F401
                                        domain_accuracies, domain_average, domain_paired_table,
-                                       domain_selection_table, is_baseline, paired_table,
+                                       domain_selection_table, guard_table, guarded_selection,
+                                       is_baseline, paired_table,
                                        rarest_table, run_strength, strength_table)
 
 

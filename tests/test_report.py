@@ -365,3 +365,52 @@ def test_a_finished_run_without_its_metrics_is_named_in_the_report(tmp_path, cap
   assert "## Finished runs without their metrics.jsonl" in text
   assert "* `runs/ce-30-epochs/seed0/metrics.jsonl`" in text
   assert f"report: {lost} is missing" in capsys.readouterr().out
+
+
+def test_guarded_selection_rules_out_a_setting_that_unlearns_a_large_class(tmp_path):
+  from experiments.report_tables import guard_table, guarded_selection
+  # Validation: classes 0 and 1 have 60 images each (guarded), class 2 has 10 (too rare).
+  label = np.repeat([0, 1, 2], [60, 60, 10])
+  wrong = {"CE": [], "old": list(range(4)),                # class 0 −6.7 points: ruled out
+           "rare-loss": list(range(120, 125)),             # class 2 −50 points: not guarded
+           "mild": list(range(62, 64)),                    # class 1 −3.3 points: passes
+           "mild-head": [62]}                              # −1.7, but changes num_head
+  head = {"mild-head": 2}
+  runs = []
+  for name, misses in wrong.items():
+    wd = tmp_path / name
+    wd.mkdir()
+    pred = label.copy()
+    pred[misses] = (label[misses] + 1) % 3
+    np.savez(wd / "predictions.npz", test_pred=label, test_label=label, val_pred=pred,
+             val_label=label)
+    history = [{"loss_change_C": [0.1, 0.1, 0.1], "sign_C": [1.0, 1.0, 1.0]}] * 2
+    lpa = {"eps": 0.01 if name == "old" else 0.005, "num_head": head.get(name)}
+    runs.append({"name": name, "seed": 0, "workdir": str(wd),
+                 "history": history if name != "CE" else [{}],
+                 "results": {"num_classes": 3, "class_names": ["a", "b", "c"], "config": {
+                     "perturb": {"activation": "lpa" if name != "CE" else "none",
+                                 "lpa": lpa}}}})
+  rows = {r["name"]: r for r in guarded_selection(runs, default="old")}
+  assert rows["old"]["worst_change"] == pytest.approx(-400 / 60)
+  assert rows["old"]["worst_class"] == 0 and not rows["old"]["passes"]
+  assert rows["rare-loss"]["worst_change"] == 0.0 and rows["rare-loss"]["passes"]
+  assert rows["mild"]["val_bal_acc"] == pytest.approx(100 - 200 / 180)
+  assert rows["mild"]["loss_change"] == pytest.approx(0.1)
+  assert rows["mild-head"]["changes"] == ["num_head"] and rows["mild"]["changes"] == []
+  # Tie width: one image of the 10-image class = 100 / (3·10) = 3.33 points.  mild-head is
+  # best (−0.56) and mild (−1.1) ties with it; mild changes nothing besides ε, so mild.
+  # rare-loss (−16.7) is out of the tie.
+  assert rows["CE"]["tie_width"] == pytest.approx(100 / 30)
+  assert [n for n, r in rows.items() if r["pick"]] == ["mild"]
+  # Without a default to compare with, the best passing one.
+  assert [r["name"] for r in guarded_selection(runs) if r["pick"]] == ["mild-head"]
+  table = guard_table(runs, "old")
+  assert "| old | 1 | " in table and "a -6.7 | 0.100 | none | **fails** |  |" in table
+  assert "| mild-head | 1 | 99.44 | b -1.7 | 0.100 | num_head | passes |  |" in table
+  assert table.rstrip().endswith("validation accuracy: mild.")
+  with pytest.raises(ValueError, match="'new' names none of the runs"):
+    guarded_selection(runs, default="new")
+  os.remove(tmp_path / "CE" / "predictions.npz")              # no baseline: nothing to guard
+  with pytest.raises(ValueError, match="CE .*no validation predictions"):
+    guarded_selection(runs)
