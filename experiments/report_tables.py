@@ -180,7 +180,9 @@ def class_change_table(runs: list[dict]) -> str:
   ERM), one row per class: mean over the paired seeds (points) and its crossed-bootstrap 95 %
   interval (:func:`experiments.stats.class_changes`); below, per method, its class split
   (:func:`class_split`), the mean change over its expansive / tail and its contractive / head
-  classes, and its worst class's change.  ``""`` without paired predictions."""
+  classes, the tail points gained per head point lost (``exchange`` of
+  :func:`experiments.stats.class_changes`: "—" where no head loss is shown) and its worst
+  class's change.  ``""`` without paired predictions."""
   from experiments.stats import class_changes
   names = list(dict.fromkeys(r["name"] for r in runs))
   by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
@@ -206,9 +208,12 @@ def class_change_table(runs: list[dict]) -> str:
     out.append(f"| {class_names[c]} | {counts[c] if c < len(counts) else '?'} | "
                f"{100 * base[0][:, base[1] == c].mean():.1f} | " + " | ".join(cells) + " |")
   group = lambda d, side: ci(*d["groups"][side]) if side in d["groups"] else "—"
+  exchange = lambda d: ("—" if d["exchange"] is None else  # noqa: E731
+                        "{:.2f} [{:.2f}, {:.2f}]".format(*d["exchange"]))
   summary = {"split (N = contractive / head)": lambda d, split: split,
              "mean Δ, expansive / tail": lambda d, split: group(d, 1),
              "mean Δ, contractive / head": lambda d, split: group(d, -1),
+             "tail points gained per head point lost": lambda d, split: exchange(d),
              "worst class: Δ": lambda d, split: f"{class_names[d['worst'][0]]} "
                                                 f"{ci(*d['worst'][1:])}"}
   for label, cell in summary.items():

@@ -156,7 +156,11 @@ def class_changes(correct_a_SxN, correct_b_SxN, label_N, num_classes: int, sign_
   ``(class, mean, lo, hi)`` — its interval is the class's own, not corrected for picking the
   minimum; and with ``sign_SxC`` (per seed, +1 expansive / tail, −1 contractive / head) the
   mean change over each seed's ``+1`` and ``−1`` classes, ``groups = {+1: (mean, lo, hi),
-  -1: ...}`` (a side no seed has is left out)."""
+  -1: ...}`` (a side no seed has is left out), and ``exchange``: the expansive side's mean
+  gain per point the contractive side loses, ``+1 mean / −(−1 mean)``, with the percentile
+  interval of that ratio over the bootstrap replicates — ``None`` unless the contractive
+  side's loss is shown (its interval below 0), where a ratio to a change indistinguishable
+  from zero would say nothing."""
   diff_SxN = np.asarray(correct_a_SxN, np.float64) - np.asarray(correct_b_SxN, np.float64)
   label_N = np.asarray(label_N)
   mean_SxC = np.stack([diff_SxN[:, label_N == c].mean(1) for c in range(num_classes)], 1)
@@ -165,7 +169,9 @@ def class_changes(correct_a_SxN, correct_b_SxN, label_N, num_classes: int, sign_
   mean_C = mean_SxC.mean(0)
   c = int(np.argmin(mean_C))
   out = {"mean_C": mean_C, "lo_C": lo_C, "hi_C": hi_C,
-         "worst": (c, float(mean_C[c]), float(lo_C[c]), float(hi_C[c])), "groups": {}}
+         "worst": (c, float(mean_C[c]), float(lo_C[c]), float(hi_C[c])), "groups": {},
+         "exchange": None}
+  reps_R = {}
   for side in (1, -1) if sign_SxC is not None else ():
     in_SxC = np.asarray(sign_SxC) == side
     if not in_SxC.any(1).all():
@@ -174,9 +180,14 @@ def class_changes(correct_a_SxN, correct_b_SxN, label_N, num_classes: int, sign_
     mine_RxSxC = np.where(in_SxC, class_RxSxC, np.nan)
     with np.errstate(invalid="ignore"):
       group_RxS = np.nansum(mine_RxSxC, 2) / (~np.isnan(mine_RxSxC)).sum(2)
-    lo, hi = percentile_interval(over_seeds(group_RxS, seeds))
+    reps_R[side] = over_seeds(group_RxS, seeds)
+    lo, hi = percentile_interval(reps_R[side])
     mean = float(np.mean([m_C[in_C].mean() for m_C, in_C in zip(mean_SxC, in_SxC)]))
     out["groups"][side] = (mean, float(lo), float(hi))
+  if len(out["groups"]) == 2 and out["groups"][-1][2] < 0:
+    with np.errstate(divide="ignore", invalid="ignore"):
+      lo, hi = percentile_interval(reps_R[1] / -reps_R[-1])
+    out["exchange"] = (out["groups"][1][0] / -out["groups"][-1][0], float(lo), float(hi))
   return out
 
 

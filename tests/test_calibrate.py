@@ -37,9 +37,18 @@ def test_every_lpa_config_measurably_perturbs(labels, config):
     pytest.skip(f"{labels[0]}: {str(e).splitlines()[0]}")
   assert s["signed_classes"] > 0, f"{labels}: no class has a sign, LPA would do nothing"
   lpa = config.perturb.lpa
-  assert s["mean_abs_signed"] >= THRESHOLD, (
+  need, why = cc.required(labels)  # THRESHOLD, or a lower bound stated with its reason
+  assert s["mean_abs_signed"] >= need, (
       f"{labels}: LPA at {s['point']} ({lpa.radius_mode} ε={lpa.eps}) moves the loss by "
-      f"{s['mean_abs_signed']:.4f} nats on average over signed classes, below {THRESHOLD}")
+      f"{s['mean_abs_signed']:.4f} nats on average over signed classes, below {need} ({why})")
+
+
+def test_only_named_configs_are_conservative_and_each_says_why():
+  labels = {label for group, _ in GROUPS for label in group}
+  assert set(cc.CONSERVATIVE) <= labels, "a conservative entry names no config"
+  for label, (need, why) in cc.CONSERVATIVE.items():
+    assert 0 < need < THRESHOLD and "issue" in why, label
+  assert cc.required(["longtail.py:quick", "balanced.py:quick"])[0] == THRESHOLD
 
 
 ADV_GROUPS = cc.distinct(cc.lpa_configs("adversarial"))

@@ -148,7 +148,9 @@ def test_class_change_table_shows_each_class_the_split_means_and_the_worst_class
   assert table[6].startswith("| **mean Δ, expansive / tail** | | | +0.0 [+0.0, +0.0] | +0.0")
   assert table[7].startswith("| **mean Δ, contractive / head** | | | -50.0 [")
   assert "| -12.5 [" in table[7]                           # LPA: (0 − 25) / 2 over a and b
-  assert table[8].startswith("| **worst class: Δ** | | | a -50.0 [") and "| b -25.0 [" in table[8]
+  # Neither head loss is shown (4 test images a class: its interval reaches 0): no exchange.
+  assert table[8] == "| **tail points gained per head point lost** | | | — | — |"
+  assert table[9].startswith("| **worst class: Δ** | | | a -50.0 [") and "| b -25.0 [" in table[9]
   for r in runs:                                           # balanced, no own split: no sides
     r["results"]["train_class_counts"] = [10, 10, 10]
     r["history"] = [{}]
@@ -414,3 +416,20 @@ def test_guarded_selection_rules_out_a_setting_that_unlearns_a_large_class(tmp_p
   os.remove(tmp_path / "CE" / "predictions.npz")              # no baseline: nothing to guard
   with pytest.raises(ValueError, match="CE .*no validation predictions"):
     guarded_selection(runs)
+
+
+def test_class_changes_gives_tail_points_per_head_point_only_where_the_head_loss_is_shown():
+  from experiments.stats import class_changes
+  label = np.repeat([0, 1, 2], 100)
+  b = np.ones((2, 300), bool)
+  b[:, 100:110] = False                       # B misses 10 of class 1 in both seeds
+  a = np.ones((2, 300), bool)
+  a[:, :20] = False                           # A misses 20 of class 0 (the head), none of 1
+  sign = np.array([[-1, 1, 1]] * 2)
+  d = class_changes(a, b, label, 3, sign, reps=400)
+  assert d["groups"][-1][0] == pytest.approx(-0.2) and d["groups"][1][0] == pytest.approx(0.05)
+  ratio, lo, hi = d["exchange"]
+  assert ratio == pytest.approx(0.25) and lo < 0.25 < hi and lo > 0
+  # A head change indistinguishable from 0 (the same errors as B): no ratio.
+  assert class_changes(b, b, label, 3, sign, reps=400)["exchange"] is None
+  assert class_changes(a, b, label, 3, None, reps=400)["exchange"] is None

@@ -22,6 +22,8 @@ def get_config(arg: str = "quick"):
     c.model.kwargs.widths = (16, 32, 64)
     c.optim.update(dict(num_epochs=8, lr=0.05, schedule="cosine", warmup_epochs=1.0))
     tuned_on_validation(c)
+    c.perturb.lpa.update(QUICK_LPA_GUARDED)
+    c.perturb.lpa_adaptive.update(QUICK_LPA_GUARDED)
   elif arg == "quick_cifar10":
     c.data.update(dict(name="cifar10", n_max=1000))
     c.model.kwargs.widths = (32, 64, 128)
@@ -51,6 +53,20 @@ def get_config(arg: str = "quick"):
 QUICK_TUNED = {"lpa": dict(eps=0.01, delta_eps=0.01),
                "lpa_adaptive": dict(eps=0.01, delta_eps=0.01), "adversarial": dict(eps=2.0),
                "manifold_mixup": dict(alpha=0.2)}
+
+
+# LPA's default on this task (issue 31), chosen again on the same validation runs with a
+# per-class guard: fmnist_lt_tune's ε 0.01 won on balanced validation accuracy but did so by
+# unlearning T-shirt/top (-20 points on validation, -27.7 on the test set over 5 seeds in
+# fmnist_lt_main).  The guard rules out a setting under which a class with at least 50
+# validation images falls more than 5 points below CE; among the passing settings tied with
+# the best, the one changing least besides its radius is kept (report_tables.
+# guarded_selection; the table in experiments/results/fmnist_lt_arms_main/README.md).  No
+# setting tried, of the radius, the raw step, the median head split or the strength in
+# nats, perturbs measurably (SPEC §1's 0.05-nat floor) and passes: the default is the
+# conservative ε 0.005 (0.041 nats; 83.54 % balanced validation accuracy, CE 83.05 %).
+# QUICK_TUNED keeps fmnist_lt_tune's choice, which the other quick tasks' suites ran with.
+QUICK_LPA_GUARDED = dict(eps=0.005, delta_eps=0.005)
 
 
 def tuned_on_validation(c):

@@ -158,6 +158,12 @@ def fmnist_lt_tune():
 
 MAIN_EPOCHS = TUNE_EPOCHS
 MAIN_SEEDS = (0, 1, 2, 3, 4)
+# The radius the long-tail suites below were run with: longtail.py:quick's LPA default until
+# issue 31 (fmnist_lt_tune's ε 0.01; the default is now QUICK_LPA_GUARDED's ε 0.005).  Their
+# plans state it so they keep planning the configs their records hold; the records' suite.json
+# predates the line, so a sweep into their committed folder asks for --stale=rerun, which
+# rewrites suite.json and keeps every run (its config is the planned one).
+LT_LPA_V3 = {"perturb.lpa.eps": 0.01, "perturb.lpa.delta_eps": 0.01}
 
 
 def fmnist_lt_main():
@@ -175,7 +181,8 @@ def fmnist_lt_main():
              {**LPA, "name": "LPA+LA", "perturb.logit": "logit_adjust"},
              {**LPA, "name": "LPA+LA+LPL", **la_lpl}, MIXUP, ADV, LPG)
   return _suite("fmnist_lt_main", "longtail.py:quick", methods, seeds=MAIN_SEEDS,
-                overrides={"optim.num_epochs": MAIN_EPOCHS, "train.checkpoint_every": 5},
+                overrides={"optim.num_epochs": MAIN_EPOCHS, "train.checkpoint_every": 5,
+                           **LT_LPA_V3},
                 description=(
                     f"Main table: Fashion-MNIST-LT IR 100 (all 14,886 training images), full "
                     f"test set, CNN 16-32-64, {MAIN_EPOCHS} epochs (cosine), the quick "
@@ -224,7 +231,8 @@ def fmnist_lt_mechanism():
       *({**LPA, "name": f"LPA @ {p}", "perturb.lpa.point": p, "point": p}
         for p in points if p not in main_points))
   return _suite("fmnist_lt_mechanism", "longtail.py:quick", methods, seeds=(0, 1, 2),
-                overrides={"optim.num_epochs": MAIN_EPOCHS, "train.checkpoint_every": 5},
+                overrides={"optim.num_epochs": MAIN_EPOCHS, "train.checkpoint_every": 5,
+                           **LT_LPA_V3},
                 description=(
                     f"Mechanism controls on Fashion-MNIST-LT IR 100 (all training images, "
                     f"full test set, CNN 16-32-64, {MAIN_EPOCHS} epochs): LPA's radius rule, "
@@ -242,7 +250,7 @@ def repro_sample():
   methods = (CE, LPA, LPA_LPL, LDAM, MIXUP, SAM, LPG, GAF, CLIP)
   return _suite("repro_sample", "longtail.py:quick", methods, seeds=(0,), overrides={
       "model.kwargs.widths": (8, 16, 32), "optim.num_epochs": 2, "data.n_max": 1000,
-      "data.test_subset": 1000, "train.checkpoint_every": 1}, description=(
+      "data.test_subset": 1000, "train.checkpoint_every": 1, **LT_LPA_V3}, description=(
           "Reproduction sample: Fashion-MNIST-LT IR 100 (head 1000 images), 1000 test images, "
           "CNN 8-16-32, 2 epochs, the quick config's defaults, 9 methods x 1 seed."))
 
@@ -533,7 +541,8 @@ def fmnist_lt_loss_tune():
   methods = tuple({**LPA, "name": f"LPA loss target={t:g}", "perturb.lpa.radius_mode": "loss",
                    "perturb.lpa.target": t} for t in LOSS_TARGETS)
   return _suite("fmnist_lt_loss_tune", "longtail.py:quick", methods, seeds=(0,),
-                overrides={**FMNIST_LT_VAL, "optim.num_epochs": TUNE_EPOCHS}, description=(
+                overrides={**FMNIST_LT_VAL, "optim.num_epochs": TUNE_EPOCHS, **LT_LPA_V3},
+                description=(
                     f"Validation tuning of LPA's strength in nats: Fashion-MNIST-LT IR 100, "
                     f"CNN 16-32-64, {TUNE_EPOCHS} epochs, 90% train / 10% validation, seed 0; "
                     "radius_mode=loss, target λ (nats) per class, start at relative ε 0.01."))

@@ -159,10 +159,15 @@ def _methods_on(flat: dict) -> set:
 def config_diff(recorded, planned) -> list[tuple[str, object, object]]:
   """``(field, recorded, planned)`` for every field that differs (``'<absent>'`` when a field
   exists on one side only), ignoring :data:`IGNORED_FIELDS` and the blocks of methods that
-  neither config switches on (a method reads only its own ``perturb.<name>`` block).
+  neither config switches on (a method reads only its own ``perturb.<name>`` block).  A field
+  on one side only whose value is ``None`` is no difference: fields are added unset (``None``
+  = off, the behaviour before they existed), so a run recorded before a field existed is not
+  stale for that alone; a field added with any other default still counts.
 
   >>> config_diff({"optim": {"lr": 0.1}}, {"optim": {"lr": 0.05}})
   [('optim.lr', 0.1, 0.05)]
+  >>> config_diff({"optim": {"lr": 0.1}}, {"optim": {"lr": 0.1, "warmup": None, "nesterov": True}})
+  [('optim.nesterov', '<absent>', True)]
   """
   a, b = _flat(config_dict(recorded)), _flat(config_dict(planned))
   on = _methods_on(a) | _methods_on(b)
@@ -171,8 +176,11 @@ def config_diff(recorded, planned) -> list[tuple[str, object, object]]:
     parts = key.split(".")
     off_block = len(parts) > 2 and parts[0] == "perturb" and parts[1] not in on
     return key not in IGNORED_FIELDS and not off_block
+  def differs(k):
+    x, y = a.get(k, "<absent>"), b.get(k, "<absent>")
+    return x != y and {x, y} != {"<absent>", None}
   return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if matters(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
+          if matters(k) and differs(k)]
 
 
 def describe_diff(diff, limit: int = 12) -> str:
