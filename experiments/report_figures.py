@@ -114,6 +114,48 @@ def per_class_plot(root: str, runs: list[dict]) -> str | None:
   return _save(fig, root, "per_class")
 
 
+def sensitivity_methods(runs: list[dict]) -> list[str]:
+  """Methods whose epoch rows log ``grad_norm_C`` (LPA's class-mean activation gradient)."""
+  return [n for n in dict.fromkeys(r["name"] for r in runs)
+          if any(h.get("grad_norm_C") is not None for r in runs if r["name"] == n
+                 for h in r["history"])]
+
+
+def sensitivity_plot(root: str, runs: list[dict], max_methods: int = 8) -> str | None:
+  """The mechanism over training, one panel per method that logs it (the first
+  ``max_methods``): each class's ‖g_c‖ — the norm of the class-mean gradient of the loss at
+  the point, the sensitivity LPA's δ acts on — per epoch, mean over seeds, log scale;
+  contractive classes (the last epoch's ``sign_C`` −1, first seed) blue, expansive red,
+  unsigned grey.  A network that learns a shortcut for its contractive δ shows those classes'
+  ‖g_c‖ growing by orders of magnitude."""
+  names = sensitivity_methods(runs)[:max_methods]
+  if not names:
+    return None
+  cols = min(4, len(names))
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False,
+                           sharey=True)
+  colour = {-1.0: "tab:blue", 1.0: "tab:red", 0.0: "tab:grey"}
+  for ax, name in zip(axes.flat, names):
+    mine = [r for r in runs if r["name"] == name]
+    curves = [[(h["epoch"], h["grad_norm_C"]) for h in r["history"]
+               if h.get("grad_norm_C") is not None] for r in mine]
+    n = min(len(c) for c in curves)
+    epochs = [e for e, _ in curves[0][:n]]
+    g_ExC = np.mean([[v for _, v in c[:n]] for c in curves], axis=0)
+    sign_C = np.asarray(mine[0]["history"][-1].get("sign_C") or np.zeros(g_ExC.shape[1]))
+    for c in range(g_ExC.shape[1]):
+      ax.plot(epochs, np.maximum(g_ExC[:, c], 1e-6), lw=1,
+              color=colour.get(float(sign_C[c]), "tab:grey"))
+    ax.set_yscale("log")
+    ax.set_title(name, fontsize=8)
+    ax.set_xlabel("epoch")
+  for ax in axes.flat[len(names):]:
+    ax.set_visible(False)
+  axes[0, 0].set_ylabel("‖g_c‖ (blue contractive, red expansive)", fontsize=7)
+  return _save(fig, root, "sensitivity")
+
+
 def point_plot(root: str, rows: list[dict]) -> str | None:
   """Test accuracy vs perturbation point for the methods that carry a ``point``."""
   pts = [r for r in rows if r.get("point")]
@@ -132,7 +174,8 @@ def point_plot(root: str, rows: list[dict]) -> str | None:
 
 def write_figures(root: str, runs: list[dict], rows: list[dict]) -> dict[str, str]:
   paths = {"accuracy": accuracy_bars(root, rows), "curves": learning_curves(root, runs)}
-  for key, path in (("per_class", per_class_plot(root, runs)), ("points", point_plot(root, rows))):
+  for key, path in (("per_class", per_class_plot(root, runs)), ("points", point_plot(root, rows)),
+                    ("sensitivity", sensitivity_plot(root, runs))):
     if path is not None:
       paths[key] = path
   return paths

@@ -433,3 +433,15 @@ def test_class_changes_gives_tail_points_per_head_point_only_where_the_head_loss
   # A head change indistinguishable from 0 (the same errors as B): no ratio.
   assert class_changes(b, b, label, 3, sign, reps=400)["exchange"] is None
   assert class_changes(a, b, label, 3, None, reps=400)["exchange"] is None
+
+
+def test_sensitivity_plot_draws_each_logging_method_and_nothing_without_the_log(tmp_path):
+  from experiments import report_figures as figs
+  rows = [{"epoch": e, "grad_norm_C": [0.1 * e, 2.0 ** e], "sign_C": [-1.0, 1.0]}
+          for e in (1, 2, 3)]
+  runs = [{"name": "LPA", "seed": k, "history": rows} for k in (0, 1)]
+  runs.append({"name": "CE", "seed": 0, "history": [{"epoch": 1, "loss": 1.0}]})
+  assert figs.sensitivity_methods(runs) == ["LPA"]
+  path = figs.sensitivity_plot(str(tmp_path), runs)
+  assert path == str(tmp_path / "sensitivity.png") and os.path.getsize(path) > 1000
+  assert figs.sensitivity_plot(str(tmp_path), runs[2:]) is None
