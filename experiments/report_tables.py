@@ -278,7 +278,8 @@ def guarded_selection(runs: list[dict], default: str | None = None,
   balanced accuracy, as fmnist_lt_tune's rule), the one with the fewest changes against
   ``default`` other than its radius, then the highest balanced validation accuracy.  Rows
   come in the runs' order, the baseline's first.  ``ValueError`` when the baseline has no
-  validation predictions or ``default`` names no run."""
+  validation predictions, a run's validation split has other class counts than the
+  baseline's, or ``default`` names no run."""
   names = list(dict.fromkeys(r["name"] for r in runs))
   by = {n: {r["seed"]: r for r in runs if r["name"] == n} for n in names}
   if default is not None and default not in by:
@@ -296,6 +297,9 @@ def guarded_selection(runs: list[dict], default: str | None = None,
     if not acc:
       continue
     seeds = sorted(acc)
+    if any(not np.array_equal(acc[k][1], base[k][1]) for k in seeds):
+      raise ValueError(f"{n}'s validation split is not {names[0]}'s (other images per class): "
+                       "a per-class guard compares runs on the same validation images")
     big = images >= min_images
     change = np.mean([acc[k][0] - base[k][0] for k in seeds], axis=0)
     worst = int(np.flatnonzero(big)[np.argmin(change[big])])

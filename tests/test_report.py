@@ -413,6 +413,10 @@ def test_guarded_selection_rules_out_a_setting_that_unlearns_a_large_class(tmp_p
   assert table.rstrip().endswith("validation accuracy: mild.")
   with pytest.raises(ValueError, match="'new' names none of the runs"):
     guarded_selection(runs, default="new")
+  np.savez(tmp_path / "mild" / "predictions.npz", test_pred=label, test_label=label,
+           val_pred=label[:-1], val_label=label[:-1])         # one image fewer: another split
+  with pytest.raises(ValueError, match="mild's validation split is not CE's"):
+    guarded_selection(runs)
   os.remove(tmp_path / "CE" / "predictions.npz")              # no baseline: nothing to guard
   with pytest.raises(ValueError, match="CE .*no validation predictions"):
     guarded_selection(runs)
