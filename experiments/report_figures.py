@@ -137,13 +137,9 @@ def sensitivity_plot(root: str, runs: list[dict], max_methods: int = 8) -> str |
                            sharey=True)
   colour = {-1.0: "tab:blue", 1.0: "tab:red", 0.0: "tab:grey"}
   for ax, name in zip(axes.flat, names):
-    mine = [r for r in runs if r["name"] == name]
-    curves = [[(h["epoch"], h["grad_norm_C"]) for h in r["history"]
-               if h.get("grad_norm_C") is not None] for r in mine]
-    n = min(len(c) for c in curves)
-    epochs = [e for e, _ in curves[0][:n]]
-    g_ExC = np.mean([[v for _, v in c[:n]] for c in curves], axis=0)
-    sign_C = np.asarray(mine[0]["history"][-1].get("sign_C") or np.zeros(g_ExC.shape[1]))
+    epochs, g_ExC = _mean_curve(runs, name, "grad_norm_C")
+    first = next(r for r in runs if r["name"] == name)
+    sign_C = np.asarray(first["history"][-1].get("sign_C") or np.zeros(g_ExC.shape[1]))
     for c in range(g_ExC.shape[1]):
       ax.plot(epochs, np.maximum(g_ExC[:, c], 1e-6), lw=1,
               color=colour.get(float(sign_C[c]), "tab:grey"))

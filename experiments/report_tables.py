@@ -290,6 +290,8 @@ def guarded_selection(runs: list[dict], default: str | None = None,
     raise ValueError(f"{names[0]} (the baseline) has no validation predictions to guard with")
   images = base[min(base)][1]
   tie = 100.0 / (len(images) * images[images > 0].min())
+  big = images >= min_images
+  ref = by[default][min(by[default])] if default is not None else None
   rows = []
   for n in names:
     acc = {k: val_class_accuracy(r) for k, r in by[n].items() if k in base}
@@ -300,11 +302,9 @@ def guarded_selection(runs: list[dict], default: str | None = None,
     if any(not np.array_equal(acc[k][1], base[k][1]) for k in seeds):
       raise ValueError(f"{n}'s validation split is not {names[0]}'s (other images per class): "
                        "a per-class guard compares runs on the same validation images")
-    big = images >= min_images
     change = np.mean([acc[k][0] - base[k][0] for k in seeds], axis=0)
     worst = int(np.flatnonzero(big)[np.argmin(change[big])])
     strength = [x for x in (run_strength(by[n][k]) for k in seeds) if x is not None]
-    ref = by[default][min(by[default])] if default is not None else None
     rows.append({"name": n, "seeds": len(seeds), "worst_class": worst,
                  "worst_change": float(change[worst]),
                  "val_bal_acc": float(np.mean([np.nanmean(acc[k][0]) for k in seeds])),
