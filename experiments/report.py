@@ -21,7 +21,7 @@ import numpy as np
 from experiments.report_tables import (across_table, class_change_table,  # noqa: F401
                                        domain_accuracies, domain_average, domain_paired_table,
                                        domain_selection_table, guard_table, guarded_selection,
-                                       is_baseline, paired_table,
+                                       is_baseline, paired_table, read_predictions,
                                        rarest_table, run_strength, strength_table)
 
 
@@ -122,13 +122,8 @@ def prediction_metrics(workdir: str) -> dict:
   accuracy weights classes by frequency while the (balanced) test set does not; the
   class-balanced accuracy is the validation number that estimates the test accuracy.
   """
-  path = os.path.join(workdir, "predictions.npz")
-  if not os.path.exists(path):
-    return {}
-  with np.load(path) as d:
-    if "val_pred" not in d.files or not len(d["val_label"]):
-      return {}
-    return {"val_balanced_accuracy": balanced_accuracy(d["val_pred"], d["val_label"])}
+  found = read_predictions(workdir, "val")
+  return {} if found is None else {"val_balanced_accuracy": balanced_accuracy(*found)}
 
 
 def family(name: str) -> str:

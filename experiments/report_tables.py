@@ -38,18 +38,22 @@ def strength_table(runs: list[dict]) -> str:
   return "\n".join(out) if len(out) > 2 else ""
 
 
-def _test_predictions(run: dict):
-  path = os.path.join(run.get("workdir", ""), "predictions.npz")
+def read_predictions(workdir: str, split: str = "test"):
+  """``(pred, label)`` of a run's final model on ``split`` (``'test'`` or ``'val'``) from the
+  ``predictions.npz`` in its work dir; ``None`` when it has none for that split."""
+  path = os.path.join(workdir or "", "predictions.npz")
   if not os.path.exists(path):
     return None
   with np.load(path) as d:
-    return d["test_pred"], d["test_label"]
+    if f"{split}_pred" not in d.files or not len(d[f"{split}_label"]):
+      return None
+    return d[f"{split}_pred"], d[f"{split}_label"]
 
 
 def _correct(runs_by_seed: dict, seeds: list):
   """``(correct_SxN, label_N)`` of these seeds' runs from their ``predictions.npz``; ``None``
   when one is missing or the runs were scored on different test images (no image pairing)."""
-  preds = [_test_predictions(runs_by_seed[k]) for k in seeds]
+  preds = [read_predictions(runs_by_seed[k].get("workdir", "")) for k in seeds]
   if not preds or any(p is None for p in preds):
     return None
   label = preds[0][1]
@@ -235,13 +239,10 @@ def val_class_accuracy(run: dict):
   """``(accuracy_C in %, images_C)`` of the final model on the run's validation split, from
   its ``predictions.npz``; ``None`` without validation predictions.  A class with no
   validation image gets NaN."""
-  path = os.path.join(run.get("workdir", ""), "predictions.npz")
-  if not os.path.exists(path):
+  found = read_predictions(run.get("workdir", ""), "val")
+  if found is None:
     return None
-  with np.load(path) as d:
-    if "val_pred" not in d.files or not len(d["val_label"]):
-      return None
-    pred, label = d["val_pred"], d["val_label"]
+  pred, label = found
   c = int(run["results"].get("num_classes") or label.max() + 1)
   n = np.bincount(label, minlength=c)
   hits = np.bincount(label[pred == label], minlength=c)

@@ -7,7 +7,7 @@
 
 Layout of a suite root (default ``experiments/results/<suite>``)::
 
-  suite.json                       the suite's plan (task, overrides, methods), seeds, machine
+  suite.json                       the plan (task, overrides, methods, configs), seeds, machine
   runs/<method-slug>/seed<k>/      method.json, metrics.jsonl, results.json
   report.md, results.csv, *.png    written by :mod:`experiments.report`
 
@@ -19,9 +19,11 @@ atomically.  Once a run finishes its ``checkpoints/`` and ``tensorboard/`` dirs 
 so the committed results stay small.  The dataset is loaded once per suite and shared.  A
 second sweep of the same root (and shard) is refused while the first works, naming it.  One
 root holds one plan: a sweep of another plan than its ``suite.json`` records (task, overrides,
-methods) is refused with the differing fields listed (``--stale=rerun`` replaces the record);
-one of the same plan adds its seeds.  Under ``--shard=any`` a run found stale when taken
-(another plan's process made it since the sweep started) is refused as ``--stale`` says.
+methods) is refused with the differing fields listed (``--stale=rerun`` replaces the record),
+unless it plans the same runs (the configs ``suite.json`` records, or for an older record
+every run the root holds); one of the same plan adds its seeds.  Under ``--shard=any`` a run
+found stale when taken (another plan's process made it since the sweep started) is refused as
+``--stale`` says.
 ``--parallel K`` trains a method's unfinished seeds in groups of up to K as one program (one
 vmapped step, :mod:`experiments.train.parallel`); each run's files are those a serial sweep writes.
 Ctrl-C (SIGINT) or SIGTERM stops the sweep, whatever the run is doing, with the run's one-line
@@ -235,15 +237,60 @@ def read_meta(root: str, say: bool = False) -> dict | None:
     return None
 
 
-def write_meta(suite, runs, root) -> None:
-  """``root/suite.json``: the suite's plan, the seeds of ``runs`` and the machine.  A record of
-  the same plan keeps its seeds and machines beside these (``machines`` lists them when
-  several sweeps of the plan ran on different machines); one of another plan is replaced."""
+def planned_configs(suite) -> dict:
+  """Each method's planned config (slug -> config dict, seed left out): what the plan makes,
+  however its overrides are spelled."""
+  from experiments.train.workdir import config_dict
+  return {r["slug"]: {k: v for k, v in config_dict(r["config"]).items() if k != "seed"}
+          for r in plan(suite, seeds=[0])}
+
+
+def same_runs(recorded, suite, root: str) -> tuple[bool, str]:
+  """Whether a ``suite.json`` whose plan is spelled otherwise than ``suite``'s (another
+  override list, a default now stated) plans the same runs, and how that was decided.  With
+  the planned configs it records (``configs``), compared per method; for an older record
+  without them, from the runs under ``root``: the same methods, each with at least one
+  recorded run and every recorded run's config the planned one (seed apart)."""
+  from experiments.train.workdir import config_diff, recorded_config
+  if not isinstance(recorded, dict):
+    return False, "no readable plan"
+  try:
+    planned = planned_configs(suite)
+  except (KeyError, ValueError) as e:
+    return False, f"this plan cannot be expanded: {e}"
+  names = {m.get("name") for m in recorded.get("methods", []) if isinstance(m, dict)}
+  if {slug(str(n)) for n in names} != set(planned):
+    return False, "other methods"
+  def differs(old, new):
+    return [d for d in config_diff(old, new) if d[0] != "seed"]
+  if isinstance(recorded.get("configs"), dict):
+    same = all(isinstance(recorded["configs"].get(k), dict)
+               and not differs(recorded["configs"][k], c) for k, c in planned.items())
+    return same, "the planned configs it records"
+  for k, config in planned.items():
+    folder = os.path.join(root, "runs", k)
+    seeds = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = [c for c in (recorded_config(os.path.join(folder, d)) for d in seeds
+                         if d.startswith("seed")) if c is not None]
+    if not found or any(differs(c, config) for c in found):
+      return False, "its runs"
+  return True, "the configs of every run it holds"
+
+
+def write_meta(suite, runs, root, same: bool | None = None) -> None:
+  """``root/suite.json``: the suite's plan, its planned configs (:func:`planned_configs`), the
+  seeds of ``runs`` and the machine.  A record of the same plan (``same``; by default, the
+  same spelling: :func:`plan_diff`) keeps its seeds and machines beside these (``machines``
+  lists them when several sweeps of the plan ran on different machines); one of another plan
+  is replaced."""
   from experiments.train.workdir import write_json_atomic
   meta = {"suite": suite.name, "description": suite.description, **suite_plan(suite),
-          "seeds": sorted({r["seed"] for r in runs}), "machine": machine()}
+          "seeds": sorted({r["seed"] for r in runs}), "machine": machine(),
+          "configs": planned_configs(suite)}
   recorded = read_meta(root)
-  if isinstance(recorded, dict) and not plan_diff(recorded, meta):
+  if same is None:
+    same = isinstance(recorded, dict) and not plan_diff(recorded, meta)
+  if same and isinstance(recorded, dict):
     meta["seeds"] = sorted(set(meta["seeds"]) | {int(s) for s in recorded.get("seeds", ())})
     machines = recorded.get("machines") or [recorded.get("machine")]
     machines = [m for m in machines if m] + [meta["machine"]]
@@ -257,18 +304,27 @@ def write_meta(suite, runs, root) -> None:
 def record_plan(suite, runs, statuses, root, stale: str) -> None:
   """Checks ``root``'s ``suite.json`` holds ``suite``'s plan (else raises :class:`OtherPlan`
   naming the differing fields, unless ``stale == 'rerun'``), checks the runs for staleness
-  (:func:`check_stale`), then writes it (:func:`write_meta`), under the root's plan lock."""
+  (:func:`check_stale`), then writes it (:func:`write_meta`), under the root's plan lock.  A
+  record spelled otherwise that plans the same runs (:func:`same_runs`) is the same plan: the
+  sweep says so and records its own spelling, keeping the record's seeds."""
   from experiments.train.workdir import describe_diff
   with plan_lock(root):
-    diff = plan_diff(read_meta(root, say=True), suite_plan(suite))
-    if diff and stale != "rerun":
-      raise OtherPlan(
-          f"{os.path.join(root, 'suite.json')} records a plan other than this sweep's; one "
-          f"root holds the runs of one plan:\n{describe_diff(diff)}\nUse another --root, or "
-          "--stale=rerun to record this plan instead (its runs made with another config are "
-          "then redone).")
+    recorded = read_meta(root, say=True)
+    diff = plan_diff(recorded, suite_plan(suite))
+    same = not diff
+    if diff:
+      same, how = same_runs(recorded, suite, root)
+      path = os.path.join(root, "suite.json")
+      if same:
+        cli.say(f"{path} spells the plan otherwise ({', '.join(d[0] for d in diff)}) but "
+                f"plans the same runs (by {how}); recording this sweep's spelling.")
+      elif stale != "rerun":
+        raise OtherPlan(
+            f"{path} records a plan other than this sweep's; one root holds the runs of one "
+            f"plan:\n{describe_diff(diff)}\nUse another --root, or --stale=rerun to record this "
+            "plan instead (its runs made with another config are then redone).")
     check_stale(runs, statuses, root, stale)
-    write_meta(suite, runs, root)
+    write_meta(suite, runs, root, same)
 
 
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,

@@ -101,3 +101,88 @@ def test_the_command_line_refuses_another_plan_in_one_message(tmp_path):
   assert res.stderr.startswith("Error: ") and "Traceback" not in res.stderr
   assert "perturb.lpa.eps: 0.02 (recorded)" in res.stderr
   assert not (root / "runs").exists()
+
+
+def _spelled_otherwise(suite):
+  """The same plan with one more override that states the task's own default (the learning
+  rate): other override lists, the same runs."""
+  other = suites.get_config("smoke")
+  other.methods = suite.methods
+  lr = sweep.task_config(suite.task).optim.lr
+  other.overrides = tuple(suite.overrides) + (("optim.lr", lr),)
+  return other
+
+
+def _start_run(root, r):
+  """A run's work dir as the trainer leaves it when stopped right after starting: its
+  ``config.json`` (the config its checkpoints belong to)."""
+  from experiments.train.workdir import CONFIG_FILE, config_dict
+  workdir = sweep._workdir(str(root), r)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    json.dump(config_dict(r["config"]), f)
+
+
+def _record(suite, root, stale="refuse"):
+  runs = sweep.plan(suite)
+  statuses = [sweep.run_status(sweep._workdir(str(root), r), r["config"]) for r in runs]
+  sweep.record_plan(suite, runs, statuses, str(root), stale)
+  return json.loads((root / "suite.json").read_text())
+
+
+def test_a_plan_spelled_otherwise_that_plans_the_same_runs_is_the_same_plan(tmp_path, capsys):
+  # A default stated in the overrides (a suite pinning the value its runs used when the task's
+  # default moves on) changes the override list, not the runs: no --stale=rerun needed.
+  suite, root = suites.get_config("smoke"), tmp_path / "root"
+  root.mkdir()
+  sweep.write_meta(suite, sweep.plan(suite, seeds=[3]), str(root))
+  respelled = _spelled_otherwise(suite)
+  assert sweep.plan_diff(json.loads((root / "suite.json").read_text()),
+                         sweep.suite_plan(respelled)) == [("overrides.optim.lr", "<absent>", 0.05)]
+  meta = _record(respelled, root)
+  assert "spells the plan otherwise (overrides.optim.lr) but plans the same runs (by the " \
+         "planned configs it records)" in capsys.readouterr().out
+  assert sweep.plan_diff(meta, sweep.suite_plan(respelled)) == [] and meta["seeds"] == [0, 3]
+  assert set(meta["configs"]) == {"ce", "lpa"} and "seed" not in meta["configs"]["lpa"]
+  # Spelled otherwise *and* planning other runs (another radius): refused, naming the fields.
+  other = _lpa_suite(eps=0.02)
+  other.methods = suite.methods
+  with pytest.raises(sweep.StaleRuns, match=r"records a plan other than this sweep's(.|\n)*"
+                     r"overrides\.optim\.lr: 0\.05 \(recorded\) -> '<absent>' \(now\)"):
+    _record(other, root)
+  assert sweep.plan_diff(json.loads((root / "suite.json").read_text()),
+                         sweep.suite_plan(respelled)) == []
+
+
+def test_an_older_record_without_configs_is_judged_by_the_runs_it_holds(tmp_path, capsys):
+  # suite.json written before it recorded the planned configs: the same plan in effect when
+  # every method has runs and every run's config is the planned one; else refused as before.
+  suite, root = suites.get_config("smoke"), tmp_path / "root"
+  root.mkdir()
+  sweep.write_meta(suite, sweep.plan(suite), str(root))
+  meta = json.loads((root / "suite.json").read_text())
+  del meta["configs"]
+  (root / "suite.json").write_text(json.dumps(meta))
+  respelled = _spelled_otherwise(suite)
+  with pytest.raises(sweep.StaleRuns, match="records a plan other than"):  # no runs to judge by
+    _record(respelled, root)
+  runs = sweep.plan(suite)
+  for r in runs:
+    _start_run(root, r)
+  assert sweep.same_runs(meta, respelled, str(root)) == (
+      True, "the configs of every run it holds")
+  # One run made with another radius: not the same runs, whatever the rest hold.
+  other = sweep.plan(_lpa_suite(eps=0.02))[0]
+  _start_run(tmp_path / "other", other)
+  os.replace(os.path.join(sweep._workdir(str(tmp_path / "other"), other), "config.json"),
+             os.path.join(sweep._workdir(str(root), runs[1]), "config.json"))
+  assert sweep.same_runs(meta, respelled, str(root)) == (False, "its runs")
+  with pytest.raises(sweep.StaleRuns, match="records a plan other than"):
+    _record(respelled, root)
+  assert "configs" not in json.loads((root / "suite.json").read_text())  # left as it was
+  _start_run(tmp_path / "again", runs[1])
+  os.replace(os.path.join(sweep._workdir(str(tmp_path / "again"), runs[1]), "config.json"),
+             os.path.join(sweep._workdir(str(root), runs[1]), "config.json"))
+  meta = _record(respelled, root)
+  assert "plans the same runs (by the configs of every run it holds)" in capsys.readouterr().out
+  assert "configs" in meta and sweep.plan_diff(meta, sweep.suite_plan(respelled)) == []
