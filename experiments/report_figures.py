@@ -8,6 +8,7 @@ as a doctest: it rewrites a committed suite's figures.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import matplotlib
@@ -22,11 +23,19 @@ PER_CLASS = ("delta_norm_C", "expansive_share_C")
 
 
 def _save(fig, root: str, name: str) -> str:
+  """Writes ``root/<name>.png`` as a 256-colour palette PNG: a third of matplotlib's RGBA file
+  for these line and bar plots, so the committed reports leave room in a device call's carry
+  (``experiments.gpu.run_all.carry_size``)."""
+  from PIL import Image  # matplotlib's own dependency
   path = os.path.join(root, f"{name}.png")
   fig.tight_layout()
-  with replaced_atomically(path) as tmp:  # a kill mid-write must not leave a cut-short PNG
-    fig.savefig(tmp, dpi=110, format="png")
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=110, format="png")
   plt.close(fig)
+  buf.seek(0)
+  image = Image.open(buf).convert("RGB").quantize(256)
+  with replaced_atomically(path) as tmp:  # a kill mid-write must not leave a cut-short PNG
+    image.save(tmp, format="PNG", optimize=True)
   return path
 
 

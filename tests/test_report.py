@@ -348,8 +348,16 @@ def test_a_report_file_killed_mid_write_keeps_the_old_one(tmp_path, monkeypatch,
     if os.path.basename(str(path)).startswith(name):
       killed(path)
     return real_savefig(fig, path, *args, **kwargs)
+  from PIL import Image  # the figures are written as palette PNGs by PIL
+  real_save = Image.Image.save
+
+  def dying_save(image, fp, *args, **kwargs):
+    if os.path.basename(str(fp)).startswith(name):
+      killed(fp)
+    return real_save(image, fp, *args, **kwargs)
   monkeypatch.setattr(report, "open", dying_open, raising=False)
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dying_savefig)
+  monkeypatch.setattr(Image.Image, "save", dying_save)
   with pytest.raises(KeyboardInterrupt, match="killed while writing"):
     report.write_report(str(root))
   assert (root / name).read_bytes() == old
