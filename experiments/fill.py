@@ -93,11 +93,10 @@ def summary_table(runs: list[dict]) -> str:
          + " | ".join(cells) + " |")
   at = next(i for i, ln in enumerate(lines) if ln.startswith("| **"))
   seeds = "/".join(str(k) for k in sorted(seeds_n))
-  plural = lambda k: f"{k} seed" + ("" if k == 1 else "s")  # noqa: E731
+  plural = lambda k: f"{k} seed" + ("" if str(k) == "1" else "s")  # noqa: E731
   p_min = smallest_p(min(seeds_n))
   caption = (f"{res['dataset']}, {res['num_train']} training images, "
-             f"{res['config']['optim']['num_epochs']} epochs, {seeds} seed"
-             f"{'' if seeds == '1' else 's'} per method. Δ: "
+             f"{res['config']['optim']['num_epochs']} epochs, {plural(seeds)} per method. Δ: "
              f"change in test accuracy against {names[0]} (points), mean over seeds "
              "[crossed-bootstrap 95 % interval].")
   if p_min >= 0.05:

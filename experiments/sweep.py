@@ -245,19 +245,14 @@ def planned_configs(suite) -> dict:
           for r in plan(suite, seeds=[0])}
 
 
-def same_runs(recorded, suite, root: str) -> tuple[bool, str]:
-  """Whether a ``suite.json`` whose plan is spelled otherwise than ``suite``'s (another
-  override list, a default now stated) plans the same runs, and how that was decided.  With
-  the planned configs it records (``configs``), compared per method; for an older record
-  without them, from the runs under ``root``: the same methods, each with at least one
-  recorded run and every recorded run's config the planned one (seed apart)."""
+def same_runs(recorded: dict, planned: dict, root: str) -> tuple[bool, str]:
+  """Whether a ``suite.json`` whose plan is spelled otherwise than this sweep's (another
+  override list, a default now stated) plans the same runs as ``planned``
+  (:func:`planned_configs`), and how that was decided.  With the planned configs it records
+  (``configs``), compared per method; for an older record without them, from the runs under
+  ``root``: the same methods, each with at least one recorded run and every recorded run's
+  config the planned one (seed apart)."""
   from experiments.train.workdir import config_diff, recorded_config
-  if not isinstance(recorded, dict):
-    return False, "no readable plan"
-  try:
-    planned = planned_configs(suite)
-  except (KeyError, ValueError) as e:
-    return False, f"this plan cannot be expanded: {e}"
   names = {m.get("name") for m in recorded.get("methods", []) if isinstance(m, dict)}
   if {slug(str(n)) for n in names} != set(planned):
     return False, "other methods"
@@ -277,16 +272,16 @@ def same_runs(recorded, suite, root: str) -> tuple[bool, str]:
   return True, "the configs of every run it holds"
 
 
-def write_meta(suite, runs, root, same: bool | None = None) -> None:
-  """``root/suite.json``: the suite's plan, its planned configs (:func:`planned_configs`), the
-  seeds of ``runs`` and the machine.  A record of the same plan (``same``; by default, the
-  same spelling: :func:`plan_diff`) keeps its seeds and machines beside these (``machines``
-  lists them when several sweeps of the plan ran on different machines); one of another plan
-  is replaced."""
+def write_meta(suite, runs, root, same: bool | None = None, configs: dict | None = None) -> None:
+  """``root/suite.json``: the suite's plan, its planned configs (``configs``, by default
+  :func:`planned_configs`), the seeds of ``runs`` and the machine.  A record of the same plan
+  (``same``; by default, the same spelling: :func:`plan_diff`) keeps its seeds and machines
+  beside these (``machines`` lists them when several sweeps of the plan ran on different
+  machines); one of another plan is replaced."""
   from experiments.train.workdir import write_json_atomic
   meta = {"suite": suite.name, "description": suite.description, **suite_plan(suite),
           "seeds": sorted({r["seed"] for r in runs}), "machine": machine(),
-          "configs": planned_configs(suite)}
+          "configs": planned_configs(suite) if configs is None else configs}
   recorded = read_meta(root)
   if same is None:
     same = isinstance(recorded, dict) and not plan_diff(recorded, meta)
@@ -310,10 +305,10 @@ def record_plan(suite, runs, statuses, root, stale: str) -> None:
   from experiments.train.workdir import describe_diff
   with plan_lock(root):
     recorded = read_meta(root, say=True)
-    diff = plan_diff(recorded, suite_plan(suite))
-    same = not diff
+    diff = plan_diff(recorded, suite_plan(suite))  # none when there is no readable record
+    planned, same = planned_configs(suite), not diff
     if diff:
-      same, how = same_runs(recorded, suite, root)
+      same, how = same_runs(recorded, planned, root)
       path = os.path.join(root, "suite.json")
       if same:
         cli.say(f"{path} spells the plan otherwise ({', '.join(d[0] for d in diff)}) but "
@@ -324,7 +319,7 @@ def record_plan(suite, runs, statuses, root, stale: str) -> None:
             f"plan:\n{describe_diff(diff)}\nUse another --root, or --stale=rerun to record this "
             "plan instead (its runs made with another config are then redone).")
     check_stale(runs, statuses, root, stale)
-    write_meta(suite, runs, root, same)
+    write_meta(suite, runs, root, same, planned)
 
 
 def run_suite(suite, root: str, seeds=None, progress: bool = True, report: bool = True,

@@ -169,14 +169,14 @@ def test_an_older_record_without_configs_is_judged_by_the_runs_it_holds(tmp_path
   runs = sweep.plan(suite)
   for r in runs:
     _start_run(root, r)
-  assert sweep.same_runs(meta, respelled, str(root)) == (
+  assert sweep.same_runs(meta, sweep.planned_configs(respelled), str(root)) == (
       True, "the configs of every run it holds")
   # One run made with another radius: not the same runs, whatever the rest hold.
   other = sweep.plan(_lpa_suite(eps=0.02))[0]
   _start_run(tmp_path / "other", other)
   os.replace(os.path.join(sweep._workdir(str(tmp_path / "other"), other), "config.json"),
              os.path.join(sweep._workdir(str(root), runs[1]), "config.json"))
-  assert sweep.same_runs(meta, respelled, str(root)) == (False, "its runs")
+  assert sweep.same_runs(meta, sweep.planned_configs(respelled), str(root)) == (False, "its runs")
   with pytest.raises(sweep.StaleRuns, match="records a plan other than"):
     _record(respelled, root)
   assert "configs" not in json.loads((root / "suite.json").read_text())  # left as it was
